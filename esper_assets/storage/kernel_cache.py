@@ -1,0 +1,885 @@
+"""PersistentKernelCache: L1 memory -> L2 Redis -> L3 PostgreSQL/SQLite -> L4 object store.
+
+Reads fall through the tiers and promote what they find into the faster ones.
+Writes go to every tier (write-through) or to the fast tiers first with dirty
+keys flushed to the durable tier in the background (write-back). A remote tier
+that fails costs one bounded timeout; then its circuit breaker skips it and
+probes for recovery, and reads are served from the other tiers.
+
+What write-back can lose: values acknowledged by ``put`` but not yet flushed
+live in this process (and in Redis, if L2 is on). A clean ``close()`` flushes
+them or raises :class:`FlushError`; a crash (kill -9, OOM) loses the writes of
+at most the last ``write_back_interval_s`` seconds, bounded by
+``write_back_max_dirty_bytes`` - except that copies in Redis stay readable by
+other processes until their L2 TTL ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from esper_assets.errors import (
+    ConfigError,
+    CorruptValue,
+    DurableWriteError,
+    FlushError,
+    InvalidKernelId,
+    InvalidValue,
+    StorageError,
+    TierUnavailable,
+)
+from esper_assets.settings import Settings
+from esper_assets.storage import framing
+from esper_assets.storage.framing import Codec, Codecs, Payload
+from esper_assets.storage.memory import MemoryTier
+from esper_assets.storage.object_store import (
+    DirectoryObjectStore,
+    ObjectTier,
+    S3ObjectStore,
+    kernel_object_key,
+    make_s3_client,
+)
+from esper_assets.storage.redis_tier import InvalidationListener, RedisTier
+from esper_assets.storage.resilience import CircuitBreaker, TierStats
+from esper_assets.storage.sql_tier import IN_OBJECT_STORE, PostgresTier, Row, SqliteTier
+
+log = logging.getLogger("esper_assets.storage.cache")
+
+MAX_ID_LENGTH = 255
+WRITE_MODES = ("write_through", "write_back")
+_UNAVAILABLE = object()  # a tier that could not answer, as opposed to a miss
+
+
+@dataclass
+class CacheConfig:
+    """Everything the cache needs; ``PersistentKernelCache.from_env`` fills the locations."""
+
+    # L1 (in-process memory)
+    l1_enabled: bool = True
+    l1_size_mb: float = 256
+    l1_ttl_seconds: float | None = 3600
+    eviction_policy: str = "lru"  # lru, lfu, fifo
+    admission: bool = True  # TinyLFU-style frequency admission in front of eviction
+    # L2 (Redis)
+    l2_enabled: bool = True  # and only when redis_url is set
+    l2_ttl_seconds: float | None = 86400
+    redis_url: str | None = None
+    redis_prefix: str = "esper:kc:"
+    # L3 (PostgreSQL, or SQLite embedded)
+    l3_enabled: bool = True
+    l3_ttl_seconds: float | None = 7 * 86400
+    postgres_url: str | None = None
+    sqlite_path: str | None = None
+    # L4 (object store: S3 bucket, or a directory embedded)
+    l4_enabled: bool = True
+    l4_ttl_seconds: float | None = None  # archival: kept until invalidated
+    object_store_path: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = "esper"
+    s3_endpoint_url: str | None = None
+    archive_to_l4: bool = False  # also copy values below the threshold to L4
+    large_object_threshold: int = 1 << 20  # above this: stored once in L4, pointer row in L3
+    max_value_bytes: int = 512 << 20
+    # behaviour
+    enable_compression: bool = True
+    compression: str = "zstd"  # zstd, gzip, none
+    compression_level: int = 3
+    enable_metrics: bool = True
+    write_mode: str = "write_through"
+    write_back_interval_s: float = 0.5
+    write_back_max_dirty_bytes: int = 64 << 20
+    warm_cache_on_startup: bool = False
+    warm_startup_count: int = 100
+    access_flush_interval_s: float = 5.0
+    redis_timeout_s: float = 0.25
+    sql_timeout_s: float = 3.0
+    object_store_timeout_s: float = 2.0
+    breaker_failure_threshold: int = 1
+    breaker_reset_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.write_mode not in WRITE_MODES:
+            raise ConfigError(
+                f"write_mode={self.write_mode!r} is unknown; use one of {list(WRITE_MODES)}"
+            )
+        if self.large_object_threshold <= 0 or self.max_value_bytes <= 0:
+            raise ConfigError(
+                "large_object_threshold and max_value_bytes must be positive byte counts"
+            )
+        for name in ("l1_ttl_seconds", "l2_ttl_seconds", "l3_ttl_seconds", "l4_ttl_seconds"):
+            ttl = getattr(self, name)
+            if ttl is not None and ttl <= 0:
+                raise ConfigError(
+                    f"{name}={ttl!r}: use a positive number of seconds, or None for no expiry"
+                )
+
+
+@dataclass
+class CacheEntry:
+    """A value with what the durable tier knows about it."""
+
+    key: str
+    value: bytes
+    metadata: dict[str, Any]
+    created_at: datetime | None
+    accessed_at: datetime
+    ttl_seconds: float | None = None
+    compressed: bool = False
+    in_object_store: bool = False
+
+
+@dataclass
+class _Pending:
+    """A value on its way into the tiers, encoded once."""
+
+    key: str
+    value: bytes
+    payload: Payload
+    metadata: Mapping[str, Any]
+    created_ms: int
+    large: bool
+    version: int = 0  # write-back: which put this is, so a flush never drops a newer one
+
+
+@dataclass
+class _WriteBack:
+    dirty: dict[str, _Pending] = field(default_factory=dict)
+    dirty_bytes: int = 0
+    version: int = 0
+    flushed: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+
+def check_kernel_id(kernel_id: object) -> str:
+    if not isinstance(kernel_id, str):
+        raise InvalidKernelId(f"kernel id must be a str, got {type(kernel_id).__name__}")
+    if not kernel_id:
+        raise InvalidKernelId("kernel id is empty; use the blueprint's content hash")
+    if len(kernel_id) > MAX_ID_LENGTH:
+        raise InvalidKernelId(
+            f"kernel id is {len(kernel_id)} characters; the limit is {MAX_ID_LENGTH} "
+            f"(starts {kernel_id[:32]!r}); use a hash"
+        )
+    if not kernel_id.isprintable():
+        raise InvalidKernelId(f"kernel id {kernel_id!r} holds unprintable characters")
+    return kernel_id
+
+
+class PersistentKernelCache:
+    """Multi-tier kernel cache; synchronous and thread-safe."""
+
+    def __init__(self, config: CacheConfig | None = None) -> None:
+        self.config = config = config or CacheConfig()
+        self._codecs = Codecs(
+            config.compression if config.enable_compression else "none", config.compression_level
+        )
+        self._l1 = self._build_l1()
+        self._l2 = self._build_l2()
+        self._l4 = self._build_l4()
+        self._l3 = self._build_l3()  # last: it applies migrations and may raise
+        self._remote = [t for t in (self._l2, self._l3, self._l4) if t is not None]
+        self._stats = {t.name: TierStats() for t in self._remote}
+        self._breakers = {
+            t.name: CircuitBreaker(config.breaker_failure_threshold, config.breaker_reset_s)
+            for t in self._remote
+        }
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="esper-cache")
+        self._inflight: dict[str, Future] = {}
+        self._inflight_lock = threading.Lock()
+        self._access: dict[str, int] = {}
+        self._wb = _WriteBack()
+        self._wb_lock = threading.Lock()
+        self.loads = 0  # lower-tier loads started by get(): single-flight keeps this low
+        self._slow_requests = self._not_found = 0
+        self._sample = 0
+        self._l1_latency = TierStats().latency
+        self._closed = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._listener = (
+            InvalidationListener(self._l2, self._drop_local, self._drop_all_local)
+            if self._l2 is not None and self._l1 is not None
+            else None
+        )
+        self._maintainer = threading.Thread(
+            target=self._maintain, name="esper-cache-maintenance", daemon=True
+        )
+        self._maintainer.start()
+        self.startup_warm: Future | None = None
+        if config.warm_cache_on_startup and self._l3 is not None:
+            self.startup_warm = self._pool.submit(
+                self._warm_from_history, config.warm_startup_count
+            )
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> PersistentKernelCache:
+        return cls(cache_config_from_settings(Settings.from_env(environ), **overrides))
+
+    def _build_l1(self) -> MemoryTier | None:
+        c = self.config
+        if not c.l1_enabled or c.l1_size_mb <= 0:
+            return None
+        return MemoryTier(
+            int(c.l1_size_mb * (1 << 20)), c.l1_ttl_seconds, c.eviction_policy, c.admission
+        )
+
+    def _build_l2(self) -> RedisTier | None:
+        c = self.config
+        if not c.l2_enabled or not c.redis_url:
+            return None
+        return RedisTier(c.redis_url, c.redis_prefix, c.l2_ttl_seconds, c.redis_timeout_s)
+
+    def _build_l3(self) -> PostgresTier | SqliteTier | None:
+        c = self.config
+        if not c.l3_enabled:
+            return None
+        if c.postgres_url:
+            return PostgresTier(c.postgres_url, c.l3_ttl_seconds, timeout_s=c.sql_timeout_s)
+        if c.sqlite_path:
+            return SqliteTier(c.sqlite_path, c.l3_ttl_seconds)
+        raise ConfigError(
+            "L3 is enabled but CacheConfig has neither postgres_url nor sqlite_path; "
+            "build the cache with PersistentKernelCache.from_env() or set one (or l3_enabled=False)"
+        )
+
+    def _build_l4(self) -> ObjectTier | None:
+        c = self.config
+        if not c.l4_enabled:
+            return None
+        if c.s3_bucket:
+            client = make_s3_client(c.s3_endpoint_url, c.object_store_timeout_s)
+            return ObjectTier(S3ObjectStore(client, c.s3_bucket, c.s3_prefix), c.l4_ttl_seconds)
+        if c.object_store_path:
+            return ObjectTier(DirectoryObjectStore(c.object_store_path), c.l4_ttl_seconds)
+        return None
+
+    @property
+    def tiers(self) -> list[str]:
+        return (["l1"] if self._l1 is not None else []) + [t.name for t in self._remote]
+
+    # -- reads --------------------------------------------------------------------
+    def get(self, kernel_id: str) -> bytes | None:
+        access = self._access
+        try:
+            access[kernel_id] = access.get(kernel_id, 0) + 1
+        except TypeError:  # unhashable, so certainly not an id
+            check_kernel_id(kernel_id)
+        l1 = self._l1
+        if l1 is not None:
+            if self.config.enable_metrics:
+                self._sample = (self._sample + 1) & 63
+                if (
+                    not self._sample
+                ):  # time one L1 read in 64: timing every one would double its cost
+                    return self._timed_l1_get(kernel_id)
+            value = l1.get(kernel_id)
+            if value is not None:
+                return value
+        # A bad id can never be in L1, so ids are checked only on the way down.
+        return self._get_slow(check_kernel_id(kernel_id))
+
+    def _timed_l1_get(self, kernel_id: str) -> bytes | None:
+        start = time.perf_counter()
+        value = self._l1.get(kernel_id)
+        if value is not None:
+            self._l1_latency.record(time.perf_counter() - start)
+            return value
+        return self._get_slow(check_kernel_id(kernel_id))
+
+    def _get_slow(self, kernel_id: str) -> bytes | None:
+        self._slow_requests += 1
+        pending = self._wb.dirty.get(kernel_id)
+        if pending is not None:
+            return pending.value
+        value = self._load_once(kernel_id)
+        if value is None:
+            self._not_found += 1
+        return value
+
+    def _load_once(self, kernel_id: str) -> bytes | None:
+        """Single-flight: concurrent misses on one id share one lower-tier load."""
+        with self._inflight_lock:
+            future = self._inflight.get(kernel_id)
+            leader = future is None
+            if leader:
+                future = self._inflight[kernel_id] = Future()
+                self.loads += 1
+        if not leader:
+            return future.result()
+        try:
+            value = self._read_through([kernel_id]).get(kernel_id)
+            future.set_result(value)
+            return value
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._inflight_lock:
+                del self._inflight[kernel_id]
+
+    def get_many(self, kernel_ids: Iterable[str]) -> dict[str, bytes]:
+        """Values for the ids that exist; one round trip per tier for the rest."""
+        ids = [check_kernel_id(k) for k in dict.fromkeys(kernel_ids)]
+        found = self._l1.get_many(ids) if self._l1 is not None else {}
+        for kernel_id in ids:
+            self._access[kernel_id] = self._access.get(kernel_id, 0) + 1
+        missing = [k for k in ids if k not in found]
+        self._slow_requests += len(missing)
+        for kernel_id in missing:
+            pending = self._wb.dirty.get(kernel_id)
+            if pending is not None:
+                found[kernel_id] = pending.value
+        missing = [k for k in missing if k not in found]
+        if missing:
+            loaded = self._read_through(missing)
+            self._not_found += len(missing) - len(loaded)
+            found.update(loaded)
+        return found
+
+    def get_entry(self, kernel_id: str) -> CacheEntry | None:
+        value = self.get(kernel_id)
+        if value is None:
+            return None
+        info = self._tier_call(self._l3, "metadata", kernel_id) if self._l3 is not None else None
+        info = info if isinstance(info, dict) else {}
+        created = info.get("created_at")
+        return CacheEntry(
+            key=kernel_id,
+            value=value,
+            metadata=info.get("metadata", {}),
+            created_at=datetime.fromtimestamp(created, UTC) if created else None,
+            accessed_at=datetime.now(UTC),
+            ttl_seconds=self.config.l3_ttl_seconds,
+            compressed=self.config.enable_compression,
+            in_object_store=info.get("in_object_store", False),
+        )
+
+    def _read_through(
+        self, ids: Sequence[str], report: dict[str, str] | None = None
+    ) -> dict[str, bytes]:
+        """Walk L2 -> L3 -> L4 for ``ids``, promoting hits into the tiers above."""
+        found: dict[str, bytes] = {}
+        missing = list(ids)
+        pointers: set[str] = set()  # ids whose L3 row says "the value is in L4"
+        answered: list = []  # tiers that answered (and missed): promotion targets
+        for tier in self._remote:
+            want = self._l4_candidates(missing, pointers, answered) if tier is self._l4 else missing
+            if not want:
+                continue
+            answer = self._tier_call(tier, "get_many", want)
+            if answer is _UNAVAILABLE:
+                continue
+            hits = {}
+            for key, blob in answer.items():
+                if blob is IN_OBJECT_STORE:
+                    pointers.add(key)
+                elif (decoded := self._decode(tier, key, blob)) is not None:
+                    hits[key] = decoded
+            self._stats[tier.name].add("hits", len(hits))
+            self._stats[tier.name].add("misses", len(want) - len(hits))
+            self._promote(hits, answered, pointers)
+            for key, (value, _) in hits.items():
+                found[key] = value
+                if report is not None:
+                    report[key] = tier.name
+            answered.append(tier)
+            missing = [k for k in missing if k not in hits]
+        if self._l1 is not None:
+            for key, value in found.items():
+                self._l1.put(key, value)
+        return found
+
+    def _l4_candidates(self, missing: list[str], pointers: set[str], answered: list) -> list[str]:
+        # When L3 answered, L4 holds only the large values L3 pointed at (unless archiving),
+        # so a plain miss costs no object-store round trip.
+        if self.config.archive_to_l4 or self._l3 is None or self._l3 not in answered:
+            return missing
+        return [k for k in missing if k in pointers]
+
+    def _decode(self, tier, key: str, blob: bytes) -> tuple[bytes, framing.Frame] | None:
+        try:
+            frame = framing.unpack(blob)
+            if frame.expired(framing.now_ms()):
+                return None
+            return self._codecs.decode(frame), frame
+        except CorruptValue as exc:
+            self._stats[tier.name].add("corruptions")
+            log.warning(
+                "corrupt value for kernel %r in %s (%s); repairing from a lower tier",
+                key,
+                tier.name,
+                exc,
+            )
+            return None
+
+    def _promote(
+        self, hits: dict[str, tuple[bytes, framing.Frame]], upper: list, pointers: set[str]
+    ) -> None:
+        """Copy hits into the faster tiers that missed them (this also repairs corrupt copies)."""
+        if not hits or not upper:
+            return
+        entries = [
+            _Pending(
+                key,
+                value,
+                Payload.of(frame.codec, frame.payload, len(value)),
+                {},
+                frame.created_ms,
+                self._is_large(len(value)),
+            )
+            for key, (value, frame) in hits.items()
+        ]
+        for tier in upper:
+            batch = [
+                e
+                for e in entries
+                if self._belongs_in(tier, e) and not (tier is self._l3 and e.key in pointers)
+            ]
+            if batch:
+                self._tier_call(tier, "store", batch)
+
+    # -- writes -------------------------------------------------------------------
+    def put(
+        self, kernel_id: str, data: bytes, metadata: Mapping[str, Any] | None = None
+    ) -> list[str]:
+        """Store ``data``; return the tiers that hold it now.
+
+        Write-through returns once the durable tier has it and raises
+        :class:`DurableWriteError` otherwise. Write-back returns once the fast
+        tiers have it (see the module docstring for what a crash can lose).
+        """
+        entry = self._prepare(kernel_id, data, metadata)
+        if self.config.write_mode == "write_back":
+            return self._put_back(entry)
+        return self._put_through([entry])
+
+    def put_many(self, items: Iterable[tuple[str, bytes]] | Mapping[str, bytes]) -> list[str]:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        entries = [self._prepare(k, v, None) for k, v in pairs]
+        if self.config.write_mode == "write_back":
+            written: list[str] = []
+            for entry in entries:
+                written = self._put_back(entry)
+            return written
+        return self._put_through(entries)
+
+    def _prepare(self, kernel_id: str, data: bytes, metadata: Mapping[str, Any] | None) -> _Pending:
+        self._check_open()
+        check_kernel_id(kernel_id)
+        if isinstance(data, bytearray | memoryview):
+            data = bytes(data)
+        if not isinstance(data, bytes):
+            raise InvalidValue(
+                f"value for kernel {kernel_id!r} must be bytes, got {type(data).__name__}"
+            )
+        if len(data) > self.config.max_value_bytes:
+            raise InvalidValue(
+                f"value for kernel {kernel_id!r} is {len(data)} bytes, over max_value_bytes="
+                f"{self.config.max_value_bytes}; raise CacheConfig.max_value_bytes if this is intended"
+            )
+        metadata = dict(metadata or {})
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as exc:
+            raise InvalidValue(
+                f"metadata for kernel {kernel_id!r} is not JSON-serialisable: {exc}"
+            ) from None
+        return _Pending(
+            kernel_id,
+            data,
+            self._codecs.encode(data),
+            metadata,
+            framing.now_ms(),
+            self._is_large(len(data)),
+        )
+
+    def _is_large(self, size: int) -> bool:
+        return self._l4 is not None and size > self.config.large_object_threshold
+
+    def _belongs_in(self, tier, entry: _Pending) -> bool:
+        if tier is self._l2:
+            return not entry.large
+        if tier is self._l4:
+            return entry.large or self.config.archive_to_l4 or self._l3 is None
+        return True
+
+    def _put_through(self, entries: list[_Pending]) -> list[str]:
+        fast = [t for t in self._remote if not self._is_durable_for(t, entries)]
+        side = {t: self._pool.submit(self._best_effort_store, t, entries) for t in fast}
+        try:
+            self._persist(entries)
+        except BaseException:
+            for tier, future in side.items():
+                future.result()
+                if tier is self._l2:  # never leave a value readable that was not stored durably
+                    self._tier_call(tier, "delete_many", [e.key for e in entries])
+            raise
+        written = [t.name for t, f in side.items() if f.result()]
+        written += [t.name for t in self._durable_tiers(entries)]
+        if self._l1 is not None:
+            stored = [self._l1.put(e.key, e.value) for e in entries]
+            if all(stored):
+                written.insert(0, "l1")
+        return sorted(written)
+
+    def _durable_tiers(self, entries: list[_Pending]) -> list:
+        """Tiers a put must reach before it is acknowledged, objects before pointers."""
+        tiers = []
+        if self._l4 is not None and (self._l3 is None or any(e.large for e in entries)):
+            tiers.append(self._l4)
+        if self._l3 is not None:
+            tiers.append(self._l3)
+        return tiers
+
+    def _is_durable_for(self, tier, entries: list[_Pending]) -> bool:
+        return tier in self._durable_tiers(entries)
+
+    def _persist(self, entries: list[_Pending]) -> None:
+        """Write to the durable tiers (L4 objects before the L3 rows that point at them)."""
+        for tier in self._durable_tiers(entries):
+            batch = [e for e in entries if self._belongs_in(tier, e)]
+            if batch:
+                self._durable_call(tier, batch)
+
+    def _durable_call(self, tier, batch: list[_Pending]) -> None:
+        breaker = self._breakers[tier.name]
+        if not breaker.allow():
+            raise DurableWriteError(
+                f"{tier.name} is unavailable (circuit open after: {breaker.last_error}); "
+                f"{len(batch)} value(s) NOT stored, retry after {self.config.breaker_reset_s}s"
+            )
+        try:
+            self._store(tier, batch)
+        except TierUnavailable as exc:
+            breaker.failure(exc)
+            self._stats[tier.name].add("errors")
+            raise DurableWriteError(f"{exc}; {len(batch)} value(s) NOT stored") from exc
+        except StorageError as exc:
+            self._stats[tier.name].add("errors")
+            raise DurableWriteError(f"{exc}; {len(batch)} value(s) NOT stored") from exc
+        breaker.success()
+        self._stats[tier.name].add("writes", len(batch))
+
+    def _best_effort_store(self, tier, entries: list[_Pending]) -> bool:
+        batch = [e for e in entries if self._belongs_in(tier, e)]
+        return bool(batch) and self._tier_call(tier, "store", batch) is not _UNAVAILABLE
+
+    def _store(self, tier, batch: list[_Pending]) -> None:
+        if tier is self._l3:
+            tier.put_many([self._row(e) for e in batch])
+            return
+        blobs = [
+            (e.key, framing.pack(e.payload, e.created_ms, self._expires_ms(tier))) for e in batch
+        ]
+        if tier is self._l2:
+            tier.put_many(blobs, announce=True)
+        else:
+            tier.put_many(blobs)
+
+    def _row(self, e: _Pending) -> Row:
+        inline = not e.large
+        blob = framing.pack(e.payload, e.created_ms, self._expires_ms(self._l3)) if inline else None
+        expires = self._expires_ms(self._l3)
+        return Row(
+            key=e.key,
+            data=blob,
+            object_key=None if inline else kernel_object_key(e.key),
+            metadata=e.metadata,
+            size_bytes=len(e.value),
+            stored_bytes=len(blob)
+            if blob is not None
+            else len(e.payload.data) + framing.HEADER_SIZE,
+            compressed=e.payload.codec is not Codec.NONE,
+            created_at=e.created_ms / 1000,
+            expires_at=expires / 1000 if expires else None,
+        )
+
+    @staticmethod
+    def _expires_ms(tier) -> int:
+        ttl = tier.ttl_seconds
+        return framing.now_ms() + int(ttl * 1000) if ttl else 0
+
+    # -- write-back ---------------------------------------------------------------
+    def _put_back(self, entry: _Pending) -> list[str]:
+        wb = self._wb
+        with self._wb_lock:
+            wb.version += 1
+            entry.version = wb.version
+            old = wb.dirty.get(entry.key)
+            wb.dirty_bytes += len(entry.payload.data) - (len(old.payload.data) if old else 0)
+            wb.dirty[entry.key] = entry
+            over = wb.dirty_bytes > self.config.write_back_max_dirty_bytes
+        written = ["l1"] if self._l1 is not None and self._l1.put(entry.key, entry.value) else []
+        if self._l2 is not None and self._best_effort_store(self._l2, [entry]):
+            written.append("l2")
+        if over:
+            self.flush()  # back-pressure: a writer faster than the durable tier waits for it
+        else:
+            self._wake.set()
+        return written
+
+    def flush(self) -> int:
+        """Write every dirty key to the durable tier now; raise FlushError if that fails."""
+        with self._wb_lock:
+            batch = list(self._wb.dirty.values())
+        if not batch:
+            return 0
+        try:
+            self._persist(batch)
+        except DurableWriteError as exc:
+            with self._wb_lock:
+                self._wb.failures += 1
+                self._wb.last_error = str(exc)
+                count = len(self._wb.dirty)
+            raise FlushError(
+                f"{count} dirty kernel(s) not persisted, still held in memory: {exc}"
+            ) from exc
+        with self._wb_lock:
+            for entry in batch:
+                current = self._wb.dirty.get(entry.key)
+                if current is not None and current.version == entry.version:
+                    del self._wb.dirty[entry.key]
+                    self._wb.dirty_bytes -= len(entry.payload.data)
+            self._wb.flushed += len(batch)
+        return len(batch)
+
+    # -- invalidation, warming, cleanup ------------------------------------------
+    def invalidate(self, kernel_id: str) -> None:
+        """Remove ``kernel_id`` from every tier and from other processes' L1."""
+        check_kernel_id(kernel_id)
+        with self._wb_lock:
+            pending = self._wb.dirty.pop(kernel_id, None)
+            if pending is not None:
+                self._wb.dirty_bytes -= len(pending.payload.data)
+        self._drop_local(kernel_id)
+        failures = []
+        for tier in self._remote:
+            if self._tier_call(tier, "delete_many", [kernel_id]) is _UNAVAILABLE:
+                failures.append(tier.name)
+            else:
+                self._stats[tier.name].add("deletes")
+        if self._l3 is not None and self._l3.name in failures:
+            raise DurableWriteError(
+                f"invalidate({kernel_id!r}): L3 could not delete it ({self._breakers['l3'].last_error}); "
+                "it may come back after this process's L1 forgets it - retry"
+            )
+
+    def _drop_local(self, kernel_id: str) -> None:
+        if self._l1 is not None:
+            self._l1.delete(kernel_id)
+
+    def _drop_all_local(self) -> None:
+        if self._l1 is not None:
+            self._l1.clear()
+
+    def warm_cache(self, kernel_ids: Iterable[str]) -> dict[str, str]:
+        """Load ids into the fast tiers, in the order given (highest priority first).
+
+        Returns per id: ``"l1"`` (already hot), the tier it was loaded from, or ``"missing"``.
+        """
+        report: dict[str, str] = {}
+        for kernel_id in kernel_ids:
+            kernel_id = check_kernel_id(kernel_id)
+            if self._l1 is not None and kernel_id in self._l1:
+                report[kernel_id] = "l1"
+                continue
+            self._read_through([kernel_id], report)
+            report.setdefault(kernel_id, "missing")
+        return report
+
+    def _warm_from_history(self, n: int) -> dict[str, str]:
+        ids = self._tier_call(self._l3, "hottest", n)
+        return {} if ids is _UNAVAILABLE else self.warm_cache(ids)
+
+    def hottest(self, n: int = 100) -> list[str]:
+        """The most accessed kernel ids (access counts are flushed to L3 periodically)."""
+        self._flush_access_counts()
+        ids = self._tier_call(self._l3, "hottest", n) if self._l3 is not None else _UNAVAILABLE
+        return [] if ids is _UNAVAILABLE else ids
+
+    def cleanup(self) -> dict[str, int]:
+        """Remove expired entries from every tier; return how many per tier."""
+        removed = {"l1": self._l1.cleanup() if self._l1 is not None else 0}
+        for tier in self._remote:
+            gone = self._tier_call(tier, "cleanup")
+            if gone is _UNAVAILABLE:
+                removed[tier.name] = -1
+                continue
+            removed[tier.name] = len(gone)
+            if tier is self._l3 and self._l4 is not None:
+                orphans = [key for key, object_key in gone if object_key]
+                if orphans:
+                    self._tier_call(self._l4, "delete_many", orphans)
+        return removed
+
+    # -- plumbing -----------------------------------------------------------------
+    def _tier_call(self, tier, op: str, *args):
+        """Call ``tier.op`` behind its breaker; return _UNAVAILABLE instead of raising."""
+        name = tier.name
+        breaker = self._breakers[name]
+        if not breaker.allow():
+            self._stats[name].add("skipped")
+            return _UNAVAILABLE
+        start = time.perf_counter()
+        try:
+            result = self._store(tier, *args) if op == "store" else getattr(tier, op)(*args)
+        except TierUnavailable as exc:
+            was = breaker.state
+            breaker.failure(exc)
+            self._stats[name].add("errors")
+            if breaker.state != was:
+                log.warning(
+                    "%s unavailable, skipping it for %.1fs: %s", name, breaker.reset_after_s, exc
+                )
+            return _UNAVAILABLE
+        except StorageError as exc:
+            self._stats[name].add("errors")
+            log.warning("%s %s failed: %s", name, op, exc)
+            return _UNAVAILABLE
+        if breaker.state != "closed":
+            log.info("%s is back", name)
+        breaker.success()
+        if op == "store":
+            self._stats[name].add("writes", len(args[0]))
+        elif op == "get_many" and self.config.enable_metrics:
+            self._stats[name].latency.record(time.perf_counter() - start)
+        return True if result is None else result
+
+    def _maintain(self) -> None:
+        c = self.config
+        interval = (
+            c.write_back_interval_s if c.write_mode == "write_back" else c.access_flush_interval_s
+        )
+        last_access_flush = time.monotonic()
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            if c.write_mode == "write_back" and self._wb.dirty:
+                try:
+                    self.flush()
+                except FlushError as exc:
+                    log.warning("write-back flush failed, will retry: %s", exc)
+                    self._stop.wait(min(5.0, interval * 4))
+            if time.monotonic() - last_access_flush >= c.access_flush_interval_s:
+                self._flush_access_counts()
+                last_access_flush = time.monotonic()
+
+    def _flush_access_counts(self) -> None:
+        counts, self._access = self._access, {}
+        counts = {k: n for k, n in counts.items() if isinstance(k, str) and n > 0}
+        if counts and self._l3 is not None:
+            self._tier_call(self._l3, "record_access", counts)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("this PersistentKernelCache is closed; build a new one")
+
+    # -- observability ---------------------------------------------------------------
+    def get_stats(self, include_sizes: bool = False) -> dict[str, Any]:
+        tiers: dict[str, Any] = {}
+        l1_hits = 0
+        if self._l1 is not None:
+            l1 = self._l1.stats()
+            l1_hits = l1["hits"]
+            tiers["l1"] = {**l1, **self._l1_latency.percentiles_us()}
+        for tier in self._remote:
+            stats = self._stats[tier.name].snapshot()
+            stats["breaker"] = self._breakers[tier.name].state
+            if include_sizes:
+                size = self._tier_call(tier, "size")
+                stats.update(
+                    size if isinstance(size, dict) else {"entries": None, "stored_bytes": None}
+                )
+            tiers[tier.name] = stats
+        requests = l1_hits + self._slow_requests
+        hits = requests - self._not_found
+        with self._wb_lock:
+            wb = asdict(self._wb)
+            wb.pop("dirty")
+            wb["dirty"] = len(self._wb.dirty)
+        return {
+            "tiers": tiers,
+            "requests": requests,
+            "hits": hits,
+            "misses": self._not_found,
+            "overall_hit_rate": round(hits / requests, 4) if requests else None,
+            "loads": self.loads,
+            "write_mode": self.config.write_mode,
+            "write_back": wb,
+        }
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        report: dict[str, dict[str, Any]] = {}
+        if self._l1 is not None:
+            report["l1"] = {
+                "status": "healthy",
+                "usage_percent": round(100 * self._l1.used_bytes / self._l1.max_bytes, 1),
+            }
+        for tier in self._remote:
+            start = time.perf_counter()
+            try:
+                tier.ping()
+                report[tier.name] = {
+                    "status": "healthy",
+                    "latency_ms": round((time.perf_counter() - start) * 1e3, 2),
+                }
+            except StorageError as exc:
+                report[tier.name] = {"status": "unavailable", "error": str(exc)}
+            report[tier.name]["breaker"] = self._breakers[tier.name].state
+        return report
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush write-back and access counts, then release connections.
+
+        Raises FlushError (and stays open, so you can retry) if dirty keys cannot be persisted.
+        """
+        if self._closed:
+            return
+        if self.config.write_mode == "write_back":
+            self.flush()
+        self._stop.set()
+        self._wake.set()
+        self._maintainer.join(timeout=5)
+        self._flush_access_counts()
+        self._closed = True
+        if self._listener is not None:
+            self._listener.close()
+        self._pool.shutdown(wait=True)
+        for tier in self._remote:
+            tier.close()
+
+    def __enter__(self) -> PersistentKernelCache:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def cache_config_from_settings(settings: Settings, **overrides: Any) -> CacheConfig:
+    values: dict[str, Any] = {
+        "redis_url": settings.redis_url,
+        "postgres_url": settings.database_url,
+        "sqlite_path": None if settings.database_url else str(settings.sqlite_path),
+        "s3_bucket": settings.s3_bucket,
+        "s3_prefix": settings.s3_prefix,
+        "s3_endpoint_url": settings.aws_endpoint_url,
+        "object_store_path": None if settings.s3_bucket else str(Path(settings.objects_dir)),
+    }
+    values.update(overrides)
+    return CacheConfig(**values)

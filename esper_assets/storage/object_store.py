@@ -1,0 +1,246 @@
+"""Object storage for large values and the L4 tier: S3 (boto3) or a directory.
+
+Both stores speak in keys like ``kernels/abc``; the S3 store puts them under a
+prefix in a bucket, the directory store under a root folder, written atomically
+(temporary file + rename) so a crash never leaves half an object behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote
+
+from esper_assets.errors import InvalidInput, StorageError, TierUnavailable
+from esper_assets.storage import framing
+
+
+class ObjectStore(Protocol):
+    location: str
+
+    def get(self, key: str) -> bytes | None: ...
+    def head(self, key: str, n: int) -> bytes | None: ...
+    def put(self, key: str, data: bytes) -> None: ...
+    def delete(self, key: str) -> None: ...
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+    def ping(self) -> None: ...
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise InvalidInput(
+            f"object key {key!r} must be a relative path without '.', '..' or empty parts"
+        )
+    return key
+
+
+class DirectoryObjectStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.location = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def _read(self, key: str, n: int | None) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read() if n is None else f.read(n)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TierUnavailable(
+                f"object store {self.location}: cannot read {key}: {exc}"
+            ) from exc
+
+    def get(self, key: str) -> bytes | None:
+        return self._read(key, None)
+
+    def head(self, key: str, n: int) -> bytes | None:
+        return self._read(key, n)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise TierUnavailable(
+                f"object store {self.location}: cannot write {key}: {exc}"
+            ) from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise TierUnavailable(
+                f"object store {self.location}: cannot delete {key}: {exc}"
+            ) from exc
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return
+        for path in base.rglob("*"):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                yield path.relative_to(self.root).as_posix(), path.stat().st_size
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise TierUnavailable(f"object store {self.location} is not writable")
+
+
+class S3ObjectStore:
+    """S3 through a boto3 client. Build the client with short timeouts and no
+    retries (:func:`make_s3_client`) so a dead endpoint costs one timeout."""
+
+    def __init__(self, client, bucket: str, prefix: str = "") -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        self.location = f"s3://{bucket}/{self.prefix}"
+
+    def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
+        return TierUnavailable(f"object store {self.location}: {what} {key} failed: {exc}")
+
+    def _get(self, key: str, **extra) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self.prefix + _check_key(key), **extra
+            )
+            return response["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise self._fail("GET", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("GET", key, exc) from exc
+
+    def get(self, key: str) -> bytes | None:
+        return self._get(key)
+
+    def head(self, key: str, n: int) -> bytes | None:
+        return self._get(key, Range=f"bytes=0-{n - 1}")
+
+    def put(self, key: str, data: bytes) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + _check_key(key), Body=data)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("PUT", key, exc) from exc
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + _check_key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("DELETE", key, exc) from exc
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][len(self.prefix) :], obj["Size"]
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("LIST", prefix, exc) from exc
+
+    def ping(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("HEAD bucket", "", exc) from exc
+
+
+def make_s3_client(endpoint_url: str | None = None, timeout_s: float = 2.0):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=timeout_s,
+        read_timeout=max(timeout_s, 10.0),
+        retries={"max_attempts": 1, "mode": "standard"},
+    )
+    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def kernel_object_key(kernel_id: str) -> str:
+    """A file- and URL-safe, reversible object key for a kernel id."""
+    return "kernels/" + quote(kernel_id, safe="").replace(".", "%2E")
+
+
+class ObjectTier:
+    """L4: framed values as objects. The sole home of values above the
+    large-object threshold (L3 keeps a pointer row), and optionally an archive
+    copy of every value."""
+
+    name = "l4"
+    durable = True
+
+    def __init__(self, store: ObjectStore, ttl_seconds: float | None = None) -> None:
+        self.store = store
+        self.ttl_seconds = ttl_seconds
+
+    def get(self, key: str) -> bytes | None:
+        return self.store.get(kernel_object_key(key))
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        found = {}
+        for key in keys:
+            blob = self.get(key)
+            if blob is not None:
+                found[key] = blob
+        return found
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        for key, blob in items:
+            self.store.put(kernel_object_key(key), blob)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.store.delete(kernel_object_key(key))
+
+    def cleanup(self) -> list[str]:
+        """Delete objects whose frame says they have expired (reads headers only)."""
+        removed, now = [], framing.now_ms()
+        for object_key, _ in list(self.store.list("kernels/")):
+            head = self.store.head(object_key, framing.HEADER_SIZE)
+            if head is None:
+                continue
+            expires = framing.peek_expires_ms(head)
+            if expires is not None and expires != 0 and expires <= now:
+                self.store.delete(object_key)
+                removed.append(object_key)
+        return removed
+
+    def size(self) -> dict[str, int]:
+        sizes = [size for _, size in self.store.list("kernels/")]
+        return {"entries": len(sizes), "stored_bytes": sum(sizes)}
+
+    def ping(self) -> None:
+        self.store.ping()
+
+    def close(self) -> None:
+        pass  # boto3 clients and directories hold nothing that needs releasing

@@ -1,0 +1,189 @@
+"""L2: Redis. Framed bytes under ``<prefix><id>`` with a native TTL, plus the
+pub/sub channel that carries invalidations to every process's L1."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from esper_assets.errors import TierUnavailable, redact_url
+
+log = logging.getLogger(__name__)
+
+
+class RedisTier:
+    name = "l2"
+    durable = False
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "esper:kc:",
+        ttl_seconds: float | None = 86400,
+        timeout_s: float = 0.25,
+        pool_size: int = 16,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+        self.channel = f"{prefix}invalidate"
+        # Messages are "<sender> <key>" so a process can ignore its own announcements.
+        self.sender = uuid.uuid4().hex
+        # No retries: one failure is one bounded timeout, then the breaker decides.
+        self._pool = redis.ConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.client = redis.Redis(connection_pool=self._pool)
+        self.timeout_s = timeout_s
+
+    def _unavailable(self, exc: Exception) -> TierUnavailable:
+        return TierUnavailable(f"L2 Redis at {redact_url(self.url)} failed: {exc}")
+
+    def _ttl_ms(self) -> int | None:
+        return int(self.ttl_seconds * 1000) if self.ttl_seconds else None
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.client.get(self.prefix + key)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        try:
+            values = self.client.mget([self.prefix + k for k in keys])
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+
+    def put_many(self, items: Sequence[tuple[str, bytes]], announce: bool = False) -> None:
+        """Store framed values; ``announce`` also tells other processes to drop their L1 copy."""
+        ttl = self._ttl_ms()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, blob in items:
+                    pipe.set(self.prefix + key, blob, px=ttl)
+                if announce:
+                    for key, _ in items:
+                        pipe.publish(self.channel, f"{self.sender} {key}")
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def delete_many(self, keys: Sequence[str], announce: bool = True) -> None:
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.delete(*[self.prefix + k for k in keys])
+                if announce:
+                    for key in keys:
+                        pipe.publish(self.channel, f"{self.sender} {key}")
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def cleanup(self) -> list[str]:
+        return []  # Redis expires keys itself
+
+    def size(self) -> dict[str, int]:
+        entries = stored = 0
+        try:
+            for batch in _batched(self.client.scan_iter(match=self.prefix + "*", count=1000), 500):
+                with self.client.pipeline(transaction=False) as pipe:
+                    for key in batch:
+                        pipe.strlen(key)
+                    lengths = pipe.execute()
+                entries += len(lengths)
+                stored += sum(lengths)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return {"entries": entries, "stored_bytes": stored}
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def close(self) -> None:
+        self._pool.disconnect()
+
+
+def _batched(iterable, n):
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class InvalidationListener:
+    """Background thread that applies other processes' invalidations to our L1.
+
+    Messages published while we are disconnected are lost (pub/sub keeps no
+    history), so after every reconnect we call ``on_gap`` and the cache drops its
+    whole L1: a cold L1 is slower, a stale one is wrong.
+    """
+
+    def __init__(
+        self,
+        tier: RedisTier,
+        on_invalidate: Callable[[str], None],
+        on_gap: Callable[[], None],
+    ) -> None:
+        self._tier = tier
+        self._on_invalidate = on_invalidate
+        self._on_gap = on_gap
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._client = redis.Redis.from_url(
+            tier.url, socket_connect_timeout=tier.timeout_s, retry=Retry(NoBackoff(), 0)
+        )
+        self._thread = threading.Thread(target=self._run, name="esper-invalidation", daemon=True)
+        self._thread.start()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        return self._subscribed.wait(timeout)
+
+    def _run(self) -> None:
+        connected_before = False
+        while not self._stop.is_set():
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._tier.channel)
+                if connected_before:
+                    self._on_gap()
+                connected_before = True
+                self._subscribed.set()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message and message["type"] == "message":
+                        sender, _, key = message["data"].decode("utf-8", "replace").partition(" ")
+                        if sender != self._tier.sender:
+                            self._on_invalidate(key)
+            except (redis.RedisError, OSError) as exc:
+                self._subscribed.clear()
+                log.debug("invalidation listener lost Redis (%s); retrying", exc)
+                self._stop.wait(0.5)
+            finally:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    pubsub.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._client.close()

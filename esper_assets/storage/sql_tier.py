@@ -1,0 +1,361 @@
+"""L3: the durable tier, on PostgreSQL (production) or a SQLite file (embedded).
+
+Both share one contract; only connection handling and SQL text differ. Reads
+never write: access counts are gathered in memory by the cache and flushed in
+batches through :meth:`SqlTier.record_access`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esper_assets.errors import DurableWriteError, StorageError, TierUnavailable, redact_url
+from esper_assets.storage.migrations import migrate_postgres, migrate_sqlite
+
+
+class InObjectStore:
+    """Marker returned for a pointer row: the value lives in the object store (L4)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "IN_OBJECT_STORE"
+
+
+IN_OBJECT_STORE = InObjectStore()
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row to upsert. ``data`` is the frame, or None with ``object_key`` set."""
+
+    key: str
+    data: bytes | None
+    object_key: str | None
+    metadata: Mapping[str, Any]
+    size_bytes: int
+    stored_bytes: int
+    compressed: bool
+    created_at: float
+    expires_at: float | None
+
+
+class SqlTier:
+    name = "l3"
+    durable = True
+    location: str
+    ttl_seconds: float | None
+
+    # -- dialect hooks ------------------------------------------------------
+    def _connection(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    SQL: dict[str, str] = {}
+
+    # -- contract -------------------------------------------------------------
+    def get(self, key: str) -> bytes | InObjectStore | None:
+        with self._connection() as conn:
+            row = conn.execute(self.SQL["get"], (key, time.time())).fetchone()
+        return None if row is None else _value(row[0])
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes | InObjectStore]:
+        if not keys:
+            return {}
+        with self._connection() as conn:
+            rows = self._select_many(conn, keys)
+        return {key: _value(data) for key, data in rows}
+
+    def put_many(self, rows: Sequence[Row]) -> None:
+        params = [
+            (
+                r.key,
+                r.data,
+                r.object_key,
+                json.dumps(r.metadata, separators=(",", ":"), default=str),
+                r.size_bytes,
+                r.stored_bytes,
+                r.compressed,
+                r.created_at,
+                r.expires_at,
+            )
+            for r in rows
+        ]
+        with self._connection(write=True) as conn, self._transaction(conn):
+            _executemany(conn, self.SQL["upsert"], params)
+
+    def delete_many(self, keys: Sequence[str]) -> list[str]:
+        with self._connection(write=True) as conn:
+            return self._delete_many(conn, keys)
+
+    def cleanup(self) -> list[tuple[str, str | None]]:
+        """Delete expired rows; return (id, object_key) of each so L4 objects go too."""
+        with self._connection(write=True) as conn:
+            return [tuple(r) for r in conn.execute(self.SQL["cleanup"], (time.time(),)).fetchall()]
+
+    def record_access(self, counts: Mapping[str, int]) -> None:
+        if counts:
+            with self._connection(write=True) as conn:
+                self._record_access(conn, counts)
+
+    def hottest(self, n: int) -> list[str]:
+        with self._connection() as conn:
+            return [r[0] for r in conn.execute(self.SQL["hottest"], (time.time(), n)).fetchall()]
+
+    def metadata(self, key: str) -> dict[str, Any] | None:
+        with self._connection() as conn:
+            row = conn.execute(self.SQL["metadata"], (key,)).fetchone()
+        if row is None:
+            return None
+        meta, size, created, expires, in_store = row
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+        return {
+            "metadata": meta,
+            "size_bytes": size,
+            "created_at": _epoch(created),
+            "expires_at": _epoch(expires),
+            "in_object_store": bool(in_store),
+        }
+
+    def size(self) -> dict[str, int]:
+        with self._connection() as conn:
+            entries, stored = conn.execute(self.SQL["size"]).fetchone()
+        return {"entries": int(entries), "stored_bytes": int(stored)}
+
+    def ping(self) -> None:
+        with self._connection() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+
+def _value(data) -> bytes | InObjectStore:
+    return IN_OBJECT_STORE if data is None else bytes(data)
+
+
+def _epoch(value) -> float | None:
+    if value is None or isinstance(value, int | float):
+        return value
+    return value.timestamp()
+
+
+def _executemany(conn, sql: str, params: list[tuple]) -> None:
+    if isinstance(conn, sqlite3.Connection):
+        conn.executemany(sql, params)
+    else:
+        with conn.cursor() as cur:
+            cur.executemany(sql, params)
+
+
+_UPSERT_SET = """
+    data = excluded.data, object_key = excluded.object_key, metadata = excluded.metadata,
+    size_bytes = excluded.size_bytes, stored_bytes = excluded.stored_bytes,
+    compressed = excluded.compressed, created_at = excluded.created_at,
+    expires_at = excluded.expires_at"""
+
+
+class PostgresTier(SqlTier):
+    SQL = {
+        "get": "SELECT data FROM kernel_cache WHERE id = %s"
+        " AND (expires_at IS NULL OR expires_at > to_timestamp(%s))",
+        "get_many": "SELECT id, data FROM kernel_cache WHERE id = ANY(%s)"
+        " AND (expires_at IS NULL OR expires_at > to_timestamp(%s))",
+        "upsert": "INSERT INTO kernel_cache (id, data, object_key, metadata, size_bytes,"
+        " stored_bytes, compressed, created_at, accessed_at, expires_at)"
+        " VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s, to_timestamp(%s), now(), to_timestamp(%s))"
+        " ON CONFLICT (id) DO UPDATE SET" + _UPSERT_SET,
+        "delete_many": "DELETE FROM kernel_cache WHERE id = ANY(%s) RETURNING id",
+        "cleanup": "DELETE FROM kernel_cache WHERE expires_at <= to_timestamp(%s)"
+        " RETURNING id, object_key",
+        "record_access": "UPDATE kernel_cache AS k SET accessed_at = now(),"
+        " access_count = k.access_count + t.n"
+        " FROM unnest(%s::text[], %s::bigint[]) AS t(id, n) WHERE k.id = t.id",
+        "hottest": "SELECT id FROM kernel_cache"
+        " WHERE expires_at IS NULL OR expires_at > to_timestamp(%s)"
+        " ORDER BY access_count DESC, accessed_at DESC LIMIT %s",
+        "metadata": "SELECT metadata, size_bytes, created_at, expires_at, object_key IS NOT NULL"
+        " FROM kernel_cache WHERE id = %s",
+        "size": "SELECT count(*), coalesce(sum(stored_bytes), 0) FROM kernel_cache",
+    }
+
+    def __init__(
+        self,
+        url: str,
+        ttl_seconds: float | None = 7 * 86400,
+        pool_size: int = 8,
+        timeout_s: float = 3.0,
+    ) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        self._errors = (psycopg.Error, PoolTimeout)
+        self._operational = (psycopg.OperationalError, PoolTimeout)
+        self.url = url
+        self.location = redact_url(url)
+        self.ttl_seconds = ttl_seconds
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            timeout=timeout_s,
+            kwargs={
+                "autocommit": True,
+                "prepare_threshold": 0,
+                "connect_timeout": max(1, int(timeout_s)),
+            },
+            open=False,
+            name="esper-l3",
+        )
+        self._pool.open(wait=False)
+        with self._connection(write=True) as conn:
+            migrate_postgres(conn)
+
+    @contextmanager
+    def _connection(self, write: bool = False) -> Iterator[Any]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except self._operational as exc:
+            raise TierUnavailable(
+                f"L3 PostgreSQL at {self.location} is unreachable: {exc}"
+            ) from exc
+        except self._errors as exc:
+            error = DurableWriteError if write else StorageError
+            raise error(f"L3 PostgreSQL at {self.location} refused the request: {exc}") from exc
+
+    @contextmanager
+    def _transaction(self, conn):
+        with conn.transaction():
+            yield
+
+    def get(self, key: str) -> bytes | InObjectStore | None:
+        with self._connection() as conn:
+            row = conn.execute(self.SQL["get"], (key, time.time()), binary=True).fetchone()
+        return None if row is None else _value(row[0])
+
+    def _select_many(self, conn, keys):
+        return conn.execute(self.SQL["get_many"], (list(keys), time.time()), binary=True).fetchall()
+
+    def _delete_many(self, conn, keys):
+        return [r[0] for r in conn.execute(self.SQL["delete_many"], (list(keys),)).fetchall()]
+
+    def _record_access(self, conn, counts):
+        conn.execute(self.SQL["record_access"], (list(counts), list(counts.values())))
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class SqliteTier(SqlTier):
+    SQL = {
+        "get": "SELECT data FROM kernel_cache WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)",
+        "upsert": "INSERT INTO kernel_cache (id, data, object_key, metadata, size_bytes,"
+        " stored_bytes, compressed, created_at, accessed_at, expires_at)"
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)"
+        " ON CONFLICT (id) DO UPDATE SET" + _UPSERT_SET,
+        "cleanup": "DELETE FROM kernel_cache WHERE expires_at <= ? RETURNING id, object_key",
+        "record_access": "UPDATE kernel_cache SET accessed_at = ?, access_count = access_count + ?"
+        " WHERE id = ?",
+        "hottest": "SELECT id FROM kernel_cache WHERE expires_at IS NULL OR expires_at > ?"
+        " ORDER BY access_count DESC, accessed_at DESC LIMIT ?",
+        "metadata": "SELECT metadata, size_bytes, created_at, expires_at, object_key IS NOT NULL"
+        " FROM kernel_cache WHERE id = ?",
+        "size": "SELECT count(*), coalesce(sum(stored_bytes), 0) FROM kernel_cache",
+    }
+    _CHUNK = 500  # stay under SQLite's bound-parameter limit
+
+    def __init__(
+        self, path: Path | str, ttl_seconds: float | None = 7 * 86400, timeout_s: float = 5.0
+    ):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.location = f"sqlite:///{self.path}"
+        self.ttl_seconds = ttl_seconds
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        with self._connection(write=True) as conn:
+            migrate_sqlite(conn)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives a process crash; only an OS crash can lose the last commits.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = self._connect()
+            yield conn
+        except sqlite3.OperationalError as exc:
+            raise TierUnavailable(f"L3 SQLite at {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            error = DurableWriteError if write else StorageError
+            raise error(f"L3 SQLite at {self.path} refused the request: {exc}") from exc
+
+    @contextmanager
+    def _transaction(self, conn):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _select_many(self, conn, keys):
+        rows, now = [], time.time()
+        for chunk in _chunks(list(keys), self._CHUNK):
+            marks = ",".join("?" * len(chunk))
+            rows += conn.execute(
+                f"SELECT id, data FROM kernel_cache WHERE id IN ({marks})"
+                " AND (expires_at IS NULL OR expires_at > ?)",
+                (*chunk, now),
+            ).fetchall()
+        return rows
+
+    def _delete_many(self, conn, keys):
+        deleted = []
+        for chunk in _chunks(list(keys), self._CHUNK):
+            marks = ",".join("?" * len(chunk))
+            deleted += [
+                r[0]
+                for r in conn.execute(
+                    f"DELETE FROM kernel_cache WHERE id IN ({marks}) RETURNING id", chunk
+                ).fetchall()
+            ]
+        return deleted
+
+    def _record_access(self, conn, counts):
+        now = time.time()
+        with self._transaction(conn):
+            conn.executemany(self.SQL["record_access"], [(now, n, k) for k, n in counts.items()])
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+SqlTierFactory = Callable[[], SqlTier]

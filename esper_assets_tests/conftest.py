@@ -1,0 +1,222 @@
+"""Shared fixtures: real PostgreSQL, Redis and an S3 HTTP endpoint (moto's server).
+
+Services come from ESPER_TEST_DATABASE_URL / ESPER_TEST_REDIS_URL (loopback by
+default). Each test gets its own PostgreSQL schema, Redis key prefix and S3
+bucket. Under CI=true a missing service fails the run; locally it skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from esper_assets.storage import CacheConfig, PersistentKernelCache
+
+PG_URL = os.environ.get("ESPER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("ESPER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _service_missing(what: str, why: object) -> None:
+    message = f"{what} is not reachable ({why})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true requires every service", pytrace=False)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections are refused at once)."""
+    return free_port()
+
+
+# -- PostgreSQL -----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_URL, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        _service_missing(f"PostgreSQL at {PG_URL}", exc)
+    return PG_URL
+
+
+def with_search_path(url: str, schema: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str) -> Iterator[str]:
+    """A URL whose connections live in a fresh schema, dropped afterwards."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield with_search_path(pg_server_url, schema)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+# -- Redis ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        _service_missing(f"Redis at {REDIS_URL}", exc)
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_server_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"esper:test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_server_url)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+class RedisProcess:
+    """A private redis-server on a free port, for tests that kill and restart it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    if shutil.which("redis-server") is None:
+        _service_missing("redis-server binary", "not on PATH")
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+# -- S3 (moto's HTTP server) -----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        _service_missing("moto[server]", exc)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    from esper_assets.storage.object_store import make_s3_client
+
+    bucket = f"esper-test-{uuid.uuid4().hex[:12]}"
+    make_s3_client(s3_endpoint).create_bucket(Bucket=bucket)
+    return bucket
+
+
+# -- caches ---------------------------------------------------------------------------
+BACKENDS = ["embedded", "services"]
+
+
+@pytest.fixture
+def make_cache(request, tmp_path: Path) -> Iterator[Callable[..., PersistentKernelCache]]:
+    """Build caches on a backend; ``make_cache(backend, **config_overrides)``.
+
+    ``embedded``: SQLite file + directory, no L2. ``services``: PostgreSQL (own
+    schema) + Redis (own prefix) + S3 over HTTP (own bucket). Closed afterwards.
+    """
+    built: list[PersistentKernelCache] = []
+
+    def build(backend: str = "embedded", **overrides) -> PersistentKernelCache:
+        if backend == "embedded":
+            base = {
+                "sqlite_path": str(tmp_path / "l3.sqlite3"),
+                "object_store_path": str(tmp_path / "objects"),
+            }
+        elif backend == "services":
+            base = {
+                "postgres_url": request.getfixturevalue("pg_url"),
+                "redis_url": request.getfixturevalue("redis_server_url"),
+                "redis_prefix": request.getfixturevalue("redis_prefix"),
+                "s3_bucket": request.getfixturevalue("s3_bucket"),
+                "s3_endpoint_url": request.getfixturevalue("s3_endpoint"),
+            }
+        else:
+            raise ValueError(backend)
+        cache = PersistentKernelCache(CacheConfig(**{**base, **overrides}))
+        built.append(cache)
+        return cache
+
+    yield build
+    for cache in built:
+        with contextlib.suppress(Exception):  # a test may have left a tier dead on purpose
+            cache.close()
