@@ -1,11 +1,13 @@
 """Framed values: the byte format every tier below L1 stores.
 
-    magic "EK" | crc32 u32 | version u8 | codec u8 | created_ms i64 | expires_ms i64 | payload
+    magic "EK" | checksum u64 | version u8 | codec u8 | created_ms i64 | expires_ms i64 | payload
 
-The CRC covers the payload and then every header field after the CRC, in that
-order, so the payload's CRC is computed once per value and each tier's header
-(with its own expiry) only folds 18 more bytes in. A flipped bit anywhere is
-caught before we try to decompress. ``expires_ms == 0`` means never.
+checksum = xxh3_64(payload) XOR xxh3_64(header fields after the checksum), so
+the payload is hashed once per value and each tier's header (with its own
+expiry) costs one tiny hash more. A flipped bit anywhere is caught before we try
+to decompress. xxh3 rather than zlib.crc32: 4 us instead of 116 us for 256 KiB
+on this machine, which is the difference between a large L2 hit costing 1.2x
+and 1.6x a raw GET. ``expires_ms == 0`` means never.
 Compression is chosen once per value: small or incompressible values (float
 weights compress ~1.08x) are stored raw rather than paying decode cost for nothing.
 """
@@ -21,14 +23,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 import zstandard
+from xxhash import xxh3_64_intdigest
 
 from esper_assets.errors import ConfigError, CorruptValue
 
 MAGIC = b"EK"
 VERSION = 1
-_HEADER = struct.Struct("<2sIBBqq")
+_HEADER = struct.Struct("<2sQBBqq")
 HEADER_SIZE = _HEADER.size
-_CRC_FROM = 6  # the CRC covers everything after magic and itself
+_FIELDS_FROM = 10  # the header fields the checksum covers start after magic and itself
 MIN_COMPRESS_BYTES = 256  # below this, compression never pays for its header and CPU
 _MIN_GAIN = 0.95  # keep compressed output only if it saves at least 5%
 
@@ -49,11 +52,11 @@ class Payload:
     codec: Codec
     data: bytes
     raw_size: int
-    crc: int  # CRC-32 of ``data``; each tier's header is folded in after it
+    digest: int  # xxh3_64 of ``data``; each tier's header hash is XORed in
 
     @classmethod
     def of(cls, codec: Codec, data: bytes, raw_size: int) -> Payload:
-        return cls(codec, data, raw_size, zlib.crc32(data))
+        return cls(codec, data, raw_size, xxh3_64_intdigest(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +115,9 @@ class Codecs:
 
 
 def pack(payload: Payload, created_ms: int, expires_ms: int) -> bytes:
-    header = _HEADER.pack(MAGIC, 0, VERSION, payload.codec, created_ms, expires_ms)
-    crc = zlib.crc32(header[_CRC_FROM:], payload.crc)
-    return _HEADER.pack(MAGIC, crc, VERSION, payload.codec, created_ms, expires_ms) + payload.data
+    fields = _HEADER.pack(MAGIC, 0, VERSION, payload.codec, created_ms, expires_ms)[_FIELDS_FROM:]
+    checksum = payload.digest ^ xxh3_64_intdigest(fields)
+    return _HEADER.pack(MAGIC, checksum, VERSION, payload.codec, created_ms, expires_ms) + payload.data
 
 
 def unpack(blob: bytes) -> Frame:
@@ -123,11 +126,11 @@ def unpack(blob: bytes) -> Frame:
         raise CorruptValue(
             f"frame is {len(blob)} bytes, shorter than its {HEADER_SIZE}-byte header"
         )
-    magic, crc, version, codec, created_ms, expires_ms = _HEADER.unpack_from(blob)
+    magic, checksum, version, codec, created_ms, expires_ms = _HEADER.unpack_from(blob)
     if magic != MAGIC or version != VERSION:
         raise CorruptValue(f"bad frame header (magic={magic!r}, version={version})")
     view = memoryview(blob)
-    if zlib.crc32(view[_CRC_FROM:HEADER_SIZE], zlib.crc32(view[HEADER_SIZE:])) != crc:
+    if xxh3_64_intdigest(view[HEADER_SIZE:]) ^ xxh3_64_intdigest(view[_FIELDS_FROM:HEADER_SIZE]) != checksum:
         raise CorruptValue("checksum mismatch")
     try:
         codec = Codec(codec)

@@ -150,6 +150,25 @@ class _Pending:
     version: int = 0  # write-back: which put this is, so a flush never drops a newer one
 
 
+class _Flight:
+    """One in-progress load; followers block on ``done`` (held by the leader until it ends)."""
+
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.value: bytes | None = None
+        self.error: BaseException | None = None
+
+    def wait(self) -> bytes | None:
+        with self.done:
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 @dataclass
 class _WriteBack:
     dirty: dict[str, _Pending] = field(default_factory=dict)
@@ -194,7 +213,7 @@ class PersistentKernelCache:
             for t in self._remote
         }
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="esper-cache")
-        self._inflight: dict[str, Future] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._inflight_lock = threading.Lock()
         self._access: dict[str, int] = {}
         self._wb = _WriteBack()
@@ -312,23 +331,23 @@ class PersistentKernelCache:
     def _load_once(self, kernel_id: str) -> bytes | None:
         """Single-flight: concurrent misses on one id share one lower-tier load."""
         with self._inflight_lock:
-            future = self._inflight.get(kernel_id)
-            leader = future is None
+            flight = self._inflight.get(kernel_id)
+            leader = flight is None
             if leader:
-                future = self._inflight[kernel_id] = Future()
+                flight = self._inflight[kernel_id] = _Flight()
                 self.loads += 1
         if not leader:
-            return future.result()
+            return flight.wait()
         try:
-            value = self._read_through([kernel_id]).get(kernel_id)
-            future.set_result(value)
-            return value
+            flight.value = self._read_through([kernel_id]).get(kernel_id)
+            return flight.value
         except BaseException as exc:
-            future.set_exception(exc)
+            flight.error = exc
             raise
         finally:
             with self._inflight_lock:
                 del self._inflight[kernel_id]
+            flight.done.release()
 
     def get_many(self, kernel_ids: Iterable[str]) -> dict[str, bytes]:
         """Values for the ids that exist; one round trip per tier for the rest."""
@@ -379,7 +398,7 @@ class PersistentKernelCache:
             want = self._l4_candidates(missing, pointers, answered) if tier is self._l4 else missing
             if not want:
                 continue
-            answer = self._tier_call(tier, "get_many", want)
+            answer = self._fetch(tier, want)
             if answer is _UNAVAILABLE:
                 continue
             hits = {}
@@ -388,8 +407,7 @@ class PersistentKernelCache:
                     pointers.add(key)
                 elif (decoded := self._decode(tier, key, blob)) is not None:
                     hits[key] = decoded
-            self._stats[tier.name].add("hits", len(hits))
-            self._stats[tier.name].add("misses", len(want) - len(hits))
+            self._stats[tier.name].add_lookup(len(hits), len(want) - len(hits))
             self._promote(hits, answered, pointers)
             for key, (value, _) in hits.items():
                 found[key] = value
@@ -401,6 +419,14 @@ class PersistentKernelCache:
             for key, value in found.items():
                 self._l1.put(key, value)
         return found
+
+    def _fetch(self, tier, keys: list[str]) -> dict[str, Any] | object:
+        if len(keys) > 1:
+            return self._tier_call(tier, "get_many", keys)
+        blob = self._tier_call(tier, "get", keys[0])  # cheaper than a one-element batch
+        if blob is _UNAVAILABLE or blob is None:
+            return {} if blob is None else blob
+        return {keys[0]: blob}
 
     def _l4_candidates(self, missing: list[str], pointers: set[str], answered: list) -> list[str]:
         # When L3 answered, L4 holds only the large values L3 pointed at (unless archiving),
@@ -754,9 +780,9 @@ class PersistentKernelCache:
         breaker.success()
         if op == "store":
             self._stats[name].add("writes", len(args[0]))
-        elif op == "get_many" and self.config.enable_metrics:
+        elif op in ("get", "get_many") and self.config.enable_metrics:
             self._stats[name].latency.record(time.perf_counter() - start)
-        return True if result is None else result
+        return result
 
     def _maintain(self) -> None:
         c = self.config

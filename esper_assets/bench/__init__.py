@@ -1,0 +1,1 @@
+"""Benchmarks that compare esper_assets against the raw clients in the same run."""

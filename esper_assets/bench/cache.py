@@ -1,0 +1,294 @@
+"""``esper bench cache``: the kernel cache against the raw clients, same run.
+
+Each tier is measured in isolation (a cache with only that tier on) so the
+figure is the cost of one tier hit through the public ``get``, compared with the
+raw client fetching the very same stored bytes: cachetools for L1, a redis-py
+GET for L2, a prepared psycopg (or sqlite3) SELECT for L3.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from itertools import accumulate
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+from esper_assets.bench.timing import Comparison, paired_medians, wall_ms
+from esper_assets.settings import Settings
+from esper_assets.storage import CacheConfig, PersistentKernelCache
+from esper_assets.storage.kernel_cache import cache_config_from_settings
+from esper_assets.storage.memory import MemoryTier, entry_charge
+
+VALUE_BYTES = 4096
+
+
+@dataclass
+class BenchEnv:
+    """Where the bench runs: config for the caches and raw clients for the same data."""
+
+    label: str
+    config: dict[str, Any]
+    raw_l3: Callable[[str], bytes | None]
+    raw_l2: Callable[[str], bytes | None] | None = None
+    raw_l2_many: Callable[[list[str]], list] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def bench_env(settings: Settings) -> Iterator[BenchEnv]:
+    """Isolated namespaces on the configured services: a fresh PostgreSQL schema,
+    a fresh Redis prefix, a temporary directory; all removed afterwards."""
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(TemporaryDirectory(prefix="esper-bench-")))
+        config = asdict(cache_config_from_settings(settings)) | {
+            "object_store_path": str(tmp / "objects"),
+            "s3_bucket": None,  # the bench measures L1-L3; L4 stays a local directory
+        }
+        if settings.database_url:
+            url, raw_l3 = stack.enter_context(_postgres_schema(settings.database_url))
+            config["postgres_url"] = url
+            label = "services"
+        else:
+            config["sqlite_path"] = str(tmp / "bench.sqlite3")
+            raw_l3 = _sqlite_reader(config["sqlite_path"])
+            label = "embedded"
+        env = BenchEnv(label, config, raw_l3)
+        if settings.redis_url:
+            env.config["redis_prefix"] = prefix = f"esper:bench:{uuid.uuid4().hex[:8]}:"
+            stack.enter_context(_redis_raw(settings.redis_url, prefix, env))
+        yield env
+
+
+@contextmanager
+def _postgres_schema(url: str):
+    import psycopg
+
+    from esper_assets.storage.sql_tier import PostgresTier
+
+    schema = f"esper_bench_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(url, autocommit=True)
+    admin.execute(f"CREATE SCHEMA {schema}")
+    scoped = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    PostgresTier(scoped).close()  # applies migrations
+    raw = psycopg.connect(scoped, autocommit=True, prepare_threshold=0)
+    query = "SELECT data FROM kernel_cache WHERE id = %s"
+
+    def read(key: str) -> bytes | None:
+        row = raw.execute(query, (key,), binary=True).fetchone()
+        return None if row is None else row[0]
+
+    try:
+        yield scoped, read
+    finally:
+        raw.close()
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+
+def _sqlite_reader(path: str) -> Callable[[str], bytes | None]:
+    import sqlite3
+
+    from esper_assets.storage.sql_tier import SqliteTier
+
+    SqliteTier(path).close()  # applies migrations
+    conn = sqlite3.connect(path, check_same_thread=False)
+
+    def read(key: str) -> bytes | None:
+        row = conn.execute("SELECT data FROM kernel_cache WHERE id = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    return read
+
+
+@contextmanager
+def _redis_raw(url: str, prefix: str, env: BenchEnv):
+    import redis
+
+    client = redis.Redis.from_url(url)
+    env.raw_l2 = lambda key: client.get(prefix + key)
+    env.raw_l2_many = lambda keys: client.mget([prefix + k for k in keys])
+    try:
+        yield
+    finally:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def _cache(env: BenchEnv, **overrides: Any) -> PersistentKernelCache:
+    return PersistentKernelCache(CacheConfig(**(env.config | overrides)))
+
+
+def _values(n: int, size: int) -> dict[str, bytes]:
+    # Random bytes: like float weights they do not compress, so no codec flatters the figures.
+    return {f"kernel-{i:06d}-{uuid.uuid4().hex[:16]}": os.urandom(size) for i in range(n)}
+
+
+# -- measurements --------------------------------------------------------------------
+def bench_l1(env: BenchEnv, rounds: int) -> Comparison:
+    import cachetools
+
+    with _cache(env) as cache:
+        key, value = next(iter(_values(1, VALUE_BYTES).items()))
+        cache.put(key, value)
+        ttl = cachetools.TTLCache(maxsize=10_000, ttl=3600)
+        ttl[key] = value
+        lock = threading.Lock()
+
+        def raw() -> bytes:
+            with lock:
+                return ttl[key]
+
+        ours, theirs = paired_medians(lambda: cache.get(key), raw, rounds, batch=200)
+    ok = ours <= 2.0 and ours <= 1.5 * theirs
+    return Comparison("L1 hit p50", ours, theirs, "cachetools.TTLCache + lock", "<= 2 us and <= 1.5x", ok)
+
+
+def bench_l2(env: BenchEnv, rounds: int, size: int = VALUE_BYTES) -> Comparison:
+    name = f"L2 hit p50 ({size // 1024} KiB)"
+    if env.raw_l2 is None:
+        return Comparison(name, None, None, "redis-py GET", "<= 1.25x", None, "skipped: ESPER_REDIS_URL not set")
+    with _cache(env, l1_enabled=False, l3_enabled=False, l4_enabled=False) as cache:
+        key, value = next(iter(_values(1, size).items()))
+        cache.put(key, value)
+        assert cache.get(key) == value and env.raw_l2(key) is not None
+        ours, theirs = paired_medians(lambda: cache.get(key), lambda: env.raw_l2(key), rounds, batch=20)
+    target_applies = size == VALUE_BYTES
+    ok = ours <= 1.25 * theirs if target_applies else None
+    return Comparison(name, ours, theirs, "redis-py GET", "<= 1.25x" if target_applies else "info", ok)
+
+
+def bench_l3(env: BenchEnv, rounds: int) -> Comparison:
+    raw_label = "psycopg prepared SELECT" if env.label == "services" else "sqlite3 SELECT"
+    with _cache(env, l1_enabled=False, l2_enabled=False, l4_enabled=False) as cache:
+        key, value = next(iter(_values(1, VALUE_BYTES).items()))
+        cache.put(key, value)
+        assert cache.get(key) == value and env.raw_l3(key) is not None
+        ours, theirs = paired_medians(lambda: cache.get(key), lambda: env.raw_l3(key), rounds, batch=20)
+    return Comparison("L3 hit p50", ours, theirs, raw_label, "<= 1.3x", ours <= 1.3 * theirs)
+
+
+def bench_hot_gets(env: BenchEnv, repeats: int) -> dict[str, Any]:
+    """1000 gets over 100 hot ids, by 4 threads and by get_many; plus a cold get_many."""
+    with _cache(env) as cache:
+        values = _values(100, VALUE_BYTES)
+        cache.put_many(values)
+        ids = list(values)
+        trace = [ids[i % 100] for i in range(1000)]
+        pool = ThreadPoolExecutor(max_workers=4)
+
+        def threaded() -> None:
+            chunks = [trace[i::4] for i in range(4)]
+            for _ in pool.map(lambda chunk: [cache.get(k) for k in chunk], chunks):
+                pass
+
+        def batched() -> None:
+            for i in range(10):
+                cache.get_many(ids if i % 2 else ids[::-1])
+
+        def cold() -> None:
+            cache._l1.clear()
+            for _ in range(10):
+                cache.get_many(ids)
+                cache._l1.clear()
+
+        result = {
+            "threads_4_ms": wall_ms(threaded, repeats),
+            "get_many_10x100_ms": wall_ms(batched, repeats),
+            "cold_get_many_10x100_ms": wall_ms(cold, max(3, repeats // 3)),
+            "hit_rate_hot": None,
+        }
+        pool.shutdown()
+        result["hit_rate_hot"] = cache.get_stats()["overall_hit_rate"]
+        if env.raw_l2_many is not None:
+            result["raw_redis_mget_10x100_ms"] = wall_ms(lambda: [env.raw_l2_many(ids) for _ in range(10)], 5)
+    result["target"] = "hot 1000 gets <= 20 ms"
+    result["ok"] = max(result["threads_4_ms"], result["get_many_10x100_ms"]) <= 20
+    return result
+
+
+def zipf_trace(n_ids: int, length: int, seed: int = 7) -> list[int]:
+    cum = list(accumulate(1.0 / (i + 1) for i in range(n_ids)))
+    return random.Random(seed).choices(range(n_ids), cum_weights=cum, k=length)
+
+
+def hit_ratio(tier: MemoryTier, trace: list[int], value: bytes) -> float:
+    hits = 0
+    for i in trace:
+        key = str(i)
+        if tier.get(key) is None:
+            tier.put(key, value)
+        else:
+            hits += 1
+    return hits / len(trace)
+
+
+def bench_zipf(n_ids: int, length: int) -> dict[str, Any]:
+    """Hit ratio on Zipf(1.0) with L1 sized for 1% of the ids: TinyLFU vs LRU."""
+    import cachetools
+
+    trace = zipf_trace(n_ids, length)
+    value = b"v" * 64
+    capacity = n_ids // 100
+    max_bytes = capacity * entry_charge(str(n_ids - 1), value)
+    ours = hit_ratio(MemoryTier(max_bytes, None, "lru", admission=True), trace, value)
+    lru = hit_ratio(MemoryTier(max_bytes, None, "lru", admission=False), trace, value)
+    ref = cachetools.LRUCache(maxsize=capacity)
+    ref_hits = 0
+    for i in trace:
+        if i in ref:
+            ref_hits += 1
+            ref[i]  # noqa: B018 - a read refreshes recency
+        else:
+            ref[i] = value
+    gain = round((ours - lru) * 100, 2)
+    return {
+        "ids": n_ids,
+        "requests": length,
+        "capacity_entries": capacity,
+        "tinylfu_hit_ratio": round(ours, 4),
+        "lru_hit_ratio": round(lru, 4),
+        "cachetools_lru_hit_ratio": round(ref_hits / length, 4),
+        "gain_points": gain,
+        "target": ">= LRU + 8 points",
+        "ok": gain >= 8,
+    }
+
+
+def run(settings: Settings, quick: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    rounds = 60 if quick else 300
+    with bench_env(settings) as env:
+        progress(f"backend: {env.label}")
+        comparisons = []
+        for step, fn in (
+            ("L1", lambda: bench_l1(env, rounds * 4)),
+            ("L2 4 KiB", lambda: bench_l2(env, rounds)),
+            ("L2 256 KiB", lambda: bench_l2(env, max(20, rounds // 5), 256 * 1024)),
+            ("L3", lambda: bench_l3(env, rounds)),
+        ):
+            progress(f"measuring {step} ...")
+            comparisons.append(fn())
+        progress("measuring 1000 gets over 100 hot ids ...")
+        hot = bench_hot_gets(env, repeats=10 if quick else 30)
+    progress("replaying a Zipf(1.0) trace ...")
+    zipf = bench_zipf(100_000, 200_000 if quick else 1_000_000)
+    return {
+        "bench": "cache",
+        "backend": env.label,
+        "settings": settings.describe(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "value_bytes": VALUE_BYTES,
+        "comparisons": [c.as_dict() for c in comparisons],
+        "hot_gets": hot,
+        "zipf": zipf,
+    }

@@ -1,0 +1,246 @@
+"""The ``esper`` command: demo, cache operations, migrations and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from esper_assets.errors import EsperError
+from esper_assets.settings import Settings
+
+# A pipe or CI log gets a wide fixed width so tables are not squeezed to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _fail(exc: EsperError) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+    sys.exit(2)
+
+
+class EsperGroup(click.Group):
+    """Turns EsperError into a one-line message instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EsperError as exc:
+            _fail(exc)
+
+
+@click.group(cls=EsperGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Log what the storage layer does.")
+def main(verbose: bool) -> None:
+    """Esper assets: blueprints, kernels and checkpoints with a multi-tier cache."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        render(data)
+
+
+def _stats_table(stats: dict[str, Any]) -> Table:
+    table = Table(title="kernel cache")
+    columns = ["tier", "hits", "misses", "errors", "corruptions", "skipped", "p50 us", "p99 us", "breaker", "entries", "bytes"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("tier", "breaker") else "right")
+    for name, t in stats["tiers"].items():
+        table.add_row(
+            name,
+            *(str(t.get(k, "")) for k in ("hits", "misses", "errors", "corruptions", "skipped", "p50_us", "p99_us")),
+            str(t.get("breaker", "-")),
+            str(t.get("entries", "")),
+            str(t.get("bytes", t.get("stored_bytes", ""))),
+        )
+    table.caption = (
+        f"requests {stats['requests']}, hit rate {stats['overall_hit_rate']}, "
+        f"lower-tier loads {stats['loads']}, write mode {stats['write_mode']}"
+    )
+    return table
+
+
+# -- demo --------------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def demo(as_json: bool) -> None:
+    """Put kernels, read them back through the tiers, and show the stats."""
+    from esper_assets.storage import PersistentKernelCache
+
+    settings = Settings.from_env()
+    steps: list[dict[str, Any]] = []
+    with PersistentKernelCache.from_env() as cache:
+        small = {f"demo-kernel-{i}": os.urandom(64 * 1024) for i in range(8)}
+        large_id, large = "demo-kernel-large", os.urandom(3 << 20)
+        for kernel_id, value in small.items():
+            steps.append({"step": "put", "id": kernel_id, "bytes": len(value), "tiers": cache.put(kernel_id, value)})
+        steps.append({"step": "put", "id": large_id, "bytes": len(large), "tiers": cache.put(large_id, large)})
+        first = next(iter(small))
+        _check(cache.get(first) == small[first], "L1 hit returned the wrong bytes")
+        steps.append({"step": "get", "id": first, "served_by": "l1"})
+        cache._drop_all_local()  # forget L1, as a fresh training process would start
+        report = cache.warm_cache([first, large_id, "demo-kernel-missing"])
+        for kernel_id, tier in report.items():
+            steps.append({"step": "get after L1 loss", "id": kernel_id, "served_by": tier})
+        _check(cache.get(large_id) == large, "large object came back different")
+        steps.append({"step": "get", "id": large_id, "served_by": "l1 (promoted)"})
+        stats = cache.get_stats(include_sizes=True)
+        health = cache.health()
+    result = {"settings": settings.describe(), "steps": steps, "stats": stats, "health": health}
+
+    def render(data: dict[str, Any]) -> None:
+        console.print(f"[bold]esper_assets demo[/] - state under {data['settings']['home']}")
+        for key, value in data["settings"].items():
+            console.print(f"  {key}: {value}")
+        table = Table(title="what happened")
+        for column in ("step", "kernel", "bytes", "tiers / served by"):
+            table.add_column(column)
+        for s in data["steps"]:
+            where = ", ".join(s["tiers"]) if "tiers" in s else s["served_by"]
+            table.add_row(s["step"], s["id"], str(s.get("bytes", "")), where)
+        console.print(table)
+        console.print(_stats_table(data["stats"]))
+        console.print("health: " + ", ".join(f"{k}={v['status']}" for k, v in data["health"].items()))
+
+    _emit(result, as_json, render)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise EsperError(f"demo self-check failed: {message}")
+
+
+# -- cache -----------------------------------------------------------------------------
+@main.group()
+def cache() -> None:
+    """Inspect and maintain the kernel cache configured by ESPER_* variables."""
+
+
+@cache.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+def cache_stats(as_json: bool) -> None:
+    """Entries and bytes per tier, breaker states."""
+    from esper_assets.storage import PersistentKernelCache
+
+    with PersistentKernelCache.from_env() as c:
+        stats = c.get_stats(include_sizes=True)
+    _emit(stats, as_json, lambda s: console.print(_stats_table(s)))
+
+
+@cache.command("health")
+@click.option("--json", "as_json", is_flag=True)
+def cache_health(as_json: bool) -> None:
+    """Ping every tier."""
+    from esper_assets.storage import PersistentKernelCache
+
+    with PersistentKernelCache.from_env() as c:
+        health = c.health()
+    _emit(health, as_json, lambda h: [console.print(f"{k}: {v}") for k, v in h.items()])
+    if any(v["status"] != "healthy" for v in health.values()):
+        sys.exit(1)
+
+
+@cache.command("cleanup")
+@click.option("--json", "as_json", is_flag=True)
+def cache_cleanup(as_json: bool) -> None:
+    """Remove expired entries from every tier."""
+    from esper_assets.storage import PersistentKernelCache
+
+    with PersistentKernelCache.from_env() as c:
+        removed = c.cleanup()
+    _emit(removed, as_json, lambda r: console.print(f"removed expired entries: {r}"))
+
+
+@cache.command("warm")
+@click.option("--top", default=100, show_default=True, help="How many of the most used kernels.")
+@click.option("--json", "as_json", is_flag=True)
+def cache_warm(top: int, as_json: bool) -> None:
+    """Load the most used kernels (by recorded access counts) into the fast tiers."""
+    from esper_assets.storage import PersistentKernelCache
+
+    with PersistentKernelCache.from_env() as c:
+        report = c.warm_cache(c.hottest(top))
+    _emit(report, as_json, lambda r: console.print(f"warmed {len(r)} kernel(s): {r}"))
+
+
+@main.command()
+def migrate() -> None:
+    """Apply pending schema migrations to the configured database."""
+    from esper_assets.storage.migrations import migrate_postgres, migrate_sqlite
+
+    settings = Settings.from_env()
+    if settings.database_url:
+        import psycopg
+
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            applied = migrate_postgres(conn)
+    else:
+        import sqlite3
+
+        settings.home.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(settings.sqlite_path, isolation_level=None)
+        applied = migrate_sqlite(conn)
+        conn.close()
+    console.print(f"applied migrations: {applied or 'none pending'}")
+
+
+# -- bench -------------------------------------------------------------------------------
+@main.group()
+def bench() -> None:
+    """Benchmarks against the raw clients, printed as tables and written as JSON."""
+
+
+@bench.command("cache")
+@click.option("--quick", is_flag=True, help="Fewer rounds (for smoke runs).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON file (default bench-results/cache-<backend>.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def bench_cache(quick: bool, out: Path | None, as_json: bool) -> None:
+    """L1/L2/L3 hit latency vs raw clients, hot-id throughput, Zipf hit ratio."""
+    from esper_assets.bench import cache as cache_bench
+
+    settings = Settings.from_env()
+    with console.status("benchmarking the kernel cache") as status:
+        result = cache_bench.run(settings, quick=quick, progress=lambda msg: status.update(msg))
+    out = out or Path("bench-results") / f"cache-{result['backend']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    _emit(result, as_json, _render_cache_bench)
+    if not as_json:
+        console.print(f"JSON written to {out}")
+
+
+def _render_cache_bench(result: dict[str, Any]) -> None:
+    table = Table(title=f"esper bench cache - {result['backend']} ({result['machine']['cpus']} CPUs)")
+    for column in ("measurement", "esper us", "raw us", "raw client", "ratio", "target", "met"):
+        table.add_column(column)
+    for c in result["comparisons"]:
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[c["ok"]]
+        table.add_row(c["name"], str(c["ours_us"]), str(c["raw_us"]), c["raw_label"], str(c["ratio"]), c["target"], met + (f" {c['note']}" if c["note"] else ""))
+    console.print(table)
+    hot = result["hot_gets"]
+    console.print(
+        f"1000 gets over 100 hot ids: 4 threads {hot['threads_4_ms']} ms, get_many {hot['get_many_10x100_ms']} ms "
+        f"(target <= 20 ms: {'met' if hot['ok'] else 'NOT met'}); cold get_many {hot['cold_get_many_10x100_ms']} ms"
+        + (f" vs raw MGET {hot['raw_redis_mget_10x100_ms']} ms" if "raw_redis_mget_10x100_ms" in hot else "")
+        + f"; hit rate {hot['hit_rate_hot']}"
+    )
+    z = result["zipf"]
+    console.print(
+        f"Zipf(1.0), {z['ids']} ids, {z['requests']} requests, L1 = 1% of ids: TinyLFU {z['tinylfu_hit_ratio']} vs "
+        f"LRU {z['lru_hit_ratio']} (cachetools LRU {z['cachetools_lru_hit_ratio']}): +{z['gain_points']} points "
+        f"(target >= 8: {'met' if z['ok'] else 'NOT met'})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Framed values (esper_assets.storage.framing).
+
+Covers: encode/pack/unpack/decode round trips for the none, zstd and gzip codecs
+(hypothesis over arbitrary and compressible bytes); small and incompressible
+values stored raw; every single flipped bit anywhere in a frame (magic, CRC,
+version, codec byte, created/expiry times, payload) raising CorruptValue; truncated
+frames; payloads that pass the CRC but do not decode; ``Frame.expired``
+(0 = never); ``peek_expires_ms``; unknown compression names raising ConfigError.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from esper_assets.errors import ConfigError, CorruptValue
+from esper_assets.storage.framing import (
+    HEADER_SIZE,
+    MIN_COMPRESS_BYTES,
+    Codec,
+    Codecs,
+    Frame,
+    Payload,
+    pack,
+    peek_expires_ms,
+    unpack,
+)
+
+CODEC_NAMES = ["none", "zstd", "gzip"]
+CREATED_MS = 1_700_000_000_123
+EXPIRES_MS = 1_700_000_600_456
+
+# Offsets of the header fields: magic "EK" | crc u32 | version u8 | codec u8 | created i64 | expires i64
+CODEC_OFFSET = 7
+CREATED_OFFSET = 8
+EXPIRES_OFFSET = 16
+
+arbitrary_bytes = st.binary(max_size=8192)
+compressible_bytes = st.builds(
+    lambda unit, times: unit * times,
+    st.binary(min_size=1, max_size=32),
+    st.integers(min_value=1, max_value=600),
+)
+timestamps = st.integers(min_value=0, max_value=2**62)
+
+
+def frame_of(value: bytes, codec: str = "zstd", expires_ms: int = EXPIRES_MS) -> bytes:
+    return pack(Codecs(codec).encode(value), CREATED_MS, expires_ms)
+
+
+def flip_bit(blob: bytes, bit: int) -> bytes:
+    damaged = bytearray(blob)
+    damaged[bit // 8] ^= 1 << (bit % 8)
+    return bytes(damaged)
+
+
+# -- round trips --------------------------------------------------------------------------
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+@settings(max_examples=150, deadline=None)
+@given(value=st.one_of(arbitrary_bytes, compressible_bytes), created=timestamps, expires=timestamps)
+def test_round_trip_restores_value_and_times(codec, value, created, expires):
+    codecs = Codecs(codec)
+    payload = codecs.encode(value)
+    frame = unpack(pack(payload, created, expires))
+
+    assert codecs.decode(frame) == value
+    assert frame.codec is payload.codec
+    assert (frame.created_ms, frame.expires_ms) == (created, expires)
+    assert payload.raw_size == len(value)
+
+
+@pytest.mark.parametrize(("name", "codec"), [("zstd", Codec.ZSTD), ("gzip", Codec.GZIP)])
+def test_compressible_value_is_compressed_with_the_configured_codec(name, codec):
+    value = b"conv2d 3x3 weights " * 1000
+    payload = Codecs(name).encode(value)
+
+    assert payload.codec is codec
+    assert len(payload.data) < len(value) // 10
+    assert Codecs(name).decode(unpack(pack(payload, CREATED_MS, 0))) == value
+
+
+def test_codec_none_never_compresses():
+    value = b"a" * 100_000
+    assert Codecs("none").encode(value).codec is Codec.NONE
+
+
+@pytest.mark.parametrize("codec", ["zstd", "gzip"])
+def test_value_below_min_compress_bytes_is_stored_raw(codec):
+    value = b"a" * (MIN_COMPRESS_BYTES - 1)
+    payload = Codecs(codec).encode(value)
+    assert payload.codec is Codec.NONE
+    assert payload.data == value
+
+
+@pytest.mark.parametrize("codec", ["zstd", "gzip"])
+def test_incompressible_value_is_stored_raw(codec):
+    value = random.Random(7).randbytes(64 * 1024)
+    payload = Codecs(codec).encode(value)
+    assert payload.codec is Codec.NONE
+    assert payload.data == value
+
+
+@pytest.mark.parametrize("codec", ["zstd", "gzip"])
+def test_compression_saving_under_five_percent_is_not_kept(codec):
+    noise = random.Random(3).randbytes(10_000)
+    barely = noise + bytes(300)  # ~3% compressible
+    worth_it = noise + bytes(1_500)  # ~13% compressible
+    assert Codecs(codec).encode(barely).codec is Codec.NONE
+    assert Codecs(codec).encode(worth_it).codec is not Codec.NONE
+
+
+def test_empty_value_round_trips():
+    blob = frame_of(b"")
+    assert len(blob) == HEADER_SIZE
+    assert Codecs().decode(unpack(blob)) == b""
+
+
+def test_codecs_are_safe_to_share_between_threads():
+    codecs = Codecs("zstd")
+    values = [bytes([i]) * (1000 + i) for i in range(8)]
+    errors: list[BaseException] = []
+
+    def work(value: bytes) -> None:
+        try:
+            for _ in range(200):
+                assert codecs.decode(unpack(pack(codecs.encode(value), 1, 0))) == value
+        except BaseException as exc:  # reported to the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in values]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+# -- damage -------------------------------------------------------------------------------
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_every_single_bit_flip_in_a_small_frame_is_detected(codec):
+    blob = frame_of(b"kernel bytes " * 30, codec)  # compressible: zstd/gzip really compress
+    unpack(blob)  # the undamaged frame is fine
+    for bit in range(len(blob) * 8):
+        with pytest.raises(CorruptValue):
+            unpack(flip_bit(blob, bit))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.one_of(arbitrary_bytes, compressible_bytes),
+    codec=st.sampled_from(CODEC_NAMES),
+    data=st.data(),
+)
+def test_any_flipped_bit_in_any_frame_raises_corrupt_value(value, codec, data):
+    blob = frame_of(value, codec)
+    bit = data.draw(st.integers(min_value=0, max_value=len(blob) * 8 - 1), label="bit")
+    with pytest.raises(CorruptValue):
+        unpack(flip_bit(blob, bit))
+
+
+def test_codec_byte_changed_to_another_valid_codec_is_detected():
+    blob = bytearray(frame_of(b"raw value", "none"))
+    assert blob[CODEC_OFFSET] == Codec.NONE
+    blob[CODEC_OFFSET] = Codec.ZSTD
+    with pytest.raises(CorruptValue):
+        unpack(bytes(blob))
+
+
+def test_extended_expiry_is_detected():
+    blob = bytearray(frame_of(b"value"))
+    struct.pack_into("<q", blob, EXPIRES_OFFSET, 0)  # "never expires"
+    with pytest.raises(CorruptValue):
+        unpack(bytes(blob))
+
+
+def test_changed_created_time_is_detected():
+    blob = bytearray(frame_of(b"value"))
+    struct.pack_into("<q", blob, CREATED_OFFSET, CREATED_MS + 1)
+    with pytest.raises(CorruptValue):
+        unpack(bytes(blob))
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_truncated_frame_raises_corrupt_value(codec):
+    blob = frame_of(b"kernel bytes " * 30, codec)
+    for length in range(len(blob)):
+        with pytest.raises(CorruptValue):
+            unpack(blob[:length])
+
+
+def test_frame_with_bytes_appended_raises_corrupt_value():
+    with pytest.raises(CorruptValue):
+        unpack(frame_of(b"value") + b"\x00")
+
+
+def test_unknown_codec_byte_with_valid_checksum_raises_corrupt_value():
+    bogus = Payload(codec=9, data=b"???", raw_size=3, crc=Payload.of(Codec.NONE, b"???", 3).crc)
+    with pytest.raises(CorruptValue, match="codec"):
+        unpack(pack(bogus, CREATED_MS, 0))
+
+
+@pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.GZIP])
+def test_payload_that_does_not_decompress_raises_corrupt_value(codec):
+    frame = unpack(pack(Payload.of(codec, b"definitely not compressed", 25), CREATED_MS, 0))
+    with pytest.raises(CorruptValue, match=codec.name):
+        Codecs().decode(frame)
+
+
+# -- expiry -------------------------------------------------------------------------------
+def test_expires_zero_means_never():
+    assert not Frame(Codec.NONE, CREATED_MS, 0, b"").expired(2**62)
+
+
+def test_expired_at_and_after_expiry_not_before():
+    frame = Frame(Codec.NONE, CREATED_MS, EXPIRES_MS, b"")
+    assert not frame.expired(EXPIRES_MS - 1)
+    assert frame.expired(EXPIRES_MS)
+    assert frame.expired(EXPIRES_MS + 1)
+
+
+@pytest.mark.parametrize("expires", [0, 1, EXPIRES_MS, 2**63 - 1])
+def test_peek_expires_ms_reads_expiry_from_header_alone(expires):
+    blob = frame_of(b"value " * 100, expires_ms=expires)
+    assert peek_expires_ms(blob) == expires
+    assert peek_expires_ms(blob[:HEADER_SIZE]) == expires
+
+
+def test_peek_expires_ms_returns_none_for_short_or_foreign_bytes():
+    blob = frame_of(b"value")
+    assert peek_expires_ms(blob[: HEADER_SIZE - 1]) is None
+    assert peek_expires_ms(b"XX" + blob[2:]) is None
+    assert peek_expires_ms(b"") is None
+
+
+# -- configuration ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["lz4", "ZSTD", "", "snappy"])
+def test_unknown_compression_name_raises_config_error(name):
+    with pytest.raises(ConfigError, match=r"compression=.*unknown"):
+        Codecs(name)

@@ -1,0 +1,291 @@
+"""Numbered SQL migrations (esper_assets.storage.migrations) on SQLite and PostgreSQL.
+
+Every behaviour runs on both dialects (a tmp SQLite file; a fresh PostgreSQL
+schema from the ``pg_url`` fixture): migrations apply once and are recorded in
+esper_migrations; applying again is a no-op; a new numbered file applies on
+its own; a failing migration leaves nothing behind; an edited applied migration
+is refused; the tables and indexes that 001_kernel_cache.sql creates exist;
+several processes (spawn) migrating the same database at the same moment all
+succeed with exactly one of them applying. File checks: gaps in numbering,
+badly named files, a missing folder.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from esper_assets.errors import MigrationError
+from esper_assets.storage.migrations import (
+    load_migrations,
+    migrate_postgres,
+    migrate_sqlite,
+    sql_root,
+)
+
+DIALECTS = ["sqlite", "postgres"]
+PROCESSES = 4
+
+
+class Database:
+    """One migration target: a SQLite file or a PostgreSQL schema."""
+
+    def __init__(self, dialect: str, target: str) -> None:
+        self.dialect = dialect
+        self.target = target
+        self.conn = connect(dialect, target)
+
+    def migrate(self, root: Path | None = None) -> list[int]:
+        migrations = load_migrations(self.dialect, root=root)
+        migrate = migrate_sqlite if self.dialect == "sqlite" else migrate_postgres
+        return migrate(self.conn, migrations)
+
+    def rows(self, sql: str) -> list[tuple]:
+        return [tuple(r) for r in self.conn.execute(sql).fetchall()]
+
+    def recorded(self) -> list[tuple]:
+        return self.rows("SELECT version, name, checksum FROM esper_migrations ORDER BY version")
+
+    def tables(self) -> set[str]:
+        if self.dialect == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+        else:
+            sql = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        return {r[0] for r in self.rows(sql)}
+
+    def indexes(self) -> set[str]:
+        if self.dialect == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type = 'index'"
+        else:
+            sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+        return {r[0] for r in self.rows(sql)}
+
+
+def connect(dialect: str, target: str):
+    if dialect == "sqlite":
+        return sqlite3.connect(target, isolation_level=None, timeout=30)
+    import psycopg
+
+    return psycopg.connect(target, autocommit=True)
+
+
+@pytest.fixture(params=DIALECTS)
+def db(request, tmp_path):
+    if request.param == "sqlite":
+        target = str(tmp_path / "esper.sqlite3")
+    else:
+        target = request.getfixturevalue("pg_url")
+    database = Database(request.param, target)
+    yield database
+    database.conn.close()
+
+
+@pytest.fixture
+def sql_copy(tmp_path) -> Path:
+    """A private copy of the repository's sql/ folder that a test may edit."""
+    root = tmp_path / "sql"
+    shutil.copytree(sql_root(), root)
+    return root
+
+
+def created_names(dialect: str, kind: str) -> set[str]:
+    """Names of the TABLEs or INDEXes that 001_kernel_cache.sql creates."""
+    sql = (sql_root() / dialect / "001_kernel_cache.sql").read_text()
+    pattern = rf"CREATE {kind} IF NOT EXISTS (\w+)"
+    return set(re.findall(pattern, sql, flags=re.IGNORECASE))
+
+
+# -- applying ---------------------------------------------------------------------------------
+def test_migrations_apply_once_and_are_recorded(db):
+    expected = load_migrations(db.dialect)
+    assert db.migrate() == [m.version for m in expected]
+    assert db.recorded() == [(m.version, m.name, m.checksum) for m in expected]
+
+
+def test_applying_again_is_a_no_op(db):
+    db.migrate()
+    recorded = db.recorded()
+    assert db.migrate() == []
+    assert db.migrate() == []
+    assert db.recorded() == recorded
+
+
+def test_kernel_cache_tables_and_indexes_exist(db):
+    db.migrate()
+    tables = created_names(db.dialect, "TABLE")
+    indexes = created_names(db.dialect, "INDEX")
+    assert "kernel_cache" in tables
+    assert len(indexes) >= 3
+    assert tables | {"esper_migrations"} <= db.tables()
+    assert indexes <= db.indexes()
+
+
+def test_kernel_cache_accepts_a_row_after_migrating(db):
+    db.migrate()
+    mark = "?" if db.dialect == "sqlite" else "%s"
+    db.conn.execute(
+        f"INSERT INTO kernel_cache (id, data, size_bytes, stored_bytes) VALUES ({mark}, {mark}, 3, 27)",
+        ("k", b"abc"),
+    )
+    assert db.rows("SELECT id, access_count FROM kernel_cache") == [("k", 0)]
+
+
+def test_kernel_cache_refuses_row_with_both_data_and_object_key(db):
+    db.migrate()
+    with pytest.raises(Exception, match="(?i)check"):
+        db.conn.execute(
+            "INSERT INTO kernel_cache (id, data, object_key, size_bytes, stored_bytes)"
+            " VALUES ('k', 'abc', 'objects/k', 3, 27)"
+        )
+
+
+def test_postgres_data_column_is_not_recompressed(pg_url):
+    database = Database("postgres", pg_url)
+    database.migrate()
+    storage = database.rows(
+        "SELECT a.attstorage FROM pg_attribute a"
+        " WHERE a.attrelid = 'kernel_cache'::regclass AND a.attname = 'data'"
+    )
+    database.conn.close()
+    assert storage == [("e",)]  # EXTERNAL: out of line, uncompressed
+
+
+def test_new_numbered_migration_applies_alone(db, sql_copy):
+    assert db.migrate(sql_copy) == [1]
+    (sql_copy / db.dialect / "002_add_notes.sql").write_text(
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);\n"
+    )
+    assert db.migrate(sql_copy) == [2]
+    assert [r[:2] for r in db.recorded()] == [(1, "kernel_cache"), (2, "add_notes")]
+    assert "notes" in db.tables()
+
+
+def test_failing_migration_leaves_nothing_behind(db, sql_copy):
+    db.migrate(sql_copy)
+    (sql_copy / db.dialect / "002_broken.sql").write_text(
+        "CREATE TABLE half_done (id INTEGER);\nINSERT INTO no_such_table VALUES (1);\n"
+    )
+    with pytest.raises(Exception, match="no_such_table"):
+        db.migrate(sql_copy)
+    assert [r[0] for r in db.recorded()] == [1]
+    assert "half_done" not in db.tables()
+
+
+def test_edited_applied_migration_is_refused(db, sql_copy):
+    db.migrate(sql_copy)
+    first = sql_copy / db.dialect / "001_kernel_cache.sql"
+    first.write_text(first.read_text() + "\n-- an innocent-looking edit\n")
+    with pytest.raises(MigrationError, match="001_kernel_cache changed after it was applied"):
+        db.migrate(sql_copy)
+
+
+def test_edited_migration_blocks_later_ones(db, sql_copy):
+    db.migrate(sql_copy)
+    first = sql_copy / db.dialect / "001_kernel_cache.sql"
+    first.write_text(first.read_text().replace("kernel_cache_accessed_at_idx", "renamed_idx"))
+    (sql_copy / db.dialect / "002_later.sql").write_text("CREATE TABLE later (id INTEGER);\n")
+    with pytest.raises(MigrationError):
+        db.migrate(sql_copy)
+    assert "later" not in db.tables()
+    assert [r[0] for r in db.recorded()] == [1]
+
+
+# -- migration files ----------------------------------------------------------------------------
+def write_migrations(root: Path, dialect: str, *names: str) -> None:
+    folder = root / dialect
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("SELECT 1;\n")
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_repository_migrations_load_in_order(dialect):
+    migrations = load_migrations(dialect)
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    assert migrations[0].name == "kernel_cache"
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("001_a.sql", "003_c.sql"),
+        ("002_b.sql",),
+        ("001_a.sql", "002_b.sql", "004_d.sql"),
+    ],
+)
+def test_gap_in_numbering_raises(tmp_path, names):
+    write_migrations(tmp_path, "sqlite", *names)
+    with pytest.raises(MigrationError, match="without gaps"):
+        load_migrations("sqlite", root=tmp_path)
+
+
+def test_duplicate_number_raises(tmp_path):
+    write_migrations(tmp_path, "sqlite", "001_a.sql", "001_b.sql")
+    with pytest.raises(MigrationError):
+        load_migrations("sqlite", root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "bad_name",
+    ["1_init.sql", "0001_init.sql", "001-init.sql", "001_Init.sql", "init.sql", "001_.sql"],
+)
+def test_badly_named_file_raises(tmp_path, bad_name):
+    write_migrations(tmp_path, "postgres", "001_init.sql", bad_name)
+    with pytest.raises(MigrationError, match="NNN_lower_snake"):
+        load_migrations("postgres", root=tmp_path)
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(MigrationError, match="no migrations folder"):
+        load_migrations("postgres", root=tmp_path)
+
+
+# -- several processes at once ------------------------------------------------------------------
+def _migrate_in_child(dialect: str, target: str, barrier, results) -> None:
+    """Runs in a spawned process: wait for the others, then migrate."""
+    conn = connect(dialect, target)
+    try:
+        barrier.wait(timeout=60)
+        migrate = migrate_sqlite if dialect == "sqlite" else migrate_postgres
+        results.put(("ok", migrate(conn)))
+    except BaseException as exc:  # reported to the parent
+        results.put(("error", repr(exc)))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_concurrent_processes_all_succeed_and_apply_once(request, tmp_path, dialect):
+    if dialect == "sqlite":
+        target = str(tmp_path / "shared.sqlite3")
+    else:
+        target = request.getfixturevalue("pg_url")
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(PROCESSES)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_migrate_in_child, args=(dialect, target, barrier, results))
+        for _ in range(PROCESSES)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+
+    assert [p.exitcode for p in procs] == [0] * PROCESSES
+    assert all(status == "ok" for status, _ in outcomes), outcomes
+    applied = sorted(versions for _, versions in outcomes)
+    assert applied == [[]] * (PROCESSES - 1) + [[1]]
+
+    database = Database(dialect, target)
+    try:
+        assert [r[0] for r in database.recorded()] == [1]
+        assert "kernel_cache" in database.tables()
+    finally:
+        database.conn.close()

@@ -1,0 +1,183 @@
+"""Settings.from_env (esper_assets.settings) and redact_url (esper_assets.errors).
+
+Covers: embedded defaults (no database, no Redis, SQLite file and objects directory
+under ESPER_HOME); accepted service URLs; every bad variable raising ConfigError
+whose message names the variable; passwords never appearing in error messages
+or in describe(); redact_url itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from esper_assets.errors import ConfigError, redact_url
+from esper_assets.settings import Settings
+
+PASSWORD = "hunter2-Sekr3t"
+
+
+def settings_with(tmp_path: Path, **env: str) -> Settings:
+    return Settings.from_env({"ESPER_HOME": str(tmp_path), **env})
+
+
+# -- defaults -------------------------------------------------------------------------------
+def test_defaults_are_embedded_under_esper_home(tmp_path):
+    s = settings_with(tmp_path)
+    assert s.home == tmp_path.resolve()
+    assert s.database_url is None
+    assert s.uses_postgres is False
+    assert s.redis_url is None
+    assert s.s3_bucket is None
+    assert s.aws_endpoint_url is None
+    assert s.sqlite_path == tmp_path.resolve() / "esper.sqlite3"
+    assert s.objects_dir == tmp_path.resolve() / "objects"
+    assert s.s3_prefix == "esper"
+    assert s.landing == str(tmp_path.resolve() / "landing")
+
+
+def test_describe_of_defaults(tmp_path):
+    described = settings_with(tmp_path).describe()
+    assert described["l2"] == "off"
+    assert described["l3_and_metadata"] == f"sqlite:///{tmp_path.resolve() / 'esper.sqlite3'}"
+    assert described["object_store"] == str(tmp_path.resolve() / "objects")
+
+
+def test_without_esper_home_home_is_dot_esper_in_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Settings.from_env({}).home == tmp_path.resolve() / ".esper"
+
+
+def test_esper_home_expands_user(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Settings.from_env({"ESPER_HOME": "~/esper"}).home == tmp_path.resolve() / "esper"
+
+
+def test_blank_variables_count_as_unset(tmp_path):
+    s = settings_with(
+        tmp_path, ESPER_DATABASE_URL="  ", ESPER_REDIS_URL="", ESPER_S3_BUCKET=" \t"
+    )
+    assert (s.database_url, s.redis_url, s.s3_bucket) == (None, None, None)
+
+
+# -- services -------------------------------------------------------------------------------
+def test_service_urls_are_accepted(tmp_path):
+    s = settings_with(
+        tmp_path,
+        ESPER_DATABASE_URL="postgresql://esper@db.internal:5432/esper",
+        ESPER_REDIS_URL="redis://cache.internal:6379/0",
+        ESPER_S3_BUCKET="esper-kernels.prod",
+        ESPER_S3_PREFIX="/team/a/",
+        AWS_ENDPOINT_URL="http://minio:9000",
+    )
+    assert s.uses_postgres
+    assert s.redis_url == "redis://cache.internal:6379/0"
+    assert s.s3_prefix == "team/a"
+    assert s.describe()["object_store"] == "s3://esper-kernels.prod/team/a"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgres://u@h/db", "postgresql:///esper", "postgresql://u@h:6543/db?sslmode=require"],
+)
+def test_accepted_database_urls(tmp_path, url):
+    assert settings_with(tmp_path, ESPER_DATABASE_URL=url).database_url == url
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:6379/0", "rediss://h:6380/1", "unix:///run/redis/redis.sock"]
+)
+def test_accepted_redis_urls(tmp_path, url):
+    assert settings_with(tmp_path, ESPER_REDIS_URL=url).redis_url == url
+
+
+# -- bad variables ----------------------------------------------------------------------------
+BAD_VARIABLES = [
+    ("ESPER_DATABASE_URL", "mysql://root@db/esper"),
+    ("ESPER_DATABASE_URL", "postgresql://u@h:notaport/db"),
+    ("ESPER_REDIS_URL", "http://cache:6379"),
+    ("ESPER_REDIS_URL", "redis://cache:99999/0"),
+    ("ESPER_REDIS_URL", "redis://cache:port/0"),
+    ("ESPER_REDIS_URL", "redis:///0"),
+    ("ESPER_S3_BUCKET", "Bad_Bucket!"),
+    ("ESPER_S3_BUCKET", "ab"),
+    ("ESPER_S3_BUCKET", "x" * 64),
+    ("AWS_ENDPOINT_URL", "ftp://x"),
+    ("AWS_ENDPOINT_URL", "http://minio:9o00"),
+    ("AWS_ENDPOINT_URL", "minio:9000"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD_VARIABLES)
+def test_bad_variable_raises_config_error_naming_it(tmp_path, variable, value):
+    with pytest.raises(ConfigError) as info:
+        settings_with(tmp_path, **{variable: value})
+    assert variable in str(info.value)
+
+
+URLS_WITH_PASSWORD = [
+    ("ESPER_DATABASE_URL", f"mysql://root:{PASSWORD}@db/esper"),
+    ("ESPER_DATABASE_URL", f"postgresql://esper:{PASSWORD}@db:port/esper"),
+    ("ESPER_REDIS_URL", f"http://default:{PASSWORD}@cache:6379"),
+    ("ESPER_REDIS_URL", f"redis://:{PASSWORD}@cache:123456/0"),
+    ("ESPER_REDIS_URL", f"redis://:{PASSWORD}@/0"),
+    ("AWS_ENDPOINT_URL", f"ftp://key:{PASSWORD}@minio"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), URLS_WITH_PASSWORD)
+def test_password_never_appears_in_config_error(tmp_path, variable, value):
+    with pytest.raises(ConfigError) as info:
+        settings_with(tmp_path, **{variable: value})
+    message = str(info.value)
+    assert variable in message
+    assert PASSWORD not in message
+    assert "***" in message
+
+
+def test_password_never_appears_in_describe(tmp_path):
+    s = settings_with(
+        tmp_path,
+        ESPER_DATABASE_URL=f"postgresql://esper:{PASSWORD}@db:5432/esper",
+        ESPER_REDIS_URL=f"rediss://default:{PASSWORD}@cache:6380/0",
+    )
+    described = s.describe()
+    assert PASSWORD not in repr(described)
+    assert described["l3_and_metadata"] == "postgresql://esper:***@db:5432/esper"
+    assert described["l2"] == "rediss://default:***@cache:6380/0"
+    assert s.database_url == f"postgresql://esper:{PASSWORD}@db:5432/esper"  # still usable
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known leak: redact_url does not hide ?password=... (libpq and redis-py accept it)",
+)
+@pytest.mark.parametrize(
+    ("variable", "value", "key"),
+    [
+        ("ESPER_DATABASE_URL", f"postgresql://esper@db/esper?password={PASSWORD}", "l3_and_metadata"),
+        ("ESPER_REDIS_URL", f"redis://cache:6379/0?password={PASSWORD}", "l2"),
+    ],
+)
+def test_query_string_password_never_appears_in_describe(tmp_path, variable, value, key):
+    described = settings_with(tmp_path, **{variable: value}).describe()
+    assert PASSWORD not in described[key]
+
+
+# -- redact_url ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://default:p%40ss@h", "rediss://default:***@h"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),  # no password: unchanged
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("sqlite:///tmp/x.db", "sqlite:///tmp/x.db"),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_redact_url(url, redacted):
+    assert redact_url(url) == redacted
