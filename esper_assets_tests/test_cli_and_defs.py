@@ -1,0 +1,77 @@
+"""The `esper` CLI, the cache benchmark's plumbing and the Dagster definitions,
+all on the embedded default (a temporary ESPER_HOME, no services)."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+from click.testing import CliRunner
+
+from esper_assets.bench import cache as cache_bench
+from esper_assets.cli import main
+from esper_assets.settings import Settings
+
+
+@pytest.fixture
+def esper_home(tmp_path, monkeypatch):
+    for name in ("ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ESPER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_demo_runs_on_the_embedded_default(esper_home):
+    result = CliRunner().invoke(main, ["demo", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    served = {s["id"]: s["served_by"] for s in report["steps"] if s["step"] == "get after L1 loss"}
+    assert served == {"demo-kernel-0": "l3", "demo-kernel-large": "l4", "demo-kernel-missing": "missing"}
+    assert report["stats"]["tiers"]["l3"]["entries"] == 9
+    assert (esper_home / "esper.sqlite3").exists()
+
+
+def test_cache_commands_share_state_across_invocations(esper_home):
+    runner = CliRunner()
+    assert runner.invoke(main, ["demo", "--json"]).exit_code == 0
+    stats = json.loads(runner.invoke(main, ["cache", "stats", "--json"]).output)
+    assert stats["tiers"]["l4"]["entries"] == 1
+    health = runner.invoke(main, ["cache", "health", "--json"])
+    assert health.exit_code == 0 and json.loads(health.output)["l3"]["status"] == "healthy"
+    assert json.loads(runner.invoke(main, ["cache", "cleanup", "--json"]).output)["l3"] == 0
+
+
+def test_bad_setting_is_one_clear_line_not_a_traceback(esper_home, monkeypatch):
+    monkeypatch.setenv("ESPER_DATABASE_URL", "mysql://root:hunter2@db/esper")
+    result = CliRunner().invoke(main, ["cache", "stats"])
+    assert result.exit_code == 2
+    assert "ESPER_DATABASE_URL" in result.output and "hunter2" not in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_pieces_compare_against_raw_clients(esper_home):
+    with cache_bench.bench_env(Settings.from_env()) as env:
+        l1 = cache_bench.bench_l1(env, rounds=5)
+        l3 = cache_bench.bench_l3(env, rounds=5)
+        l2 = cache_bench.bench_l2(env, rounds=5)
+    assert l1.ours_us > 0 and l1.raw_us > 0 and l1.ratio == pytest.approx(l1.ours_us / l1.raw_us, rel=0.01)
+    assert l3.raw_label == "sqlite3 SELECT" and l3.ratio is not None
+    assert l2.ok is None and l2.note.startswith("skipped")
+
+
+def test_zipf_replay_counts_hits_for_both_policies():
+    result = cache_bench.bench_zipf(n_ids=5_000, length=30_000)
+    assert 0 < result["lru_hit_ratio"] < 1 and 0 < result["tinylfu_hit_ratio"] < 1
+    assert result["gain_points"] == pytest.approx((result["tinylfu_hit_ratio"] - result["lru_hit_ratio"]) * 100, abs=0.02)
+
+
+def test_dagster_definitions_load_and_maintenance_job_runs(esper_home):
+    from esper_assets.defs import defs
+
+    dg.Definitions.validate_loadable(defs)
+    job = defs.get_job_def("cache_maintenance_job")
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    removed = result.output_for_node("clean_kernel_cache")
+    assert set(removed) == {"l1", "l3", "l4"}
