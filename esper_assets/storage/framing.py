@@ -42,6 +42,7 @@ class Codec(IntEnum):
     GZIP = 2
 
 
+_CODECS = tuple(Codec)
 CODEC_NAMES = {"none": Codec.NONE, "zstd": Codec.ZSTD, "gzip": Codec.GZIP}
 
 
@@ -132,10 +133,9 @@ def unpack(blob: bytes) -> Frame:
     view = memoryview(blob)
     if xxh3_64_intdigest(view[HEADER_SIZE:]) ^ xxh3_64_intdigest(view[_FIELDS_FROM:HEADER_SIZE]) != checksum:
         raise CorruptValue("checksum mismatch")
-    try:
-        codec = Codec(codec)
-    except ValueError:
-        raise CorruptValue(f"unknown codec byte {codec}") from None
+    if codec >= len(_CODECS):
+        raise CorruptValue(f"unknown codec byte {codec}")
+    codec = _CODECS[codec]  # a tuple index: Codec(codec) costs a microsecond per read
     return Frame(codec, created_ms, expires_ms, bytes(view[HEADER_SIZE:]))
 
 

@@ -11,7 +11,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,43 @@ _UPSERT_SET = """
     expires_at = excluded.expires_at"""
 
 
+class ConnectionPool:
+    """Idle psycopg connections, reused last-in first-out.
+
+    Why not psycopg_pool: its checkout and return cost ~20 us here, a third of a
+    point SELECT on loopback, and the L3 target is 1.3x a raw prepared SELECT.
+    This pool is a deque (atomic append/pop) and a health check on return: a
+    broken connection is dropped and the next caller opens a fresh one, so a
+    restarted server costs one failed call per idle connection at most.
+    """
+
+    def __init__(self, url: str, max_idle: int, **connect_kwargs: Any) -> None:
+        self.url = url
+        self.max_idle = max_idle
+        self._kwargs = {"autocommit": True, "prepare_threshold": 0, **connect_kwargs}
+        self._idle: deque = deque()
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        import psycopg
+
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = psycopg.connect(self.url, **self._kwargs)
+        try:
+            yield conn
+        finally:
+            if conn.closed or conn.broken or len(self._idle) >= self.max_idle:
+                conn.close()
+            else:
+                self._idle.append(conn)
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
 class PostgresTier(SqlTier):
     SQL = {
         "get": "SELECT data FROM kernel_cache WHERE id = %s"
@@ -191,27 +229,13 @@ class PostgresTier(SqlTier):
         timeout_s: float = 3.0,
     ) -> None:
         import psycopg
-        from psycopg_pool import ConnectionPool, PoolTimeout
 
-        self._errors = (psycopg.Error, PoolTimeout)
-        self._operational = (psycopg.OperationalError, PoolTimeout)
+        self._errors = psycopg.Error
+        self._operational = psycopg.OperationalError
         self.url = url
         self.location = redact_url(url)
         self.ttl_seconds = ttl_seconds
-        self._pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            timeout=timeout_s,
-            kwargs={
-                "autocommit": True,
-                "prepare_threshold": 0,
-                "connect_timeout": max(1, int(timeout_s)),
-            },
-            open=False,
-            name="esper-l3",
-        )
-        self._pool.open(wait=False)
+        self._pool = ConnectionPool(url, pool_size, connect_timeout=max(1, int(timeout_s)))
         with self._connection(write=True) as conn:
             migrate_postgres(conn)
 
@@ -221,9 +245,7 @@ class PostgresTier(SqlTier):
             with self._pool.connection() as conn:
                 yield conn
         except self._operational as exc:
-            raise TierUnavailable(
-                f"L3 PostgreSQL at {self.location} is unreachable: {exc}"
-            ) from exc
+            raise TierUnavailable(f"L3 PostgreSQL at {self.location} is unreachable: {exc}") from exc
         except self._errors as exc:
             error = DurableWriteError if write else StorageError
             raise error(f"L3 PostgreSQL at {self.location} refused the request: {exc}") from exc
@@ -357,5 +379,3 @@ def _chunks(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
 
-
-SqlTierFactory = Callable[[], SqlTier]
