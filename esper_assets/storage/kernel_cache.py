@@ -230,6 +230,10 @@ class PersistentKernelCache:
             if self._l2 is not None and self._l1 is not None
             else None
         )
+        if self._listener is not None:
+            # Pub/sub drops messages sent before we subscribe: wait (bounded) so that
+            # invalidations published after this constructor returns reach our L1.
+            self._listener.wait_subscribed(max(0.5, 4 * config.redis_timeout_s))
         self._maintainer = threading.Thread(
             target=self._maintain, name="esper-cache-maintenance", daemon=True
         )
