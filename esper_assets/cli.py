@@ -40,7 +40,10 @@ class EsperGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log what the storage layer does.")
 def main(verbose: bool) -> None:
     """Esper assets: blueprints, kernels and checkpoints with a multi-tier cache."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
@@ -52,13 +55,28 @@ def _emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
 
 def _stats_table(stats: dict[str, Any]) -> Table:
     table = Table(title="kernel cache")
-    columns = ["tier", "hits", "misses", "errors", "corruptions", "skipped", "p50 us", "p99 us", "breaker", "entries", "bytes"]
+    columns = [
+        "tier",
+        "hits",
+        "misses",
+        "errors",
+        "corruptions",
+        "skipped",
+        "p50 us",
+        "p99 us",
+        "breaker",
+        "entries",
+        "bytes",
+    ]
     for column in columns:
         table.add_column(column, justify="left" if column in ("tier", "breaker") else "right")
     for name, t in stats["tiers"].items():
         table.add_row(
             name,
-            *(str(t.get(k, "")) for k in ("hits", "misses", "errors", "corruptions", "skipped", "p50_us", "p99_us")),
+            *(
+                str(t.get(k, ""))
+                for k in ("hits", "misses", "errors", "corruptions", "skipped", "p50_us", "p99_us")
+            ),
             str(t.get("breaker", "-")),
             str(t.get("entries", "")),
             str(t.get("bytes", t.get("stored_bytes", ""))),
@@ -83,8 +101,22 @@ def demo(as_json: bool) -> None:
         small = {f"demo-kernel-{i}": os.urandom(64 * 1024) for i in range(8)}
         large_id, large = "demo-kernel-large", os.urandom(3 << 20)
         for kernel_id, value in small.items():
-            steps.append({"step": "put", "id": kernel_id, "bytes": len(value), "tiers": cache.put(kernel_id, value)})
-        steps.append({"step": "put", "id": large_id, "bytes": len(large), "tiers": cache.put(large_id, large)})
+            steps.append(
+                {
+                    "step": "put",
+                    "id": kernel_id,
+                    "bytes": len(value),
+                    "tiers": cache.put(kernel_id, value),
+                }
+            )
+        steps.append(
+            {
+                "step": "put",
+                "id": large_id,
+                "bytes": len(large),
+                "tiers": cache.put(large_id, large),
+            }
+        )
         first = next(iter(small))
         _check(cache.get(first) == small[first], "L1 hit returned the wrong bytes")
         steps.append({"step": "get", "id": first, "served_by": "l1"})
@@ -110,7 +142,9 @@ def demo(as_json: bool) -> None:
             table.add_row(s["step"], s["id"], str(s.get("bytes", "")), where)
         console.print(table)
         console.print(_stats_table(data["stats"]))
-        console.print("health: " + ", ".join(f"{k}={v['status']}" for k, v in data["health"].items()))
+        console.print(
+            "health: " + ", ".join(f"{k}={v['status']}" for k, v in data["health"].items())
+        )
 
     _emit(result, as_json, render)
 
@@ -166,11 +200,20 @@ def cache_cleanup(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def cache_warm(top: int, as_json: bool) -> None:
     """Load the most used kernels (by recorded access counts) into the fast tiers."""
+    from rich.progress import track
+
     from esper_assets.storage import PersistentKernelCache
 
+    report: dict[str, str] = {}
     with PersistentKernelCache.from_env() as c:
-        report = c.warm_cache(c.hottest(top))
-    _emit(report, as_json, lambda r: console.print(f"warmed {len(r)} kernel(s): {r}"))
+        ids = c.hottest(top)
+        batches = [ids[i : i + 50] for i in range(0, len(ids), 50)]
+        for batch in track(
+            batches, description="warming", console=Console(stderr=True), disable=as_json
+        ):
+            report.update(c.warm_cache(batch))
+    loaded = sum(1 for tier in report.values() if tier != "missing")
+    _emit(report, as_json, lambda r: console.print(f"warmed {loaded} of {len(r)} kernel(s): {r}"))
 
 
 @main.command()
@@ -202,7 +245,12 @@ def bench() -> None:
 
 @bench.command("cache")
 @click.option("--quick", is_flag=True, help="Fewer rounds (for smoke runs).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON file (default bench-results/cache-<backend>.json).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON file (default bench-results/cache-<backend>.json).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def bench_cache(quick: bool, out: Path | None, as_json: bool) -> None:
     """L1/L2/L3 hit latency vs raw clients, hot-id throughput, Zipf hit ratio."""
@@ -220,18 +268,32 @@ def bench_cache(quick: bool, out: Path | None, as_json: bool) -> None:
 
 
 def _render_cache_bench(result: dict[str, Any]) -> None:
-    table = Table(title=f"esper bench cache - {result['backend']} ({result['machine']['cpus']} CPUs)")
+    table = Table(
+        title=f"esper bench cache - {result['backend']} ({result['machine']['cpus']} CPUs)"
+    )
     for column in ("measurement", "esper us", "raw us", "raw client", "ratio", "target", "met"):
         table.add_column(column)
     for c in result["comparisons"]:
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[c["ok"]]
-        table.add_row(c["name"], str(c["ours_us"]), str(c["raw_us"]), c["raw_label"], str(c["ratio"]), c["target"], met + (f" {c['note']}" if c["note"] else ""))
+        table.add_row(
+            c["name"],
+            str(c["ours_us"]),
+            str(c["raw_us"]),
+            c["raw_label"],
+            str(c["ratio"]),
+            c["target"],
+            met + (f" {c['note']}" if c["note"] else ""),
+        )
     console.print(table)
     hot = result["hot_gets"]
     console.print(
         f"1000 gets over 100 hot ids: 4 threads {hot['threads_4_ms']} ms, get_many {hot['get_many_10x100_ms']} ms "
         f"(target <= 20 ms: {'met' if hot['ok'] else 'NOT met'}); cold get_many {hot['cold_get_many_10x100_ms']} ms"
-        + (f" vs raw MGET {hot['raw_redis_mget_10x100_ms']} ms" if "raw_redis_mget_10x100_ms" in hot else "")
+        + (
+            f" vs raw MGET {hot['raw_redis_mget_10x100_ms']} ms"
+            if "raw_redis_mget_10x100_ms" in hot
+            else ""
+        )
         + f"; hit rate {hot['hit_rate_hot']}"
     )
     z = result["zipf"]

@@ -4,6 +4,7 @@ import dagster as dg
 
 from esper_assets.defs.resources import KernelCacheResource
 
+
 @dg.op(description="Remove expired entries from every tier and flush write-back keys.")
 def clean_kernel_cache(context: dg.OpExecutionContext, kernel_cache: KernelCacheResource) -> dict:
     with kernel_cache.open() as cache:
@@ -17,9 +18,11 @@ def clean_kernel_cache(context: dg.OpExecutionContext, kernel_cache: KernelCache
     )
     return removed
 
+
 @dg.job(description="Expired-entry cleanup and write-back flush for the kernel cache.")
 def cache_maintenance_job() -> None:
     clean_kernel_cache()
+
 
 cache_maintenance_schedule = dg.ScheduleDefinition(
     name="hourly_cache_maintenance",

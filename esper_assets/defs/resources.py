@@ -23,7 +23,9 @@ class KernelCacheResource(dg.ConfigurableResource):
 
     @contextmanager
     def open(self) -> Iterator[PersistentKernelCache]:
-        cache = PersistentKernelCache.from_env(l1_size_mb=self.l1_size_mb, write_mode=self.write_mode)
+        cache = PersistentKernelCache.from_env(
+            l1_size_mb=self.l1_size_mb, write_mode=self.write_mode
+        )
         try:
             yield cache
         finally:

@@ -118,7 +118,9 @@ class Codecs:
 def pack(payload: Payload, created_ms: int, expires_ms: int) -> bytes:
     fields = _HEADER.pack(MAGIC, 0, VERSION, payload.codec, created_ms, expires_ms)[_FIELDS_FROM:]
     checksum = payload.digest ^ xxh3_64_intdigest(fields)
-    return _HEADER.pack(MAGIC, checksum, VERSION, payload.codec, created_ms, expires_ms) + payload.data
+    return (
+        _HEADER.pack(MAGIC, checksum, VERSION, payload.codec, created_ms, expires_ms) + payload.data
+    )
 
 
 def unpack(blob: bytes) -> Frame:
@@ -131,7 +133,10 @@ def unpack(blob: bytes) -> Frame:
     if magic != MAGIC or version != VERSION:
         raise CorruptValue(f"bad frame header (magic={magic!r}, version={version})")
     view = memoryview(blob)
-    if xxh3_64_intdigest(view[HEADER_SIZE:]) ^ xxh3_64_intdigest(view[_FIELDS_FROM:HEADER_SIZE]) != checksum:
+    if (
+        xxh3_64_intdigest(view[HEADER_SIZE:]) ^ xxh3_64_intdigest(view[_FIELDS_FROM:HEADER_SIZE])
+        != checksum
+    ):
         raise CorruptValue("checksum mismatch")
     if codec >= len(_CODECS):
         raise CorruptValue(f"unknown codec byte {codec}")

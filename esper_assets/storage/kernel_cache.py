@@ -397,21 +397,29 @@ class PersistentKernelCache:
         found: dict[str, bytes] = {}
         missing = list(ids)
         pointers: set[str] = set()  # ids whose L3 row says "the value is in L4"
+        look_lower: set[str] = set()  # pointers, and ids whose L3 copy was corrupt
         answered: list = []  # tiers that answered (and missed): promotion targets
         for tier in self._remote:
-            want = self._l4_candidates(missing, pointers, answered) if tier is self._l4 else missing
+            want = (
+                self._l4_candidates(missing, look_lower, answered) if tier is self._l4 else missing
+            )
             if not want:
                 continue
             answer = self._fetch(tier, want)
             if answer is _UNAVAILABLE:
                 continue
-            hits = {}
+            hits, nbytes = {}, 0
             for key, blob in answer.items():
                 if blob is IN_OBJECT_STORE:
                     pointers.add(key)
-                elif (decoded := self._decode(tier, key, blob)) is not None:
+                    look_lower.add(key)
+                    continue
+                nbytes += len(blob)
+                if (decoded := self._decode(tier, key, blob)) is not None:
                     hits[key] = decoded
-            self._stats[tier.name].add_lookup(len(hits), len(want) - len(hits))
+                elif tier is self._l3:
+                    look_lower.add(key)
+            self._stats[tier.name].add_lookup(len(hits), len(want) - len(hits), nbytes)
             self._promote(hits, answered, pointers)
             for key, (value, _) in hits.items():
                 found[key] = value
@@ -432,12 +440,12 @@ class PersistentKernelCache:
             return {} if blob is None else blob
         return {keys[0]: blob}
 
-    def _l4_candidates(self, missing: list[str], pointers: set[str], answered: list) -> list[str]:
+    def _l4_candidates(self, missing: list[str], look_lower: set[str], answered: list) -> list[str]:
         # When L3 answered, L4 holds only the large values L3 pointed at (unless archiving),
         # so a plain miss costs no object-store round trip.
         if self.config.archive_to_l4 or self._l3 is None or self._l3 not in answered:
             return missing
-        return [k for k in missing if k in pointers]
+        return [k for k in missing if k in look_lower]
 
     def _decode(self, tier, key: str, blob: bytes) -> tuple[bytes, framing.Frame] | None:
         try:
@@ -601,7 +609,7 @@ class PersistentKernelCache:
             self._stats[tier.name].add("errors")
             raise DurableWriteError(f"{exc}; {len(batch)} value(s) NOT stored") from exc
         breaker.success()
-        self._stats[tier.name].add("writes", len(batch))
+        self._stats[tier.name].add_writes(len(batch), sum(len(e.payload.data) for e in batch))
 
     def _best_effort_store(self, tier, entries: list[_Pending]) -> bool:
         batch = [e for e in entries if self._belongs_in(tier, e)]
@@ -783,7 +791,7 @@ class PersistentKernelCache:
             log.info("%s is back", name)
         breaker.success()
         if op == "store":
-            self._stats[name].add("writes", len(args[0]))
+            self._stats[name].add_writes(len(args[0]), sum(len(e.payload.data) for e in args[0]))
         elif op in ("get", "get_many") and self.config.enable_metrics:
             self._stats[name].latency.record(time.perf_counter() - start)
         return result

@@ -93,7 +93,17 @@ class LatencyWindow:
 class TierStats:
     """Counters for one tier. Increments take a lock: remote calls dwarf its cost."""
 
-    FIELDS = ("hits", "misses", "writes", "deletes", "errors", "corruptions", "skipped")
+    FIELDS = (
+        "hits",
+        "misses",
+        "writes",
+        "deletes",
+        "errors",
+        "corruptions",
+        "skipped",
+        "bytes_read",
+        "bytes_written",
+    )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -104,10 +114,16 @@ class TierStats:
         with self._lock:
             self.counts[field] += n
 
-    def add_lookup(self, hits: int, misses: int) -> None:
+    def add_lookup(self, hits: int, misses: int, nbytes: int = 0) -> None:
         with self._lock:
             self.counts["hits"] += hits
             self.counts["misses"] += misses
+            self.counts["bytes_read"] += nbytes
+
+    def add_writes(self, n: int, nbytes: int) -> None:
+        with self._lock:
+            self.counts["writes"] += n
+            self.counts["bytes_written"] += nbytes
 
     def snapshot(self) -> dict[str, int | float | None]:
         with self._lock:

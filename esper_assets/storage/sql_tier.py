@@ -245,7 +245,9 @@ class PostgresTier(SqlTier):
             with self._pool.connection() as conn:
                 yield conn
         except self._operational as exc:
-            raise TierUnavailable(f"L3 PostgreSQL at {self.location} is unreachable: {exc}") from exc
+            raise TierUnavailable(
+                f"L3 PostgreSQL at {self.location} is unreachable: {exc}"
+            ) from exc
         except self._errors as exc:
             error = DurableWriteError if write else StorageError
             raise error(f"L3 PostgreSQL at {self.location} refused the request: {exc}") from exc
@@ -309,7 +311,18 @@ class SqliteTier(SqlTier):
         conn = sqlite3.connect(
             self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False
         )
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Switching a fresh file to WAL while another process opens it can fail with
+        # "database is locked" at once: SQLite does not call the busy handler here.
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() >= deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.01)
         # WAL + NORMAL survives a process crash; only an OS crash can lose the last commits.
         conn.execute("PRAGMA synchronous=NORMAL")
         with self._all_lock:
@@ -378,4 +391,3 @@ class SqliteTier(SqlTier):
 def _chunks(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
-
