@@ -54,12 +54,13 @@ class MigrationError(StorageError):
 
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/]*)(:[^@/]*)?@")
+# libpq, psycopg and redis-py also take secrets as query parameters.
+_SECRET_PARAM = re.compile(r"(?i)([?&](?:password|pass|pwd|sslpassword|secret|token)=)[^&#]*")
 
 
 def redact_url(url: str | None) -> str:
-    """Hide the password in ``scheme://user:password@host`` URLs."""
+    """Hide passwords in ``scheme://user:password@host`` and ``?password=`` URLs."""
     if not url:
         return ""
-    return _USERINFO.sub(
-        lambda m: f"{m['scheme']}{m['user']}:***@" if m.group(3) else m.group(0), url
-    )
+    url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m.group(3) else m.group(0), url)
+    return _SECRET_PARAM.sub(r"\1***", url)

@@ -2,9 +2,9 @@
 
 Covers: encode/pack/unpack/decode round trips for the none, zstd and gzip codecs
 (hypothesis over arbitrary and compressible bytes); small and incompressible
-values stored raw; every single flipped bit anywhere in a frame (magic, CRC,
+values stored raw; every single flipped bit anywhere in a frame (magic, checksum,
 version, codec byte, created/expiry times, payload) raising CorruptValue; truncated
-frames; payloads that pass the CRC but do not decode; ``Frame.expired``
+frames; payloads that pass the checksum but do not decode; ``Frame.expired``
 (0 = never); ``peek_expires_ms``; unknown compression names raising ConfigError.
 """
 
@@ -22,6 +22,7 @@ from esper_assets.errors import ConfigError, CorruptValue
 from esper_assets.storage.framing import (
     HEADER_SIZE,
     MIN_COMPRESS_BYTES,
+    VERSION,
     Codec,
     Codecs,
     Frame,
@@ -35,10 +36,11 @@ CODEC_NAMES = ["none", "zstd", "gzip"]
 CREATED_MS = 1_700_000_000_123
 EXPIRES_MS = 1_700_000_600_456
 
-# Offsets of the header fields: magic "EK" | crc u32 | version u8 | codec u8 | created i64 | expires i64
-CODEC_OFFSET = 7
-CREATED_OFFSET = 8
-EXPIRES_OFFSET = 16
+# The header ends with: ... | version u8 | codec u8 | created_ms i64 | expires_ms i64
+EXPIRES_OFFSET = HEADER_SIZE - 8
+CREATED_OFFSET = HEADER_SIZE - 16
+CODEC_OFFSET = HEADER_SIZE - 17
+VERSION_OFFSET = HEADER_SIZE - 18
 
 arbitrary_bytes = st.binary(max_size=8192)
 compressible_bytes = st.builds(
@@ -163,6 +165,14 @@ def test_any_flipped_bit_in_any_frame_raises_corrupt_value(value, codec, data):
         unpack(flip_bit(blob, bit))
 
 
+def test_header_field_offsets_used_by_these_tests():
+    blob = pack(Payload.of(Codec.GZIP, b"", 0), CREATED_MS, EXPIRES_MS)
+    assert blob[:2] == b"EK"
+    assert blob[VERSION_OFFSET] == VERSION
+    assert blob[CODEC_OFFSET] == Codec.GZIP
+    assert struct.unpack_from("<qq", blob, CREATED_OFFSET) == (CREATED_MS, EXPIRES_MS)
+
+
 def test_codec_byte_changed_to_another_valid_codec_is_detected():
     blob = bytearray(frame_of(b"raw value", "none"))
     assert blob[CODEC_OFFSET] == Codec.NONE
@@ -174,6 +184,13 @@ def test_codec_byte_changed_to_another_valid_codec_is_detected():
 def test_extended_expiry_is_detected():
     blob = bytearray(frame_of(b"value"))
     struct.pack_into("<q", blob, EXPIRES_OFFSET, 0)  # "never expires"
+    with pytest.raises(CorruptValue):
+        unpack(bytes(blob))
+
+
+def test_changed_version_byte_is_detected():
+    blob = bytearray(frame_of(b"value"))
+    blob[VERSION_OFFSET] ^= 0xFF
     with pytest.raises(CorruptValue):
         unpack(bytes(blob))
 
@@ -199,7 +216,8 @@ def test_frame_with_bytes_appended_raises_corrupt_value():
 
 
 def test_unknown_codec_byte_with_valid_checksum_raises_corrupt_value():
-    bogus = Payload(codec=9, data=b"???", raw_size=3, crc=Payload.of(Codec.NONE, b"???", 3).crc)
+    valid = Payload.of(Codec.NONE, b"???", 3)
+    bogus = Payload(codec=9, data=valid.data, raw_size=3, digest=valid.digest)
     with pytest.raises(CorruptValue, match="codec"):
         unpack(pack(bogus, CREATED_MS, 0))
 

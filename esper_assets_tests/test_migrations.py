@@ -5,7 +5,8 @@ schema from the ``pg_url`` fixture): migrations apply once and are recorded in
 esper_migrations; applying again is a no-op; a new numbered file applies on
 its own; a failing migration leaves nothing behind; an edited applied migration
 is refused; the tables and indexes that 001_kernel_cache.sql creates exist;
-several processes (spawn) migrating the same database at the same moment all
+several processes (spawn) migrating the same database at the same moment (fresh,
+with one new migration pending, and through the tiers' constructors) all
 succeed with exactly one of them applying. File checks: gaps in numbering,
 badly named files, a missing folder.
 """
@@ -246,46 +247,98 @@ def test_missing_folder_raises(tmp_path):
 
 
 # -- several processes at once ------------------------------------------------------------------
-def _migrate_in_child(dialect: str, target: str, barrier, results) -> None:
+def _migrate_in_child(dialect, target, root, via_tier, barrier, results) -> None:
     """Runs in a spawned process: wait for the others, then migrate."""
-    conn = connect(dialect, target)
     try:
-        barrier.wait(timeout=60)
-        migrate = migrate_sqlite if dialect == "sqlite" else migrate_postgres
-        results.put(("ok", migrate(conn)))
+        if via_tier:  # the real start-up path: the tier's constructor migrates
+            from esper_assets.storage.sql_tier import PostgresTier, SqliteTier
+
+            barrier.wait(timeout=60)
+            tier = SqliteTier(target) if dialect == "sqlite" else PostgresTier(target)
+            tier.close()
+            results.put(("ok", None))
+            return
+        conn = connect(dialect, target)
+        try:
+            migrations = load_migrations(dialect, root=root)
+            migrate = migrate_sqlite if dialect == "sqlite" else migrate_postgres
+            barrier.wait(timeout=60)
+            results.put(("ok", migrate(conn, migrations)))
+        finally:
+            conn.close()
     except BaseException as exc:  # reported to the parent
         results.put(("error", repr(exc)))
-    finally:
-        conn.close()
 
 
-@pytest.mark.parametrize("dialect", DIALECTS)
-def test_concurrent_processes_all_succeed_and_apply_once(request, tmp_path, dialect):
-    if dialect == "sqlite":
-        target = str(tmp_path / "shared.sqlite3")
-    else:
-        target = request.getfixturevalue("pg_url")
+def run_concurrently(dialect: str, target: str, root: Path | None = None, via_tier=False):
+    """Start PROCESSES spawned processes that migrate at the same moment; their outcomes."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(PROCESSES)
     results = ctx.Queue()
-    procs = [
-        ctx.Process(target=_migrate_in_child, args=(dialect, target, barrier, results))
-        for _ in range(PROCESSES)
-    ]
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-
+    args = (dialect, target, root, via_tier, barrier, results)
+    procs = [ctx.Process(target=_migrate_in_child, args=args) for _ in range(PROCESSES)]
+    try:
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():  # only if something hung: don't leave it behind
+                p.kill()
+                p.join()
     assert [p.exitcode for p in procs] == [0] * PROCESSES
     assert all(status == "ok" for status, _ in outcomes), outcomes
-    applied = sorted(versions for _, versions in outcomes)
-    assert applied == [[]] * (PROCESSES - 1) + [[1]]
+    return [versions for _, versions in outcomes]
 
+
+@pytest.fixture(params=DIALECTS)
+def shared_target(request, tmp_path) -> tuple[str, str]:
+    """(dialect, target) for a database that several processes open."""
+    if request.param == "sqlite":
+        return "sqlite", str(tmp_path / "shared.sqlite3")
+    return "postgres", request.getfixturevalue("pg_url")
+
+
+def assert_recorded_once(dialect: str, target: str, versions: list[int]) -> None:
     database = Database(dialect, target)
     try:
-        assert [r[0] for r in database.recorded()] == [1]
+        assert [r[0] for r in database.recorded()] == versions
         assert "kernel_cache" in database.tables()
     finally:
         database.conn.close()
+
+
+# Slow enough (~0.1 s) that the processes really overlap while it runs.
+SLOW_MIGRATION = """CREATE TABLE notes (id INTEGER);
+INSERT INTO notes WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 200000)
+SELECT x FROM n;
+"""
+
+
+def test_concurrent_processes_on_fresh_database_apply_once(shared_target):
+    dialect, target = shared_target
+    applied = run_concurrently(dialect, target)
+    assert sorted(applied) == [[]] * (PROCESSES - 1) + [[1]]
+    assert_recorded_once(dialect, target, [1])
+
+
+def test_concurrent_processes_apply_a_new_migration_once(shared_target, sql_copy):
+    dialect, target = shared_target
+    first = Database(dialect, target)
+    first.migrate(sql_copy)  # the tracking table exists: each process reads before it writes
+    first.conn.close()
+    (sql_copy / dialect / "002_add_notes.sql").write_text(SLOW_MIGRATION)
+    applied = run_concurrently(dialect, target, root=sql_copy)
+    assert sorted(applied) == [[]] * (PROCESSES - 1) + [[2]]
+    assert_recorded_once(dialect, target, [1, 2])
+    database = Database(dialect, target)
+    assert database.rows("SELECT count(*) FROM notes") == [(200_000,)]
+    database.conn.close()
+
+
+def test_concurrent_tier_start_ups_succeed(shared_target):
+    dialect, target = shared_target
+    run_concurrently(dialect, target, via_tier=True)
+    assert_recorded_once(dialect, target, [1])

@@ -55,9 +55,7 @@ def test_esper_home_expands_user(tmp_path, monkeypatch):
 
 
 def test_blank_variables_count_as_unset(tmp_path):
-    s = settings_with(
-        tmp_path, ESPER_DATABASE_URL="  ", ESPER_REDIS_URL="", ESPER_S3_BUCKET=" \t"
-    )
+    s = settings_with(tmp_path, ESPER_DATABASE_URL="  ", ESPER_REDIS_URL="", ESPER_S3_BUCKET=" \t")
     assert (s.database_url, s.redis_url, s.s3_bucket) == (None, None, None)
 
 
@@ -149,14 +147,14 @@ def test_password_never_appears_in_describe(tmp_path):
     assert s.database_url == f"postgresql://esper:{PASSWORD}@db:5432/esper"  # still usable
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak: redact_url does not hide ?password=... (libpq and redis-py accept it)",
-)
 @pytest.mark.parametrize(
     ("variable", "value", "key"),
     [
-        ("ESPER_DATABASE_URL", f"postgresql://esper@db/esper?password={PASSWORD}", "l3_and_metadata"),
+        (
+            "ESPER_DATABASE_URL",
+            f"postgresql://esper@db/esper?password={PASSWORD}",
+            "l3_and_metadata",
+        ),
         ("ESPER_REDIS_URL", f"redis://cache:6379/0?password={PASSWORD}", "l2"),
     ],
 )

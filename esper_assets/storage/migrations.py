@@ -80,7 +80,13 @@ def migrate_postgres(conn, migrations: list[Migration] | None = None) -> list[in
         conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':esper_migrations'))"
         )
-        conn.execute(_TRACKING_TABLE)
+        # Only DDL when needed: a read-only session (replica, read-only role) with
+        # nothing to apply must still be able to open the cache and read.
+        exists = conn.execute(
+            "SELECT to_regclass(format('%I.esper_migrations', current_schema()))"
+        ).fetchone()[0]
+        if exists is None:
+            conn.execute(_TRACKING_TABLE)
         applied = dict(conn.execute("SELECT version, checksum FROM esper_migrations").fetchall())
         pending = _check_applied(applied, migrations)
         for m in pending:
