@@ -62,5 +62,7 @@ def redact_url(url: str | None) -> str:
     """Hide passwords in ``scheme://user:password@host`` and ``?password=`` URLs."""
     if not url:
         return ""
-    url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m.group(3) else m.group(0), url)
+    url = _USERINFO.sub(
+        lambda m: f"{m['scheme']}{m['user']}:***@" if m.group(3) else m.group(0), url
+    )
     return _SECRET_PARAM.sub(r"\1***", url)

@@ -195,6 +195,12 @@ def make_cache(request, tmp_path: Path) -> Iterator[Callable[..., PersistentKern
     schema) + Redis (own prefix) + S3 over HTTP (own bucket). Closed afterwards.
     """
     built: list[PersistentKernelCache] = []
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "services" in callspec.params.values():
+        # Set the services up now, inside this fixture, so they are torn down after
+        # the caches close (a lazily requested schema would be dropped first).
+        for name in ("pg_url", "redis_server_url", "redis_prefix", "s3_bucket", "s3_endpoint"):
+            request.getfixturevalue(name)
 
     def build(backend: str = "embedded", **overrides) -> PersistentKernelCache:
         if backend == "embedded":
@@ -220,3 +226,52 @@ def make_cache(request, tmp_path: Path) -> Iterator[Callable[..., PersistentKern
     for cache in built:
         with contextlib.suppress(Exception):  # a test may have left a tier dead on purpose
             cache.close()
+
+
+# -- additions for the kernel-cache integration tests --------------------------------
+def with_pg_options(url: str, *settings: str) -> str:
+    """``url`` with more ``-c name=value`` settings merged into its single ``options``.
+
+    libpq keeps only the last of repeated ``options`` parameters, so appending a
+    second ``options=`` to a :func:`with_search_path` URL would silently drop the
+    search_path (and the test would run in ``public``). Merge instead.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options = [v for k, v in query if k == "options"] + list(settings)
+    query = [(k, v) for k, v in query if k != "options"] + [("options", " ".join(options))]
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
+
+
+@pytest.fixture
+def pg_readonly_url(pg_url: str) -> str:
+    """``pg_url`` (same schema) whose sessions refuse every write.
+
+    Build a normal cache on ``pg_url`` first: it applies the migrations.
+    """
+    return with_pg_options(pg_url, "-cdefault_transaction_read_only=on")
+
+
+@pytest.fixture
+def redis_client(redis_server_url: str) -> Iterator:
+    """A plain client on the shared Redis, for looking at a cache's keys directly."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server_url)
+    yield client
+    client.close()
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
+    """Poll ``condition`` every 50 ms until it is true; fail naming ``what`` after ``timeout_s``.
+
+    For effects that happen "soon" (TTL expiry, background flushes, pub/sub):
+    bounded polling instead of a fixed sleep or an assertion on elapsed time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)

@@ -218,6 +218,7 @@ class PersistentKernelCache:
         self._access: dict[str, int] = {}
         self._wb = _WriteBack()
         self._wb_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self.loads = 0  # lower-tier loads started by get(): single-flight keeps this low
         self._slow_requests = self._not_found = 0
         self._sample = 0
@@ -355,7 +356,7 @@ class PersistentKernelCache:
 
     def get_many(self, kernel_ids: Iterable[str]) -> dict[str, bytes]:
         """Values for the ids that exist; one round trip per tier for the rest."""
-        ids = [check_kernel_id(k) for k in dict.fromkeys(kernel_ids)]
+        ids = list(dict.fromkeys([check_kernel_id(k) for k in kernel_ids]))
         found = self._l1.get_many(ids) if self._l1 is not None else {}
         for kernel_id in ids:
             self._access[kernel_id] = self._access.get(kernel_id, 0) + 1
@@ -528,9 +529,10 @@ class PersistentKernelCache:
                 f"value for kernel {kernel_id!r} is {len(data)} bytes, over max_value_bytes="
                 f"{self.config.max_value_bytes}; raise CacheConfig.max_value_bytes if this is intended"
             )
-        metadata = dict(metadata or {})
         try:
-            json.dumps(metadata)
+            metadata = dict(metadata or {})
+            # allow_nan=False: NaN/Infinity are not JSON; L3 would refuse them at write time.
+            json.dumps(metadata, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidValue(
                 f"metadata for kernel {kernel_id!r} is not JSON-serialisable: {exc}"
@@ -612,7 +614,13 @@ class PersistentKernelCache:
         self._stats[tier.name].add_writes(len(batch), sum(len(e.payload.data) for e in batch))
 
     def _best_effort_store(self, tier, entries: list[_Pending]) -> bool:
-        batch = [e for e in entries if self._belongs_in(tier, e)]
+        latest = {e.key: e for e in entries}  # an id given twice: its last value wins
+        batch = [e for e in latest.values() if self._belongs_in(tier, e)]
+        if tier is self._l2:
+            # A value that skips L2 (large) must not leave an older copy there to be read.
+            skipped = [key for key, e in latest.items() if not self._belongs_in(tier, e)]
+            if skipped:
+                self._tier_call(tier, "delete_many", skipped)
         return bool(batch) and self._tier_call(tier, "store", batch) is not _UNAVAILABLE
 
     def _store(self, tier, batch: list[_Pending]) -> None:
@@ -665,12 +673,15 @@ class PersistentKernelCache:
             written.append("l2")
         if over:
             self.flush()  # back-pressure: a writer faster than the durable tier waits for it
-        else:
-            self._wake.set()
+        # Otherwise the maintenance thread flushes every write_back_interval_s, in one batch.
         return written
 
     def flush(self) -> int:
         """Write every dirty key to the durable tier now; raise FlushError if that fails."""
+        with self._flush_lock:  # an invalidate() must not interleave with a flush of its id
+            return self._flush_locked()
+
+    def _flush_locked(self) -> int:
         with self._wb_lock:
             batch = list(self._wb.dirty.values())
         if not batch:
@@ -698,7 +709,9 @@ class PersistentKernelCache:
     def invalidate(self, kernel_id: str) -> None:
         """Remove ``kernel_id`` from every tier and from other processes' L1."""
         check_kernel_id(kernel_id)
-        with self._wb_lock:
+        # Taking the flush lock waits out an in-flight flush that may hold this id,
+        # so its upsert cannot land after our delete and bring the value back.
+        with self._flush_lock, self._wb_lock:
             pending = self._wb.dirty.pop(kernel_id, None)
             if pending is not None:
                 self._wb.dirty_bytes -= len(pending.payload.data)

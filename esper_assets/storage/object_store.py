@@ -7,6 +7,7 @@ prefix in a bucket, the directory store under a root folder, written atomically
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -186,9 +187,16 @@ def make_s3_client(endpoint_url: str | None = None, timeout_s: float = 2.0):
     return boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
 
+_MAX_NAME = 200  # file systems allow 255 bytes per name; keep a margin for ".tmp-" files
+
+
 def kernel_object_key(kernel_id: str) -> str:
-    """A file- and URL-safe, reversible object key for a kernel id."""
-    return "kernels/" + quote(kernel_id, safe="").replace(".", "%2E")
+    """A file- and URL-safe object key for a kernel id: the quoted id when it is
+    short enough to be a file name, else its SHA-256."""
+    name = quote(kernel_id, safe="").replace(".", "%2E")
+    if len(name) > _MAX_NAME:
+        name = "sha256-" + hashlib.sha256(kernel_id.encode()).hexdigest()
+    return "kernels/" + name
 
 
 class ObjectTier:

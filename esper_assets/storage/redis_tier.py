@@ -160,17 +160,16 @@ class InvalidationListener:
         return self._subscribed.wait(timeout)
 
     def _run(self) -> None:
-        connected_before = False
         while not self._stop.is_set():
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self._tier.channel)
-                if connected_before:
-                    self._on_gap()
-                connected_before = True
+                # Every subscription, the first included: if Redis was down when the
+                # cache was built, L1 may have filled before we could hear anything.
+                self._on_gap()
                 self._subscribed.set()
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=0.5)
+                    message = pubsub.get_message(timeout=0.1)  # also how long close() waits
                     if message and message["type"] == "message":
                         sender, _, key = message["data"].decode("utf-8", "replace").partition(" ")
                         if sender != self._tier.sender:

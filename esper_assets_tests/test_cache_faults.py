@@ -1,0 +1,310 @@
+"""PersistentKernelCache when real services fail: Redis killed and restarted, an
+object store nobody listens for, PostgreSQL refusing writes or not there at all.
+
+Reads must keep working from the tiers that are left, a dead tier must cost one
+failure per breaker period rather than one per read, and a write the durable
+tier did not confirm must raise and leave nothing readable behind.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+from contextlib import closing
+
+import pytest
+
+from esper_assets.errors import (
+    DurableWriteError,
+    EsperError,
+    FlushError,
+    TierUnavailable,
+)
+from esper_assets.storage import CacheConfig, PersistentKernelCache, framing
+from esper_assets_tests.conftest import BACKENDS, closed_port, wait_until
+
+RESET_S = 0.2
+
+
+def noise(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def decode(cache: PersistentKernelCache, blob: bytes) -> bytes:
+    return cache._codecs.decode(framing.unpack(blob))
+
+
+def dead_s3(monkeypatch) -> dict:
+    """Config for an S3 endpoint on a port nobody listens on.
+
+    Credentials are set so the client really tries the socket (without them boto3
+    would fail before connecting, and the test would pass for the wrong reason).
+    """
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return {
+        "object_store_path": None,
+        "s3_bucket": "esper-nobody-home",
+        "s3_endpoint_url": f"http://127.0.0.1:{closed_port()}",
+        "object_store_timeout_s": 0.5,
+    }
+
+
+# -- Redis dies and comes back ----------------------------------------------------------
+@pytest.fixture(params=["sqlite", "postgres"])
+def l3_choice(request) -> dict:
+    """L3 for caches built on the ``embedded`` base: its SQLite file, or PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    return {"postgres_url": request.getfixturevalue("pg_url")}
+
+
+def test_dead_redis_is_skipped_and_used_again_after_restart(l3_choice, private_redis, make_cache):
+    import redis
+
+    cache = make_cache(
+        "embedded",
+        **l3_choice,
+        redis_url=private_redis.url,
+        redis_prefix="esper:faults:",
+        breaker_reset_s=RESET_S,
+    )
+    assert cache._listener.wait_subscribed(5)
+    values = {f"k{i}": noise(800, i) for i in range(20)}
+    for kernel_id, value in values.items():
+        assert "l2" in cache.put(kernel_id, value)
+
+    private_redis.stop()
+
+    below_l1 = 0
+    start = time.monotonic()
+    for _ in range(10):
+        cache._l1.clear()  # every read below must go past L1
+        for kernel_id, value in values.items():
+            assert cache.get(kernel_id) == value  # served by L3
+            below_l1 += 1
+            assert cache.get(kernel_id) == value  # and now by L1
+        assert cache.get("nope") is None
+        below_l1 += 1
+    elapsed = time.monotonic() - start
+
+    l2 = cache.get_stats()["tiers"]["l2"]
+    assert l2["breaker"] == "open"
+    # Every read that reached L2's turn either tried it (and failed) or skipped it...
+    assert l2["errors"] + l2["skipped"] == below_l1
+    # ...and it was tried only once per breaker period, not once per read.
+    assert 1 <= l2["errors"] <= 2 + elapsed / RESET_S
+    assert l2["skipped"] > 0
+    assert l2["hits"] == 0
+    assert cache.put("while-dead", b"still durable") == ["l1", "l3"]
+    assert cache.health()["l2"]["status"] == "unavailable"
+
+    private_redis.start()
+
+    client = redis.Redis.from_url(private_redis.url)
+
+    def l2_takes_a_put() -> bool:
+        cache.put("after", b"back again")
+        return client.get("esper:faults:after") is not None
+
+    wait_until(l2_takes_a_put, "a put to reach the restarted Redis")
+    client.close()
+    assert cache.get_stats()["tiers"]["l2"]["breaker"] == "closed"
+    assert "l2" in cache.put("after-2", b"x")
+    cache._l1.clear()
+    hits_before = cache.get_stats()["tiers"]["l2"]["hits"]
+    assert cache.get("after-2") == b"x"
+    assert cache.get_stats()["tiers"]["l2"]["hits"] == hits_before + 1
+
+
+# -- the object store is unreachable ---------------------------------------------------------
+def test_unreachable_object_store(pg_url, make_cache, monkeypatch):
+    cache = make_cache(
+        "embedded", postgres_url=pg_url, large_object_threshold=4096, **dead_s3(monkeypatch)
+    )
+    small, big = noise(1000, 1), noise(10_000, 2)
+
+    assert cache.put("small", small) == ["l1", "l3"]
+    cache._l1.clear()
+    assert cache.get("small") == small
+
+    with pytest.raises(DurableWriteError, match="NOT stored") as info:
+        cache.put("big", big)
+    assert isinstance(info.value.__cause__, TierUnavailable)
+    assert cache._l3.metadata("big") is None  # no pointer row to a missing object
+    assert "big" not in cache._l1
+    with pytest.raises(DurableWriteError):  # breaker open now: refused at once
+        cache.put("big", big)
+    assert cache._l3.metadata("big") is None
+
+    # reads never raise
+    assert cache.get("big") is None
+    assert cache.get_many(["big", "small"]) == {"small": small}
+    assert cache.warm_cache(["big", "small"]) == {"big": "missing", "small": "l1"}
+    assert cache.get_entry("big") is None
+    assert cache.put("small-2", small) == ["l1", "l3"]
+    assert cache.cleanup()["l4"] == -1
+    stats = cache.get_stats()["tiers"]["l4"]
+    assert stats["errors"] == 1 and stats["breaker"] == "open"
+    assert cache.health()["l4"]["status"] == "unavailable"
+
+
+def test_pointer_row_whose_object_store_is_unreachable_reads_as_a_miss(
+    pg_url, make_cache, monkeypatch
+):
+    big = noise(10_000, 3)
+    writer = make_cache("services", large_object_threshold=4096)
+    writer.put("big", big)
+    reader = make_cache(
+        "embedded", postgres_url=pg_url, large_object_threshold=4096, **dead_s3(monkeypatch)
+    )
+
+    for _ in range(20):
+        assert reader.get("big") is None  # L3 points at L4, L4 cannot answer: a miss
+
+    l4 = reader.get_stats()["tiers"]["l4"]
+    assert l4["errors"] + l4["skipped"] == 20
+    assert l4["errors"] <= 2  # one failure, then skipped for breaker_reset_s (2 s)
+    assert writer.get("big") == big
+
+
+# -- PostgreSQL refuses writes -------------------------------------------------------------
+def test_read_only_postgres_refuses_write_through(
+    pg_readonly_url, redis_prefix, redis_client, make_cache
+):
+    normal = make_cache("services", large_object_threshold=4096)  # applies the migrations
+    old = noise(1200, 4)
+    normal.put("old", old)
+    cache = make_cache("services", postgres_url=pg_readonly_url, large_object_threshold=4096)
+
+    for kernel_id, value in (("new", noise(1000, 5)), ("new-big", noise(10_000, 6))):
+        with pytest.raises(DurableWriteError, match="NOT stored"):
+            cache.put(kernel_id, value)
+        assert kernel_id not in cache._l1
+        assert cache._l2.get(kernel_id) is None
+        assert redis_client.exists(redis_prefix + kernel_id) == 0
+        assert normal._l3.metadata(kernel_id) is None
+
+    # reads of what is already stored still work, from L3 itself
+    cache._l2.delete_many(["old"], announce=False)
+    assert cache.get("old") == old
+    stats = cache.get_stats()["tiers"]["l3"]
+    assert stats["hits"] == 1 and stats["breaker"] == "closed"
+    with pytest.raises(DurableWriteError):
+        cache.invalidate("old")  # L3 could not delete it: the caller must know
+    assert normal._l3.get("old") is not None
+
+
+def test_unreachable_postgres_at_construction(tmp_path):
+    port = closed_port()
+    url = f"postgresql://esper:s3cret-pw@127.0.0.1:{port}/esper"
+    threads_before = set(threading.enumerate())
+
+    with pytest.raises(TierUnavailable) as info:
+        PersistentKernelCache(
+            CacheConfig(
+                postgres_url=url, sql_timeout_s=0.5, object_store_path=str(tmp_path / "objects")
+            )
+        )
+
+    assert isinstance(info.value, EsperError)
+    message = str(info.value)
+    assert f"postgresql://esper:***@127.0.0.1:{port}/esper" in message
+    assert "unreachable" in message
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(f"{exc!s} {exc!r}")
+        exc = exc.__cause__ or exc.__context__
+    assert not any("s3cret-pw" in text for text in chain)
+
+    # It gives up: no connection pool left retrying in the background.
+    def no_new_threads() -> bool:
+        return not [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+
+    wait_until(no_new_threads, "the failed cache's pool threads to stop")
+
+
+# -- write-back when L3 refuses writes -----------------------------------------------------
+def test_write_back_flush_error_keeps_values_readable(pg_readonly_url, make_cache):
+    make_cache("services")  # applies the migrations
+    cache = make_cache(
+        "services",
+        postgres_url=pg_readonly_url,
+        write_mode="write_back",
+        write_back_interval_s=0.05,
+        l2_enabled=False,  # so the values below can only come from this process's memory
+    )
+    values = {"a": noise(700, 7), "b": noise(900, 8)}
+    for kernel_id, value in values.items():
+        assert cache.put(kernel_id, value) == ["l1"]
+
+    with pytest.raises(FlushError, match="still held in memory"):
+        cache.flush()
+
+    cache._l1.clear()
+    for kernel_id, value in values.items():
+        assert cache.get(kernel_id) == value
+    assert cache.get_many(list(values)) == values
+    wb = cache.get_stats()["write_back"]
+    assert wb["dirty"] == 2 and wb["failures"] >= 1 and wb["flushed"] == 0
+    with pytest.raises(FlushError):
+        cache.close()
+    assert cache.get("a") == values["a"]  # still open, still holding them
+    assert cache._l3.get("a") is None
+    # This L3 can never take them: drop them so the fixture can close the cache.
+    with cache._wb_lock:
+        cache._wb.dirty.clear()
+
+
+REFUSE = {
+    "services": (
+        "CREATE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'writes refused by the test'; END $$;"
+        " CREATE TRIGGER refuse_writes BEFORE INSERT OR UPDATE ON kernel_cache"
+        " FOR EACH ROW EXECUTE FUNCTION refuse_writes()",
+        "DROP TRIGGER refuse_writes ON kernel_cache",
+    ),
+    "embedded": (
+        "CREATE TRIGGER refuse_insert BEFORE INSERT ON kernel_cache"
+        " BEGIN SELECT RAISE(ABORT, 'writes refused by the test'); END;"
+        " CREATE TRIGGER refuse_update BEFORE UPDATE ON kernel_cache"
+        " BEGIN SELECT RAISE(ABORT, 'writes refused by the test'); END;",
+        "DROP TRIGGER refuse_insert; DROP TRIGGER refuse_update;",
+    ),
+}
+
+
+def l3_script(cache: PersistentKernelCache, script: str) -> None:
+    if cache.config.postgres_url:
+        import psycopg
+
+        with psycopg.connect(cache.config.postgres_url, autocommit=True) as conn:
+            conn.execute(script)
+    else:
+        with closing(sqlite3.connect(cache.config.sqlite_path, isolation_level=None)) as conn:
+            conn.executescript(script)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_back_recovers_once_l3_takes_writes_again(make_cache, backend):
+    cache = make_cache(backend, write_mode="write_back", write_back_interval_s=0.05)
+    refuse, allow = REFUSE[backend]
+    l3_script(cache, refuse)
+    value = noise(1000, 9)
+    cache.put("k", value)
+
+    with pytest.raises(FlushError):
+        cache.flush()
+    with pytest.raises(FlushError):
+        cache.close()
+    cache._l1.clear()
+    assert cache.get("k") == value
+
+    l3_script(cache, allow)
+    cache.close()  # flushes what was held (unless the background flusher got there first)
+
+    reader = make_cache(backend)
+    assert decode(reader, reader._l3.get("k")) == value
