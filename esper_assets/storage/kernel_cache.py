@@ -49,7 +49,7 @@ from esper_assets.storage.object_store import (
     make_s3_client,
 )
 from esper_assets.storage.redis_tier import InvalidationListener, RedisTier
-from esper_assets.storage.resilience import CircuitBreaker, TierStats
+from esper_assets.storage.resilience import CircuitBreaker, LatencyWindow, TierStats
 from esper_assets.storage.sql_tier import IN_OBJECT_STORE, PostgresTier, Row, SqliteTier
 
 log = logging.getLogger("esper_assets.storage.cache")
@@ -222,7 +222,7 @@ class PersistentKernelCache:
         self.loads = 0  # lower-tier loads started by get(): single-flight keeps this low
         self._slow_requests = self._not_found = 0
         self._sample = 0
-        self._l1_latency = TierStats().latency
+        self._l1_latency = LatencyWindow()
         self._closed = False
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -304,10 +304,9 @@ class PersistentKernelCache:
         l1 = self._l1
         if l1 is not None:
             if self.config.enable_metrics:
+                # Time one L1 read in 64: timing every one would double its cost.
                 self._sample = (self._sample + 1) & 63
-                if (
-                    not self._sample
-                ):  # time one L1 read in 64: timing every one would double its cost
+                if not self._sample:
                     return self._timed_l1_get(kernel_id)
             value = l1.get(kernel_id)
             if value is not None:
