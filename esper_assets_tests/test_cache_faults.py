@@ -120,6 +120,42 @@ def test_dead_redis_is_skipped_and_used_again_after_restart(l3_choice, private_r
     assert cache.get_stats()["tiers"]["l2"]["hits"] == hits_before + 1
 
 
+def test_writes_missed_while_redis_was_frozen_never_come_back_stale(private_redis, make_cache):
+    """A paused (not restarted) Redis keeps its old values. Puts and invalidates that
+    skipped it while its breaker was open must not let those old values be served."""
+    import os
+    import signal
+
+    import redis
+
+    cache = make_cache(
+        "embedded",
+        redis_url=private_redis.url,
+        redis_prefix="esper:frozen:",
+        redis_timeout_s=0.1,
+        breaker_reset_s=RESET_S,
+    )
+    cache.put("k", b"old")
+    cache.put("gone", b"old")
+    os.kill(private_redis.proc.pid, signal.SIGSTOP)
+    try:
+        cache.put("trip", b"x")  # times out: the L2 breaker opens
+        assert cache.get_stats()["tiers"]["l2"]["breaker"] == "open"
+        assert "l2" not in cache.put("k", b"new")  # skipped: Redis still holds b"old"
+        cache.invalidate("gone")  # skipped too
+    finally:
+        os.kill(private_redis.proc.pid, signal.SIGCONT)
+    client = redis.Redis.from_url(private_redis.url)
+    assert client.get("esper:frozen:k") is not None  # the stale copy really is there
+    time.sleep(RESET_S * 1.5)
+    cache._l1.clear()
+    assert cache.get("k") == b"new"
+    assert cache.get("gone") is None
+    assert client.get("esper:frozen:gone") is None
+    assert framing.unpack(client.get("esper:frozen:k")).payload == b"new"  # promoted afresh
+    client.close()
+
+
 # -- the object store is unreachable ---------------------------------------------------------
 def test_unreachable_object_store(pg_url, make_cache, monkeypatch):
     cache = make_cache(

@@ -27,7 +27,11 @@ def test_demo_runs_on_the_embedded_default(esper_home):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     served = {s["id"]: s["served_by"] for s in report["steps"] if s["step"] == "get after L1 loss"}
-    assert served == {"demo-kernel-0": "l3", "demo-kernel-large": "l4", "demo-kernel-missing": "missing"}
+    assert served == {
+        "demo-kernel-0": "l3",
+        "demo-kernel-large": "l4",
+        "demo-kernel-missing": "missing",
+    }
     assert report["stats"]["tiers"]["l3"]["entries"] == 9
     assert (esper_home / "esper.sqlite3").exists()
 
@@ -55,7 +59,11 @@ def test_bench_pieces_compare_against_raw_clients(esper_home):
         l1 = cache_bench.bench_l1(env, rounds=5)
         l3 = cache_bench.bench_l3(env, rounds=5)
         l2 = cache_bench.bench_l2(env, rounds=5)
-    assert l1.ours_us > 0 and l1.raw_us > 0 and l1.ratio == pytest.approx(l1.ours_us / l1.raw_us, rel=0.01)
+    assert (
+        l1.ours_us > 0
+        and l1.raw_us > 0
+        and l1.ratio == pytest.approx(l1.ours_us / l1.raw_us, rel=0.01)
+    )
     assert l3.raw_label == "sqlite3 SELECT" and l3.ratio is not None
     assert l2.ok is None and l2.note.startswith("skipped")
 
@@ -63,7 +71,9 @@ def test_bench_pieces_compare_against_raw_clients(esper_home):
 def test_zipf_replay_counts_hits_for_both_policies():
     result = cache_bench.bench_zipf(n_ids=5_000, length=30_000)
     assert 0 < result["lru_hit_ratio"] < 1 and 0 < result["tinylfu_hit_ratio"] < 1
-    assert result["gain_points"] == pytest.approx((result["tinylfu_hit_ratio"] - result["lru_hit_ratio"]) * 100, abs=0.02)
+    assert result["gain_points"] == pytest.approx(
+        (result["tinylfu_hit_ratio"] - result["lru_hit_ratio"]) * 100, abs=0.02
+    )
 
 
 def test_dagster_definitions_load_and_maintenance_job_runs(esper_home):

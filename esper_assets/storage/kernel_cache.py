@@ -55,6 +55,7 @@ from esper_assets.storage.sql_tier import IN_OBJECT_STORE, PostgresTier, Row, Sq
 log = logging.getLogger("esper_assets.storage.cache")
 
 MAX_ID_LENGTH = 255
+L2_DEBT_LIMIT = 100_000  # ids remembered while Redis is away; past this, L2 is cleared on return
 WRITE_MODES = ("write_through", "write_back")
 _UNAVAILABLE = object()  # a tier that could not answer, as opposed to a miss
 
@@ -219,6 +220,11 @@ class PersistentKernelCache:
         self._wb = _WriteBack()
         self._wb_lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self._l2_debt: set[str] = (
+            set()
+        )  # ids whose L2 copy may be stale (see _note_missed_l2_write)
+        self._l2_debt_overflow = False
+        self._l2_debt_lock = threading.Lock()
         self.loads = 0  # lower-tier loads started by get(): single-flight keeps this low
         self._slow_requests = self._not_found = 0
         self._sample = 0
@@ -782,9 +788,12 @@ class PersistentKernelCache:
         breaker = self._breakers[name]
         if not breaker.allow():
             self._stats[name].add("skipped")
+            self._note_missed_l2_write(tier, op, args)
             return _UNAVAILABLE
         start = time.perf_counter()
         try:
+            if tier is self._l2 and (self._l2_debt or self._l2_debt_overflow):
+                self._settle_l2_debt()  # before any read, so a stale copy is never served
             result = self._store(tier, *args) if op == "store" else getattr(tier, op)(*args)
         except TierUnavailable as exc:
             was = breaker.state
@@ -794,10 +803,12 @@ class PersistentKernelCache:
                 log.warning(
                     "%s unavailable, skipping it for %.1fs: %s", name, breaker.reset_after_s, exc
                 )
+            self._note_missed_l2_write(tier, op, args)
             return _UNAVAILABLE
         except StorageError as exc:
             self._stats[name].add("errors")
             log.warning("%s %s failed: %s", name, op, exc)
+            self._note_missed_l2_write(tier, op, args)
             return _UNAVAILABLE
         if breaker.state != "closed":
             log.info("%s is back", name)
@@ -807,6 +818,38 @@ class PersistentKernelCache:
         elif op in ("get", "get_many") and self.config.enable_metrics:
             self._stats[name].latency.record(time.perf_counter() - start)
         return result
+
+    def _note_missed_l2_write(self, tier, op: str, args: tuple) -> None:
+        """Remember ids whose put or invalidate did not reach L2.
+
+        A Redis that was paused or cut off (not restarted empty) still holds their
+        old values, or may even apply the timed-out write late; when it answers
+        again those ids are deleted there before anyone can read them.
+        """
+        if tier is not self._l2 or op not in ("store", "delete_many"):
+            return
+        keys = [e.key for e in args[0]] if op == "store" else list(args[0])
+        with self._l2_debt_lock:
+            self._l2_debt.update(keys)
+            if len(self._l2_debt) > L2_DEBT_LIMIT:  # too many to track: drop all of L2 instead
+                self._l2_debt.clear()
+                self._l2_debt_overflow = True
+
+    def _settle_l2_debt(self) -> None:
+        """Delete the possibly stale ids from L2; on failure keep them and re-raise."""
+        with self._l2_debt_lock:
+            keys, self._l2_debt = list(self._l2_debt), set()
+            overflow, self._l2_debt_overflow = self._l2_debt_overflow, False
+        try:
+            if overflow:
+                self._l2.clear()
+            for i in range(0, len(keys), 1000):
+                self._l2.delete_many(keys[i : i + 1000], announce=True)
+        except StorageError:
+            with self._l2_debt_lock:
+                self._l2_debt.update(keys)
+                self._l2_debt_overflow |= overflow
+            raise
 
     def _maintain(self) -> None:
         c = self.config

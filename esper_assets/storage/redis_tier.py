@@ -93,6 +93,15 @@ class RedisTier:
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
+    def clear(self) -> None:
+        """Delete every key under our prefix and tell other processes to drop their L1."""
+        try:
+            for batch in _batched(self.client.scan_iter(match=self.prefix + "*", count=1000), 1000):
+                self.client.delete(*batch)
+            self.client.publish(self.channel, f"{self.sender} ")  # empty id: "drop all of L1"
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
     def cleanup(self) -> list[str]:
         return []  # Redis expires keys itself
 
@@ -172,7 +181,11 @@ class InvalidationListener:
                     message = pubsub.get_message(timeout=0.1)  # also how long close() waits
                     if message and message["type"] == "message":
                         sender, _, key = message["data"].decode("utf-8", "replace").partition(" ")
-                        if sender != self._tier.sender:
+                        if sender == self._tier.sender:
+                            continue
+                        if not key:  # no id is empty, so this means "drop all" (see clear())
+                            self._on_gap()
+                        else:
                             self._on_invalidate(key)
             except (redis.RedisError, OSError) as exc:
                 self._subscribed.clear()
