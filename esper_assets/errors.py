@@ -29,6 +29,30 @@ class InvalidValue(InvalidInput):
     """A value is not bytes, or is larger than the configured maximum."""
 
 
+class AssetNotFound(EsperError, LookupError):
+    """No asset with that id (or a parent / derived_from id that does not exist)."""
+
+
+class AssetExpired(AssetNotFound):
+    """The asset exists but its expires_at has passed."""
+
+
+class AssetConflict(EsperError):
+    """The write contradicts what is stored (e.g. the same version label with other content)."""
+
+
+class LineageCycle(InvalidInput):
+    """A parent link would make an asset its own ancestor."""
+
+
+class InvalidAssetField(InvalidInput):
+    """An asset field is unknown, read-only, or holds a value of the wrong kind."""
+
+
+class InvalidQuery(InvalidInput):
+    """An AssetQuery was given a value it cannot search with."""
+
+
 class StorageError(EsperError):
     """A storage tier failed in a way the caller must know about."""
 

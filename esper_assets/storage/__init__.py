@@ -7,6 +7,7 @@ Imports nothing from Dagster: training processes use it directly::
     kernel = cache.get(kernel_id)
 """
 
+from esper_assets.storage.assets import AssetMetadata, AssetQuery, AssetRepository
 from esper_assets.storage.kernel_cache import CacheConfig, CacheEntry, PersistentKernelCache
 from esper_assets.storage.memory import MemoryTier
 from esper_assets.storage.object_store import (
@@ -23,6 +24,9 @@ RedisBackend = RedisTier
 PostgreSQLBackend = PostgresTier
 
 __all__ = [
+    "AssetMetadata",
+    "AssetQuery",
+    "AssetRepository",
     "CacheConfig",
     "CacheEntry",
     "DirectoryObjectStore",

@@ -26,7 +26,10 @@ class ObjectStore(Protocol):
     def head(self, key: str, n: int) -> bytes | None: ...
     def put(self, key: str, data: bytes) -> None: ...
     def delete(self, key: str) -> None: ...
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+    def list(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        """(key, size in bytes, last modified as Unix time) under ``prefix``."""
+        ...
+
     def ping(self) -> None: ...
 
 
@@ -90,13 +93,14 @@ class DirectoryObjectStore:
                 f"object store {self.location}: cannot delete {key}: {exc}"
             ) from exc
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str) -> Iterator[tuple[str, int, float]]:
         base = self.root / prefix
         if not base.is_dir():
             return
         for path in base.rglob("*"):
             if path.is_file() and not path.name.startswith(".tmp-"):
-                yield path.relative_to(self.root).as_posix(), path.stat().st_size
+                stat = path.stat()
+                yield path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime
 
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
@@ -153,7 +157,7 @@ class S3ObjectStore:
         except (BotoCoreError, ClientError) as exc:
             raise self._fail("DELETE", key, exc) from exc
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str) -> Iterator[tuple[str, int, float]]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -162,7 +166,11 @@ class S3ObjectStore:
             )
             for page in pages:
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][len(self.prefix) :], obj["Size"]
+                    yield (
+                        obj["Key"][len(self.prefix) :],
+                        obj["Size"],
+                        obj["LastModified"].timestamp(),
+                    )
         except (BotoCoreError, ClientError) as exc:
             raise self._fail("LIST", prefix, exc) from exc
 
@@ -233,7 +241,7 @@ class ObjectTier:
     def cleanup(self) -> list[str]:
         """Delete objects whose frame says they have expired (reads headers only)."""
         removed, now = [], framing.now_ms()
-        for object_key, _ in list(self.store.list("kernels/")):
+        for object_key, _, _ in list(self.store.list("kernels/")):
             head = self.store.head(object_key, framing.HEADER_SIZE)
             if head is None:
                 continue
@@ -244,7 +252,7 @@ class ObjectTier:
         return removed
 
     def size(self) -> dict[str, int]:
-        sizes = [size for _, size in self.store.list("kernels/")]
+        sizes = [size for _, size, _ in self.store.list("kernels/")]
         return {"entries": len(sizes), "stored_bytes": sum(sizes)}
 
     def ping(self) -> None:
@@ -252,3 +260,11 @@ class ObjectTier:
 
     def close(self) -> None:
         pass  # boto3 clients and directories hold nothing that needs releasing
+
+
+def object_store_from_settings(settings, timeout_s: float = 2.0) -> ObjectStore:
+    """The object store ESPER_* configures: an S3 bucket, or a directory under ESPER_HOME."""
+    if settings.s3_bucket:
+        client = make_s3_client(settings.aws_endpoint_url, timeout_s)
+        return S3ObjectStore(client, settings.s3_bucket, settings.s3_prefix)
+    return DirectoryObjectStore(settings.objects_dir)

@@ -1,0 +1,350 @@
+"""The two SQL dialects behind AssetRepository.
+
+The repository writes its SQL once, with ``%s`` placeholders and two casts
+(``{jsonb}``, ``{textarr}``); a backend turns that into its dialect and owns
+what really differs: connections and transactions, how arrays, JSON and times
+are stored, how name locks are taken, and the bulk path (binary COPY on
+PostgreSQL, one ``executemany`` on SQLite).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from esper_assets.errors import (
+    AssetConflict,
+    DurableWriteError,
+    StorageError,
+    TierUnavailable,
+    redact_url,
+)
+from esper_assets.storage.migrations import migrate_postgres
+from esper_assets.storage.sql_tier import ConnectionPool
+
+ASSET_COLUMNS = (
+    "asset_id", "asset_type", "name", "version", "version_number", "previous_version_id",
+    "created_at", "created_by", "parent_id", "derived_from", "tags", "properties",
+    "compilation_time_ms", "size_bytes", "checksum", "data", "object_key", "last_accessed",
+    "access_count", "state", "expires_at",
+)  # fmt: skip
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+class PostgresAssets:
+    dialect = "postgres"
+
+    def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 3.0) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self.location = redact_url(url)
+        self._pool = ConnectionPool(url, pool_size, connect_timeout=max(1, int(timeout_s)))
+        with self.transaction() as conn:
+            migrate_postgres(conn)
+
+    # -- SQL text ---------------------------------------------------------------------
+    @staticmethod
+    @lru_cache(maxsize=256)
+    def q(sql: str) -> str:
+        return sql.replace("{jsonb}", "::jsonb").replace("{textarr}", "::text[]")
+
+    # -- connections --------------------------------------------------------------------
+    @contextmanager
+    def _errors(self, write: bool) -> Iterator[None]:
+        errors = self._psycopg.errors
+        try:
+            yield
+        except errors.UniqueViolation as exc:
+            raise AssetConflict(f"asset repository: {exc.diag.message_detail or exc}") from exc
+        except self._psycopg.OperationalError as exc:
+            raise TierUnavailable(
+                f"asset repository at {self.location} is unreachable: {exc}"
+            ) from exc
+        except self._psycopg.Error as exc:
+            kind = DurableWriteError if write else StorageError
+            raise kind(f"asset repository at {self.location} refused the request: {exc}") from exc
+
+    @contextmanager
+    def read(self) -> Iterator[Any]:
+        with self._errors(write=False), self._pool.connection() as conn:
+            yield conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        with self._errors(write=True), self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    def lock_names(self, conn, keys: Sequence[str]) -> None:
+        """Serialise writers of the same (type, name) until the transaction ends."""
+        for key in sorted(set(keys)):  # one order everywhere: no deadlocks
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("esper-asset:" + key,))
+
+    def fetchall(self, conn, sql: str, params: Sequence = ()) -> list[tuple]:
+        return conn.execute(self.q(sql), params).fetchall()
+
+    def execute(self, conn, sql: str, params: Sequence = ()) -> int:
+        return conn.execute(self.q(sql), params).rowcount
+
+    def executemany(self, conn, sql: str, rows: Sequence[Sequence]) -> None:
+        with conn.cursor() as cur:
+            cur.executemany(self.q(sql), rows)  # pipelined by psycopg
+
+    @staticmethod
+    def in_list(column: str, values: Sequence) -> tuple[str, list]:
+        return f"{column} = ANY(%s)", [list(values)]
+
+    # -- values -------------------------------------------------------------------------
+    @staticmethod
+    def encode_json(value: Any):
+        from psycopg.types.json import Jsonb
+
+        return Jsonb(value)
+
+    @staticmethod
+    def encode_list(items: Sequence[str]) -> list[str]:
+        return list(items)
+
+    @staticmethod
+    def decode_list(value) -> list[str]:
+        return list(value or [])
+
+    @staticmethod
+    def decode_json(value) -> Any:
+        return value
+
+    @staticmethod
+    def encode_time(dt: datetime | None):
+        return dt
+
+    @staticmethod
+    def decode_time(value) -> datetime | None:
+        return value
+
+    @staticmethod
+    def now():
+        return datetime.now(UTC)
+
+    # -- filters ------------------------------------------------------------------------
+    def tags_filter(self, tags: Sequence[str], match_all: bool) -> tuple[str, list]:
+        return ("tags @> %s::text[]" if match_all else "tags && %s::text[]"), [list(tags)]
+
+    def properties_filter(self, properties: dict) -> tuple[str, list]:
+        return "properties @> %s::jsonb", [_json(properties)]
+
+    def text_filter(self, pattern: str) -> tuple[str, list]:
+        return "(name ILIKE %s ESCAPE '\\' OR properties::text ILIKE %s ESCAPE '\\')", [
+            pattern,
+            pattern,
+        ]
+
+    def size_sql(self) -> str:
+        return "octet_length(data)"
+
+    # -- bulk ---------------------------------------------------------------------------
+    def insert_rows(self, conn, rows: list[tuple]) -> None:
+        """Full asset rows (ASSET_COLUMNS order): INSERT for a few, binary COPY for many."""
+        if len(rows) < 16:  # COPY's extra round trip only pays off for batches
+            marks = ", ".join(["%s"] * len(ASSET_COLUMNS))
+            self.executemany(
+                conn, f"INSERT INTO assets ({', '.join(ASSET_COLUMNS)}) VALUES ({marks})", rows
+            )
+            return
+        types = [
+            "text", "text", "text", "text", "int4", "text", "timestamptz", "text", "text",
+            "text[]", "text[]", "jsonb", "float8", "int8", "text", "bytea", "text",
+            "timestamptz", "int8", "text", "timestamptz",
+        ]  # fmt: skip
+        with (
+            conn.cursor() as cur,
+            cur.copy(
+                f"COPY assets ({', '.join(ASSET_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+            ) as copy,
+        ):
+            copy.set_types(types)
+            for row in rows:
+                copy.write_row(row)
+
+    def insert_events(self, conn, events: list[tuple]) -> None:
+        if len(events) < 16:
+            self.executemany(
+                conn,
+                "INSERT INTO asset_events (asset_id, event, actor, at, details) VALUES (%s, %s, %s, %s, %s)",
+                events,
+            )
+            return
+        with (
+            conn.cursor() as cur,
+            cur.copy(
+                "COPY asset_events (asset_id, event, actor, at, details) FROM STDIN (FORMAT BINARY)"
+            ) as copy,
+        ):
+            copy.set_types(["text", "text", "text", "timestamptz", "jsonb"])
+            for event in events:
+                copy.write_row(event)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class SqliteAssets:
+    dialect = "sqlite"
+
+    def __init__(self, path: Path | str, timeout_s: float = 10.0) -> None:
+        from esper_assets.storage.sql_tier import SqliteTier
+
+        self.path = Path(path)
+        self.location = f"sqlite:///{self.path}"
+        # Reuse the cache's SQLite connection handling (WAL, busy timeout, per-thread).
+        self._tier = SqliteTier(self.path, timeout_s=timeout_s)
+        # ids of connections already set up; the tier keeps every connection open
+        # until close(), so an id cannot be reused by a new connection meanwhile.
+        self._ready: set[int] = set()
+
+    @staticmethod
+    @lru_cache(maxsize=256)
+    def q(sql: str) -> str:
+        return sql.replace("{jsonb}", "").replace("{textarr}", "").replace("%s", "?")
+
+    @contextmanager
+    def _errors(self, write: bool) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" in str(exc):
+                raise AssetConflict(f"asset repository: {exc}") from exc
+            raise DurableWriteError(
+                f"asset repository at {self.path} refused the write: {exc}"
+            ) from exc
+        except sqlite3.OperationalError as exc:
+            raise TierUnavailable(f"asset repository at {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            kind = DurableWriteError if write else StorageError
+            raise kind(f"asset repository at {self.path} refused the request: {exc}") from exc
+
+    def _prepared(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        if id(conn) not in self._ready:
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.create_function("esper_json_contains", 2, _sqlite_contains, deterministic=True)
+            self._ready.add(id(conn))
+        return conn
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        with self._errors(write=False), self._tier._connection() as conn:
+            yield self._prepared(conn)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the database's write lock: writers are serialised,
+        # which is what lock_names has to achieve on PostgreSQL.
+        with (
+            self._errors(write=True),
+            self._tier._connection(write=True) as conn,
+            self._tier._transaction(self._prepared(conn)),
+        ):
+            yield conn
+
+    def lock_names(self, conn, keys: Sequence[str]) -> None:
+        pass  # BEGIN IMMEDIATE already holds the only write lock
+
+    def fetchall(self, conn, sql: str, params: Sequence = ()) -> list[tuple]:
+        return conn.execute(self.q(sql), params).fetchall()
+
+    def execute(self, conn, sql: str, params: Sequence = ()) -> int:
+        return conn.execute(self.q(sql), params).rowcount
+
+    def executemany(self, conn, sql: str, rows: Sequence[Sequence]) -> None:
+        conn.executemany(self.q(sql), rows)
+
+    @staticmethod
+    def in_list(column: str, values: Sequence) -> tuple[str, list]:
+        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+    @staticmethod
+    def encode_json(value: Any) -> str:
+        return _json(value)
+
+    @staticmethod
+    def encode_list(items: Sequence[str]) -> str:
+        return _json(list(items))
+
+    @staticmethod
+    def decode_list(value) -> list[str]:
+        return json.loads(value) if value else []
+
+    @staticmethod
+    def decode_json(value) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @staticmethod
+    def encode_time(dt: datetime | None) -> float | None:
+        return None if dt is None else dt.timestamp()
+
+    @staticmethod
+    def decode_time(value) -> datetime | None:
+        return None if value is None else datetime.fromtimestamp(value, UTC)
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    def tags_filter(self, tags: Sequence[str], match_all: bool) -> tuple[str, list]:
+        marks = ",".join("?" * len(tags))
+        found = (
+            f"(SELECT count(DISTINCT value) FROM json_each(assets.tags) WHERE value IN ({marks}))"
+        )
+        return (f"{found} = {len(set(tags))}" if match_all else f"{found} > 0"), list(tags)
+
+    def properties_filter(self, properties: dict) -> tuple[str, list]:
+        # SQLite has no @>; a Python function gives the same semantics (see json_contains)
+        # without building JSON paths from user-supplied keys.
+        return "esper_json_contains(properties, ?)", [_json(properties)]
+
+    def text_filter(self, pattern: str) -> tuple[str, list]:
+        return "(name LIKE ? ESCAPE '\\' OR properties LIKE ? ESCAPE '\\')", [pattern, pattern]
+
+    def size_sql(self) -> str:
+        return "length(data)"
+
+    def insert_rows(self, conn, rows: list[tuple]) -> None:
+        marks = ",".join("?" * len(ASSET_COLUMNS))
+        conn.executemany(f"INSERT INTO assets ({', '.join(ASSET_COLUMNS)}) VALUES ({marks})", rows)
+
+    def insert_events(self, conn, events: list[tuple]) -> None:
+        conn.executemany(
+            "INSERT INTO asset_events (asset_id, event, actor, at, details) VALUES (?, ?, ?, ?, ?)",
+            events,
+        )
+
+    def close(self) -> None:
+        self._tier.close()
+
+
+def json_contains(stored: Any, wanted: Any) -> bool:
+    """PostgreSQL's ``@>`` on decoded JSON: objects recursively, arrays as subsets."""
+    if isinstance(wanted, dict):
+        return isinstance(stored, dict) and all(
+            key in stored and json_contains(stored[key], value) for key, value in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return isinstance(stored, list) and all(
+            any(json_contains(have, want) for have in stored) for want in wanted
+        )
+    if isinstance(wanted, bool) or isinstance(stored, bool):
+        return stored is wanted
+    return stored == wanted
+
+
+def _sqlite_contains(stored: str, wanted: str) -> int:
+    return int(json_contains(json.loads(stored), json.loads(wanted)))

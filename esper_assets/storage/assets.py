@@ -1,0 +1,913 @@
+"""AssetRepository: the system of record for blueprints, kernels and checkpoints.
+
+Versions, tags, JSON properties, lineage, lifecycle state, access tracking and
+an audit trail, on PostgreSQL or a SQLite file with one contract (see
+docs/ASSET_REPOSITORY_API.md). Data at or under the large-object threshold is
+stored inline; above it, in the object store, written before the row commits
+and deleted again if the transaction fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from esper_assets.errors import (
+    AssetConflict,
+    AssetExpired,
+    AssetNotFound,
+    ConfigError,
+    InvalidAssetField,
+    InvalidQuery,
+    InvalidValue,
+    LineageCycle,
+    StorageError,
+)
+from esper_assets.settings import Settings
+from esper_assets.storage.asset_backends import ASSET_COLUMNS, PostgresAssets, SqliteAssets
+from esper_assets.storage.object_store import ObjectStore, object_store_from_settings
+
+log = logging.getLogger("esper_assets.storage.assets")
+
+ASSET_TYPES = ("blueprint", "kernel", "checkpoint")
+STATES = ("active", "deprecated", "archived")
+ORDER_FIELDS = (
+    "created_at", "name", "version_number", "size_bytes", "compilation_time_ms",
+    "access_count", "last_accessed",
+)  # fmt: skip
+UPDATABLE = frozenset(
+    {"tags", "properties", "state", "expires_at", "parent_id", "derived_from",
+     "compilation_time_ms", "created_by"}
+)  # fmt: skip
+MAX_LIMIT = 10_000
+MAX_TAG_LENGTH = 64
+_BATCH = 5_000  # ids per IN (...) / ANY(...) lookup
+_META_COLUMNS = tuple(c for c in ASSET_COLUMNS if c != "data")
+_META_SELECT = ", ".join(f"assets.{c}" for c in _META_COLUMNS)
+
+
+@dataclass
+class AssetMetadata:
+    asset_type: str
+    name: str
+    version: str = ""
+    asset_id: str = ""
+    created_at: datetime | None = None
+    created_by: str = "esper"
+    parent_id: str | None = None
+    derived_from: list[str] = field(default_factory=list)
+    tags: set[str] = field(default_factory=set)
+    properties: dict[str, Any] = field(default_factory=dict)
+    compilation_time_ms: float | None = None
+    size_bytes: int | None = None
+    checksum: str | None = None
+    last_accessed: datetime | None = None
+    access_count: int = 0
+    state: str = "active"
+    expires_at: datetime | None = None
+    version_number: int = 0
+    previous_version_id: str | None = None
+    object_key: str | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly: sets as sorted lists, times as ISO strings."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, set):
+                value = sorted(value)
+            elif isinstance(value, datetime):
+                value = value.isoformat()
+            out[f.name] = value
+        return out
+
+
+# -- validation ------------------------------------------------------------------------
+def _check_text(what: str, value: object, limit: int = 255) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
+        raise InvalidAssetField(
+            f"{what} must be printable text of 1..{limit} characters, got {value!r:.80}"
+        )
+    return value
+
+
+def _check_choice(what: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise InvalidAssetField(f"{what} {value!r:.40} is unknown; use one of {list(choices)}")
+    return value  # type: ignore[return-value]
+
+
+def _check_tags(tags: object) -> list[str]:
+    if isinstance(tags, str) or not isinstance(tags, Iterable):
+        raise InvalidAssetField(f"tags must be a set or list of strings, got {type(tags).__name__}")
+    out = set()
+    for tag in tags:
+        _check_text("tag", tag, MAX_TAG_LENGTH)
+        if "," in tag:
+            raise InvalidAssetField(f"tag {tag!r} contains a comma; use separate tags")
+        out.add(tag)
+    return sorted(out)
+
+
+def _check_properties(properties: object) -> dict[str, Any]:
+    if not isinstance(properties, Mapping):
+        raise InvalidAssetField(
+            f"properties must be a JSON object (dict), got {type(properties).__name__}"
+        )
+    try:
+        # round trip: rejects NaN/Infinity and non-JSON values, and normalises keys to str
+        return json.loads(json.dumps(dict(properties), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidAssetField(f"properties are not JSON: {exc}") from None
+
+
+def _check_time(what: str, value: object) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidAssetField(f"{what} must be a datetime or None, got {type(value).__name__}")
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _check_id(what: str, value: object) -> str:
+    return _check_text(what, value)
+
+
+def _checked(meta: AssetMetadata, data: object, max_bytes: int) -> tuple[AssetMetadata, bytes]:
+    """A normalised copy of ``meta`` with checksum and size, or an InvalidInput."""
+    if isinstance(data, bytearray | memoryview):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise InvalidValue(f"asset data must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise InvalidValue(
+            f"asset data is {len(data)} bytes, over max_asset_bytes={max_bytes}; raise the limit if intended"
+        )
+    if meta.compilation_time_ms is not None and (
+        not isinstance(meta.compilation_time_ms, int | float)
+        or not math.isfinite(meta.compilation_time_ms)
+    ):
+        raise InvalidAssetField(
+            f"compilation_time_ms must be a finite number, got {meta.compilation_time_ms!r}"
+        )
+    return replace(
+        meta,
+        asset_type=_check_choice("asset_type", meta.asset_type, ASSET_TYPES),
+        name=_check_text("name", meta.name),
+        version=_check_text("version", meta.version, 64) if meta.version else "",
+        asset_id=_check_id("asset_id", meta.asset_id) if meta.asset_id else uuid.uuid4().hex,
+        created_by=_check_text("created_by", meta.created_by),
+        parent_id=_check_id("parent_id", meta.parent_id) if meta.parent_id is not None else None,
+        derived_from=[_check_id("derived_from id", i) for i in _as_list(meta.derived_from)],
+        tags=set(_check_tags(meta.tags)),
+        properties=_check_properties(meta.properties),
+        state=_check_choice("state", meta.state, STATES),
+        expires_at=_check_time("expires_at", meta.expires_at),
+        size_bytes=len(data),
+        checksum=hashlib.sha256(data).hexdigest(),
+    ), data
+
+
+def _as_list(value: object) -> list:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidAssetField(
+            f"derived_from must be a list of asset ids, got {type(value).__name__}"
+        )
+    return list(value)
+
+
+# -- queries ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AssetQuery:
+    """Immutable fluent query: every method returns a new AssetQuery."""
+
+    asset_types: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    tags_match_all: bool = True
+    properties: Mapping[str, Any] | None = None
+    after: datetime | None = None
+    before: datetime | None = None
+    parent_id: str | None = None
+    state: str | None = None
+    checksum: str | None = None
+    name: str | None = None
+    text_search: str | None = None
+    order_field: str = "created_at"
+    ascending: bool = True
+    limit_n: int | None = None
+    offset_n: int = 0
+    expired_too: bool = False
+
+    def _with(self, **changes: Any) -> AssetQuery:
+        return replace(self, **changes)
+
+    def with_type(self, *asset_types: str) -> AssetQuery:
+        for t in asset_types:
+            if t not in ASSET_TYPES:
+                raise InvalidQuery(
+                    f"asset type {t!r:.40} is unknown; use one of {list(ASSET_TYPES)}"
+                )
+        return self._with(asset_types=tuple(asset_types))
+
+    def with_tags(self, tags: Iterable[str], match: str = "all") -> AssetQuery:
+        if match not in ("all", "any"):
+            raise InvalidQuery(f"with_tags(match={match!r}): use 'all' or 'any'")
+        try:
+            checked = _check_tags(tags)
+        except InvalidAssetField as exc:
+            raise InvalidQuery(str(exc)) from None
+        return self._with(tags=tuple(checked), tags_match_all=match == "all")
+
+    def with_properties(self, properties: Mapping[str, Any]) -> AssetQuery:
+        try:
+            return self._with(properties=_check_properties(properties))
+        except InvalidAssetField as exc:
+            raise InvalidQuery(str(exc)) from None
+
+    def created_after(self, when: datetime) -> AssetQuery:
+        return self._with(after=self._time(when))
+
+    def created_before(self, when: datetime) -> AssetQuery:
+        return self._with(before=self._time(when))
+
+    def with_parent(self, parent_id: str) -> AssetQuery:
+        return self._with(parent_id=self._str("parent id", parent_id))
+
+    def with_state(self, state: str) -> AssetQuery:
+        if state not in STATES:
+            raise InvalidQuery(f"state {state!r:.40} is unknown; use one of {list(STATES)}")
+        return self._with(state=state)
+
+    def with_checksum(self, checksum: str) -> AssetQuery:
+        return self._with(checksum=self._str("checksum", checksum))
+
+    def with_name(self, name: str) -> AssetQuery:
+        return self._with(name=self._str("name", name))
+
+    def text(self, needle: str) -> AssetQuery:
+        return self._with(text_search=self._str("text", needle))
+
+    def order_by(self, field_name: str, ascending: bool = True) -> AssetQuery:
+        if field_name not in ORDER_FIELDS:
+            raise InvalidQuery(
+                f"cannot order by {field_name!r:.40}; use one of {list(ORDER_FIELDS)}"
+            )
+        return self._with(order_field=field_name, ascending=bool(ascending))
+
+    def limit(self, n: int) -> AssetQuery:
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_LIMIT:
+            raise InvalidQuery(f"limit must be an integer from 0 to {MAX_LIMIT}, got {n!r}")
+        return self._with(limit_n=n)
+
+    def offset(self, n: int) -> AssetQuery:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise InvalidQuery(f"offset must be a non-negative integer, got {n!r}")
+        return self._with(offset_n=n)
+
+    def include_expired(self) -> AssetQuery:
+        return self._with(expired_too=True)
+
+    @staticmethod
+    def _time(when: object) -> datetime:
+        if not isinstance(when, datetime):
+            raise InvalidQuery(f"expected a datetime, got {type(when).__name__}")
+        return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+    @staticmethod
+    def _str(what: str, value: object) -> str:
+        if not isinstance(value, str) or not value or len(value) > 1000:
+            raise InvalidQuery(
+                f"{what} must be a non-empty string (at most 1000 characters), got {value!r:.40}"
+            )
+        return value
+
+
+def _like_pattern(needle: str) -> str:
+    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+# -- the repository --------------------------------------------------------------------
+class AssetRepository:
+    """Thread-safe; one instance per process is enough (it pools connections)."""
+
+    def __init__(
+        self,
+        postgres_url: str | None = None,
+        sqlite_path: str | None = None,
+        object_store: ObjectStore | None = None,
+        *,
+        large_object_threshold: int = 1 << 20,
+        max_asset_bytes: int = 512 << 20,
+        access_flush_interval_s: float = 5.0,
+    ) -> None:
+        if postgres_url:
+            self._db: PostgresAssets | SqliteAssets = PostgresAssets(postgres_url)
+        elif sqlite_path:
+            self._db = SqliteAssets(sqlite_path)
+        else:
+            raise ConfigError(
+                "AssetRepository needs postgres_url or sqlite_path (or use AssetRepository.from_env())"
+            )
+        self._store = object_store
+        self.large_object_threshold = large_object_threshold
+        self.max_asset_bytes = max_asset_bytes
+        self._access: dict[str, list] = {}  # asset_id -> [count, last access time]
+        self._access_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(
+            target=self._flush_periodically,
+            args=(access_flush_interval_s,),
+            name="esper-assets-access",
+            daemon=True,
+        )
+        self._flusher.start()
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> AssetRepository:
+        settings = Settings.from_env(environ)
+        options: dict[str, Any] = {
+            "postgres_url": settings.database_url,
+            "sqlite_path": None if settings.database_url else str(settings.sqlite_path),
+            "object_store": object_store_from_settings(settings),
+        }
+        return cls(**(options | overrides))
+
+    @property
+    def dialect(self) -> str:
+        return self._db.dialect
+
+    # -- create ----------------------------------------------------------------------
+    def create_asset(self, metadata: AssetMetadata, data: bytes, actor: str = "esper") -> str:
+        return self._create_many([(metadata, data)], actor)[0]
+
+    def bulk_create(
+        self, items: Sequence[tuple[AssetMetadata, bytes]], actor: str = "esper"
+    ) -> list[str]:
+        """Create many assets in one transaction (binary COPY on PostgreSQL); ids in input order."""
+        return self._create_many(items, actor) if items else []
+
+    def _create_many(self, items: Sequence[tuple[AssetMetadata, bytes]], actor: str) -> list[str]:
+        _check_text("actor", actor)
+        checked = [_checked(meta, data, self.max_asset_bytes) for meta, data in items]
+        for attempt in range(3):
+            written: list[str] = []
+            try:
+                with self._db.transaction() as conn:
+                    self._db.lock_names(conn, [f"{m.asset_type}:{m.name}" for m, _ in checked])
+                    ids, rows, events = self._plan(conn, checked, actor, written)
+                    self._db.insert_rows(conn, rows)
+                    self._db.insert_events(conn, events)
+                return ids
+            except AssetConflict:
+                self._delete_objects(written)
+                # The same content committed meanwhile under another name (name locks
+                # do not cover it): look again, and it is found as a duplicate.
+                if attempt == 2:
+                    raise
+            except BaseException:
+                self._delete_objects(written)  # never leave an object without its row
+                raise
+        raise AssertionError("unreachable")
+
+    def _plan(
+        self, conn, checked: list[tuple[AssetMetadata, bytes]], actor: str, written: list[str]
+    ):
+        """Decide, inside the transaction, what each item becomes: a duplicate or a new version."""
+        db = self._db
+        existing = self._existing_checksums(conn, {m.checksum for m, _ in checked})
+        latest = self._latest_versions(conn, {m.name for m, _ in checked})
+        self._require_existing(conn, checked)
+        now = db.now()
+        ids, rows, events = [], [], []
+        for meta, data in checked:
+            duplicate = existing.get((meta.checksum, meta.asset_type))
+            if duplicate is not None:
+                ids.append(duplicate)
+                events.append(
+                    (duplicate, "duplicate", actor, now, db.encode_json({"name": meta.name}))
+                )
+                continue
+            number, previous = latest.get((meta.asset_type, meta.name), (0, None))
+            meta = replace(meta, version_number=number + 1, previous_version_id=previous,
+                           version=meta.version or f"v{number + 1}")  # fmt: skip
+            rows.append(self._row(meta, data, now, written))
+            events.append((meta.asset_id, "created", actor, now,
+                           db.encode_json({"name": meta.name, "version": meta.version})))  # fmt: skip
+            existing[(meta.checksum, meta.asset_type)] = meta.asset_id
+            latest[(meta.asset_type, meta.name)] = (meta.version_number, meta.asset_id)
+            ids.append(meta.asset_id)
+        return ids, rows, events
+
+    def _row(self, meta: AssetMetadata, data: bytes, now, written: list[str]) -> tuple:
+        db = self._db
+        inline, object_key = data, None
+        if self._store is not None and len(data) > self.large_object_threshold:
+            object_key = f"assets/{meta.asset_id}"
+            self._store.put(object_key, data)
+            written.append(object_key)
+            inline = None
+        values = {
+            **{c: getattr(meta, c, None) for c in ASSET_COLUMNS},
+            "created_at": now,
+            "derived_from": db.encode_list(meta.derived_from),
+            "tags": db.encode_list(sorted(meta.tags)),
+            "properties": db.encode_json(meta.properties),
+            "data": inline,
+            "object_key": object_key,
+            "last_accessed": None,
+            "access_count": 0,
+            "expires_at": db.encode_time(meta.expires_at),
+        }
+        return tuple(values[c] for c in ASSET_COLUMNS)
+
+    def _existing_checksums(self, conn, checksums: set[str]) -> dict[tuple[str, str], str]:
+        found = {}
+        for chunk in _chunks(sorted(checksums)):
+            where, params = self._db.in_list("checksum", chunk)
+            for checksum, asset_type, asset_id in self._db.fetchall(
+                conn, f"SELECT checksum, asset_type, asset_id FROM assets WHERE {where}", params
+            ):
+                found[(checksum, asset_type)] = asset_id
+        return found
+
+    def _latest_versions(self, conn, names: set[str]) -> dict[tuple[str, str], tuple[int, str]]:
+        latest = {}
+        for chunk in _chunks(sorted(names)):
+            where, params = self._db.in_list("name", chunk)
+            for asset_type, name, number, asset_id in self._db.fetchall(
+                conn,
+                "SELECT asset_type, name, version_number, asset_id FROM assets a"
+                f" WHERE {where} AND version_number = (SELECT max(version_number) FROM assets b"
+                " WHERE b.asset_type = a.asset_type AND b.name = a.name)",
+                params,
+            ):
+                latest[(asset_type, name)] = (number, asset_id)
+        return latest
+
+    def _require_existing(self, conn, checked: list[tuple[AssetMetadata, bytes]]) -> None:
+        """Every parent and derived_from id exists (earlier items of the batch count)."""
+        batch_ids = {m.asset_id for m, _ in checked}
+        wanted = {ref for m, _ in checked for ref in [m.parent_id, *m.derived_from] if ref}
+        missing = wanted - batch_ids - self._existing_ids(conn, wanted - batch_ids)
+        if missing:
+            raise AssetNotFound(
+                f"referenced asset(s) {sorted(missing)[:5]} do not exist; create parents before their children"
+            )
+
+    def _existing_ids(self, conn, ids: set[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(sorted(ids)):
+            where, params = self._db.in_list("asset_id", chunk)
+            found |= {
+                r[0]
+                for r in self._db.fetchall(
+                    conn, f"SELECT asset_id FROM assets WHERE {where}", params
+                )
+            }
+        return found
+
+    def _delete_objects(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            try:
+                self._store.delete(key)
+            except StorageError as exc:  # collect_garbage() will find it later
+                log.warning("could not delete %s after a failed write: %s", key, exc)
+
+    # -- read ------------------------------------------------------------------------
+    def get_metadata(self, asset_id: str) -> AssetMetadata:
+        _check_id("asset_id", asset_id)
+        with self._db.read() as conn:
+            rows = self._db.fetchall(
+                conn, f"SELECT {_META_SELECT} FROM assets WHERE asset_id = %s", (asset_id,)
+            )
+        if not rows:
+            raise AssetNotFound(f"no asset {asset_id!r}")
+        return self._meta(rows[0])
+
+    def get_asset(self, asset_id: str) -> tuple[AssetMetadata, bytes]:
+        _check_id("asset_id", asset_id)
+        with self._db.read() as conn:
+            rows = self._db.fetchall(
+                conn, f"SELECT {_META_SELECT}, data FROM assets WHERE asset_id = %s", (asset_id,)
+            )
+        if not rows:
+            raise AssetNotFound(f"no asset {asset_id!r}")
+        meta, data = self._meta(rows[0][:-1]), rows[0][-1]
+        if meta.expires_at is not None and meta.expires_at <= datetime.now(UTC):
+            raise AssetExpired(f"asset {asset_id!r} expired at {meta.expires_at.isoformat()}")
+        if data is None:
+            data = self._store.get(meta.object_key) if self._store is not None else None
+            if data is None:
+                raise StorageError(
+                    f"asset {asset_id!r}: its data {meta.object_key!r} is missing from the object store"
+                )
+        self._note_access(asset_id)
+        return meta, bytes(data)
+
+    def _meta(self, row: Sequence) -> AssetMetadata:
+        db = self._db
+        values = dict(zip(_META_COLUMNS, row, strict=True))
+        for column in ("created_at", "last_accessed", "expires_at"):
+            values[column] = db.decode_time(values[column])
+        values["derived_from"] = db.decode_list(values["derived_from"])
+        values["tags"] = set(db.decode_list(values["tags"]))
+        values["properties"] = db.decode_json(values["properties"])
+        return AssetMetadata(**values)
+
+    # -- access tracking ------------------------------------------------------------------
+    def _note_access(self, asset_id: str) -> None:
+        with self._access_lock:
+            entry = self._access.setdefault(asset_id, [0, 0.0])
+            entry[0] += 1
+            entry[1] = time.time()
+
+    def flush_access(self) -> int:
+        """Write the batched access counts; return how many assets were updated."""
+        with self._access_lock:
+            counts, self._access = self._access, {}
+        if not counts:
+            return 0
+        db = self._db
+        rows = [
+            (n, db.encode_time(datetime.fromtimestamp(t, UTC)), i) for i, (n, t) in counts.items()
+        ]
+        try:
+            with db.transaction() as conn:
+                db.executemany(
+                    conn,
+                    "UPDATE assets SET access_count = access_count + %s, last_accessed = %s WHERE asset_id = %s",
+                    rows,
+                )
+        except StorageError:
+            with self._access_lock:  # keep them for the next try
+                for asset_id, (n, t) in counts.items():
+                    entry = self._access.setdefault(asset_id, [0, 0.0])
+                    entry[0] += n
+                    entry[1] = max(entry[1], t)
+            raise
+        return len(rows)
+
+    def _flush_periodically(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.flush_access()
+            except StorageError as exc:
+                log.warning("access counts not flushed yet: %s", exc)
+
+    # -- update ------------------------------------------------------------------------
+    def update_asset(
+        self,
+        asset_id: str,
+        updates: Mapping[str, Any],
+        new_data: bytes | None = None,
+        actor: str = "esper",
+    ) -> str:
+        allowed = UPDATABLE | ({"version"} if new_data is not None else set())
+        unknown = set(updates) - allowed
+        if unknown:
+            raise InvalidAssetField(
+                f"cannot update {sorted(unknown)}; updatable fields: {sorted(allowed)}"
+            )
+        old = self.get_metadata(asset_id)
+        if new_data is not None:
+            new = replace(old, asset_id="", version="", created_at=None, **dict(updates))
+            new_id = self.create_asset(new, new_data, actor)
+            self._audit(asset_id, "new_version", actor, {"new_asset_id": new_id})
+            return new_id
+        changed = self._checked_updates(old, updates)
+        if "parent_id" in changed and changed["parent_id"] is not None:
+            self._refuse_cycle(asset_id, changed["parent_id"])
+        db = self._db
+        encoders = {
+            "tags": lambda v: db.encode_list(sorted(v)),
+            "derived_from": db.encode_list,
+            "properties": db.encode_json,
+            "expires_at": db.encode_time,
+        }
+        assignments = ", ".join(f"{k} = %s" for k in changed)
+        params = [encoders.get(k, lambda v: v)(v) for k, v in changed.items()]
+        with db.transaction() as conn:
+            self._require_existing(conn, [(replace(old, asset_id="", **changed), b"")])
+            if (
+                db.execute(
+                    conn,
+                    f"UPDATE assets SET {assignments} WHERE asset_id = %s",
+                    [*params, asset_id],
+                )
+                != 1
+            ):
+                raise AssetNotFound(f"no asset {asset_id!r}")
+            self._audit_in(
+                conn, asset_id, "updated", actor, {k: _jsonable(v) for k, v in changed.items()}
+            )
+        return asset_id
+
+    @staticmethod
+    def _checked_updates(old: AssetMetadata, updates: Mapping[str, Any]) -> dict[str, Any]:
+        checked, _ = _checked(replace(old, **dict(updates)), b"", max_bytes=0)
+        return {k: getattr(checked, k) for k in updates}
+
+    def _refuse_cycle(self, asset_id: str, new_parent: str) -> None:
+        if new_parent == asset_id or asset_id in {
+            a.asset_id for a in self._ancestors(new_parent, 10_000)
+        }:
+            raise LineageCycle(
+                f"making {new_parent!r} the parent of {asset_id!r} would create a cycle"
+            )
+
+    # -- search ----------------------------------------------------------------------
+    def search_assets(self, query: AssetQuery) -> list[AssetMetadata]:
+        where, params = self._where(query)
+        direction = "ASC" if query.ascending else "DESC"
+        limit = query.limit_n if query.limit_n is not None else 2**62
+        sql = (
+            f"SELECT {_META_SELECT} FROM assets WHERE {where}"
+            f" ORDER BY ({query.order_field} IS NULL), {query.order_field} {direction}, asset_id {direction}"
+            " LIMIT %s OFFSET %s"
+        )  # order_field is from the ORDER_FIELDS whitelist, checked when the query was built
+        with self._db.read() as conn:
+            rows = self._db.fetchall(conn, sql, [*params, limit, query.offset_n])
+        return [self._meta(r) for r in rows]
+
+    def _where(self, q: AssetQuery) -> tuple[str, list]:
+        db = self._db
+        clauses: list[str] = []
+        params: list = []
+
+        def add(sql: str, *values: Any) -> None:
+            clauses.append(sql)
+            params.extend(values)
+
+        if q.asset_types:
+            sql, values = db.in_list("asset_type", q.asset_types)
+            add(sql, *values)
+        if q.tags:
+            sql, values = db.tags_filter(q.tags, q.tags_match_all)
+            add(sql, *values)
+        if q.properties:
+            sql, values = db.properties_filter(dict(q.properties))
+            add(sql, *values)
+        for column, op, value in (
+            ("created_at", ">", db.encode_time(q.after)),
+            ("created_at", "<", db.encode_time(q.before)),
+            ("parent_id", "=", q.parent_id),
+            ("state", "=", q.state),
+            ("checksum", "=", q.checksum),
+            ("name", "=", q.name),
+        ):
+            if value is not None:
+                add(f"{column} {op} %s", value)
+        if q.text_search:
+            sql, values = db.text_filter(_like_pattern(q.text_search))
+            add(sql, *values)
+        if not q.expired_too:
+            add("(expires_at IS NULL OR expires_at > %s)", db.now())
+        return " AND ".join(clauses) or "TRUE", params
+
+    # -- lineage -----------------------------------------------------------------------
+    def get_lineage(self, asset_id: str, depth: int = 5) -> dict[str, Any]:
+        if not isinstance(depth, int) or not 1 <= depth <= 100:
+            raise InvalidQuery(f"depth must be an integer from 1 to 100, got {depth!r}")
+        asset = self.get_metadata(asset_id)
+        ancestors = self._ancestors(asset_id, depth)
+        descendants = self._descendants(asset_id, depth)
+        return {
+            "asset": asset,
+            "parent": ancestors[0] if ancestors else None,
+            "children": [d for d, level in descendants if level == 1],
+            "ancestors": ancestors,
+            "descendants": [d for d, _ in descendants],
+        }
+
+    def _ancestors(self, asset_id: str, depth: int) -> list[AssetMetadata]:
+        sql = (
+            "WITH RECURSIVE up(asset_id, depth) AS ("
+            " SELECT parent_id, 1 FROM assets WHERE asset_id = %s AND parent_id IS NOT NULL"
+            " UNION ALL SELECT a.parent_id, up.depth + 1 FROM assets a JOIN up ON a.asset_id = up.asset_id"
+            " WHERE a.parent_id IS NOT NULL AND up.depth < %s)"
+            f" SELECT {_META_SELECT} FROM up JOIN assets ON assets.asset_id = up.asset_id ORDER BY up.depth"
+        )
+        with self._db.read() as conn:
+            return [self._meta(r) for r in self._db.fetchall(conn, sql, (asset_id, depth))]
+
+    def _descendants(self, asset_id: str, depth: int) -> list[tuple[AssetMetadata, int]]:
+        sql = (
+            "WITH RECURSIVE down(asset_id, depth) AS ("
+            " SELECT asset_id, 1 FROM assets WHERE parent_id = %s"
+            " UNION ALL SELECT a.asset_id, down.depth + 1 FROM assets a JOIN down ON a.parent_id = down.asset_id"
+            " WHERE down.depth < %s)"
+            f" SELECT {_META_SELECT}, down.depth FROM down JOIN assets ON assets.asset_id = down.asset_id"
+            " ORDER BY down.depth, assets.created_at, assets.asset_id"
+        )
+        with self._db.read() as conn:
+            return [
+                (self._meta(r[:-1]), r[-1]) for r in self._db.fetchall(conn, sql, (asset_id, depth))
+            ]
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def deprecate_asset(self, asset_id: str, reason: str, actor: str = "esper") -> None:
+        _check_id("asset_id", asset_id)
+        _check_text("reason", reason, 1000)
+        with self._db.transaction() as conn:
+            if (
+                self._db.execute(
+                    conn, "UPDATE assets SET state = 'deprecated' WHERE asset_id = %s", (asset_id,)
+                )
+                != 1
+            ):
+                raise AssetNotFound(f"no asset {asset_id!r}")
+            self._audit_in(conn, asset_id, "deprecated", actor, {"reason": reason})
+
+    def archive_assets(
+        self, older_than: datetime, move_to_cold_storage: bool = True, actor: str = "esper"
+    ) -> int:
+        """Archive assets created before ``older_than``; move their data under ``archive/``."""
+        cutoff = self._db.encode_time(_check_time("older_than", older_than))
+        with self._db.read() as conn:
+            ids = [r[0] for r in self._db.fetchall(
+                conn, "SELECT asset_id FROM assets WHERE created_at < %s AND state <> 'archived'", (cutoff,)
+            )]  # fmt: skip
+        moving = move_to_cold_storage and self._store is not None
+        for asset_id in ids:
+            self._archive_one(asset_id, moving, actor)
+        return len(ids)
+
+    def _archive_one(self, asset_id: str, moving: bool, actor: str) -> None:
+        with self._db.read() as conn:
+            data, object_key = self._db.fetchall(
+                conn, "SELECT data, object_key FROM assets WHERE asset_id = %s", (asset_id,)
+            )[0]
+        archive_key, old_key = f"archive/{asset_id}", None
+        if moving and object_key != archive_key:
+            payload = bytes(data) if data is not None else self._store.get(object_key)
+            self._store.put(archive_key, payload)  # copy first: the row never points at nothing
+            old_key = object_key
+        with self._db.transaction() as conn:
+            if moving:
+                self._db.execute(
+                    conn, "UPDATE assets SET state = 'archived', data = NULL, object_key = %s WHERE asset_id = %s",
+                    (archive_key, asset_id),
+                )  # fmt: skip
+            else:
+                self._db.execute(
+                    conn, "UPDATE assets SET state = 'archived' WHERE asset_id = %s", (asset_id,)
+                )
+            self._audit_in(
+                conn,
+                asset_id,
+                "archived",
+                actor,
+                {"object_key": archive_key if moving else object_key},
+            )
+        if old_key:
+            self._delete_objects([old_key])
+
+    def deprecate_unused(
+        self, unused_for: timedelta, now: datetime | None = None, actor: str = "esper"
+    ) -> list[str]:
+        """Deprecate active assets nobody read (or, never read, created) within ``unused_for``."""
+        self.flush_access()
+        cutoff = (now or datetime.now(UTC)) - unused_for
+        with self._db.read() as conn:
+            ids = [r[0] for r in self._db.fetchall(
+                conn,
+                "SELECT asset_id FROM assets WHERE state = 'active'"
+                " AND COALESCE(last_accessed, created_at) < %s ORDER BY asset_id",
+                (self._db.encode_time(cutoff),),
+            )]  # fmt: skip
+        for asset_id in ids:
+            self.deprecate_asset(asset_id, f"unused for {unused_for}", actor)
+        return ids
+
+    def apply_retirement_policy(
+        self, policy: Callable[[AssetMetadata], str | None], actor: str = "esper"
+    ) -> list[str]:
+        """Deprecate every active asset for which ``policy`` returns a reason."""
+        retired = []
+        for meta in self.search_assets(AssetQuery().with_state("active").include_expired()):
+            reason = policy(meta)
+            if reason:
+                self.deprecate_asset(meta.asset_id, reason, actor)
+                retired.append(meta.asset_id)
+        return retired
+
+    # -- analytics and audit -------------------------------------------------------------------
+    def get_usage_analytics(self, hot: int = 10) -> dict[str, Any]:
+        self.flush_access()
+        db = self._db
+        with db.read() as conn:
+            by_type = dict(
+                db.fetchall(conn, "SELECT asset_type, count(*) FROM assets GROUP BY asset_type")
+            )
+            by_state = dict(db.fetchall(conn, "SELECT state, count(*) FROM assets GROUP BY state"))
+            total, size = db.fetchall(
+                conn, "SELECT count(*), COALESCE(sum(size_bytes), 0) FROM assets"
+            )[0]
+            hot_rows = db.fetchall(
+                conn,
+                "SELECT asset_id, name, access_count FROM assets WHERE access_count > 0"
+                " ORDER BY access_count DESC, asset_id LIMIT %s",
+                (hot,),
+            )
+        return {
+            "total_assets": int(total),
+            "by_type": {k: int(v) for k, v in by_type.items()},
+            "by_state": {k: int(v) for k, v in by_state.items()},
+            "hot_assets": [
+                {"asset_id": i, "name": n, "access_count": int(c)} for i, n, c in hot_rows
+            ],
+            "storage_size_bytes": int(size),
+            "avg_asset_size_bytes": round(int(size) / total, 1) if total else 0,
+        }
+
+    def get_audit_log(self, asset_id: str) -> list[dict[str, Any]]:
+        _check_id("asset_id", asset_id)
+        db = self._db
+        with db.read() as conn:
+            rows = db.fetchall(
+                conn, "SELECT event, actor, at, details FROM asset_events WHERE asset_id = %s ORDER BY event_id",
+                (asset_id,),
+            )  # fmt: skip
+        return [
+            {"event": e, "actor": a, "at": db.decode_time(at), "details": db.decode_json(d)}
+            for e, a, at, d in rows
+        ]
+
+    def _audit(self, asset_id: str, event: str, actor: str, details: Mapping[str, Any]) -> None:
+        with self._db.transaction() as conn:
+            self._audit_in(conn, asset_id, event, actor, details)
+
+    def _audit_in(
+        self, conn, asset_id: str, event: str, actor: str, details: Mapping[str, Any]
+    ) -> None:
+        _check_text("actor", actor)
+        self._db.insert_events(
+            conn, [(asset_id, event, actor, self._db.now(), self._db.encode_json(dict(details)))]
+        )
+
+    # -- garbage -------------------------------------------------------------------------------
+    def collect_garbage(self, grace: timedelta = timedelta(hours=1)) -> list[str]:
+        """Delete objects under ``assets/`` that no row references and that are older than ``grace``.
+
+        The grace period protects a create in progress, which writes its object
+        before its row commits.
+        """
+        if self._store is None:
+            return []
+        cutoff = time.time() - grace.total_seconds()
+        candidates = [key for key, _, modified in self._store.list("assets/") if modified <= cutoff]
+        referenced: set[str] = set()
+        with self._db.read() as conn:
+            for chunk in _chunks(candidates):
+                where, params = self._db.in_list("object_key", chunk)
+                referenced |= {
+                    r[0]
+                    for r in self._db.fetchall(
+                        conn, f"SELECT object_key FROM assets WHERE {where}", params
+                    )
+                }
+        orphans = [key for key in candidates if key not in referenced]
+        self._delete_objects(orphans)
+        return orphans
+
+    # -- lifecycle of the repository itself ---------------------------------------------------
+    def close(self) -> None:
+        self._stop.set()
+        self._flusher.join(timeout=5)
+        self.flush_access()
+        self._db.close()
+
+    def __enter__(self) -> AssetRepository:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _chunks(items: Sequence) -> Iterable[list]:
+    items = list(items)
+    for i in range(0, len(items), _BATCH):
+        yield items[i : i + _BATCH]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, set):
+        return sorted(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+__all__ = ["AssetMetadata", "AssetQuery", "AssetRepository"]
