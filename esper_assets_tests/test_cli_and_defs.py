@@ -85,3 +85,52 @@ def test_dagster_definitions_load_and_maintenance_job_runs(esper_home):
     assert result.success
     removed = result.output_for_node("clean_kernel_cache")
     assert set(removed) == {"l1", "l3", "l4"}
+
+
+def _seed_chain(esper_home) -> list[str]:
+    from esper_assets.storage import AssetMetadata, AssetRepository
+
+    with AssetRepository.from_env() as repo:
+        base = repo.create_asset(
+            AssetMetadata("blueprint", "mlp", "1.0.0", tags={"mlp"}, properties={"target": "cpu"}),
+            b"a",
+        )
+        child = repo.create_asset(
+            AssetMetadata("blueprint", "mlp-res", parent_id=base, tags={"mlp", "[bold]x"}), b"b"
+        )
+        kernel = repo.create_asset(AssetMetadata("kernel", "mlp-res-k", parent_id=child), b"k")
+    return [base, child, kernel]
+
+
+def test_assets_commands_on_the_embedded_default(esper_home):
+    base, child, kernel = _seed_chain(esper_home)
+    runner = CliRunner()
+    found = json.loads(runner.invoke(main, ["assets", "search", "--tag", "mlp", "--json"]).output)
+    assert {a["asset_id"] for a in found} == {base, child}
+    by_property = json.loads(
+        runner.invoke(
+            main, ["assets", "search", "--property", '{"target": "cpu"}', "--json"]
+        ).output
+    )
+    assert [a["asset_id"] for a in by_property] == [base]
+    lineage = json.loads(runner.invoke(main, ["assets", "lineage", kernel, "--json"]).output)
+    assert [a["asset_id"] for a in lineage["ancestors"]] == [child, base]
+    table = runner.invoke(main, ["assets", "search", "--tag", "[bold]x"])
+    assert table.exit_code == 0 and "[bold]x" in table.output  # data is printed, not read as markup
+    assert (
+        runner.invoke(main, ["assets", "deprecate", kernel, "--reason", "superseded"]).exit_code
+        == 0
+    )
+    shown = json.loads(runner.invoke(main, ["assets", "show", kernel, "--json"]).output)
+    assert shown["asset"]["state"] == "deprecated"
+    assert [e["event"] for e in shown["audit"]] == ["created", "deprecated"]
+
+
+def test_assets_commands_report_bad_input_in_one_line(esper_home):
+    runner = CliRunner()
+    missing = runner.invoke(main, ["assets", "show", "no-such-asset"])
+    assert missing.exit_code == 2 and "no asset 'no-such-asset'" in missing.output
+    bad_order = runner.invoke(main, ["assets", "search", "--order-by", "name; DROP TABLE assets"])
+    assert bad_order.exit_code == 2 and "cannot order by" in bad_order.output
+    bad_json = runner.invoke(main, ["assets", "search", "--property", "{not json"])
+    assert bad_json.exit_code == 2 and "--property is not JSON" in bad_json.output
