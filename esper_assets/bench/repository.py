@@ -1,0 +1,227 @@
+"""``esper bench repository``: AssetRepository against the raw client, same run.
+
+On PostgreSQL (when ESPER_DATABASE_URL is set) and on the embedded SQLite file:
+bulk_create throughput vs a raw bulk write of the very same rows (binary COPY
+on PostgreSQL, ``executemany`` on SQLite), then create / search / lineage
+latencies on the resulting table.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+from esper_assets.settings import Settings
+from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository, DirectoryObjectStore
+from esper_assets.storage.asset_backends import ASSET_COLUMNS
+
+CHAIN = 10  # every 10 assets form one parent chain, so depth-5 lineage has work to do
+
+
+def synthetic_assets(n: int, seed: str) -> list[tuple[AssetMetadata, bytes]]:
+    """Small kernels in chains of CHAIN, with tags and properties to search on."""
+    items = []
+    for i in range(n):
+        asset_id = f"{seed}-{i:07d}"
+        parent = f"{seed}-{i - 1:07d}" if i % CHAIN else None
+        meta = AssetMetadata(
+            asset_type="kernel",
+            name=f"kernel-{i // CHAIN:06d}",
+            asset_id=asset_id,
+            parent_id=parent,
+            tags={f"family-{i % 50}", "bench"},
+            properties={"target": f"cpu{i % 100}", "layers": i % 7},
+            compilation_time_ms=float(i % 1000),
+        )
+        items.append((meta, f"{seed}:{i}".encode() * 4))
+    return items
+
+
+def _raw_rows(items: list[tuple[AssetMetadata, bytes]], repo: AssetRepository) -> list[tuple]:
+    """The rows bulk_create writes, built the way a hand-written loader would."""
+    import hashlib
+
+    db = repo._db
+    now = db.now()
+    versions: dict[str, int] = {}
+    rows = []
+    for meta, data in items:
+        versions[meta.name] = number = versions.get(meta.name, 0) + 1
+        values = {
+            "asset_id": meta.asset_id, "asset_type": meta.asset_type, "name": meta.name,
+            "version": f"v{number}", "version_number": number, "previous_version_id": None,
+            "created_at": now, "created_by": "bench", "parent_id": meta.parent_id,
+            "derived_from": db.encode_list([]), "tags": db.encode_list(sorted(meta.tags)),
+            "properties": db.encode_json(meta.properties),
+            "compilation_time_ms": meta.compilation_time_ms, "size_bytes": len(data),
+            "checksum": hashlib.sha256(data).hexdigest(), "data": data, "object_key": None,
+            "last_accessed": None, "access_count": 0, "state": "active", "expires_at": None,
+        }  # fmt: skip
+        rows.append(tuple(values[c] for c in ASSET_COLUMNS))
+    return rows
+
+
+def _raw_bulk(repo: AssetRepository, rows: list[tuple]) -> float:
+    """Seconds for the raw client to write ``rows`` into a twin of the assets table."""
+    db = repo._db
+    with db.transaction() as conn:
+        if db.dialect == "postgres":
+            # Same columns, checks, unique constraints and indexes (GIN included); not
+            # the foreign keys, which the raw loader cannot be asked to honour.
+            conn.execute("CREATE TABLE raw_assets (LIKE assets INCLUDING ALL)")
+            start = time.perf_counter()
+            with (
+                conn.cursor() as cur,
+                cur.copy(
+                    f"COPY raw_assets ({', '.join(ASSET_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+                ) as copy,
+            ):
+                copy.set_types(db.COPY_TYPES)
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            for (ddl,) in conn.execute(
+                "SELECT sql FROM sqlite_master WHERE tbl_name = 'assets' AND sql IS NOT NULL"
+                " ORDER BY type = 'index'"  # the table before its indexes
+            ).fetchall():
+                conn.execute(_twin(ddl))
+            start = time.perf_counter()
+            marks = ",".join("?" * len(ASSET_COLUMNS))
+            conn.executemany(
+                f"INSERT INTO raw_assets ({', '.join(ASSET_COLUMNS)}) VALUES ({marks})", rows
+            )
+    seconds = time.perf_counter() - start  # includes the commit
+    with db.transaction() as conn:
+        conn.execute("DROP TABLE raw_assets")
+    return seconds
+
+
+def _twin(ddl: str) -> str:
+    """The same CREATE statement for raw_assets (and its indexes), foreign keys dropped."""
+    ddl = ddl.replace(" REFERENCES assets (asset_id)", "")
+    ddl = ddl.replace("CREATE TABLE assets", "CREATE TABLE raw_assets")
+    ddl = ddl.replace(" ON assets ", " ON raw_assets ").replace(
+        "INDEX assets_", "INDEX raw_assets_"
+    )
+    return ddl
+
+
+def _p50_ms(fn: Callable[[], object], repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(samples), 3)
+
+
+@contextmanager
+def _repositories(settings: Settings) -> Iterator[list[tuple[str, AssetRepository]]]:
+    with TemporaryDirectory(prefix="esper-bench-repo-") as tmp:
+        store = DirectoryObjectStore(Path(tmp) / "objects")
+        repos = [
+            (
+                "sqlite",
+                AssetRepository(sqlite_path=str(Path(tmp) / "bench.sqlite3"), object_store=store),
+            )
+        ]
+        schema = None
+        if settings.database_url:
+            import psycopg
+
+            schema = f"esper_bench_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(settings.database_url, autocommit=True) as admin:
+                admin.execute(f"CREATE SCHEMA {schema}")
+            sep = "&" if "?" in settings.database_url else "?"
+            url = f"{settings.database_url}{sep}options=-csearch_path%3D{schema}"
+            repos.insert(0, ("postgres", AssetRepository(postgres_url=url, object_store=store)))
+        try:
+            yield repos
+        finally:
+            for _, repo in repos:
+                repo.close()
+            if schema:
+                with psycopg.connect(settings.database_url, autocommit=True) as admin:
+                    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def bench_backend(
+    repo: AssetRepository, n: int, repeats: int, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    label = repo.dialect
+    progress(f"{label}: preparing {n} assets ...")
+    items = synthetic_assets(n, "a")
+    raw_rows = _raw_rows(synthetic_assets(n, "r"), repo)
+    progress(f"{label}: raw bulk write of {n} rows ...")
+    raw_s = _raw_bulk(repo, raw_rows)
+    progress(f"{label}: bulk_create of {n} assets ...")
+    start = time.perf_counter()
+    repo.bulk_create(items, actor="bench")
+    ours_s = time.perf_counter() - start
+    ours_rate, raw_rate = n / ours_s, n / raw_s
+
+    progress(f"{label}: create, search and lineage latencies ...")
+    counter = iter(range(10**9))
+
+    def create() -> None:
+        i = next(counter)
+        repo.create_asset(
+            AssetMetadata("checkpoint", f"ckpt-{i}", tags={"bench"}), f"ckpt:{i}".encode()
+        )
+
+    middle = items[n // 2 + CHAIN - 1][0].asset_id  # the deepest asset of a chain: 9 ancestors
+    queries = {
+        "by name": AssetQuery().with_name("kernel-000123"),
+        "type + tag, top 20 by compile time": AssetQuery()
+        .with_type("kernel").with_tags(["family-7"]).order_by("compilation_time_ms").limit(20),
+        "properties containment, 20": AssetQuery().with_properties({"target": "cpu42"}).limit(20),
+        "children of a parent": AssetQuery().with_parent(items[n // 2][0].asset_id),
+    }  # fmt: skip
+    search = {
+        name: _p50_ms(lambda q=q: repo.search_assets(q), repeats) for name, q in queries.items()
+    }
+    result = {
+        "backend": label,
+        "assets": n,
+        "bulk_create_per_s": round(ours_rate),
+        "raw_bulk_per_s": round(raw_rate),
+        "raw_client": "binary COPY (psycopg)" if label == "postgres" else "sqlite3 executemany",
+        "raw_table": "same columns, constraints and indexes; no foreign keys",
+        "bulk_ratio": round(ours_rate / raw_rate, 3),
+        "create_p50_ms": _p50_ms(create, repeats),
+        "search_p50_ms": search,
+        "lineage_depth5_p50_ms": _p50_ms(lambda: repo.get_lineage(middle, depth=5), repeats),
+    }
+    worst_search = max(search.values())
+    result["targets"] = {
+        "bulk >= 100k/s and >= 0.6x raw": ours_rate >= 100_000 and ours_rate >= 0.6 * raw_rate,
+        "create p50 <= 2 ms": result["create_p50_ms"] <= 2,
+        "search p50 <= 3 ms (every query)": worst_search <= 3,
+        "lineage p50 <= 2 ms": result["lineage_depth5_p50_ms"] <= 2,
+    }
+    return result
+
+
+def run(
+    settings: Settings, quick: bool = False, progress: Callable[[str], None] = print
+) -> dict[str, Any]:
+    n = 10_000 if quick else 100_000
+    repeats = 30 if quick else 200
+    with _repositories(settings) as repos:
+        results = [bench_backend(repo, n, repeats, progress) for _, repo in repos]
+    return {
+        "bench": "repository",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": settings.describe(),
+        "results": results,
+        "notes": []
+        if settings.database_url
+        else ["PostgreSQL skipped: ESPER_DATABASE_URL not set"],
+    }
