@@ -276,19 +276,17 @@ class SqliteAssets:
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        with self._errors(write=False), self._tier._connection() as conn:
-            yield self._prepared(conn)
+        with self._errors(write=False):
+            yield self._prepared(self._tier.thread_connection())
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         # BEGIN IMMEDIATE takes the database's write lock: writers are serialised,
         # which is what lock_names has to achieve on PostgreSQL.
-        with (
-            self._errors(write=True),
-            self._tier._connection(write=True) as conn,
-            self._tier._transaction(self._prepared(conn)),
-        ):
-            yield conn
+        with self._errors(write=True):
+            conn = self._prepared(self._tier.thread_connection())
+            with self._tier._transaction(conn):
+                yield conn
 
     def lock_names(self, conn, keys: Sequence[str]) -> None:
         pass  # BEGIN IMMEDIATE already holds the only write lock

@@ -329,13 +329,17 @@ class SqliteTier(SqlTier):
             self._all.append(conn)
         return conn
 
+    def thread_connection(self) -> sqlite3.Connection:
+        """This thread's connection (SQLite connections are cheap; sharing one needs a lock)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
     @contextmanager
     def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         try:
-            conn = getattr(self._local, "conn", None)
-            if conn is None:
-                conn = self._local.conn = self._connect()
-            yield conn
+            yield self.thread_connection()
         except sqlite3.OperationalError as exc:
             raise TierUnavailable(f"L3 SQLite at {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
