@@ -275,3 +275,59 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 5.
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.05)
+
+
+# -- asset repository ---------------------------------------------------------------------
+ASSET_BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture
+def make_repo(request, tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """Build AssetRepositories; ``make_repo(backend, **overrides)``.
+
+    ``sqlite``: SQLite file + DirectoryObjectStore under ``tmp_path``. ``postgres``:
+    this test's own schema + S3 over HTTP (moto, own bucket, prefix ``esper``).
+    Every call on one backend opens the *same* database and object store, so a
+    second repository sees what the first one committed. ``make_repo.store(backend)``
+    is a separate ObjectStore on the same location, for looking at objects directly.
+    All repositories are closed afterwards, before the schema is dropped.
+    """
+    from esper_assets.storage import AssetRepository
+    from esper_assets.storage.object_store import (
+        DirectoryObjectStore,
+        S3ObjectStore,
+        make_s3_client,
+    )
+
+    built: list = []
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "postgres" in callspec.params.values():
+        # Request the services now so they are torn down after the repositories close.
+        for name in ("pg_url", "s3_endpoint", "s3_bucket"):
+            request.getfixturevalue(name)
+
+    def store(backend: str = "sqlite"):
+        if backend == "sqlite":
+            return DirectoryObjectStore(tmp_path / "objects")
+        if backend == "postgres":
+            client = make_s3_client(request.getfixturevalue("s3_endpoint"))
+            return S3ObjectStore(client, request.getfixturevalue("s3_bucket"), "esper")
+        raise ValueError(backend)
+
+    def build(backend: str = "sqlite", **overrides):
+        if backend == "sqlite":
+            base = {"sqlite_path": str(tmp_path / "assets.sqlite3")}
+        elif backend == "postgres":
+            base = {"postgres_url": request.getfixturevalue("pg_url")}
+        else:
+            raise ValueError(backend)
+        base["object_store"] = store(backend)
+        repo = AssetRepository(**{**base, **overrides})
+        built.append(repo)
+        return repo
+
+    build.store = store
+    yield build
+    for repo in reversed(built):
+        with contextlib.suppress(Exception):  # a test may have closed it already
+            repo.close()

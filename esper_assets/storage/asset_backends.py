@@ -41,7 +41,8 @@ def _as_is(text: str) -> str:
     return text
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # one encoder, not one per call
+# One encoder, not one per call; UTF-8 kept as is so stored JSON reads (and searches) naturally.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 
 
 def _json(value: Any) -> str:
@@ -182,11 +183,15 @@ class PostgresAssets:
     def properties_filter(self, properties: dict) -> tuple[str, list]:
         return "properties @> %s::jsonb", [_json(properties)]
 
-    def text_filter(self, pattern: str) -> tuple[str, list]:
-        return "(name ILIKE %s ESCAPE '\\' OR properties::text ILIKE %s ESCAPE '\\')", [
-            pattern,
-            pattern,
-        ]
+    def text_filter(self, needle: str) -> tuple[str, list]:
+        """Case-insensitive substring of the name or of any scalar value in properties
+        (not keys, not JSON punctuation)."""
+        pattern = _like_pattern(needle)
+        return (
+            "(name ILIKE %s ESCAPE '\\' OR EXISTS (SELECT 1 FROM jsonb_path_query(properties, 'strict $.**') AS v"
+            " WHERE jsonb_typeof(v) IN ('string', 'number', 'boolean') AND v #>> '{}' ILIKE %s ESCAPE '\\'))",
+            [pattern, pattern],
+        )
 
     def size_sql(self) -> str:
         return "octet_length(data)"
@@ -271,6 +276,7 @@ class SqliteAssets:
         if id(conn) not in self._ready:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.create_function("esper_json_contains", 2, _sqlite_contains, deterministic=True)
+            conn.create_function("esper_text_match", 3, _sqlite_text_match, deterministic=True)
             self._ready.add(id(conn))
         return conn
 
@@ -348,8 +354,9 @@ class SqliteAssets:
         # without building JSON paths from user-supplied keys.
         return "esper_json_contains(properties, ?)", [_json(properties)]
 
-    def text_filter(self, pattern: str) -> tuple[str, list]:
-        return "(name LIKE ? ESCAPE '\\' OR properties LIKE ? ESCAPE '\\')", [pattern, pattern]
+    def text_filter(self, needle: str) -> tuple[str, list]:
+        # SQLite's LIKE folds ASCII case only; a Python function matches ILIKE's behaviour.
+        return "esper_text_match(name, properties, ?)", [needle.casefold()]
 
     def size_sql(self) -> str:
         return "length(data)"
@@ -385,3 +392,28 @@ def json_contains(stored: Any, wanted: Any) -> bool:
 
 def _sqlite_contains(stored: str, wanted: str) -> int:
     return int(json_contains(json.loads(stored), json.loads(wanted)))
+
+
+def _scalars(value: Any) -> Iterator[str]:
+    """Every scalar in a JSON value as text, the way PostgreSQL's ``#>> '{}'`` prints it."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _scalars(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _scalars(item)
+    elif isinstance(value, str):
+        yield value
+    elif value is not None:
+        yield _json(value)  # numbers and booleans as JSON spells them
+
+
+def _sqlite_text_match(name: str, properties: str, folded_needle: str) -> int:
+    if folded_needle in name.casefold():
+        return 1
+    return int(any(folded_needle in text.casefold() for text in _scalars(json.loads(properties))))
+
+
+def _like_pattern(needle: str) -> str:
+    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"

@@ -56,6 +56,13 @@ MAX_TAG_LENGTH = 64
 _BATCH = 5_000  # ids per IN (...) / ANY(...) lookup
 _META_COLUMNS = tuple(c for c in ASSET_COLUMNS if c != "data")
 _META_SELECT = ", ".join(f"assets.{c}" for c in _META_COLUMNS)
+_ANCESTORS_SQL = (  # nearest first; asset_id is the first column
+    "WITH RECURSIVE up(asset_id, depth) AS ("
+    " SELECT parent_id, 1 FROM assets WHERE asset_id = %s AND parent_id IS NOT NULL"
+    " UNION ALL SELECT a.parent_id, up.depth + 1 FROM assets a JOIN up ON a.asset_id = up.asset_id"
+    " WHERE a.parent_id IS NOT NULL AND up.depth < %s)"
+    f" SELECT {_META_SELECT} FROM up JOIN assets ON assets.asset_id = up.asset_id ORDER BY up.depth"
+)
 
 
 @dataclass
@@ -320,11 +327,6 @@ class AssetQuery:
         return value
 
 
-def _like_pattern(needle: str) -> str:
-    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
 # -- the repository --------------------------------------------------------------------
 class AssetRepository:
     """Thread-safe; one instance per process is enough (it pools connections)."""
@@ -534,23 +536,30 @@ class AssetRepository:
 
     def get_asset(self, asset_id: str) -> tuple[AssetMetadata, bytes]:
         _check_id("asset_id", asset_id)
+        # Two tries: archiving may move the object between our row read and our object
+        # read; the row read again then names the new place.
+        for _ in range(2):
+            meta, data = self._read_row(asset_id)
+            if data is None and self._store is not None:
+                data = self._store.get(meta.object_key)
+            if data is not None:
+                self._note_access(asset_id)
+                return meta, bytes(data)
+        raise StorageError(
+            f"asset {asset_id!r}: its data {meta.object_key!r} is missing from the object store"
+        )
+
+    def _read_row(self, asset_id: str) -> tuple[AssetMetadata, bytes | None]:
         with self._db.read() as conn:
             rows = self._db.fetchall(
                 conn, f"SELECT {_META_SELECT}, data FROM assets WHERE asset_id = %s", (asset_id,)
             )
         if not rows:
             raise AssetNotFound(f"no asset {asset_id!r}")
-        meta, data = self._meta(rows[0][:-1]), rows[0][-1]
+        meta = self._meta(rows[0][:-1])
         if meta.expires_at is not None and meta.expires_at <= datetime.now(UTC):
             raise AssetExpired(f"asset {asset_id!r} expired at {meta.expires_at.isoformat()}")
-        if data is None:
-            data = self._store.get(meta.object_key) if self._store is not None else None
-            if data is None:
-                raise StorageError(
-                    f"asset {asset_id!r}: its data {meta.object_key!r} is missing from the object store"
-                )
-        self._note_access(asset_id)
-        return meta, bytes(data)
+        return meta, rows[0][-1]
 
     def _meta(self, row: Sequence) -> AssetMetadata:
         db = self._db
@@ -617,14 +626,14 @@ class AssetRepository:
                 f"cannot update {sorted(unknown)}; updatable fields: {sorted(allowed)}"
             )
         old = self.get_metadata(asset_id)
+        if not updates and new_data is None:
+            return asset_id  # nothing to change
         if new_data is not None:
             new = replace(old, asset_id="", version="", created_at=None, **dict(updates))
             new_id = self.create_asset(new, new_data, actor)
             self._audit(asset_id, "new_version", actor, {"new_asset_id": new_id})
             return new_id
         changed = self._checked_updates(old, updates)
-        if "parent_id" in changed and changed["parent_id"] is not None:
-            self._refuse_cycle(asset_id, changed["parent_id"])
         db = self._db
         encoders = {
             "tags": lambda v: db.encode_list(sorted(v)),
@@ -636,6 +645,8 @@ class AssetRepository:
         params = [encoders.get(k, lambda v: v)(v) for k, v in changed.items()]
         with db.transaction() as conn:
             self._require_existing(conn, [replace(old, asset_id="", **changed)])
+            if changed.get("parent_id") is not None:
+                self._refuse_cycle(conn, asset_id, changed["parent_id"])
             if (
                 db.execute(
                     conn,
@@ -655,10 +666,12 @@ class AssetRepository:
         checked, _, _ = _checked(replace(old, **dict(updates)), b"", max_bytes=0)
         return {k: getattr(checked, k) for k in updates}
 
-    def _refuse_cycle(self, asset_id: str, new_parent: str) -> None:
-        if new_parent == asset_id or asset_id in {
-            a.asset_id for a in self._ancestors(new_parent, 10_000)
-        }:
+    def _refuse_cycle(self, conn, asset_id: str, new_parent: str) -> None:
+        """Inside the write transaction, after every other lineage change has committed:
+        PostgreSQL takes one lineage lock, SQLite's BEGIN IMMEDIATE already serialises."""
+        self._db.lock_names(conn, ["lineage"])
+        ancestors = self._db.fetchall(conn, _ANCESTORS_SQL, (new_parent, 10_000))
+        if new_parent == asset_id or asset_id in {row[0] for row in ancestors}:
             raise LineageCycle(
                 f"making {new_parent!r} the parent of {asset_id!r} would create a cycle"
             )
@@ -706,7 +719,7 @@ class AssetRepository:
             if value is not None:
                 add(f"{column} {op} %s", value)
         if q.text_search:
-            sql, values = db.text_filter(_like_pattern(q.text_search))
+            sql, values = db.text_filter(q.text_search)
             add(sql, *values)
         if not q.expired_too:
             add("(expires_at IS NULL OR expires_at > %s)", db.now())
@@ -728,15 +741,10 @@ class AssetRepository:
         }
 
     def _ancestors(self, asset_id: str, depth: int) -> list[AssetMetadata]:
-        sql = (
-            "WITH RECURSIVE up(asset_id, depth) AS ("
-            " SELECT parent_id, 1 FROM assets WHERE asset_id = %s AND parent_id IS NOT NULL"
-            " UNION ALL SELECT a.parent_id, up.depth + 1 FROM assets a JOIN up ON a.asset_id = up.asset_id"
-            " WHERE a.parent_id IS NOT NULL AND up.depth < %s)"
-            f" SELECT {_META_SELECT} FROM up JOIN assets ON assets.asset_id = up.asset_id ORDER BY up.depth"
-        )
         with self._db.read() as conn:
-            return [self._meta(r) for r in self._db.fetchall(conn, sql, (asset_id, depth))]
+            return [
+                self._meta(r) for r in self._db.fetchall(conn, _ANCESTORS_SQL, (asset_id, depth))
+            ]
 
     def _descendants(self, asset_id: str, depth: int) -> list[tuple[AssetMetadata, int]]:
         sql = (
