@@ -56,11 +56,14 @@ MAX_TAG_LENGTH = 64
 _BATCH = 5_000  # ids per IN (...) / ANY(...) lookup
 _META_COLUMNS = tuple(c for c in ASSET_COLUMNS if c != "data")
 _META_SELECT = ", ".join(f"assets.{c}" for c in _META_COLUMNS)
-_ANCESTORS_SQL = (  # nearest first; asset_id is the first column
+# Nearest first; asset_id is the first column. The step is a scalar subquery, not a
+# join: with a join SQLite builds a Bloom filter over the whole table at every step
+# (13 ms at 100k assets instead of 0.05 ms). A NULL parent ends the walk.
+_ANCESTORS_SQL = (
     "WITH RECURSIVE up(asset_id, depth) AS ("
-    " SELECT parent_id, 1 FROM assets WHERE asset_id = %s AND parent_id IS NOT NULL"
-    " UNION ALL SELECT a.parent_id, up.depth + 1 FROM assets a JOIN up ON a.asset_id = up.asset_id"
-    " WHERE a.parent_id IS NOT NULL AND up.depth < %s)"
+    " SELECT parent_id, 1 FROM assets WHERE asset_id = %s"
+    " UNION ALL SELECT (SELECT a.parent_id FROM assets a WHERE a.asset_id = up.asset_id), up.depth + 1"
+    " FROM up WHERE up.asset_id IS NOT NULL AND up.depth < %s)"
     f" SELECT {_META_SELECT} FROM up JOIN assets ON assets.asset_id = up.asset_id ORDER BY up.depth"
 )
 
@@ -683,7 +686,7 @@ class AssetRepository:
         limit = query.limit_n if query.limit_n is not None else 2**62
         sql = (
             f"SELECT {_META_SELECT} FROM assets WHERE {where}"
-            f" ORDER BY ({query.order_field} IS NULL), {query.order_field} {direction}, asset_id {direction}"
+            f" ORDER BY {query.order_field} {direction} NULLS LAST, asset_id {direction}"
             " LIMIT %s OFFSET %s"
         )  # order_field is from the ORDER_FIELDS whitelist, checked when the query was built
         with self._db.read() as conn:
@@ -902,9 +905,13 @@ class AssetRepository:
         )
 
     def analyze(self) -> None:
-        """Refresh the planner's statistics (autovacuum would, later) so searches use indexes."""
+        """Refresh planner statistics now rather than whenever autovacuum gets to it; on
+        PostgreSQL also merge the GIN pending lists, which after a bulk load made a
+        properties search spend 10 ms of its 16 ms scanning them."""
         with self._db.read() as conn:
-            conn.execute("ANALYZE assets")
+            conn.execute(
+                "VACUUM (ANALYZE) assets" if self._db.dialect == "postgres" else "ANALYZE assets"
+            )
 
     # -- garbage -------------------------------------------------------------------------------
     def collect_garbage(self, grace: timedelta = timedelta(hours=1)) -> list[str]:

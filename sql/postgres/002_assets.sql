@@ -32,6 +32,9 @@ CREATE INDEX IF NOT EXISTS assets_type_created_idx ON assets (asset_type, create
 CREATE INDEX IF NOT EXISTS assets_parent_idx ON assets (parent_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS assets_state_idx ON assets (state);
 CREATE INDEX IF NOT EXISTS assets_name_idx ON assets (name);
+-- Orderable search fields, so "top N by X" walks an index instead of sorting every match.
+CREATE INDEX IF NOT EXISTS assets_created_idx ON assets (created_at);
+CREATE INDEX IF NOT EXISTS assets_compile_time_idx ON assets (compilation_time_ms);
 CREATE INDEX IF NOT EXISTS assets_tags_idx ON assets USING GIN (tags);
 CREATE INDEX IF NOT EXISTS assets_properties_idx ON assets USING GIN (properties jsonb_path_ops);
 CREATE INDEX IF NOT EXISTS assets_access_idx ON assets (access_count DESC);

@@ -29,9 +29,13 @@ CREATE TABLE IF NOT EXISTS assets (
 );
 
 CREATE INDEX IF NOT EXISTS assets_type_created_idx ON assets (asset_type, created_at);
-CREATE INDEX IF NOT EXISTS assets_parent_idx ON assets (parent_id) WHERE parent_id IS NOT NULL;
+-- Not partial: SQLite will not use a partial index for the recursive lineage joins.
+CREATE INDEX IF NOT EXISTS assets_parent_idx ON assets (parent_id);
 CREATE INDEX IF NOT EXISTS assets_state_idx ON assets (state);
 CREATE INDEX IF NOT EXISTS assets_name_idx ON assets (name);
+-- Orderable search fields, so "top N by X" walks an index instead of sorting every match.
+CREATE INDEX IF NOT EXISTS assets_created_idx ON assets (created_at);
+CREATE INDEX IF NOT EXISTS assets_compile_time_idx ON assets (compilation_time_ms);
 CREATE INDEX IF NOT EXISTS assets_access_idx ON assets (access_count DESC);
 
 CREATE TABLE IF NOT EXISTS asset_events (
