@@ -134,3 +134,29 @@ def test_assets_commands_report_bad_input_in_one_line(esper_home):
     assert bad_order.exit_code == 2 and "cannot order by" in bad_order.output
     bad_json = runner.invoke(main, ["assets", "search", "--property", "{not json"])
     assert bad_json.exit_code == 2 and "--property is not JSON" in bad_json.output
+
+
+def test_repository_bench_measures_against_a_raw_bulk_write(tmp_path):
+    from esper_assets.bench import repository as repository_bench
+    from esper_assets.storage import AssetRepository, DirectoryObjectStore
+
+    repo = AssetRepository(
+        sqlite_path=str(tmp_path / "b.sqlite3"), object_store=DirectoryObjectStore(tmp_path / "o")
+    )
+    with repo:
+        result = repository_bench.bench_backend(repo, n=300, repeats=3, progress=lambda _: None)
+        assert repo.get_usage_analytics()["total_assets"] == 300 + 3  # bulk + the timed creates
+        assert not repo._db.fetchall(
+            repo._db._tier.thread_connection(),
+            "SELECT name FROM sqlite_master WHERE name = 'raw_assets'",
+        )
+    assert result["bulk_ratio"] == pytest.approx(
+        result["bulk_create_per_s"] / result["raw_bulk_per_s"], rel=0.01
+    )
+    assert set(result["search_p50_ms"]) == {
+        "by name",
+        "type + tag, top 20 by compile time",
+        "properties containment, 20",
+        "children of a parent",
+    }
+    assert all(isinstance(v, bool) for v in result["targets"].values())

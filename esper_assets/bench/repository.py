@@ -8,7 +8,6 @@ latencies on the resulting table.
 
 from __future__ import annotations
 
-import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from esper_assets.bench.timing import wall_ms
 from esper_assets.settings import Settings
 from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository, DirectoryObjectStore
 from esper_assets.storage.asset_backends import ASSET_COLUMNS
@@ -77,15 +77,7 @@ def _raw_bulk(repo: AssetRepository, rows: list[tuple]) -> float:
             # the foreign keys, which the raw loader cannot be asked to honour.
             conn.execute("CREATE TABLE raw_assets (LIKE assets INCLUDING ALL)")
             start = time.perf_counter()
-            with (
-                conn.cursor() as cur,
-                cur.copy(
-                    f"COPY raw_assets ({', '.join(ASSET_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-                ) as copy,
-            ):
-                copy.set_types(db.COPY_TYPES)
-                for row in rows:
-                    copy.write_row(row)
+            db.copy_rows(conn, "raw_assets", rows)
         else:
             for (ddl,) in conn.execute(
                 "SELECT sql FROM sqlite_master WHERE tbl_name = 'assets' AND sql IS NOT NULL"
@@ -111,15 +103,6 @@ def _twin(ddl: str) -> str:
         "INDEX assets_", "INDEX raw_assets_"
     )
     return ddl
-
-
-def _p50_ms(fn: Callable[[], object], repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(samples), 3)
 
 
 @contextmanager
@@ -185,7 +168,7 @@ def bench_backend(
         "children of a parent": AssetQuery().with_parent(items[n // 2][0].asset_id),
     }  # fmt: skip
     search = {
-        name: _p50_ms(lambda q=q: repo.search_assets(q), repeats) for name, q in queries.items()
+        name: wall_ms(lambda q=q: repo.search_assets(q), repeats) for name, q in queries.items()
     }
     result = {
         "backend": label,
@@ -195,9 +178,9 @@ def bench_backend(
         "raw_client": "binary COPY (psycopg)" if label == "postgres" else "sqlite3 executemany",
         "raw_table": "same columns, constraints and indexes; no foreign keys",
         "bulk_ratio": round(ours_rate / raw_rate, 3),
-        "create_p50_ms": _p50_ms(create, repeats),
+        "create_p50_ms": wall_ms(create, repeats),
         "search_p50_ms": search,
-        "lineage_depth5_p50_ms": _p50_ms(lambda: repo.get_lineage(middle, depth=5), repeats),
+        "lineage_depth5_p50_ms": wall_ms(lambda: repo.get_lineage(middle, depth=5), repeats),
     }
     worst_search = max(search.values())
     result["targets"] = {

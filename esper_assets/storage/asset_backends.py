@@ -205,10 +205,14 @@ class PostgresAssets:
                 conn, f"INSERT INTO assets ({', '.join(ASSET_COLUMNS)}) VALUES ({marks})", rows
             )
             return
+        self.copy_rows(conn, "assets", rows)
+
+    def copy_rows(self, conn, table: str, rows: list[tuple]) -> None:
+        """Binary COPY of full asset rows into ``table`` (assets, or a twin of it)."""
         with (
             conn.cursor() as cur,
             cur.copy(
-                f"COPY assets ({', '.join(ASSET_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+                f"COPY {table} ({', '.join(ASSET_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
             ) as copy,
         ):
             copy.set_types(self.COPY_TYPES)
