@@ -193,9 +193,6 @@ class PostgresAssets:
             [pattern, pattern],
         )
 
-    def size_sql(self) -> str:
-        return "octet_length(data)"
-
     # -- bulk ---------------------------------------------------------------------------
     def insert_rows(self, conn, rows: list[tuple]) -> None:
         """Full asset rows (ASSET_COLUMNS order): INSERT for a few, binary COPY for many."""
@@ -361,9 +358,6 @@ class SqliteAssets:
     def text_filter(self, needle: str) -> tuple[str, list]:
         # SQLite's LIKE folds ASCII case only; a Python function matches ILIKE's behaviour.
         return "esper_text_match(name, properties, ?)", [needle.casefold()]
-
-    def size_sql(self) -> str:
-        return "length(data)"
 
     def insert_rows(self, conn, rows: list[tuple]) -> None:
         marks = ",".join("?" * len(ASSET_COLUMNS))
