@@ -27,7 +27,9 @@ from esper_assets.errors import (
     redact_url,
 )
 from esper_assets.storage.migrations import migrate_postgres
-from esper_assets.storage.sql_tier import ConnectionPool
+from esper_assets.storage.sql_tier import ConnectionPool, is_connection_error
+
+MAX_NAME_LOCKS = 32  # above this many names, a batch locks all writers out instead
 
 ASSET_COLUMNS = (
     "asset_id", "asset_type", "name", "version", "version_number", "previous_version_id",
@@ -100,11 +102,11 @@ class PostgresAssets:
             yield
         except errors.UniqueViolation as exc:
             raise AssetConflict(f"asset repository: {exc.diag.message_detail or exc}") from exc
-        except self._psycopg.OperationalError as exc:
-            raise TierUnavailable(
-                f"asset repository at {self.location} is unreachable: {exc}"
-            ) from exc
         except self._psycopg.Error as exc:
+            if is_connection_error(exc):
+                raise TierUnavailable(
+                    f"asset repository at {self.location} is unreachable: {exc}"
+                ) from exc
             kind = DurableWriteError if write else StorageError
             raise kind(f"asset repository at {self.location} refused the request: {exc}") from exc
 
@@ -121,13 +123,21 @@ class PostgresAssets:
     def lock_names(self, conn, keys: Sequence[str]) -> None:
         """Serialise writers of the same (type, name) until the transaction ends.
 
-        One round trip for the whole batch; locks are taken in sorted order, the
-        same in every transaction, so two batches cannot deadlock.
+        Every writer holds one "all assets" advisory lock: shared for a few names,
+        each of which it then locks in sorted order (so two writers cannot
+        deadlock), exclusive for a batch of many names, which thereby excludes all
+        other writers with a single lock. Locking 50,000 names one by one ran
+        PostgreSQL out of lock-table memory.
         """
+        names = sorted({"esper-asset:" + key for key in keys})
+        if len(names) > MAX_NAME_LOCKS:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('esper-asset:*'))")
+            return
         conn.execute(
-            "SELECT count(pg_advisory_xact_lock(hashtext(k)))"
-            " FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS sorted",
-            (sorted({"esper-asset:" + key for key in keys}),),
+            "SELECT pg_advisory_xact_lock_shared(hashtext('esper-asset:*')),"
+            " (SELECT count(pg_advisory_xact_lock(hashtext(k)))"
+            "  FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS sorted)",
+            (names,),
         )
 
     def fetchall(self, conn, sql: str, params: Sequence = ()) -> list[tuple]:

@@ -160,6 +160,18 @@ _UPSERT_SET = """
     expires_at = excluded.expires_at"""
 
 
+def is_connection_error(exc: Exception) -> bool:
+    """A psycopg error meaning the server could not be reached or went away, as opposed
+    to one it answered with (out of memory, read-only, constraint...), which says
+    nothing about the tier's health and must not read as "unreachable"."""
+    import psycopg
+
+    state = getattr(exc, "sqlstate", None)
+    if state is None:  # raised by the client: no connection, connection lost, timeout
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith(("08", "57P"))  # connection exception; admin/crash shutdown
+
+
 class ConnectionPool:
     """Idle psycopg connections, reused last-in first-out.
 
@@ -231,7 +243,6 @@ class PostgresTier(SqlTier):
         import psycopg
 
         self._errors = psycopg.Error
-        self._operational = psycopg.OperationalError
         self.url = url
         self.location = redact_url(url)
         self.ttl_seconds = ttl_seconds
@@ -244,11 +255,11 @@ class PostgresTier(SqlTier):
         try:
             with self._pool.connection() as conn:
                 yield conn
-        except self._operational as exc:
-            raise TierUnavailable(
-                f"L3 PostgreSQL at {self.location} is unreachable: {exc}"
-            ) from exc
         except self._errors as exc:
+            if is_connection_error(exc):
+                raise TierUnavailable(
+                    f"L3 PostgreSQL at {self.location} is unreachable: {exc}"
+                ) from exc
             error = DurableWriteError if write else StorageError
             raise error(f"L3 PostgreSQL at {self.location} refused the request: {exc}") from exc
 
