@@ -1206,12 +1206,12 @@ def test_bulk_create_matches_create_asset_rules(repo, store):
 
 
 def test_bulk_create_of_many_distinct_names_in_one_batch(repo):
-    """7,000 names: locking each one separately exhausted PostgreSQL's lock table
-    ("out of shared memory") beyond ~6,400; a big batch now takes one lock."""
-    items = [(AssetMetadata("kernel", f"many-{i}"), f"many:{i}".encode()) for i in range(7_000)]
+    """20,000 names: locking each one separately exhausted PostgreSQL's lock table
+    ("out of shared memory") somewhere past 7,000; a big batch now takes one lock."""
+    items = [(AssetMetadata("kernel", f"many-{i}"), f"many:{i}".encode()) for i in range(20_000)]
     ids = repo.bulk_create(items)
-    assert len(set(ids)) == 7_000
-    assert repo.get_usage_analytics()["by_type"]["kernel"] == 7_000
+    assert len(set(ids)) == 20_000
+    assert repo.get_usage_analytics()["by_type"]["kernel"] == 20_000
     assert repo.get_metadata(ids[-1]).version_number == 1
 
 
