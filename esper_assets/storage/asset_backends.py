@@ -27,7 +27,7 @@ from esper_assets.errors import (
     redact_url,
 )
 from esper_assets.storage.migrations import migrate_postgres
-from esper_assets.storage.sql_tier import ConnectionPool, is_connection_error
+from esper_assets.storage.sql_tier import ConnectionPool, postgres_errors
 
 MAX_NAME_LOCKS = 32  # above this many names, a batch locks all writers out instead
 
@@ -97,18 +97,11 @@ class PostgresAssets:
     # -- connections --------------------------------------------------------------------
     @contextmanager
     def _errors(self, write: bool) -> Iterator[None]:
-        errors = self._psycopg.errors
-        try:
-            yield
-        except errors.UniqueViolation as exc:
-            raise AssetConflict(f"asset repository: {exc.diag.message_detail or exc}") from exc
-        except self._psycopg.Error as exc:
-            if is_connection_error(exc):
-                raise TierUnavailable(
-                    f"asset repository at {self.location} is unreachable: {exc}"
-                ) from exc
-            kind = DurableWriteError if write else StorageError
-            raise kind(f"asset repository at {self.location} refused the request: {exc}") from exc
+        with postgres_errors(f"asset repository at {self.location}", write):
+            try:
+                yield
+            except self._psycopg.errors.UniqueViolation as exc:
+                raise AssetConflict(f"asset repository: {exc.diag.message_detail or exc}") from exc
 
     @contextmanager
     def read(self) -> Iterator[Any]:

@@ -172,6 +172,21 @@ def is_connection_error(exc: Exception) -> bool:
     return state.startswith(("08", "57P"))  # connection exception; admin/crash shutdown
 
 
+@contextmanager
+def postgres_errors(what: str, write: bool) -> Iterator[None]:
+    """Turn psycopg errors into ours: unreachable -> TierUnavailable; refused ->
+    DurableWriteError for writes (nothing was stored), StorageError for reads."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.Error as exc:
+        if is_connection_error(exc):
+            raise TierUnavailable(f"{what} is unreachable: {exc}") from exc
+        kind = DurableWriteError if write else StorageError
+        raise kind(f"{what} refused the request: {exc}") from exc
+
+
 class ConnectionPool:
     """Idle psycopg connections, reused last-in first-out.
 
@@ -240,9 +255,6 @@ class PostgresTier(SqlTier):
         pool_size: int = 8,
         timeout_s: float = 3.0,
     ) -> None:
-        import psycopg
-
-        self._errors = psycopg.Error
         self.url = url
         self.location = redact_url(url)
         self.ttl_seconds = ttl_seconds
@@ -252,16 +264,11 @@ class PostgresTier(SqlTier):
 
     @contextmanager
     def _connection(self, write: bool = False) -> Iterator[Any]:
-        try:
-            with self._pool.connection() as conn:
-                yield conn
-        except self._errors as exc:
-            if is_connection_error(exc):
-                raise TierUnavailable(
-                    f"L3 PostgreSQL at {self.location} is unreachable: {exc}"
-                ) from exc
-            error = DurableWriteError if write else StorageError
-            raise error(f"L3 PostgreSQL at {self.location} refused the request: {exc}") from exc
+        with (
+            postgres_errors(f"L3 PostgreSQL at {self.location}", write),
+            self._pool.connection() as conn,
+        ):
+            yield conn
 
     @contextmanager
     def _transaction(self, conn):
