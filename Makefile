@@ -1,12 +1,14 @@
 # Two commands for a fresh machine (see README.md):
 #   make demo   - set up and run the main job on the embedded default
 #   make test   - set up and run the tests
+# and one more:
+#   make dev    - the Dagster UI (dagster dev) on the same embedded state as the demo
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo dev test bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +21,21 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/esper demo
 
+# DAGSTER_HOME is the demo's instance, so the UI shows the demo's runs and the sensor
+# does not run the same files again.
+dev: $(STAMP)
+	mkdir -p .esper/dagster
+	test -f .esper/dagster/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > .esper/dagster/dagster.yaml
+	DAGSTER_HOME=$(CURDIR)/.esper/dagster $(BIN)/dagster dev -w workspace.yaml
+
 test: $(STAMP)
 	$(BIN)/ruff check esper_assets esper_assets_tests
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/esper bench cache
+	$(BIN)/esper bench repository
+	$(BIN)/esper bench pipeline
 
 lint: $(STAMP)
 	$(BIN)/ruff check esper_assets esper_assets_tests

@@ -47,6 +47,13 @@ def main(verbose: bool) -> None:
     )
 
 
+def _status(message: str, quiet: bool):
+    """A spinner on the console, or nothing when the output is JSON."""
+    from contextlib import nullcontext
+
+    return nullcontext() if quiet else console.status(message)
+
+
 def _emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
@@ -93,6 +100,73 @@ def _stats_table(stats: dict[str, Any]) -> Table:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def demo(as_json: bool) -> None:
+    """Land the example blueprints and run the pipeline: sensor tick, ingest, compile, checks."""
+    from esper_assets.defs.driver import run_demo
+
+    with _status("running the blueprint pipeline", as_json):
+        result = run_demo()
+    _emit(result, as_json, _render_demo)
+    failed = [r for r in result["runs"] if not r["success"] or not all(r["checks"].values())]
+    _check(not failed, f"{len(failed)} run(s) failed: {failed}")
+    _check(result["kernels_fetched_from_cache"] == result["kernels_registered"],
+           "a registered kernel is missing from the cache")  # fmt: skip
+    _check(_lineages_agree(result["lineage"], result["dagster_lineage"]),
+           "the repository and the Dagster event log disagree about lineage")  # fmt: skip
+
+
+def _lineages_agree(repository: list[dict], dagster: list[dict]) -> bool:
+    return [s["asset_id"] for s in repository] == [s["repository_id"] for s in dagster]
+
+
+def _render_demo(data: dict[str, Any]) -> None:
+    console.print(f"[bold]esper_assets pipeline demo[/] - state under {data['settings']['home']}")
+    for key, value in data["settings"].items():
+        console.print(f"  {key}: {escape(str(value))}")
+    console.print(f"  dagster instance: {data['dagster_home']}")
+    console.print(f"landed {len(data['landed'])} example blueprint file(s); sensor ticks: {data['ticks']}")
+    table = Table(title="runs requested by the new_blueprints sensor")
+    for column in ("partition", "run", "result", "checks"):
+        table.add_column(column)
+    for run in data["runs"]:
+        checks = ", ".join(f"{k}={'passed' if v else 'FAILED'}" for k, v in run["checks"].items())
+        result = "[green]success[/]" if run["success"] else f"[red]failed[/] {escape(run['error'])}"
+        table.add_row(", ".join(run["partitions"]), run["run_id"][:8], result, checks)
+    if data["runs"]:
+        console.print(table)
+    else:
+        console.print("no new blueprint content since the last run (run keys dedupe it)")
+    console.print(
+        f"kernels registered: {data['kernels_registered']}, "
+        f"fetched back from the cache: {data['kernels_fetched_from_cache']}"
+    )
+    console.print(_stats_table(data["stats"]))
+    if data["lineage"]:
+        console.print("[bold]lineage[/] of the kernel with the longest chain (repository):")
+        for depth, step in enumerate(data["lineage"]):
+            console.print("  " * depth + ("" if depth == 0 else "<- ") + _lineage_label(step))
+        agrees = _lineages_agree(data["lineage"], data["dagster_lineage"])
+        console.print(f"  Dagster event log tells the same story: {'yes' if agrees else '[red]NO[/]'}")
+
+
+def _lineage_label(step: dict[str, Any]) -> str:
+    extra = f" kernel {step['kernel_id'][:18]}..." if step.get("kernel_id") else ""
+    return escape(f"{step['type']} {step['name']}@{step['version']} [{step['asset_id'][:12]}]{extra}")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise EsperError(f"demo self-check failed: {message}")
+
+
+# -- cache -----------------------------------------------------------------------------
+@main.group()
+def cache() -> None:
+    """Inspect and maintain the kernel cache configured by ESPER_* variables."""
+
+
+@cache.command("demo")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def cache_demo(as_json: bool) -> None:
     """Put kernels, read them back through the tiers, and show the stats."""
     from esper_assets.storage import PersistentKernelCache
 
@@ -148,17 +222,6 @@ def demo(as_json: bool) -> None:
         )
 
     _emit(result, as_json, render)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise EsperError(f"demo self-check failed: {message}")
-
-
-# -- cache -----------------------------------------------------------------------------
-@main.group()
-def cache() -> None:
-    """Inspect and maintain the kernel cache configured by ESPER_* variables."""
 
 
 @cache.command("stats")
@@ -236,6 +299,37 @@ def migrate() -> None:
         applied = migrate_sqlite(conn)
         conn.close()
     console.print(f"applied migrations: {applied or 'none pending'}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def lineage(name: str, as_json: bool) -> None:
+    """The chain kernel -> blueprint version -> parent blueprints for blueprint NAME."""
+    from esper_assets.defs.driver import dagster_lineage, local_instance
+    from esper_assets.pipeline import describe, lineage_chain
+
+    with _repository() as repo:
+        chain = [describe(m) for m in lineage_chain(repo, name)]
+    from_dagster = dagster_lineage(local_instance(), name)
+    data = {"repository": chain, "dagster": from_dagster,
+            "agree": _lineages_agree(chain, from_dagster)}  # fmt: skip
+
+    def render(_: Any) -> None:
+        for depth, step in enumerate(chain):
+            console.print("  " * depth + ("" if depth == 0 else "<- ") + _lineage_label(step))
+        if not from_dagster:
+            console.print("(no Dagster materializations of this kernel in this instance)")
+        elif data["agree"]:
+            console.print("the Dagster event log records the same chain")
+        else:
+            console.print("[red]the Dagster event log records a different chain:[/]")
+            for step in from_dagster:
+                console.print(escape(f"  {step['type']} {step['partition']} [{step['repository_id']}]"))
+
+    _emit(data, as_json, render)
+    if from_dagster and not data["agree"]:
+        sys.exit(1)
 
 
 # -- assets ------------------------------------------------------------------------------
@@ -456,6 +550,36 @@ def bench_repository(quick: bool, out: Path, as_json: bool) -> None:
     _emit(result, as_json, _render_repository_bench)
     if not as_json:
         console.print(f"JSON written to {out}")
+
+
+@bench.command("pipeline")
+@click.option("--quick", is_flag=True, help="100 blueprints and 1,000 files instead of 1,000 and 10,000.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("bench-results/pipeline.json"),
+    show_default=True,
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def bench_pipeline(quick: bool, out: Path, as_json: bool) -> None:
+    """End-to-end backfill on the embedded default, and sensor tick cost."""
+    from esper_assets.bench import pipeline as pipeline_bench
+
+    with _status("benchmarking the pipeline", as_json) as status:
+        result = pipeline_bench.run(quick=quick, progress=lambda msg: status and status.update(msg))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    _emit(result, as_json, _render_pipeline_bench)
+    if not as_json:
+        console.print(f"JSON written to {out}")
+
+
+def _render_pipeline_bench(result: dict[str, Any]) -> None:
+    for section in ("backfill", "sensor"):
+        table = Table(title=f"esper bench pipeline - {section}")
+        table.add_column("measurement")
+        table.add_column("value", justify="right")
+        for key, value in result[section].items():
+            table.add_row(key, escape(str(value)))
+        console.print(table)
 
 
 def _render_repository_bench(result: dict[str, Any]) -> None:

@@ -1,16 +1,37 @@
 """Dagster code location: ``dagster dev`` / workspace.yaml load ``defs`` from here.
 
-So far it holds the kernel-cache resource and the cache-maintenance job; the
-blueprint -> kernel asset pipeline builds on these.
+The asset graph is blueprints -> compiled_kernels, partitioned by blueprint name;
+the new_blueprints sensor feeds it from the landing zone, and three schedules keep
+the cache clean and warm and re-validate every blueprint nightly.
 """
 
 import dagster as dg
 
-from esper_assets.defs.maintenance import cache_maintenance_job, cache_maintenance_schedule
-from esper_assets.defs.resources import KernelCacheResource
-
-defs = dg.Definitions(
-    jobs=[cache_maintenance_job],
-    schedules=[cache_maintenance_schedule],
-    resources={"kernel_cache": KernelCacheResource()},
+from esper_assets.defs.assets import blueprints, compiled_kernels
+from esper_assets.defs.maintenance import (
+    cache_maintenance_job,
+    revalidate_blueprints_job,
+    schedules,
+    warm_kernel_cache_job,
 )
+from esper_assets.defs.resources import resources_from_env
+from esper_assets.defs.sensors import ingest_blueprints_job, new_blueprints
+
+
+def build_definitions() -> dg.Definitions:
+    """Definitions bound to the current environment (tests build several)."""
+    return dg.Definitions(
+        assets=[blueprints, compiled_kernels],
+        jobs=[
+            ingest_blueprints_job,
+            cache_maintenance_job,
+            warm_kernel_cache_job,
+            revalidate_blueprints_job,
+        ],
+        schedules=schedules,
+        sensors=[new_blueprints],
+        resources=resources_from_env(),
+    )
+
+
+defs = build_definitions()

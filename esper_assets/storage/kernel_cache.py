@@ -43,6 +43,7 @@ from esper_assets.storage.framing import Codec, Codecs, Payload
 from esper_assets.storage.memory import MemoryTier
 from esper_assets.storage.object_store import (
     DirectoryObjectStore,
+    ObjectStore,
     ObjectTier,
     S3ObjectStore,
     kernel_object_key,
@@ -198,14 +199,18 @@ def check_kernel_id(kernel_id: object) -> str:
 class PersistentKernelCache:
     """Multi-tier kernel cache; synchronous and thread-safe."""
 
-    def __init__(self, config: CacheConfig | None = None) -> None:
+    def __init__(
+        self, config: CacheConfig | None = None, object_store: ObjectStore | None = None
+    ) -> None:
+        """``object_store``, when given, is L4 (and large-object home) instead of the one
+        the config names; Dagster passes the store its S3 resource built."""
         self.config = config = config or CacheConfig()
         self._codecs = Codecs(
             config.compression if config.enable_compression else "none", config.compression_level
         )
         self._l1 = self._build_l1()
         self._l2 = self._build_l2()
-        self._l4 = self._build_l4()
+        self._l4 = self._build_l4(object_store)
         self._l3 = self._build_l3()  # last: it applies migrations and may raise
         self._remote = [t for t in (self._l2, self._l3, self._l4) if t is not None]
         self._stats = {t.name: TierStats() for t in self._remote}
@@ -285,10 +290,12 @@ class PersistentKernelCache:
             "build the cache with PersistentKernelCache.from_env() or set one (or l3_enabled=False)"
         )
 
-    def _build_l4(self) -> ObjectTier | None:
+    def _build_l4(self, store: ObjectStore | None) -> ObjectTier | None:
         c = self.config
         if not c.l4_enabled:
             return None
+        if store is not None:
+            return ObjectTier(store, c.l4_ttl_seconds)
         if c.s3_bucket:
             client = make_s3_client(c.s3_endpoint_url, c.object_store_timeout_s)
             return ObjectTier(S3ObjectStore(client, c.s3_bucket, c.s3_prefix), c.l4_ttl_seconds)

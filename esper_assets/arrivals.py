@@ -1,0 +1,170 @@
+"""What arrived in the landing zone since the last look: the new_blueprints sensor's logic.
+
+The cursor is a high-water mark, not a list of every file seen: the newest change
+stamp seen plus the files sharing it, and the few children waiting for their
+parent. So a tick costs one listing plus work on the new files only, and the
+cursor stays small however many blueprints have landed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from esper_assets.blueprints import (
+    BLUEPRINT_SUFFIXES,
+    Blueprint,
+    BlueprintInvalid,
+    BlueprintLimits,
+    blueprint_name_for_file,
+    name_problem,
+    parse_blueprint,
+)
+from esper_assets.errors import EsperError, InvalidInput
+from esper_assets.landing import LandedFile, LandingZone
+
+# A child whose parent is in the landing zone waits this many ticks for the parent
+# to be registered; after that its run goes ahead (and fails clearly if it must).
+MAX_WAITS = 10
+
+
+@dataclass
+class Cursor:
+    stamp: int = -1
+    at_stamp: list[str] = field(default_factory=list)
+    waiting: dict[str, int] = field(default_factory=dict)  # key -> ticks waited
+
+    def dump(self) -> str:
+        return json.dumps({"stamp": self.stamp, "at": self.at_stamp, "wait": self.waiting})
+
+    @classmethod
+    def load(cls, text: str | None) -> Cursor:
+        if not text:
+            return cls()
+        try:
+            raw = json.loads(text)
+            return cls(int(raw["stamp"]), list(raw["at"]), dict(raw["wait"]))
+        except (ValueError, KeyError, TypeError):
+            return (
+                cls()
+            )  # an unreadable cursor means: look at everything again (runs dedupe by key)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A landed file to ingest: its blueprint name (the partition) and content hash."""
+
+    name: str
+    key: str
+    file_sha256: str
+
+    @property
+    def run_key(self) -> str:
+        return f"{self.name}:{self.file_sha256}"
+
+
+@dataclass
+class Scan:
+    arrivals: list[Arrival] = field(default_factory=list)
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # key, reason, moved to
+    waiting: list[str] = field(default_factory=list)
+    cursor: Cursor = field(default_factory=Cursor)
+
+
+def scan_landing(
+    landing: LandingZone,
+    cursor: Cursor,
+    is_registered: Callable[[str, str], bool],
+    limits: BlueprintLimits | None = None,
+) -> Scan:
+    """Find files new since ``cursor``; reject unusable names; hold back children whose
+    parent is in the landing zone but not registered yet (its run may still be going)."""
+    files = landing.list_blueprints()
+    new = sorted(f for f in files if _is_new(f, cursor) or f.key in cursor.waiting)
+    scan = Scan(cursor=_advance(cursor, files))
+    landing_now = {blueprint_name_for_file(f.key) for f in files}
+    for file in new:
+        _look_at(landing, file, cursor, scan, landing_now, is_registered, limits)
+    return scan
+
+
+def _is_new(file: LandedFile, cursor: Cursor) -> bool:
+    return file.changed_ns > cursor.stamp or (
+        file.changed_ns == cursor.stamp and file.key not in cursor.at_stamp
+    )
+
+
+def _advance(cursor: Cursor, files: list[LandedFile]) -> Cursor:
+    stamp = max((f.changed_ns for f in files), default=cursor.stamp)
+    stamp = max(stamp, cursor.stamp)
+    at = [f.key for f in files if f.changed_ns == stamp]
+    if stamp == cursor.stamp:
+        at = sorted(set(at) | set(cursor.at_stamp))
+    return Cursor(stamp, at, {})
+
+
+def _look_at(
+    landing: LandingZone,
+    file: LandedFile,
+    cursor: Cursor,
+    scan: Scan,
+    landing_now: set[str],
+    is_registered: Callable[[str, str], bool],
+    limits: BlueprintLimits | None,
+) -> None:
+    problem = file_name_problem(file.key)
+    if problem is not None:
+        try:
+            moved_to = landing.reject(file.key, problem)
+        except EsperError as exc:
+            moved_to = f"(not moved: {exc})"
+        scan.rejected.append((file.key, problem, moved_to))
+        return
+    try:
+        data = landing.read(file.key)
+    except InvalidInput:
+        return  # gone between listing and reading: nothing to do
+    name = blueprint_name_for_file(file.key)
+    parent = _parent_of(data, file.key, name, limits)
+    waited = cursor.waiting.get(file.key, 0)
+    if (
+        parent is not None
+        and parent[0] in landing_now
+        and waited < MAX_WAITS
+        and not is_registered(*parent)
+    ):
+        scan.cursor.waiting[file.key] = waited + 1
+        scan.waiting.append(file.key)
+        return
+    scan.arrivals.append(Arrival(name, file.key, hashlib.sha256(data).hexdigest()))
+
+
+def file_name_problem(key: str) -> str | None:
+    """Why ``key`` cannot name a blueprint partition, or None."""
+    if not key.endswith(BLUEPRINT_SUFFIXES):
+        return (
+            f"{key!r} is not a blueprint file: name it <blueprint name> with one of "
+            f"{', '.join(BLUEPRINT_SUFFIXES)}"
+        )
+    problem = name_problem(blueprint_name_for_file(key))
+    return (
+        None
+        if problem is None
+        else f"file {key!r}: {problem}; rename the file to the blueprint's name"
+    )
+
+
+def _parent_of(
+    data: bytes, key: str, name: str, limits: BlueprintLimits | None
+) -> tuple[str, str] | None:
+    """The (name, version) the blueprint derives from; None if none or it does not parse
+    (the run will report why)."""
+    try:
+        bp: Blueprint = parse_blueprint(
+            data, source=key, limits=limits or BlueprintLimits(), expected_name=name
+        )
+    except BlueprintInvalid:
+        return None
+    return (bp.parent_name, bp.parent_version) if bp.parent else None

@@ -1,0 +1,165 @@
+"""``esper bench pipeline``: the Dagster pipeline end to end, on the embedded default.
+
+1. N small blueprints landed and materialized as one single-run backfill
+   (blueprints -> compiled_kernels, both checks), against parse + compile of the
+   same blueprints with no Dagster and no storage: the difference per blueprint is
+   what orchestration, registration and caching cost.
+2. The new_blueprints sensor: one tick over 10,000 files it has already seen, then
+   one with 100 new files among them, against a bare directory listing.
+
+Runs in a fresh ESPER_HOME with every ESPER_* service variable unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+from esper_assets.blueprints import compile_blueprint, parse_blueprint
+
+SERVICE_VARIABLES = ("ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "ESPER_LANDING",
+                     "DAGSTER_HOME")  # fmt: skip
+
+
+def small_blueprint(i: int, prefix: str = "bench") -> tuple[str, bytes]:
+    """A small MLP, different for every ``i`` (so each compiles to its own kernel)."""
+    width = 16 + (i % 48)
+    doc = {
+        "name": f"{prefix}_{i:05d}",
+        "version": f"1.0.{i}",
+        "tags": ["bench", f"family-{i % 20}"],
+        "description": f"benchmark blueprint {i}",
+        "input_shape": [32],
+        "layers": [
+            {"op": "linear", "out_features": width},
+            {"op": "relu"},
+            {"op": "linear", "out_features": 32},
+            {"op": "residual"},
+        ],
+        "properties": {"target": "cpu", "seed": i},
+    }
+    return f"{doc['name']}.json", json.dumps(doc).encode()
+
+
+@contextmanager
+def embedded_home() -> Iterator[Path]:
+    saved = {k: os.environ.pop(k) for k in SERVICE_VARIABLES if k in os.environ}
+    saved_home = os.environ.get("ESPER_HOME")
+    with TemporaryDirectory(prefix="esper-bench-pipeline-") as tmp:
+        os.environ["ESPER_HOME"] = tmp
+        try:
+            yield Path(tmp)
+        finally:
+            os.environ.update(saved)
+            if saved_home is None:
+                os.environ.pop("ESPER_HOME", None)
+            else:
+                os.environ["ESPER_HOME"] = saved_home
+
+
+def bench_backfill(n: int) -> dict[str, Any]:
+    from esper_assets.defs import build_definitions
+    from esper_assets.defs.driver import backfill, local_instance
+    from esper_assets.landing import DirectoryLanding
+    from esper_assets.settings import Settings
+
+    files = [small_blueprint(i) for i in range(n)]
+    start = time.perf_counter()
+    compile_ms = 0.0
+    for key, data in files:  # the same work with no Dagster and no storage
+        compile_ms += compile_blueprint(parse_blueprint(data, source=key)).compile_ms
+    bare_s = time.perf_counter() - start
+    with embedded_home():
+        settings = Settings.from_env()
+        landing = DirectoryLanding(settings.landing)
+        for key, data in files:
+            landing.put(key, data)
+        defs, instance = build_definitions(), local_instance(settings)
+        start = time.perf_counter()
+        outcome = backfill(defs, instance, [key.removesuffix(".json") for key, _ in files])
+        pipeline_s = time.perf_counter() - start
+    return {
+        "blueprints": n,
+        "success": outcome.success,
+        "checks": outcome.checks,
+        "error": outcome.error,
+        "pipeline_s": round(pipeline_s, 2),
+        "parse_and_compile_only_s": round(bare_s, 2),
+        "compile_ms_total": round(compile_ms, 1),
+        "overhead_per_blueprint_ms": round((pipeline_s - bare_s) * 1000 / n, 2),
+        "target": "<= 30 s for 1,000",
+        "ok": outcome.success and (n < 1000 or pipeline_s <= 30),
+    }
+
+
+def bench_sensor(seen: int, new: int, repeats: int = 5) -> dict[str, Any]:
+    import dagster as dg
+
+    from esper_assets.defs import build_definitions
+    from esper_assets.defs.driver import local_instance
+    from esper_assets.defs.sensors import new_blueprints
+    from esper_assets.landing import DirectoryLanding
+    from esper_assets.settings import Settings
+
+    with embedded_home():
+        settings = Settings.from_env()
+        landing = DirectoryLanding(settings.landing)
+        for i in range(seen):
+            landing.put(*small_blueprint(i, "seen"))
+        defs, instance = build_definitions(), local_instance(settings)
+
+        def tick(cursor: str | None) -> tuple[float, Any]:
+            start = time.perf_counter()
+            with dg.build_sensor_context(
+                instance=instance, cursor=cursor, resources=defs.resources
+            ) as context:
+                result = new_blueprints(context)
+            return (time.perf_counter() - start) * 1000, result
+
+        first_ms, first = tick(None)  # sees all files once
+        idle = [tick(first.cursor)[0] for _ in range(repeats)]
+        listing = [_timed(lambda: landing.list_blueprints()) for _ in range(repeats)]
+        for i in range(new):
+            landing.put(*small_blueprint(i, "fresh"))
+        busy_runs = [tick(first.cursor) for _ in range(repeats)]
+    busy_requests = len(busy_runs[0][1].run_requests)
+    idle_ms = statistics.median(idle)
+    busy_ms = statistics.median(ms for ms, _ in busy_runs)
+    return {
+        "files_seen": seen,
+        "new_files": new,
+        "first_tick_all_new_ms": round(first_ms, 1),
+        "first_tick_requests": len(first.run_requests),
+        "tick_nothing_new_ms": round(idle_ms, 1),
+        "tick_with_new_ms": round(busy_ms, 1),
+        "tick_with_new_requests": busy_requests,
+        "raw_listing_ms": round(statistics.median(listing), 1),
+        "cursor_bytes": len(first.cursor or ""),
+        "targets": {
+            "nothing new <= 1000 ms": idle_ms <= 1000,
+            "100 new <= 2000 ms": busy_ms <= 2000,
+        },
+    }
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def run(quick: bool = False, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    n, seen = (100, 1000) if quick else (1000, 10_000)
+    progress(f"backfill of {n} blueprints")
+    backfill_result = bench_backfill(n)
+    progress(f"sensor ticks over {seen} files")
+    sensor_result = bench_sensor(seen, 100)
+    return {"benchmark": "pipeline", "quick": quick, "backfill": backfill_result,
+            "sensor": sensor_result}  # fmt: skip

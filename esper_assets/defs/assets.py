@@ -1,0 +1,240 @@
+"""The blueprint -> kernel assets, partitioned by blueprint name.
+
+``blueprints`` reads each landed file, validates it and registers it in the
+asset repository; its blocking check ``blueprint_is_valid`` stops kernels from
+being built out of a bad file. ``compiled_kernels`` compiles what was registered
+(never the same content twice), puts the kernel in the cache and registers it
+with the blueprint version as its parent; its check ``kernel_round_trip`` reads
+each kernel back from the cache and runs it.
+
+Both assets take a single-run backfill policy, so a backfill of a thousand
+blueprints is one run; every partition still gets its own metadata. Dagster's
+input pointer for a partitioned upstream names the latest materialization of
+*any* partition, so each kernel records the exact blueprint partition, data
+version and repository id it was built from.
+"""
+
+import warnings
+from collections.abc import Iterator
+
+import dagster as dg
+
+from esper_assets import pipeline
+from esper_assets.defs.resources import (
+    AssetRepositoryResource,
+    BlueprintRulesResource,
+    KernelCacheResource,
+    LandingZoneResource,
+)
+
+# Bump when the code below changes what a materialization would contain.
+CODE_VERSION = "1"
+
+# BackfillPolicy is marked beta in Dagster 1.13; it is what makes a backfill of many
+# blueprints one run, so we use it on purpose and keep its notice out of every load.
+warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.BetaWarning)
+
+blueprint_partitions = dg.DynamicPartitionsDefinition(name="blueprints")
+
+BLUEPRINT_VALID = "blueprint_is_valid"
+KERNEL_ROUND_TRIP = "kernel_round_trip"
+
+
+@dg.asset(
+    partitions_def=blueprint_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    code_version=CODE_VERSION,
+    group_name="esper",
+    kinds={"python", "yaml"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            BLUEPRINT_VALID,
+            asset="blueprints",
+            blocking=True,
+            description="The landed file parses, passes every rule and its parent is registered.",
+        )  # fmt: skip
+    ],
+    description="Blueprint files from the landing zone, validated and registered (versioned, "
+    "deduplicated by content hash) in the asset repository.",
+)
+def blueprints(
+    context: dg.AssetExecutionContext,
+    landing: LandingZoneResource,
+    repository: AssetRepositoryResource,
+    blueprint_rules: BlueprintRulesResource,
+) -> Iterator[dg.MaterializeResult]:
+    names = context.partition_keys
+    with repository.open() as repo:
+        results = pipeline.ingest_blueprints(
+            repo, landing.open(), names, blueprint_rules.limits(), actor=_actor(context)
+        )
+    for result in results:
+        context.add_asset_metadata(_blueprint_metadata(result), partition_key=result.name)
+    bad = [r for r in results if r.problems]
+    for result in bad:
+        context.log.error(f"{result.source}: " + "; ".join(result.problems))
+    context.log.info(f"{len(results) - len(bad)} of {len(results)} blueprints registered")
+    yield dg.MaterializeResult(
+        data_version=_single_data_version([r.content_hash for r in results]),
+        check_results=[_validity_check(results, bad)],
+    )
+
+
+def _blueprint_metadata(result: pipeline.IngestedBlueprint) -> dict:
+    meta: dict = {
+        "status": "invalid" if result.problems else "registered",
+        "file": result.source,
+        "file_sha256": result.file_sha256,
+        "content_hash": result.content_hash,
+    }
+    if result.problems:
+        meta["problems"] = dg.MetadataValue.md("\n".join(f"- `{p}`" for p in result.problems))
+    bp = result.blueprint
+    if bp is not None:
+        meta |= {
+            "name": bp.name,
+            "version": bp.version,
+            "parent": bp.parent or "",
+            "tags": ", ".join(bp.tags),
+            "input_shape": str(list(bp.input_shape)),
+            "output_shape": str(list(bp.output_shape)),
+            "parameter_count": bp.parameter_count,
+            "flops_per_sample": bp.flops_per_sample,
+        }
+    if result.asset_id:
+        meta |= {
+            "repository_id": result.asset_id,
+            "repository_version": result.version_number,
+            "parent_repository_id": result.parent_asset_id or "",
+            "new_in_repository": result.new,
+        }
+    return meta
+
+
+def _validity_check(results, bad) -> dg.AssetCheckResult:
+    if not bad:
+        return dg.AssetCheckResult(
+            check_name=BLUEPRINT_VALID, passed=True, metadata={"checked": len(results)}
+        )
+    lines = [f"{r.source}: {'; '.join(r.problems)}" for r in bad]
+    return dg.AssetCheckResult(
+        check_name=BLUEPRINT_VALID,
+        passed=False,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description="\n".join(lines)[:4000],
+        metadata={
+            "invalid_partitions": ", ".join(r.name for r in bad),
+            "problems": dg.MetadataValue.md("\n".join(f"- `{line}`" for line in lines)),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=blueprint_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    code_version=CODE_VERSION,
+    group_name="esper",
+    kinds={"python", "numpy"},
+    deps=[blueprints],
+    check_specs=[
+        dg.AssetCheckSpec(
+            KERNEL_ROUND_TRIP,
+            asset="compiled_kernels",
+            description="Each kernel comes back from the cache with the registered checksum, "
+            "loads, and its forward pass gives the documented output shape.",
+        )  # fmt: skip
+    ],
+    description="Kernels compiled from registered blueprints, stored in the tiered kernel "
+    "cache and registered with their blueprint version as parent.",
+)
+def compiled_kernels(
+    context: dg.AssetExecutionContext,
+    repository: AssetRepositoryResource,
+    kernel_cache: KernelCacheResource,
+) -> Iterator[dg.MaterializeResult]:
+    sources = _blueprint_sources(context)
+    built: list[pipeline.BuiltKernel] = []
+    with repository.open() as repo, kernel_cache.open() as cache:
+        for name in context.partition_keys:
+            kernel = pipeline.build_kernel(
+                repo, cache, sources[name]["repository_id"], _actor(context)
+            )
+            context.add_asset_metadata(_kernel_metadata(kernel, sources[name]), partition_key=name)
+            built.append(kernel)
+        failures = {k.name: pipeline.verify_kernel(cache, k) for k in built}
+    compiled = sum(k.compiled for k in built)
+    context.log.info(f"{compiled} kernels compiled, {len(built) - compiled} reused")
+    yield dg.MaterializeResult(
+        data_version=_single_data_version([k.kernel_id for k in built]),
+        check_results=[_round_trip_check(built, failures)],
+    )
+
+
+def _blueprint_sources(context: dg.AssetExecutionContext) -> dict[str, dict]:
+    """The latest registered ``blueprints`` materialization of each partition in this run."""
+    names = context.partition_keys
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=blueprints.key, asset_partitions=names),
+        limit=max(len(names) * 4, 100),
+    ).records
+    sources: dict[str, dict] = {}
+    for record in records:  # newest first
+        event = record.asset_materialization
+        if event is None or event.partition in sources:
+            continue
+        meta = {k: v.value for k, v in event.metadata.items()}
+        meta["storage_id"] = record.storage_id
+        meta["run_id"] = record.run_id
+        meta["data_version"] = event.tags.get("dagster/data_version", meta.get("content_hash"))
+        sources[event.partition] = meta
+    unusable = [n for n in names if sources.get(n, {}).get("status") != "registered"]
+    if unusable:
+        raise dg.Failure(
+            description=f"no registered blueprint for partition(s) {', '.join(unusable)}: "
+            "materialize `blueprints` for them and fix what its blueprint_is_valid check reports",
+            metadata={"partitions": ", ".join(unusable)},
+        )
+    return sources
+
+
+def _kernel_metadata(kernel: pipeline.BuiltKernel, source: dict) -> dict:
+    return {
+        "name": kernel.name,
+        "version": source.get("version", ""),
+        "parent": source.get("parent", ""),
+        "tags": source.get("tags", ""),
+        "kernel_id": kernel.kernel_id,
+        "compiled": kernel.compiled,
+        "parameter_count": kernel.parameter_count,
+        "flops_per_sample": kernel.flops_per_sample,
+        "compile_ms": dg.MetadataValue.float(round(kernel.compile_ms, 3)),
+        "size_bytes": kernel.size_bytes,
+        "output_shape": str(list(kernel.output_shape)),
+        "tiers_written": ", ".join(kernel.tiers),
+        "repository_id": kernel.asset_id,
+        "blueprint_partition": kernel.name,
+        "blueprint_repository_id": kernel.blueprint_asset_id,
+        "blueprint_data_version": source["data_version"],
+        "blueprint_event_storage_id": source["storage_id"],
+        "blueprint_run_id": source["run_id"],
+    }
+
+
+def _round_trip_check(built, failures: dict[str, list[str]]) -> dg.AssetCheckResult:
+    bad = {name: problems for name, problems in failures.items() if problems}
+    return dg.AssetCheckResult(
+        check_name=KERNEL_ROUND_TRIP,
+        passed=not bad,
+        description="; ".join(f"{n}: {', '.join(p)}" for n, p in bad.items())[:4000] or None,
+        metadata={"kernels_checked": len(built), "failed": ", ".join(bad)},
+    )
+
+
+def _single_data_version(versions: list[str]) -> dg.DataVersion | None:
+    # A run over several partitions shares one data version in Dagster; each
+    # partition's own content hash is in its metadata instead.
+    return dg.DataVersion(versions[0]) if len(versions) == 1 else None
+
+
+def _actor(context: dg.AssetExecutionContext) -> str:
+    return f"dagster:{context.run.run_id[:8]}"

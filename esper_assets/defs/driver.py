@@ -1,0 +1,238 @@
+"""Drive the pipeline without a daemon: the demo, the benchmark and tests use this.
+
+``tick_and_run`` does what ``dagster dev``'s daemon does for the new_blueprints
+sensor: evaluate it with its stored cursor, add the partitions it asks for, and
+execute its run requests (here in-process, one after another). Runs carry the
+sensor's name and run key, as the daemon's would, so a daemon started later does
+not run the same file content again. ``backfill`` runs many partitions as one
+run (the assets' single-run backfill policy).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    RUN_KEY_TAG,
+    SENSOR_NAME_TAG,
+)
+
+from esper_assets.arrivals import Cursor
+from esper_assets.defs.assets import BLUEPRINT_VALID, KERNEL_ROUND_TRIP, blueprint_partitions
+from esper_assets.defs.sensors import ingest_blueprints_job, new_blueprints
+from esper_assets.settings import Settings
+
+_LOCAL_INSTANCE_YAML = """\
+# Embedded Dagster instance for esper_assets: SQLite storage under this folder.
+telemetry:
+  enabled: false
+"""
+
+
+def local_instance(settings: Settings | None = None) -> dg.DagsterInstance:
+    """``$DAGSTER_HOME``'s instance when set; else a SQLite instance under ESPER_HOME."""
+    if os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.get()
+    home = (settings or Settings.from_env()).home / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(_LOCAL_INSTANCE_YAML)
+    return dg.DagsterInstance.from_config(str(home))
+
+
+@dataclass
+class RunOutcome:
+    partitions: list[str]
+    run_id: str
+    success: bool
+    checks: dict[str, bool] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class TickReport:
+    ticks: int = 0
+    runs: list[RunOutcome] = field(default_factory=list)
+
+
+def _cursor_file(instance: dg.DagsterInstance) -> Path:
+    return Path(instance.root_directory) / "new_blueprints.cursor"
+
+
+def tick_and_run(
+    defs: dg.Definitions, instance: dg.DagsterInstance, max_ticks: int = 20
+) -> TickReport:
+    """Tick the sensor and execute what it requests, until a tick requests nothing new."""
+    report = TickReport()
+    cursor_file = _cursor_file(instance)
+    for _ in range(max_ticks):
+        cursor = cursor_file.read_text() if cursor_file.exists() else None
+        with dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources=defs.resources,
+            sensor_name=new_blueprints.name,
+        ) as context:  # fmt: skip
+            result = new_blueprints(context)
+        report.ticks += 1
+        for request in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(
+                request.partitions_def_name, list(request.partition_keys)
+            )
+        cursor_file.write_text(result.cursor or "")
+        requests = [r for r in result.run_requests or [] if not _already_ran(instance, r.run_key)]
+        for request in requests:
+            tags = {
+                **request.tags,
+                SENSOR_NAME_TAG: new_blueprints.name,
+                RUN_KEY_TAG: request.run_key,
+            }
+            report.runs.append(_execute(defs, instance, [request.partition_key], tags))
+        if not requests and not Cursor.load(result.cursor).waiting:
+            break
+    return report
+
+
+def _already_ran(instance: dg.DagsterInstance, run_key: str | None) -> bool:
+    if not run_key:
+        return False
+    tags = {SENSOR_NAME_TAG: new_blueprints.name, RUN_KEY_TAG: run_key}
+    return bool(instance.get_run_ids(dg.RunsFilter(tags=tags), limit=1))
+
+
+def backfill(defs: dg.Definitions, instance: dg.DagsterInstance, names: list[str]) -> RunOutcome:
+    """Add ``names`` as partitions (in order) and materialize them all in a single run."""
+    existing = set(instance.get_dynamic_partitions(blueprint_partitions.name))
+    instance.add_dynamic_partitions(
+        blueprint_partitions.name, [n for n in names if n not in existing]
+    )
+    keys = instance.get_dynamic_partitions(blueprint_partitions.name)
+    positions = sorted(keys.index(n) for n in names)
+    if positions[-1] - positions[0] + 1 != len(names):
+        raise ValueError("a single-run backfill needs partitions that were added together")
+    tags = {
+        ASSET_PARTITION_RANGE_START_TAG: keys[positions[0]],
+        ASSET_PARTITION_RANGE_END_TAG: keys[positions[-1]],
+    }
+    return _execute(defs, instance, names, tags)
+
+
+def _execute(
+    defs: dg.Definitions, instance: dg.DagsterInstance, partitions: list[str], tags: dict
+) -> RunOutcome:
+    job = defs.resolve_job_def(ingest_blueprints_job.name)
+    single = partitions[0] if len(partitions) == 1 else None
+    result = job.execute_in_process(
+        instance=instance, partition_key=single, tags=tags, raise_on_error=False
+    )
+    checks = {
+        evaluation.check_name: evaluation.passed
+        for evaluation in result.get_asset_check_evaluations()
+    }
+    error = ""
+    if not result.success:
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        error = _root_message(failure.event_specific_data.error) if failure else "run failed"
+    return RunOutcome(partitions, result.run_id, result.success, checks, error.strip())
+
+
+def _root_message(error) -> str:
+    """The innermost cause: the user-facing reason, not Dagster's wrapper."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error.message
+
+
+__all__ = ["BLUEPRINT_VALID", "KERNEL_ROUND_TRIP", "backfill", "local_instance", "tick_and_run"]
+
+
+def dagster_lineage(instance: dg.DagsterInstance, name: str, depth: int = 20) -> list[dict]:
+    """The chain kernel -> blueprint version -> parent blueprints, read from Dagster's
+    event log alone: each step is the materialization whose recorded repository id the
+    previous step names."""
+    kernel = _materialization(instance, "compiled_kernels", name)
+    if kernel is None:
+        return []
+    chain = [{"type": "kernel", **kernel}]
+    partition, wanted = kernel["blueprint_partition"], kernel["blueprint_repository_id"]
+    while partition and len(chain) <= depth:
+        found = _materialization(instance, "blueprints", partition, repository_id=wanted)
+        if found is None:
+            break
+        chain.append({"type": "blueprint", **found})
+        parent = found.get("parent") or ""
+        partition, wanted = parent.partition("@")[0], found.get("parent_repository_id")
+    return chain
+
+
+def _materialization(
+    instance: dg.DagsterInstance, asset: str, partition: str, repository_id: str | None = None
+) -> dict | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]),
+        limit=100,
+    ).records
+    for record in records:  # newest first
+        event = record.asset_materialization
+        meta = {k: v.value for k, v in event.metadata.items()} if event else {}
+        if meta.get("repository_id") and repository_id in (None, meta["repository_id"]):
+            return {"partition": partition, "run_id": record.run_id, **meta}
+    return None
+
+
+def land_examples(landing) -> list[str]:
+    """Put the example blueprints in the landing zone (unchanged files are left alone)."""
+    from esper_assets.blueprints import example_blueprint_files
+
+    landed = []
+    present = {f.key for f in landing.list_blueprints()}
+    for path in example_blueprint_files():
+        data = path.read_bytes()
+        if path.name not in present or landing.read(path.name) != data:
+            landing.put(path.name, data)
+            landed.append(path.name)
+    return landed
+
+
+def run_demo(settings: Settings | None = None) -> dict:
+    """The README's main command: land the examples, let the sensor and runs do their
+    work, and report what happened, the cache's stats and one kernel's lineage."""
+    from esper_assets.defs import build_definitions
+    from esper_assets.landing import landing_from_location
+    from esper_assets.pipeline import describe, lineage_chain
+    from esper_assets.storage import AssetRepository, PersistentKernelCache
+
+    settings = settings or Settings.from_env()
+    landed = land_examples(landing_from_location(settings.landing))
+    defs, instance = build_definitions(), local_instance(settings)
+    report = tick_and_run(defs, instance)
+    with AssetRepository.from_env() as repo:
+        kernels = [m for m in pipeline_kernels(repo)]
+        deepest = max(kernels, key=lambda m: len(lineage_chain(repo, m.name)), default=None)
+        chain = [describe(m) for m in lineage_chain(repo, deepest.name)] if deepest else []
+    with PersistentKernelCache.from_env() as cache:
+        fetched = sum(cache.get(m.properties["kernel_id"]) is not None for m in kernels)
+        stats = cache.get_stats(include_sizes=True)
+    return {
+        "settings": settings.describe(),
+        "dagster_home": instance.root_directory,
+        "landed": landed,
+        "ticks": report.ticks,
+        "runs": [vars(r) for r in report.runs],
+        "kernels_registered": len(kernels),
+        "kernels_fetched_from_cache": fetched,
+        "lineage": chain,
+        "dagster_lineage": dagster_lineage(instance, deepest.name) if deepest else [],
+        "stats": stats,
+    }
+
+
+def pipeline_kernels(repo) -> list:
+    from esper_assets.pipeline import KERNEL
+    from esper_assets.storage import AssetQuery
+
+    return repo.search_assets(AssetQuery().with_type(KERNEL).with_state("active").limit(1000))

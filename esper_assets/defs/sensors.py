@@ -1,0 +1,62 @@
+"""The ``new_blueprints`` sensor: landed files become partitions and runs."""
+
+import dagster as dg
+
+from esper_assets.arrivals import Cursor, scan_landing
+from esper_assets.defs.assets import blueprint_partitions, blueprints, compiled_kernels
+from esper_assets.defs.resources import (
+    AssetRepositoryResource,
+    BlueprintRulesResource,
+    LandingZoneResource,
+)
+from esper_assets.pipeline import find_blueprint
+
+ingest_blueprints_job = dg.define_asset_job(
+    "ingest_blueprints",
+    selection=[blueprints, compiled_kernels],
+    partitions_def=blueprint_partitions,
+    description="Validate, register and compile blueprints into cached kernels.",
+)
+
+
+@dg.sensor(
+    job=ingest_blueprints_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Watches ESPER_LANDING/blueprints/: one partition per blueprint name, one run "
+    "per new file content. Unusable file names are moved to rejected/ with a reason.",
+)
+def new_blueprints(
+    context: dg.SensorEvaluationContext,
+    landing: LandingZoneResource,
+    repository: AssetRepositoryResource,
+    blueprint_rules: BlueprintRulesResource,
+) -> dg.SensorResult:
+    with repository.open() as repo:
+        scan = scan_landing(
+            landing.open(),
+            Cursor.load(context.cursor),
+            lambda name, version: find_blueprint(repo, name, version) is not None,
+            blueprint_rules.limits(),
+        )
+    for key, reason, moved_to in scan.rejected:
+        context.log.warning(f"rejected {key!r}: {reason} (moved to {moved_to})")
+    if scan.waiting:
+        context.log.info(f"waiting for parents to be registered: {', '.join(scan.waiting)}")
+    names = sorted({a.name for a in scan.arrivals})
+    has = context.instance.has_dynamic_partition
+    new_names = [n for n in names if not has(blueprint_partitions.name, n)]
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=a.run_key,
+                partition_key=a.name,
+                tags={"esper/file": a.key, "esper/file_sha256": a.file_sha256},
+            )
+            for a in scan.arrivals
+        ],
+        dynamic_partitions_requests=[blueprint_partitions.build_add_request(new_names)]
+        if new_names
+        else [],
+        cursor=scan.cursor.dump(),
+    )
