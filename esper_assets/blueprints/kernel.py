@@ -102,7 +102,7 @@ class LoadedKernel:
 
 
 def load_kernel(data: bytes) -> LoadedKernel:
-    """Parse and verify an artifact from :func:`compile_blueprint`; CorruptValue if it is not one."""
+    """Parse and verify a :func:`compile_blueprint` artifact; CorruptValue if it is not one."""
     if isinstance(data, bytearray | memoryview):
         data = bytes(data)
     if not isinstance(data, bytes):
@@ -232,6 +232,7 @@ _FORWARD: Mapping[str, _Forward] = {
     "sigmoid": lambda x, *_: 0.5 * (1.0 + np.tanh(0.5 * x)),
     "layernorm": _layernorm,
     "dropout": lambda x, *_: x,
-    "flatten": lambda x, *_: x.reshape(x.shape[0], -1),
+    # An explicit size, not -1: reshape cannot infer it for an empty batch.
+    "flatten": lambda x, *_: x.reshape(x.shape[0], math.prod(x.shape[1:])),
     "residual": lambda x, _layer, _p, inp: x + inp,
 }

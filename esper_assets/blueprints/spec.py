@@ -280,6 +280,7 @@ class _StrictSafeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type:
 
 def _load_yaml(text: str) -> Any:
     try:
+        _check_yaml_depth(text)
         return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -288,6 +289,24 @@ def _load_yaml(text: str) -> Any:
         raise _SyntaxProblem(f"invalid YAML{where}: {what}") from None
     except yaml.YAMLError as exc:  # e.g. a reader error on a control character
         raise _SyntaxProblem(f"invalid YAML: {exc}") from None
+
+
+def _check_yaml_depth(text: str) -> None:
+    """Refuse deep nesting from the event stream, before anything recursive sees it.
+
+    libyaml's composer recurses in C: ``[[[[...`` 100,000 levels deep kills the
+    process with a segmentation fault instead of raising RecursionError.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=_StrictSafeLoader):
+        if isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _SyntaxProblem(
+                    f"the document is nested too deeply (limit {MAX_DEPTH} levels)"
+                )
+        elif isinstance(event, yaml.SequenceEndEvent | yaml.MappingEndEvent):
+            depth -= 1
 
 
 def _size_problem(document: Any) -> str | None:
@@ -320,6 +339,10 @@ def _describe(value: Any) -> str:
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{text} ({type(value).__name__})"
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _show_word(value: Any) -> str:
@@ -366,9 +389,10 @@ class _Checker:
         name = self._name(document.get("name"))
         version = self._version(document.get("version"))
         parent = self._parent(document.get("parent"), name, version)
-        tags = self._tags(document.get("tags", []))
-        description = self._description(document.get("description", ""))
-        properties = self._properties(document.get("properties", {}))
+        # An optional field left empty in YAML ("tags:") reads as null: treat it as absent.
+        tags = self._tags(_or_default(document.get("tags"), []))
+        description = self._description(_or_default(document.get("description"), ""))
+        properties = self._properties(_or_default(document.get("properties"), {}))
         input_shape = self._input_shape(document.get("input_shape"))
         layers = self._layers(document.get("layers"))
         derived = self._propagate(input_shape, layers)
@@ -655,7 +679,8 @@ class _Checker:
         if numel(shape) > limits.max_activation_elements:
             self.add(
                 path,
-                f"output {show_shape(shape)} has {numel(shape):,} elements; the limit is {limits.max_activation_elements:,}",
+                f"output {show_shape(shape)} has {numel(shape):,} elements; "
+                f"the limit is {limits.max_activation_elements:,}",
             )
             return False
         return True
