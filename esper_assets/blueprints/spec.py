@@ -1,9 +1,23 @@
 """Blueprint files: parse, validate every rule, and hand back one normalised value.
 
-A blueprint is a small JSON or YAML document describing a network module (see
-``docs`` in the package ``__init__``). :func:`parse_blueprint` checks the whole
-document and raises :class:`BlueprintInvalid` listing *every* problem it found,
-each with the path of the offending field, so an author fixes a file in one go.
+A blueprint is a small JSON or YAML document describing a network module::
+
+    name: residual_mlp            # [a-z0-9][a-z0-9_-]{0,63}, equal to the file's stem
+    version: 1.2.0                # semantic version
+    parent: mlp_base@1.0.0        # optional "name@version"
+    tags: [mlp, residual]         # optional
+    description: two-layer MLP with a skip connection   # optional
+    input_shape: [64]             # per sample, 1-4 positive ints
+    layers:                       # ops and their fields: see ops.py
+      - {op: linear, out_features: 128}
+      - {op: gelu}
+      - {op: linear, out_features: 64}
+      - {op: residual}
+    properties: {target: cpu}     # optional JSON object
+
+:func:`parse_blueprint` checks the whole document and raises
+:class:`BlueprintInvalid` listing *every* problem it found, each with the path
+of the offending field, so an author fixes a file in one go.
 
 No Dagster here: training processes import this module directly.
 """
