@@ -1205,6 +1205,72 @@ def test_bulk_create_matches_create_asset_rules(repo, store):
     assert "duplicate" in events(repo, existing[0])
 
 
+def test_bulk_created_assets_each_have_their_creation_event(repo):
+    """A batch writes one "created" row in asset_events for all its assets; each asset's
+    audit log still starts with its own creation event, as a single create's does."""
+    parent = repo.create_asset(meta("audit-parent"), blob(), actor="solo")
+    single = repo.get_audit_log(parent)
+    assert [(e["event"], e["actor"]) for e in single] == [("created", "solo")]
+    assert single[0]["details"] == {"name": "audit-parent", "version": "v1"}
+
+    again = blob()
+    items = [(meta(f"audit-{i % 7}", parent_id=parent), blob()) for i in range(40)]
+    items.append((meta("audit-dup"), again))
+    items.append((meta("audit-dup-2"), again))  # a duplicate within the batch
+    with repo._db.read() as conn:
+        before = repo._db.fetchall(conn, "SELECT count(*) FROM asset_events")[0][0]
+    created = repo.bulk_create(items, actor="loader")
+    with repo._db.read() as conn:
+        after = repo._db.fetchall(conn, "SELECT count(*) FROM asset_events")[0][0]
+    assert after - before == 2  # the batch's "created" row and the duplicate's event
+
+    for (m, _), aid in zip(items[:41], created[:41], strict=True):
+        log = repo.get_audit_log(aid)
+        got = repo.get_metadata(aid)
+        assert log[0]["event"] == "created" and log[0]["actor"] == "loader", aid
+        assert log[0]["details"] == {"name": m.name, "version": got.version}, aid
+        assert log[0]["at"] == got.created_at
+    assert created[41] == created[40]
+    assert events(repo, created[40]) == ["created", "duplicate"]
+    assert repo.get_metadata(created[-1]).name == "audit-dup"
+
+    # later events follow the batch's creation event, oldest first
+    repo.deprecate_asset(created[3], "old", actor="carol")
+    repo.update_asset(created[3], {"tags": {"t"}}, actor="bob")
+    log = repo.get_audit_log(created[3])
+    assert [(e["event"], e["actor"]) for e in log] == [
+        ("created", "loader"), ("deprecated", "carol"), ("updated", "bob"),
+    ]  # fmt: skip
+    assert repo.get_audit_log(parent) == single  # a child's batch is not the parent's
+
+
+def test_bulk_fast_checks_accept_what_create_accepts(repo):
+    """The create path's fast checks must not refuse inputs the full checks allow."""
+
+    class Name(str):
+        pass
+
+    parent = repo.create_asset(meta("lenient-parent"), blob())
+    item = meta(
+        Name("lenient"),
+        tags=["b", "a", "b"],
+        compilation_time_ms=7,
+        derived_from=(parent,),
+        expires_at=datetime(2100, 1, 1),  # naive: read as UTC
+        properties={"n": 1},
+    )
+    items = [(item, bytearray(blob())), (meta("lenient-2", tags=frozenset({"x"})), blob())]
+    for _ in range(16):  # past the COPY threshold (16 rows) too
+        items.append((meta("lenient-3"), memoryview(blob())))
+    ids_ = repo.bulk_create(items)
+    got = repo.get_metadata(ids_[0])
+    assert (got.name, got.tags, got.compilation_time_ms) == ("lenient", {"a", "b"}, 7)
+    assert got.derived_from == [parent]
+    assert got.expires_at == datetime(2100, 1, 1, tzinfo=UTC)
+    assert repo.get_metadata(ids_[1]).tags == {"x"}
+    assert [repo.get_metadata(i).version_number for i in ids_[2:]] == list(range(1, 17))
+
+
 def test_bulk_create_of_many_distinct_names_in_one_batch(repo):
     """20,000 names: locking each one separately exhausted PostgreSQL's lock table
     ("out of shared memory") somewhere past 7,000; a big batch now takes one lock."""
@@ -1312,6 +1378,17 @@ BAD_CREATES = [
     ("long asset_id", {"asset_id": "i" * 256}, LARGE, InvalidAssetField),
     ("unprintable asset_id", {"asset_id": "a\x00b"}, LARGE, InvalidAssetField),
     ("non-str asset_id", {"asset_id": 5}, LARGE, InvalidAssetField),
+    # the create path's fast checks must fall back to these refusals
+    ("infinite compile time", {"compilation_time_ms": float("inf")}, LARGE, InvalidAssetField),
+    ("NaN compile time", {"compilation_time_ms": float("nan")}, LARGE, InvalidAssetField),
+    ("str compile time", {"compilation_time_ms": "5"}, LARGE, InvalidAssetField),
+    ("str tags", {"tags": "abc"}, LARGE, InvalidAssetField),
+    ("bad tag in a list", {"tags": ["ok", "a,b"]}, LARGE, InvalidAssetField),
+    ("empty created_by", {"created_by": ""}, LARGE, InvalidAssetField),
+    ("long version", {"version": "v" * 65}, LARGE, InvalidAssetField),
+    ("non-str parent_id", {"parent_id": 5}, LARGE, InvalidAssetField),
+    ("str derived_from", {"derived_from": "abc"}, LARGE, InvalidAssetField),
+    ("non-datetime expires_at", {"expires_at": "tomorrow"}, LARGE, InvalidAssetField),
     ("oversize data", {}, b"\x01" * (MAX_BYTES + 1), InvalidValue),
     ("str data", {}, "text", InvalidValue),
     ("None data", {}, None, InvalidValue),

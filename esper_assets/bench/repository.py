@@ -50,19 +50,22 @@ def _raw_rows(items: list[tuple[AssetMetadata, bytes]], repo: AssetRepository) -
 
     db = repo._db
     now = db.now()
-    versions: dict[str, int] = {}
+    versions: dict[str, tuple[int, str | None]] = {}
     rows = []
     for meta, data in items:
-        versions[meta.name] = number = versions.get(meta.name, 0) + 1
+        number, previous = versions.get(meta.name, (0, None))
+        number += 1
+        versions[meta.name] = (number, meta.asset_id)
         values = {
             "asset_id": meta.asset_id, "asset_type": meta.asset_type, "name": meta.name,
-            "version": f"v{number}", "version_number": number, "previous_version_id": None,
+            "version": f"v{number}", "version_number": number, "previous_version_id": previous,
             "created_at": now, "created_by": "bench", "parent_id": meta.parent_id,
             "derived_from": db.encode_list([]), "tags": db.encode_list(sorted(meta.tags)),
             "properties": db.encode_json(meta.properties),
             "compilation_time_ms": meta.compilation_time_ms, "size_bytes": len(data),
             "checksum": hashlib.sha256(data).hexdigest(), "data": data, "object_key": None,
             "last_accessed": None, "access_count": 0, "state": "active", "expires_at": None,
+            "created_event": 1,  # bulk_create's rows point at their batch's audit event
         }  # fmt: skip
         rows.append(tuple(values[c] for c in ASSET_COLUMNS))
     return rows

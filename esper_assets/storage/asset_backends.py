@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -35,8 +35,10 @@ ASSET_COLUMNS = (
     "asset_id", "asset_type", "name", "version", "version_number", "previous_version_id",
     "created_at", "created_by", "parent_id", "derived_from", "tags", "properties",
     "compilation_time_ms", "size_bytes", "checksum", "data", "object_key", "last_accessed",
-    "access_count", "state", "expires_at",
+    "access_count", "state", "expires_at", "created_event",
 )  # fmt: skip
+# created_event: the event_id of the "created" row in asset_events, which for a batch
+# is one row for all its assets (see AssetRepository.get_audit_log). Not metadata.
 
 
 def _as_is(text: str) -> str:
@@ -75,6 +77,7 @@ class PostgresAssets:
         "int8",
         "text",
         "timestamptz",
+        "int8",
     )  # fmt: skip  (ASSET_COLUMNS order)
 
     def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 3.0) -> None:
@@ -92,7 +95,11 @@ class PostgresAssets:
     @staticmethod
     @lru_cache(maxsize=256)
     def q(sql: str) -> str:
-        return sql.replace("{jsonb}", "::jsonb").replace("{textarr}", "::text[]")
+        return (
+            sql.replace("{jsonb}", "::jsonb")
+            .replace("{textarr}", "::text[]")
+            .replace("{json_object}", "jsonb_build_object")
+        )
 
     # -- connections --------------------------------------------------------------------
     @contextmanager
@@ -197,17 +204,21 @@ class PostgresAssets:
         )
 
     # -- bulk ---------------------------------------------------------------------------
-    def insert_rows(self, conn, rows: list[tuple]) -> None:
-        """Full asset rows (ASSET_COLUMNS order): INSERT for a few, binary COPY for many."""
-        if len(rows) < 16:  # COPY's extra round trip only pays off for batches
+    def insert_rows(self, conn, rows: Iterable[tuple], count: int) -> None:
+        """``count`` full asset rows (ASSET_COLUMNS order): INSERT for a few, binary COPY
+        for many. ``rows`` may be a generator: COPY streams each row as it is built, so
+        building the next rows overlaps with the server inserting the previous ones."""
+        if count < 16:  # COPY's extra round trip only pays off for batches
             marks = ", ".join(["%s"] * len(ASSET_COLUMNS))
             self.executemany(
-                conn, f"INSERT INTO assets ({', '.join(ASSET_COLUMNS)}) VALUES ({marks})", rows
+                conn,
+                f"INSERT INTO assets ({', '.join(ASSET_COLUMNS)}) VALUES ({marks})",
+                list(rows),
             )
             return
         self.copy_rows(conn, "assets", rows)
 
-    def copy_rows(self, conn, table: str, rows: list[tuple]) -> None:
+    def copy_rows(self, conn, table: str, rows: Iterable[tuple]) -> None:
         """Binary COPY of full asset rows into ``table`` (assets, or a twin of it)."""
         with (
             conn.cursor() as cur,
@@ -216,8 +227,17 @@ class PostgresAssets:
             ) as copy,
         ):
             copy.set_types(self.COPY_TYPES)
+            write_row = copy.write_row
             for row in rows:
-                copy.write_row(row)
+                write_row(row)
+
+    def insert_event(self, conn, event: tuple) -> int:
+        """One event row; its event_id."""
+        return conn.execute(
+            "INSERT INTO asset_events (asset_id, event, actor, at, details)"
+            " VALUES (%s, %s, %s, %s, %s) RETURNING event_id",
+            event,
+        ).fetchone()[0]
 
     def insert_events(self, conn, events: list[tuple]) -> None:
         if len(events) < 16:
@@ -258,7 +278,12 @@ class SqliteAssets:
     @staticmethod
     @lru_cache(maxsize=256)
     def q(sql: str) -> str:
-        return sql.replace("{jsonb}", "").replace("{textarr}", "").replace("%s", "?")
+        return (
+            sql.replace("{jsonb}", "")
+            .replace("{textarr}", "")
+            .replace("{json_object}", "json_object")
+            .replace("%s", "?")
+        )
 
     @contextmanager
     def _errors(self, write: bool) -> Iterator[None]:
@@ -362,9 +387,16 @@ class SqliteAssets:
         # SQLite's LIKE folds ASCII case only; a Python function matches ILIKE's behaviour.
         return "esper_text_match(name, properties, ?)", [needle.casefold()]
 
-    def insert_rows(self, conn, rows: list[tuple]) -> None:
+    def insert_rows(self, conn, rows: Iterable[tuple], count: int) -> None:
         marks = ",".join("?" * len(ASSET_COLUMNS))
         conn.executemany(f"INSERT INTO assets ({', '.join(ASSET_COLUMNS)}) VALUES ({marks})", rows)
+
+    @staticmethod
+    def insert_event(conn, event: tuple) -> int:
+        return conn.execute(
+            "INSERT INTO asset_events (asset_id, event, actor, at, details) VALUES (?, ?, ?, ?, ?)",
+            event,
+        ).lastrowid
 
     def insert_events(self, conn, events: list[tuple]) -> None:
         conn.executemany(

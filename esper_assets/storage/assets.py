@@ -53,8 +53,13 @@ UPDATABLE = frozenset(
 MAX_LIMIT = 10_000
 ANALYZE_AFTER_ROWS = 10_000  # a bulk load this large refreshes planner statistics at once
 MAX_TAG_LENGTH = 64
+# What bulk_create's ANALYZE samples: the columns searches filter and order on.
+_STATS_COLUMNS = (
+    "asset_type", "name", "parent_id", "state", "tags", "properties", "compilation_time_ms",
+    "created_at", "expires_at", "access_count", "last_accessed", "size_bytes", "version_number",
+)  # fmt: skip
 _BATCH = 5_000  # ids per IN (...) / ANY(...) lookup
-_META_COLUMNS = tuple(c for c in ASSET_COLUMNS if c != "data")
+_META_COLUMNS = tuple(c for c in ASSET_COLUMNS if c not in ("data", "created_event"))
 _META_SELECT = ", ".join(f"assets.{c}" for c in _META_COLUMNS)
 # Nearest first; asset_id is the first column. The step is a scalar subquery, not a
 # join: with a join SQLite builds a Bloom filter over the whole table at every step
@@ -173,46 +178,101 @@ def _evolve(meta: AssetMetadata, **changes: Any) -> AssetMetadata:
     return new
 
 
-def _checked(meta: AssetMetadata, data: object, max_bytes: int) -> tuple[AssetMetadata, bytes, str]:
-    """A normalised copy of ``meta`` with checksum and size, the data as bytes and the
-    properties as JSON text (serialised once, here, and stored as is); or an InvalidInput."""
-    if isinstance(data, bytearray | memoryview):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        raise InvalidValue(f"asset data must be bytes, got {type(data).__name__}")
+def _text_ok(value: object, limit: int = 255) -> bool:
+    """The common case of _check_text, without a call per check: a plain valid str."""
+    return value.__class__ is str and 0 < len(value) <= limit and value.isprintable()  # type: ignore[attr-defined]
+
+
+def _new_asset(meta: AssetMetadata, data: object, max_bytes: int) -> _New:
+    """Validate one item to create and normalise it into a _New (no AssetMetadata copy:
+    bulk_create calls this per row). The rules are those of the _check_* functions,
+    which the fast paths fall back to for anything unusual, and which raise."""
+    if data.__class__ is not bytes:
+        if isinstance(data, bytearray | memoryview):
+            data = bytes(data)
+        if not isinstance(data, bytes):
+            raise InvalidValue(f"asset data must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise InvalidValue(
             f"asset data is {len(data)} bytes, over max_asset_bytes={max_bytes}; raise the limit if intended"
         )
-    if meta.compilation_time_ms is not None and (
-        not isinstance(meta.compilation_time_ms, int | float)
-        or not math.isfinite(meta.compilation_time_ms)
+    compile_ms = meta.compilation_time_ms
+    fast_ok = compile_ms is None or (
+        compile_ms.__class__ is float and -math.inf < compile_ms < math.inf
+    )
+    if not fast_ok and (not isinstance(compile_ms, int | float) or not math.isfinite(compile_ms)):
+        raise InvalidAssetField(f"compilation_time_ms must be a finite number, got {compile_ms!r}")
+    properties = meta.properties
+    if properties.__class__ is dict:
+        try:
+            properties_json = _json(properties)
+        except (TypeError, ValueError) as exc:
+            raise InvalidAssetField(f"properties are not JSON: {exc}") from None
+    else:
+        properties_json = _properties_json(properties)
+    asset_type = meta.asset_type
+    if asset_type not in ASSET_TYPES:
+        _check_choice("asset_type", asset_type, ASSET_TYPES)
+    name = meta.name if _text_ok(meta.name) else _check_text("name", meta.name)
+    version = meta.version
+    if version and not _text_ok(version, 64):
+        version = _check_text("version", version, 64)
+    asset_id = meta.asset_id
+    if not asset_id:
+        asset_id = uuid.uuid4().hex
+    elif not _text_ok(asset_id):
+        asset_id = _check_id("asset_id", asset_id)
+    created_by = meta.created_by
+    if not _text_ok(created_by):
+        created_by = _check_text("created_by", created_by)
+    parent_id = meta.parent_id
+    if parent_id is not None and not _text_ok(parent_id):
+        parent_id = _check_id("parent_id", parent_id)
+    derived_from = meta.derived_from
+    if derived_from.__class__ is list and not derived_from:
+        derived_from = []
+    else:
+        derived_from = [_check_id("derived_from id", i) for i in _as_list(derived_from)]
+    tags = meta.tags
+    if tags.__class__ in (set, frozenset, list, tuple) and all(
+        _text_ok(tag, MAX_TAG_LENGTH) and "," not in tag for tag in tags
     ):
-        raise InvalidAssetField(
-            f"compilation_time_ms must be a finite number, got {meta.compilation_time_ms!r}"
-        )
-    properties_json = _properties_json(meta.properties)
+        tags = sorted(set(tags)) if tags.__class__ in (list, tuple) else sorted(tags)
+    else:
+        tags = _check_tags(tags)
+    state = meta.state
+    if state not in STATES:
+        _check_choice("state", state, STATES)
+    expires_at = meta.expires_at
+    if expires_at is not None:
+        expires_at = _check_time("expires_at", expires_at)
     return (
-        _evolve(
-            meta,
-            asset_type=_check_choice("asset_type", meta.asset_type, ASSET_TYPES),
-            name=_check_text("name", meta.name),
-            version=_check_text("version", meta.version, 64) if meta.version else "",
-            asset_id=_check_id("asset_id", meta.asset_id) if meta.asset_id else uuid.uuid4().hex,
-            created_by=_check_text("created_by", meta.created_by),
-            parent_id=_check_id("parent_id", meta.parent_id)
-            if meta.parent_id is not None
-            else None,
-            derived_from=[_check_id("derived_from id", i) for i in _as_list(meta.derived_from)],
-            tags=set(_check_tags(meta.tags)),
-            properties=dict(meta.properties),
-            state=_check_choice("state", meta.state, STATES),
-            expires_at=_check_time("expires_at", meta.expires_at),
-            size_bytes=len(data),
-            checksum=hashlib.sha256(data).hexdigest(),
-        ),
-        data,
-        properties_json,
+        asset_id, asset_type, name, version, created_by, parent_id, derived_from, tags,
+        properties_json, compile_ms, len(data), hashlib.sha256(data).hexdigest(), data, state,
+        expires_at,
+    )  # fmt: skip
+
+
+# _New: a validated item to create, in this order (a tuple: built once per bulk row)
+_New = tuple
+(N_ID, N_TYPE, N_NAME, N_VERSION, N_CREATED_BY, N_PARENT, N_DERIVED, N_TAGS, N_PROPS_JSON,
+ N_COMPILE_MS, N_SIZE, N_CHECKSUM, N_DATA, N_STATE, N_EXPIRES) = range(15)  # fmt: skip
+
+
+def _checked(meta: AssetMetadata, data: object, max_bytes: int) -> AssetMetadata:
+    """A normalised copy of ``meta`` (checksum, size and a generated id set), or an
+    InvalidInput; the same rules as create (update_asset checks its changes with it)."""
+    new = _new_asset(meta, data, max_bytes)
+    return _evolve(
+        meta,
+        asset_id=new[N_ID],
+        version=new[N_VERSION] or "",
+        derived_from=new[N_DERIVED],
+        tags=set(new[N_TAGS]),
+        properties=dict(meta.properties),
+        expires_at=new[N_EXPIRES],
+        size_bytes=new[N_SIZE],
+        checksum=new[N_CHECKSUM],
     )
 
 
@@ -400,18 +460,16 @@ class AssetRepository:
     def _create_checked(
         self, items: Sequence[tuple[AssetMetadata, bytes]], actor: str
     ) -> list[str]:
-        checked = [_checked(meta, data, self.max_asset_bytes) for meta, data in items]
-        metas = [meta for meta, _, _ in checked]
+        max_bytes = self.max_asset_bytes
+        checked = [_new_asset(meta, data, max_bytes) for meta, data in items]
         for attempt in range(3):
             written: list[str] = []
             try:
                 with self._db.transaction() as conn:
-                    self._db.lock_names(conn, [f"{m.asset_type}:{m.name}" for m in metas])
-                    ids, rows, events = self._plan(conn, checked, actor, written)
-                    self._db.insert_rows(conn, rows)
-                    self._db.insert_events(conn, events)
-                if len(rows) >= ANALYZE_AFTER_ROWS:
-                    self.analyze()
+                    self._db.lock_names(conn, [f"{c[N_TYPE]}:{c[N_NAME]}" for c in checked])
+                    ids, count = self._write(conn, checked, actor, written)
+                if count >= ANALYZE_AFTER_ROWS:
+                    self._refresh_after_load()
                 return ids
             except AssetConflict:
                 self._delete_objects(written)
@@ -424,54 +482,77 @@ class AssetRepository:
                 raise
         raise AssertionError("unreachable")
 
-    def _plan(
-        self, conn, checked: list[tuple[AssetMetadata, bytes, str]], actor: str, written: list[str]
-    ):
-        """Decide, inside the transaction, what each item becomes: a duplicate or a new version."""
+    def _write(
+        self, conn, checked: list[_New], actor: str, written: list[str]
+    ) -> tuple[list[str], int]:
+        """Inside the transaction: decide what each item becomes (a duplicate or a new
+        version), write one "created" event for all new rows, then the rows, streamed
+        (built while COPY sends the previous ones). Returns the ids and the rows written."""
         db = self._db
-        metas = [meta for meta, _, _ in checked]
-        existing = self._existing_checksums(conn, {m.checksum for m in metas})
-        latest = self._latest_versions(conn, {m.name for m in metas})
-        self._require_existing(conn, metas)
+        existing = self._existing_checksums(conn, {c[N_CHECKSUM] for c in checked})
+        latest = self._latest_versions(conn, {c[N_NAME] for c in checked})
+        wanted = {c[N_PARENT] for c in checked if c[N_PARENT]}
+        wanted.update(ref for c in checked if c[N_DERIVED] for ref in c[N_DERIVED])
+        self._require_existing(conn, wanted, {c[N_ID] for c in checked})
         now = db.now()
-        ids, rows, events = [], [], []
-        for meta, data, properties_json in checked:
-            duplicate = existing.get((meta.checksum, meta.asset_type))
+        ids: list[str] = []
+        new: list[tuple[_New, int, str | None, str]] = []
+        duplicates = []
+        for c in checked:
+            content = (c[N_CHECKSUM], c[N_TYPE])
+            duplicate = existing.get(content)
             if duplicate is not None:
                 ids.append(duplicate)
-                events.append(
-                    (duplicate, "duplicate", actor, now, db.encode_json({"name": meta.name}))
+                duplicates.append(
+                    (duplicate, "duplicate", actor, now, db.encode_json({"name": c[N_NAME]}))
                 )
                 continue
-            number, previous = latest.get((meta.asset_type, meta.name), (0, None))
-            meta = _evolve(meta, version_number=number + 1, previous_version_id=previous,
-                           version=meta.version or f"v{number + 1}")  # fmt: skip
-            rows.append(self._row(meta, data, properties_json, now, written))
-            events.append((meta.asset_id, "created", actor, now,
-                           db.encode_json({"name": meta.name, "version": meta.version})))  # fmt: skip
-            existing[(meta.checksum, meta.asset_type)] = meta.asset_id
-            latest[(meta.asset_type, meta.name)] = (meta.version_number, meta.asset_id)
-            ids.append(meta.asset_id)
-        return ids, rows, events
+            key = (c[N_TYPE], c[N_NAME])
+            number, previous = latest.get(key, (0, None))
+            number += 1
+            new.append((c, number, previous, c[N_VERSION] or f"v{number}"))
+            existing[content] = c[N_ID]
+            latest[key] = (number, c[N_ID])
+            ids.append(c[N_ID])
+        if new:
+            if len(new) == 1:
+                c, _, _, version = new[0]
+                event = (c[N_ID], "created", actor, now,
+                         db.encode_json({"name": c[N_NAME], "version": version}))  # fmt: skip
+            else:  # one row for the batch; get_audit_log gives each asset its own view of it
+                event = ("", "created", actor, now, db.encode_json({"assets": len(new)}))
+            event_id = db.insert_event(conn, event)
+            db.insert_rows(conn, self._rows(new, now, event_id, written), len(new))
+        if duplicates:
+            db.insert_events(conn, duplicates)
+        return ids, len(new)
 
-    def _row(
-        self, meta: AssetMetadata, data: bytes, properties_json: str, now, written: list[str]
-    ) -> tuple:
+    def _rows(
+        self, new: list[tuple[_New, int, str | None, str]], now, event_id: int, written: list[str]
+    ) -> Iterator[tuple]:
+        """Full rows in ASSET_COLUMNS order; large data goes to the object store first."""
         db = self._db
-        inline, object_key = data, None
-        if self._store is not None and len(data) > self.large_object_threshold:
-            object_key = f"assets/{meta.asset_id}"
-            self._store.put(object_key, data)
-            written.append(object_key)
-            inline = None
-        m = meta
-        return (  # ASSET_COLUMNS order
-            m.asset_id, m.asset_type, m.name, m.version, m.version_number, m.previous_version_id,
-            now, m.created_by, m.parent_id, db.encode_list(m.derived_from),
-            db.encode_list(sorted(m.tags)), db.encode_json_text(properties_json),
-            m.compilation_time_ms, m.size_bytes, m.checksum, inline, object_key,
-            None, 0, m.state, db.encode_time(m.expires_at),
-        )  # fmt: skip
+        encode_list, encode_json_text, encode_time = (
+            db.encode_list,
+            db.encode_json_text,
+            db.encode_time,
+        )
+        store, threshold = self._store, self.large_object_threshold
+        for c, number, previous, version in new:
+            data, object_key = c[N_DATA], None
+            if store is not None and len(data) > threshold:
+                object_key = f"assets/{c[N_ID]}"
+                store.put(object_key, data)
+                written.append(object_key)
+                data = None
+            expires_at = c[N_EXPIRES]
+            yield (
+                c[N_ID], c[N_TYPE], c[N_NAME], version, number, previous, now, c[N_CREATED_BY],
+                c[N_PARENT], encode_list(c[N_DERIVED]), encode_list(c[N_TAGS]),
+                encode_json_text(c[N_PROPS_JSON]), c[N_COMPILE_MS], c[N_SIZE], c[N_CHECKSUM],
+                data, object_key, None, 0, c[N_STATE],
+                None if expires_at is None else encode_time(expires_at), event_id,
+            )  # fmt: skip
 
     def _existing_checksums(self, conn, checksums: set[str]) -> dict[tuple[str, str], str]:
         found = {}
@@ -497,10 +578,8 @@ class AssetRepository:
                 latest[(asset_type, name)] = (number, asset_id)
         return latest
 
-    def _require_existing(self, conn, metas: list[AssetMetadata]) -> None:
-        """Every parent and derived_from id exists (earlier items of the batch count)."""
-        batch_ids = {m.asset_id for m in metas}
-        wanted = {ref for m in metas for ref in [m.parent_id, *m.derived_from] if ref}
+    def _require_existing(self, conn, wanted: set[str], batch_ids: set[str]) -> None:
+        """Every referenced (parent, derived_from) id exists or is in the batch."""
         missing = wanted - batch_ids - self._existing_ids(conn, wanted - batch_ids)
         if missing:
             raise AssetNotFound(
@@ -647,7 +726,10 @@ class AssetRepository:
         assignments = ", ".join(f"{k} = %s" for k in changed)
         params = [encoders.get(k, lambda v: v)(v) for k, v in changed.items()]
         with db.transaction() as conn:
-            self._require_existing(conn, [replace(old, asset_id="", **changed)])
+            merged = replace(old, **changed)
+            self._require_existing(
+                conn, {r for r in [merged.parent_id, *merged.derived_from] if r}, set()
+            )
             if changed.get("parent_id") is not None:
                 self._refuse_cycle(conn, asset_id, changed["parent_id"])
             if (
@@ -666,7 +748,7 @@ class AssetRepository:
 
     @staticmethod
     def _checked_updates(old: AssetMetadata, updates: Mapping[str, Any]) -> dict[str, Any]:
-        checked, _, _ = _checked(replace(old, **dict(updates)), b"", max_bytes=0)
+        checked = _checked(replace(old, **dict(updates)), b"", max_bytes=0)
         return {k: getattr(checked, k) for k in updates}
 
     def _refuse_cycle(self, conn, asset_id: str, new_parent: str) -> None:
@@ -883,13 +965,22 @@ class AssetRepository:
         _check_id("asset_id", asset_id)
         db = self._db
         with db.read() as conn:
+            # Its own events, and the "created" event of the batch that created it (one
+            # row for many assets, asset_id ''), with this asset's name and version as
+            # details: the same entry a single create writes.
             rows = db.fetchall(
-                conn, "SELECT event, actor, at, details FROM asset_events WHERE asset_id = %s ORDER BY event_id",
-                (asset_id,),
-            )  # fmt: skip
+                conn,
+                "SELECT event_id, event, actor, at, details FROM asset_events WHERE asset_id = %s"
+                " UNION ALL SELECT e.event_id, e.event, e.actor, e.at,"
+                " {json_object}('name', a.name, 'version', a.version)"
+                " FROM assets a JOIN asset_events e ON e.event_id = a.created_event"
+                " WHERE a.asset_id = %s AND e.asset_id = ''"
+                " ORDER BY 1",
+                (asset_id, asset_id),
+            )
         return [
             {"event": e, "actor": a, "at": db.decode_time(at), "details": db.decode_json(d)}
-            for e, a, at, d in rows
+            for _, e, a, at, d in rows
         ]
 
     def _audit(self, asset_id: str, event: str, actor: str, details: Mapping[str, Any]) -> None:
@@ -912,6 +1003,21 @@ class AssetRepository:
             conn.execute(
                 "VACUUM (ANALYZE) assets" if self._db.dialect == "postgres" else "ANALYZE assets"
             )
+
+    def _refresh_after_load(self) -> None:
+        """analyze() made cheaper for bulk_create (0.39 s -> ~0.2 s after 100,000 rows):
+        merge the GIN pending lists, and sample only the columns searches filter or
+        order on (not data, ids, checksums or labels). No VACUUM: the visibility map
+        only serves index-only scans, and the searches read whole rows."""
+        with self._db.read() as conn:
+            if self._db.dialect != "postgres":
+                conn.execute("ANALYZE assets")  # SQLite: no column list
+                return
+            conn.execute(
+                "SELECT gin_clean_pending_list('assets_tags_idx'::regclass),"
+                " gin_clean_pending_list('assets_properties_idx'::regclass)"
+            )
+            conn.execute(f"ANALYZE assets ({', '.join(_STATS_COLUMNS)})")
 
     # -- garbage -------------------------------------------------------------------------------
     def collect_garbage(self, grace: timedelta = timedelta(hours=1)) -> list[str]:
