@@ -21,13 +21,14 @@ from esper_assets.blueprints import (
     Blueprint,
     BlueprintInvalid,
     BlueprintLimits,
+    blueprint_name_for_file,
     compile_blueprint,
     kernel_id_for,
     load_kernel,
     parse_blueprint,
 )
 from esper_assets.blueprints.compiler import COMPILER_VERSION
-from esper_assets.errors import AssetConflict, AssetNotFound, EsperError, InvalidInput
+from esper_assets.errors import AssetConflict, AssetNotFound, EsperError
 from esper_assets.landing import LandingZone
 from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository, PersistentKernelCache
 
@@ -75,41 +76,36 @@ class BuiltKernel:
 
 
 # -- blueprints ------------------------------------------------------------------------
-def landed_file_for(landing: LandingZone, name: str) -> str:
-    """The one file in the landing zone that holds blueprint ``name``."""
-    keys = sorted(f.key for f in landing.list_blueprints() if _stem(f.key) == name)
-    if not keys:
-        raise InvalidInput(f"no blueprint file for {name!r} in {landing.location}")
-    if len(keys) > 1:
-        raise InvalidInput(
-            f"{len(keys)} files hold blueprint {name!r} in {landing.location} ({', '.join(keys)}); "
-            "keep one and move the others away"
-        )
-    return keys[0]
-
-
-def _stem(key: str) -> str | None:
-    for suffix in BLUEPRINT_SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    return None
+def landed_files(landing: LandingZone) -> dict[str, list[str]]:
+    """Blueprint name -> the landing-zone files that hold it (one listing for a whole run)."""
+    files: dict[str, list[str]] = {}
+    for landed in landing.list_blueprints():
+        if landed.key.endswith(BLUEPRINT_SUFFIXES):
+            files.setdefault(blueprint_name_for_file(landed.key), []).append(landed.key)
+    return files
 
 
 def read_blueprint(
-    landing: LandingZone, name: str, limits: BlueprintLimits | None = None
+    landing: LandingZone,
+    name: str,
+    keys: list[str],
+    limits: BlueprintLimits | None = None,
 ) -> IngestedBlueprint:
-    """Read and validate the landed blueprint ``name``; content problems go in ``problems``."""
-    try:
-        key = landed_file_for(landing, name)
-    except InvalidInput as exc:
-        return IngestedBlueprint(name, landing.location, problems=[str(exc)])
-    data = landing.read(key)
+    """Read and validate the landed blueprint ``name`` from ``keys`` (the files that hold
+    it, which must be exactly one); content problems go in ``problems``."""
+    if len(keys) != 1:
+        found = f"{len(keys)} files ({', '.join(sorted(keys))})" if keys else "no file"
+        return IngestedBlueprint(
+            name, landing.location,
+            problems=[f"{found} for blueprint {name!r} in {landing.location}; keep exactly one"],
+        )  # fmt: skip
+    data = landing.read(keys[0])
     result = IngestedBlueprint(
-        name, f"{landing.location.rstrip('/')}/{key}", hashlib.sha256(data).hexdigest()
+        name, f"{landing.location.rstrip('/')}/{keys[0]}", hashlib.sha256(data).hexdigest()
     )
     try:
         result.blueprint = parse_blueprint(
-            data, source=key, limits=limits or BlueprintLimits(), expected_name=name
+            data, source=keys[0], limits=limits or BlueprintLimits(), expected_name=name
         )
     except BlueprintInvalid as exc:
         result.problems = [str(p) for p in exc.problems]
@@ -129,7 +125,8 @@ def ingest_blueprints(
     it is registered; the other files go on. Storage failures raise, because a
     retry may fix them.
     """
-    results = [read_blueprint(landing, name, limits) for name in names]
+    files = landed_files(landing)
+    results = [read_blueprint(landing, name, files.get(name, []), limits) for name in names]
     for result in topological(results):
         if not result.problems:
             register_blueprint(repo, result, actor)
@@ -260,6 +257,7 @@ def _kernel_metadata(
 ) -> AssetMetadata:
     return AssetMetadata(
         asset_type=KERNEL,
+        asset_id=kernel_id,  # deterministic, so "compiled before?" is a key lookup
         name=bp.name,
         version=bp.version,
         parent_id=blueprint_asset_id,
@@ -280,9 +278,11 @@ def _kernel_metadata(
 
 
 def find_kernel(repo: AssetRepository, kernel_id: str) -> str | None:
-    query = AssetQuery().with_type(KERNEL).with_properties({"kernel_id": kernel_id}).limit(1)
-    found = repo.search_assets(query)
-    return found[0].asset_id if found else None
+    """Kernels are registered under their kernel id, so this is a key lookup."""
+    try:
+        return repo.get_metadata(kernel_id).asset_id
+    except AssetNotFound:
+        return None
 
 
 def verify_kernel(cache: PersistentKernelCache, built: BuiltKernel) -> list[str]:

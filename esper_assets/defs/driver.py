@@ -10,7 +10,6 @@ run (the assets' single-run backfill policy).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,26 +23,13 @@ from dagster._core.storage.tags import (
 
 from esper_assets.arrivals import Cursor
 from esper_assets.defs.assets import BLUEPRINT_VALID, KERNEL_ROUND_TRIP, blueprint_partitions
+from esper_assets.defs.instance import local_instance
 from esper_assets.defs.sensors import ingest_blueprints_job, new_blueprints
 from esper_assets.settings import Settings
 
-_LOCAL_INSTANCE_YAML = """\
-# Embedded Dagster instance for esper_assets: SQLite storage under this folder.
-telemetry:
-  enabled: false
-"""
-
-
-def local_instance(settings: Settings | None = None) -> dg.DagsterInstance:
-    """``$DAGSTER_HOME``'s instance when set; else a SQLite instance under ESPER_HOME."""
-    if os.environ.get("DAGSTER_HOME"):
-        return dg.DagsterInstance.get()
-    home = (settings or Settings.from_env()).home / "dagster"
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(_LOCAL_INSTANCE_YAML)
-    return dg.DagsterInstance.from_config(str(home))
+# Runs here report through their results and the event log; the console logger
+# would interleave Dagster's debug lines with the command's own output.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 @dataclass
@@ -127,8 +113,9 @@ def _execute(
     job = defs.resolve_job_def(ingest_blueprints_job.name)
     single = partitions[0] if len(partitions) == 1 else None
     result = job.execute_in_process(
-        instance=instance, partition_key=single, tags=tags, raise_on_error=False
-    )
+        run_config=QUIET, instance=instance, partition_key=single, tags=tags,
+        raise_on_error=False,
+    )  # fmt: skip
     checks = {
         evaluation.check_name: evaluation.passed
         for evaluation in result.get_asset_check_evaluations()
