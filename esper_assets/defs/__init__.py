@@ -18,8 +18,9 @@ from esper_assets.defs.resources import resources_from_env
 from esper_assets.defs.sensors import ingest_blueprints_job, new_blueprints
 
 
-def build_definitions() -> dg.Definitions:
-    """Definitions bound to the current environment (tests build several)."""
+def build_definitions(**resource_overrides: dg.ConfigurableResource) -> dg.Definitions:
+    """Definitions bound to the current environment, with any resource replaced by name
+    (tests build several; e.g. ``blueprint_rules=BlueprintRulesResource(max_layers=2)``)."""
     return dg.Definitions(
         assets=[blueprints, compiled_kernels],
         jobs=[
@@ -30,7 +31,7 @@ def build_definitions() -> dg.Definitions:
         ],
         schedules=schedules,
         sensors=[new_blueprints],
-        resources=resources_from_env(),
+        resources=resources_from_env() | resource_overrides,
     )
 
 

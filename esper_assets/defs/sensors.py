@@ -14,7 +14,6 @@ from esper_assets.pipeline import find_blueprint
 ingest_blueprints_job = dg.define_asset_job(
     "ingest_blueprints",
     selection=[blueprints, compiled_kernels],
-    partitions_def=blueprint_partitions,
     description="Validate, register and compile blueprints into cached kernels.",
 )
 

@@ -1,0 +1,392 @@
+"""The Dagster pipeline on the embedded default: definitions, sensor, assets, checks,
+schedules, bad input and lineage. Runs go through a real (temporary) Dagster
+instance; storage is the SQLite file and directory under a temporary ESPER_HOME."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from esper_assets import pipeline
+from esper_assets.blueprints.examples import example_blueprint_files
+from esper_assets.defs import build_definitions
+from esper_assets.defs.driver import backfill, dagster_lineage, land_examples, tick_and_run
+from esper_assets.defs.resources import BlueprintRulesResource
+from esper_assets.defs.sensors import new_blueprints
+from esper_assets.landing import DirectoryLanding
+from esper_assets.settings import Settings
+from esper_assets.storage import AssetRepository, PersistentKernelCache
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlp(
+    name: str, parent: str | None = None, width: int = 8, version: str = "1.0.0", **extra
+) -> bytes:
+    doc = {
+        "name": name,
+        "version": version,
+        "tags": ["test"],
+        "input_shape": [4],
+        "layers": [{"op": "linear", "out_features": width}, {"op": "relu"}],
+        **extra,
+    }
+    if parent:
+        doc["parent"] = parent
+    return json.dumps(doc).encode()
+
+
+@pytest.fixture
+def esper_home(tmp_path, monkeypatch):
+    for name in ("ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "AWS_ENDPOINT_URL",
+                 "ESPER_LANDING", "DAGSTER_HOME"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ESPER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def instance(esper_home):
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+@pytest.fixture
+def landing(esper_home) -> DirectoryLanding:
+    return DirectoryLanding(Settings.from_env().landing)
+
+
+def latest_materialization(instance, asset: str, partition: str) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
+    assert records, f"no materialization of {asset}[{partition}]"
+    event = records[0].asset_materialization
+    return {"tags": event.tags, **{k: v.value for k, v in event.metadata.items()}}
+
+
+def check_evaluations(instance, run_id: str) -> dict[str, object]:
+    out = {}
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = record.dagster_event.event_specific_data
+        out[evaluation.check_name] = evaluation
+    return out
+
+
+# -- definitions -------------------------------------------------------------------------
+def test_definitions_load_without_warnings(esper_home):
+    code = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "import dagster as dg\n"
+        "from esper_assets.defs import build_definitions\n"
+        "dg.Definitions.validate_loadable(build_definitions())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**_env_without_services(), "ESPER_HOME": str(esper_home)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
+        "blueprints",
+        "compiled_kernels",
+    }
+    assert graph.get(dg.AssetKey("compiled_kernels")).parent_keys == {dg.AssetKey("blueprints")}
+    checks = {key.name for key in graph.asset_check_keys}
+    assert checks == {"blueprint_is_valid", "kernel_round_trip"}
+    assert {s.name for s in defs.schedules} == {
+        "hourly_cache_maintenance", "warm_cache_every_15_minutes", "nightly_blueprint_revalidation",
+    }  # fmt: skip
+    assert [s.name for s in defs.sensors] == ["new_blueprints"]
+
+
+def test_dagster_cli_validates_the_workspace(esper_home):
+    from esper_assets.defs.instance import embedded_dagster_home
+
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w",
+         "workspace.yaml"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+        env={**_env_without_services(), "ESPER_HOME": str(esper_home),
+             "DAGSTER_HOME": str(embedded_dagster_home())},
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "All code locations passed validation" in output, output
+    # The one warning left is about the command itself (Dagster points at its newer `dg`).
+    lines = [line for line in output.splitlines() if "Warning" in line or "WARNING" in line]
+    assert all("definitions_validate_command" in line for line in lines), output
+
+
+def _env_without_services() -> dict[str, str]:
+    import os
+
+    drop = {"ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "ESPER_LANDING"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def test_resources_name_service_variables_and_do_not_hold_their_values(esper_home, monkeypatch):
+    monkeypatch.setenv("ESPER_DATABASE_URL", "postgresql://u:hunter2-secret@127.0.0.1:5432/test")
+    resources = build_definitions().resources
+    assert resources["database"].url == dg.EnvVar("ESPER_DATABASE_URL")
+    assert "hunter2" not in repr(resources)
+
+
+# -- sensor -----------------------------------------------------------------------------
+def run_sensor(instance, defs, cursor=None):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources) as ctx:
+        return new_blueprints(ctx)
+
+
+def test_sensor_adds_partitions_and_requests_one_run_per_content(instance, landing):
+    defs = build_definitions()
+    landing.put("alpha.json", mlp("alpha"))
+    landing.put(
+        "beta.yaml", b"name: beta\nversion: 1.0.0\ninput_shape: [3]\nlayers: [{op: tanh}]\n"
+    )
+    first = run_sensor(instance, defs)
+    assert sorted(r.partition_key for r in first.run_requests) == ["alpha", "beta"]
+    assert sorted(first.dynamic_partitions_requests[0].partition_keys) == ["alpha", "beta"]
+    for request in first.run_requests:
+        assert request.run_key.startswith(f"{request.partition_key}:")
+        assert request.tags["esper/file_sha256"] in request.run_key
+    quiet = run_sensor(instance, defs, first.cursor)
+    assert quiet.run_requests == [] and quiet.dynamic_partitions_requests == []
+    landing.put("alpha.json", mlp("alpha", width=16))
+    changed = run_sensor(instance, defs, quiet.cursor)
+    assert [r.partition_key for r in changed.run_requests] == ["alpha"]
+    assert changed.run_requests[0].run_key not in {r.run_key for r in first.run_requests}
+
+
+def test_sensor_moves_unusable_file_names_aside_and_goes_on(instance, landing):
+    defs = build_definitions()
+    landing.put("good.json", mlp("good"))
+    landing.put("bad name.json", mlp("bad"))
+    landing.put(("x" * 200) + ".yaml", b"{}")
+    result = run_sensor(instance, defs)
+    assert [r.partition_key for r in result.run_requests] == ["good"]
+    rejected = landing.folder / "rejected"
+    assert (rejected / "bad name.json").read_bytes() == mlp("bad")
+    assert "bad name.json" in (rejected / "bad name.json.error.txt").read_text()
+    assert (rejected / (("x" * 200) + ".yaml.error.txt")).exists()
+
+
+# -- assets and checks ------------------------------------------------------------------
+def test_one_partition_end_to_end_with_readable_metadata(instance, landing, esper_home):
+    landing.put("base.json", mlp("base", tags=["mlp", "base"]))
+    report = tick_and_run(build_definitions(), instance)
+    [run] = report.runs
+    assert run.success and run.checks == {"blueprint_is_valid": True, "kernel_round_trip": True}
+    bp = latest_materialization(instance, "blueprints", "base")
+    kernel = latest_materialization(instance, "compiled_kernels", "base")
+    assert bp["status"] == "registered" and bp["name"] == "base" and bp["version"] == "1.0.0"
+    assert bp["tags"] == "base, mlp"  # the blueprint's own tags field, sorted
+    with AssetRepository.from_env() as repo:
+        stored = repo.get_metadata(bp["repository_id"])
+        assert stored.properties["content_hash"] == bp["content_hash"]
+        assert kernel["blueprint_repository_id"] == bp["repository_id"]
+        assert repo.get_metadata(kernel["repository_id"]).parent_id == bp["repository_id"]
+    assert kernel["kernel_id"].startswith("k-") and kernel["kernel_id"] == kernel["repository_id"]
+    assert kernel["parameter_count"] == 4 * 8 + 8
+    assert kernel["flops_per_sample"] > 0 and kernel["size_bytes"] > 0
+    assert kernel["tiers_written"] == "l1, l3"  # embedded: memory + SQLite
+    assert kernel["blueprint_partition"] == "base"
+    assert kernel["blueprint_data_version"] == bp["content_hash"]
+    records = instance.fetch_materializations(dg.AssetKey("blueprints"), limit=1).records
+    assert records[0].asset_materialization.tags["dagster/data_version"] == bp["content_hash"]
+    with PersistentKernelCache.from_env() as cache:
+        assert cache.get(kernel["kernel_id"]) is not None
+
+
+def test_a_single_run_backfill_gives_every_partition_its_own_metadata(instance, landing):
+    names = [f"bf{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        landing.put(f"{name}.json", mlp(name, width=4 + i))
+    outcome = backfill(build_definitions(), instance, names)
+    assert outcome.success and all(outcome.checks.values())
+    kernels = {n: latest_materialization(instance, "compiled_kernels", n) for n in names}
+    assert len({k["kernel_id"] for k in kernels.values()}) == 6
+    assert {k["parameter_count"] for k in kernels.values()} == {4 * w + w for w in range(4, 10)}
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("compiled_kernels"), asset_partitions=names),
+        limit=100,
+    ).records
+    assert sorted(r.partition_key for r in records) == names  # one event per partition
+    assert {r.run_id for r in records} == {outcome.run_id} and instance.get_run_ids() == [
+        outcome.run_id
+    ]
+
+
+def test_the_same_content_is_never_compiled_twice(instance, landing, esper_home):
+    landing.put("base.json", mlp("base"))
+    defs = build_definitions()
+    tick_and_run(defs, instance)
+    landing.put("base.json", mlp("base"))  # touched, same bytes: same run key, no run
+    assert tick_and_run(defs, instance).runs == []
+    with AssetRepository.from_env() as repo, PersistentKernelCache.from_env() as cache:
+        bp_id = pipeline.find_blueprint(repo, "base", "1.0.0")
+        again = pipeline.build_kernel(repo, cache, bp_id)
+        assert again.compiled is False
+        assert (
+            again.kernel_id
+            == latest_materialization(instance, "compiled_kernels", "base")["kernel_id"]
+        )
+
+
+def test_kernel_round_trip_reports_a_corrupted_cache_entry(instance, landing, esper_home):
+    landing.put("base.json", mlp("base"))
+    tick_and_run(build_definitions(), instance)
+    with AssetRepository.from_env() as repo, PersistentKernelCache.from_env() as cache:
+        built = pipeline.build_kernel(repo, cache, pipeline.find_blueprint(repo, "base", "1.0.0"))
+        assert pipeline.verify_kernel(cache, built) == []
+        cache.put(built.kernel_id, b"not a kernel at all")
+        problems = pipeline.verify_kernel(cache, built)
+        assert any("differ" in p for p in problems) and any("load" in p for p in problems)
+
+
+# -- bad input --------------------------------------------------------------------------
+BAD_FILES = {
+    "malformed JSON": ("broken.json", b'{"name": "broken", "version": '),
+    "malformed YAML": ("broken.yaml", b"name: broken\nlayers: [\n  - {op: relu\n"),
+    "unknown op": ("weird.json", mlp("weird").replace(b'"relu"', b'"softmax9"')),
+    "missing field": (
+        "nolayers.json",
+        b'{"name": "nolayers", "version": "1.0.0", "input_shape": [4]}',
+    ),
+    "wrong type": ("wrongtype.json", mlp("wrongtype").replace(b"8", b'"eight"', 1)),
+    "inconsistent shapes": (
+        "shapes.json",
+        mlp("shapes").replace(b'{"op": "relu"}', b'{"op": "residual"}'),
+    ),
+    "oversized file": ("huge.json", mlp("huge", description="x" * 300_000)),
+    "oversized model": ("giant.json", mlp("giant", width=60_000).replace(b"[4]", b"[60000]")),
+    "name/stem mismatch": ("stem.json", mlp("other_name")),
+    "missing parent": ("orphan.json", mlp("orphan", parent="nobody@1.0.0")),
+    "unknown parent version": ("child.json", mlp("child", parent="good@9.9.9")),
+    "same content, new name": ("good_copy.json", mlp("good_copy")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_input_fails_its_own_partition_with_a_clear_message(case, instance, landing):
+    key, data = BAD_FILES[case]
+    landing.put("good.json", mlp("good"))
+    defs = build_definitions()
+    if case == "same content, new name":
+        tick_and_run(defs, instance)  # good registered first
+        data = mlp("good").replace(b'"good"', b'"good_copy"')
+    landing.put(key, data)
+    report = tick_and_run(defs, instance)
+    by_partition = {r.partitions[0]: r for r in report.runs}
+    name = key.rsplit(".", 1)[0]
+    bad = by_partition[name]
+    assert not bad.success and bad.checks.get("blueprint_is_valid") is False, bad
+    evaluation = check_evaluations(instance, bad.run_id)["blueprint_is_valid"]
+    assert key in evaluation.description, evaluation.description
+    assert not instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("compiled_kernels"), asset_partitions=[name]),
+        limit=1,
+    ).records  # no kernel built from a bad file...
+    started = {
+        e.step_key for e in instance.all_logs(bad.run_id, of_type=dg.DagsterEventType.STEP_START)
+    }
+    assert started == {"blueprints"}  # ...because the blocking check stopped the run before it
+    if case != "same content, new name":
+        assert by_partition["good"].success  # the other file in the same tick went through
+    assert (landing.folder / key).read_bytes() == data  # nothing deleted or moved
+    problems = latest_materialization(instance, "blueprints", name)
+    assert problems["status"] == "invalid" and problems["problems"]
+
+
+def test_problem_messages_name_the_field(instance, landing):
+    landing.put("wrongtype.json", BAD_FILES["wrong type"][1])
+    landing.put("shapes.json", BAD_FILES["inconsistent shapes"][1])
+    report = tick_and_run(build_definitions(), instance)
+    descriptions = {
+        r.partitions[0]: check_evaluations(instance, r.run_id)["blueprint_is_valid"].description
+        for r in report.runs
+    }
+    assert "layers[0].out_features" in descriptions["wrongtype"]
+    assert "layers[1]" in descriptions["shapes"] and "residual" in descriptions["shapes"]
+
+
+# -- lineage ----------------------------------------------------------------------------
+def test_lineage_agrees_across_repository_and_dagster_event_log(instance, esper_home):
+    land_examples(DirectoryLanding(Settings.from_env().landing))
+    report = tick_and_run(build_definitions(), instance)
+    assert len(report.runs) == len(example_blueprint_files()) == 12
+    assert all(r.success for r in report.runs), [r for r in report.runs if not r.success]
+    with AssetRepository.from_env() as repo:
+        lengths = {}
+        for path in example_blueprint_files():
+            name = path.name.split(".")[0]
+            chain = pipeline.lineage_chain(repo, name)
+            from_dagster = dagster_lineage(instance, name)
+            assert [m.asset_id for m in chain] == [s["repository_id"] for s in from_dagster]
+            assert [m.name for m in chain[1:]] == [s["partition"] for s in from_dagster[1:]]
+            repo_view = repo.get_lineage(chain[0].asset_id, depth=10)["ancestors"]
+            assert [m.asset_id for m in repo_view] == [m.asset_id for m in chain[1:]]
+            lengths[name] = len(chain)
+    assert lengths["residual_mlp_ln_wide"] == 5  # kernel + 4 blueprint versions
+    assert lengths["conv_classifier"] == 4
+    assert lengths["mlp_base"] == 2
+
+
+# -- schedules and upkeep jobs ----------------------------------------------------------
+def test_every_schedule_requests_its_job(esper_home):
+    defs = build_definitions()
+    for schedule in defs.schedules:
+        with dg.build_schedule_context() as context:
+            result = schedule.evaluate_tick(context)
+        assert result.run_requests, schedule.name
+        assert defs.resolve_job_def(schedule.job_name) is not None
+
+
+def test_warm_job_loads_the_most_used_kernels(instance, landing, esper_home):
+    landing.put("base.json", mlp("base"))
+    defs = build_definitions()
+    tick_and_run(defs, instance)
+    kernel_id = latest_materialization(instance, "compiled_kernels", "base")["kernel_id"]
+    with PersistentKernelCache.from_env() as cache:
+        for _ in range(5):
+            cache.get(kernel_id)
+    result = defs.resolve_job_def("warm_kernel_cache_job").execute_in_process(instance=instance)
+    assert result.success
+    counts = result.output_for_node("warm_most_used_kernels")
+    assert sum(counts.values()) == 1 and "missing" not in counts
+
+
+def test_cache_maintenance_job_runs(instance, esper_home):
+    result = (
+        build_definitions()
+        .resolve_job_def("cache_maintenance_job")
+        .execute_in_process(instance=instance)
+    )
+    assert result.success and set(result.output_for_node("clean_kernel_cache")) >= {"l1", "l3"}
+
+
+def test_nightly_revalidation_fails_naming_blueprints_that_no_longer_pass(instance, landing):
+    landing.put("base.json", mlp("base"))
+    landing.put("big.json", mlp("big", width=64))
+    tick_and_run(build_definitions(), instance)
+    ok = (
+        build_definitions()
+        .resolve_job_def("revalidate_blueprints_job")
+        .execute_in_process(instance=instance)
+    )
+    assert ok.success
+    strict = build_definitions(blueprint_rules=BlueprintRulesResource(max_parameters=100))
+    failed = strict.resolve_job_def("revalidate_blueprints_job").execute_in_process(
+        instance=instance, raise_on_error=False
+    )
+    assert not failed.success
+    failure = next(e for e in failed.all_events if e.is_step_failure)
+    message = str(failure.event_specific_data.error)
+    assert "big@1.0.0" in message and "base@1.0.0" not in message
