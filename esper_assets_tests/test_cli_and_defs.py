@@ -22,10 +22,12 @@ def esper_home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def test_demo_runs_on_the_embedded_default(esper_home):
-    result = CliRunner().invoke(main, ["demo", "--json"])
+def test_cache_demo_runs_on_the_embedded_default(esper_home):
+    # `esper demo` now runs the Dagster pipeline (test_pipeline_cli.py); the
+    # cache-only walk through the tiers is `esper cache demo`.
+    result = CliRunner().invoke(main, ["cache", "demo", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     served = {s["id"]: s["served_by"] for s in report["steps"] if s["step"] == "get after L1 loss"}
     assert served == {
         "demo-kernel-0": "l3",
@@ -38,8 +40,11 @@ def test_demo_runs_on_the_embedded_default(esper_home):
 
 def test_cache_commands_share_state_across_invocations(esper_home):
     runner = CliRunner()
-    assert runner.invoke(main, ["demo", "--json"]).exit_code == 0
-    stats = json.loads(runner.invoke(main, ["cache", "stats", "--json"]).output)
+    assert runner.invoke(main, ["cache", "demo", "--json"]).exit_code == 0
+    stats = json.loads(runner.invoke(main, ["cache", "stats", "--json"]).stdout)
+    # What `cache demo` put, seen by a new invocation: 8 small kernels + the 3 MiB one
+    # in L3 (the large one as a pointer row), and the large one's bytes in L4.
+    assert stats["tiers"]["l3"]["entries"] == 9
     assert stats["tiers"]["l4"]["entries"] == 1
     health = runner.invoke(main, ["cache", "health", "--json"])
     assert health.exit_code == 0 and json.loads(health.output)["l3"]["status"] == "healthy"
