@@ -1,0 +1,117 @@
+"""The `esper` pipeline commands (demo, lineage, bench pipeline) on the embedded
+default: a temporary ESPER_HOME, every service variable unset, the embedded Dagster
+instance under ESPER_HOME/dagster. JSON goes to stdout; Dagster's own log lines
+go to stderr and must not get in the way of parsing it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from esper_assets.blueprints.examples import example_blueprint_files
+from esper_assets.cli import main
+
+CHECKS = {"blueprint_is_valid": True, "kernel_round_trip": True}
+EXAMPLE_NAMES = sorted(path.name.split(".")[0] for path in example_blueprint_files())
+
+
+@pytest.fixture
+def esper_home(tmp_path, monkeypatch):
+    for name in ("ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "AWS_ENDPOINT_URL",
+                 "ESPER_LANDING", "DAGSTER_HOME"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ESPER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def invoke_json(*args: str) -> dict:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    try:
+        return json.loads(result.stdout)  # stdout alone: nothing but the JSON document
+    except json.JSONDecodeError as exc:
+        pytest.fail(f"`esper {' '.join(args)}` stdout is not JSON ({exc}):\n{result.stdout[:2000]}")
+
+
+@pytest.fixture
+def demo_report(esper_home) -> dict:
+    return invoke_json("demo", "--json")
+
+
+def test_demo_runs_the_pipeline_and_reports_it_as_json(demo_report, esper_home):
+    report = demo_report
+    assert sorted(report["landed"]) == sorted(p.name for p in example_blueprint_files())
+    assert len(report["runs"]) == 12
+    assert sorted(r["partitions"][0] for r in report["runs"]) == EXAMPLE_NAMES
+    for run in report["runs"]:
+        assert run["success"] and run["checks"] == CHECKS and run["error"] == "", run
+    assert report["kernels_registered"] == report["kernels_fetched_from_cache"] == 12
+    repository_ids = [step["asset_id"] for step in report["lineage"]]
+    assert repository_ids == [step["repository_id"] for step in report["dagster_lineage"]]
+    assert len(report["lineage"]) == 5  # the longest example chain: kernel + 4 blueprints
+    assert [(s["type"], s["name"]) for s in report["lineage"]] == [
+        ("kernel", "residual_mlp_ln_wide"), ("blueprint", "residual_mlp_ln_wide"),
+        ("blueprint", "residual_mlp_ln"), ("blueprint", "residual_mlp"),
+        ("blueprint", "mlp_base"),
+    ]  # fmt: skip
+    # Everything lives under ESPER_HOME: the repository/L3 file and the embedded instance.
+    assert report["settings"]["home"] == str(esper_home.resolve())
+    assert report["dagster_home"] == str(esper_home.resolve() / "dagster")
+    assert (esper_home / "esper.sqlite3").is_file()
+    assert (esper_home / "dagster" / "dagster.yaml").is_file()
+    assert report["stats"]["tiers"]["l3"]["entries"] == 12
+
+
+def test_demo_a_second_time_runs_nothing_new(demo_report, esper_home):
+    again = invoke_json("demo", "--json")
+    assert again["landed"] == []  # the example files are unchanged
+    assert again["runs"] == []  # same content, same run keys: nothing to do
+    assert again["kernels_registered"] == again["kernels_fetched_from_cache"] == 12
+    first_ids = [s["asset_id"] for s in demo_report["lineage"]]
+    assert [s["asset_id"] for s in again["lineage"]] == first_ids
+    assert [s["repository_id"] for s in again["dagster_lineage"]] == first_ids
+
+
+def test_lineage_command_agrees_with_the_dagster_event_log(demo_report):
+    data = invoke_json("lineage", "residual_mlp_ln_wide", "--json")
+    assert data["agree"] is True
+    assert [(s["type"], s["name"]) for s in data["repository"]] == [
+        ("kernel", "residual_mlp_ln_wide"), ("blueprint", "residual_mlp_ln_wide"),
+        ("blueprint", "residual_mlp_ln"), ("blueprint", "residual_mlp"),
+        ("blueprint", "mlp_base"),
+    ]  # fmt: skip
+    ids = [s["asset_id"] for s in data["repository"]]
+    assert ids == [s["repository_id"] for s in data["dagster"]]
+    assert ids == [s["asset_id"] for s in demo_report["lineage"]]
+    # And a chain of a different shape: conv_classifier -> conv_block -> conv_stem.
+    conv = invoke_json("lineage", "conv_classifier", "--json")
+    assert conv["agree"] is True
+    names = [s["name"] for s in conv["repository"][1:]]
+    assert names == ["conv_classifier", "conv_block", "conv_stem"]
+
+
+def test_lineage_of_an_unknown_name_is_one_line_not_a_traceback(demo_report):
+    result = CliRunner().invoke(main, ["lineage", "nosuch"])
+    assert result.exit_code != 0
+    message = result.stderr.strip()
+    assert "nosuch" in message and len(message.splitlines()) == 1, message
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_bench_pipeline_quick_writes_its_json(esper_home, tmp_path):
+    out = tmp_path / "x.json"
+    printed = invoke_json("bench", "pipeline", "--quick", "--out", str(out), "--json")
+    written = json.loads(out.read_text())
+    assert written == printed
+    backfill, sensor = written["backfill"], written["sensor"]
+    assert written["quick"] is True
+    assert backfill["blueprints"] == 100
+    assert backfill["success"] is True and backfill["checks"] == CHECKS, backfill
+    assert sensor["files_seen"] == 1000 and sensor["new_files"] == 100
+    assert sensor["first_tick_requests"] == sensor["files_seen"]
+    assert sensor["tick_with_new_requests"] == 100
+    # The bench ran in its own temporary home: nothing landed in ours.
+    assert not (esper_home / "esper.sqlite3").exists()
