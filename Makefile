@@ -21,12 +21,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/esper demo
 
-# DAGSTER_HOME is the demo's instance, so the UI shows the demo's runs and the sensor
-# does not run the same files again.
+# DAGSTER_HOME is the demo's embedded instance (ESPER_HOME/dagster), so the UI shows
+# the demo's runs and the sensor does not run the same file contents again.
 dev: $(STAMP)
-	mkdir -p .esper/dagster
-	test -f .esper/dagster/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > .esper/dagster/dagster.yaml
-	DAGSTER_HOME=$(CURDIR)/.esper/dagster $(BIN)/dagster dev -w workspace.yaml
+	DAGSTER_HOME="$$($(BIN)/esper dagster-home)" $(BIN)/dagster dev -w workspace.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check esper_assets esper_assets_tests

@@ -332,6 +332,14 @@ def lineage(name: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.command("dagster-home")
+def dagster_home() -> None:
+    """Print the embedded Dagster instance's folder (DAGSTER_HOME for `dagster dev`)."""
+    from esper_assets.defs.instance import embedded_dagster_home
+
+    click.echo(embedded_dagster_home())
+
+
 # -- assets ------------------------------------------------------------------------------
 @main.group()
 def assets() -> None:
