@@ -199,7 +199,8 @@ def bench_backend(
     }
     worst_search = max(search.values())
     result["targets"] = {
-        "bulk >= 100k/s and >= 0.6x raw": ours_rate >= 100_000 and ours_rate >= 0.6 * raw_rate,
+        "bulk >= 0.6x raw COPY (same table, foreign keys included)": ours_rate >= 0.6 * raw_rate,
+        "bulk >= 100k/s (raw COPY itself is the ceiling here)": ours_rate >= 100_000,
         "create p50 <= 2 ms": result["create_p50_ms"] <= 2,
         "search p50 <= 3 ms (every query)": worst_search <= 3,
         "lineage p50 <= 2 ms": result["lineage_depth5_p50_ms"] <= 2,
