@@ -67,7 +67,7 @@ def latest_materialization(instance, asset: str, partition: str) -> dict:
     ).records
     assert records, f"no materialization of {asset}[{partition}]"
     event = records[0].asset_materialization
-    return {"tags": event.tags, **{k: v.value for k, v in event.metadata.items()}}
+    return {"event_tags": event.tags, **{k: v.value for k, v in event.metadata.items()}}
 
 
 def check_evaluations(instance, run_id: str) -> dict[str, object]:
@@ -203,6 +203,24 @@ def test_one_partition_end_to_end_with_readable_metadata(instance, landing, espe
     assert records[0].asset_materialization.tags["dagster/data_version"] == bp["content_hash"]
     with PersistentKernelCache.from_env() as cache:
         assert cache.get(kernel["kernel_id"]) is not None
+
+
+def test_materialize_both_assets_for_one_partition(instance, landing):
+    from esper_assets.defs.assets import blueprints, compiled_kernels
+
+    landing.put("solo.json", mlp("solo", width=12))
+    instance.add_dynamic_partitions("blueprints", ["solo"])
+    result = dg.materialize(
+        [blueprints, compiled_kernels], partition_key="solo", instance=instance,
+        resources=build_definitions().resources,
+    )  # fmt: skip
+    assert result.success
+    assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} == {
+        "blueprint_is_valid": True, "kernel_round_trip": True,
+    }  # fmt: skip
+    kernel = latest_materialization(instance, "compiled_kernels", "solo")
+    assert kernel["parameter_count"] == 4 * 12 + 12
+    assert kernel["event_tags"]["dagster/data_version"] == kernel["kernel_id"]
 
 
 def test_a_single_run_backfill_gives_every_partition_its_own_metadata(instance, landing):

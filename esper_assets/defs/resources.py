@@ -144,8 +144,10 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
         bucket=_env("ESPER_S3_BUCKET"), prefix=settings.s3_prefix,
         directory=str(settings.objects_dir), s3=s3,
     )  # fmt: skip
+    redis = RedisResource(url=_env("ESPER_REDIS_URL"))
     return {
         "database": database,
+        "redis": redis,
         "object_store": object_store,
         "landing": LandingZoneResource(location=settings.landing, s3=s3),
         "blueprint_rules": BlueprintRulesResource(),
