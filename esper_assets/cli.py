@@ -123,7 +123,9 @@ def _render_demo(data: dict[str, Any]) -> None:
     for key, value in data["settings"].items():
         console.print(f"  {key}: {escape(str(value))}")
     console.print(f"  dagster instance: {data['dagster_home']}")
-    console.print(f"landed {len(data['landed'])} example blueprint file(s); sensor ticks: {data['ticks']}")
+    console.print(
+        f"landed {len(data['landed'])} example blueprint file(s); sensor ticks: {data['ticks']}"
+    )
     table = Table(title="runs requested by the new_blueprints sensor")
     for column in ("partition", "run", "result", "checks"):
         table.add_column(column)
@@ -145,12 +147,16 @@ def _render_demo(data: dict[str, Any]) -> None:
         for depth, step in enumerate(data["lineage"]):
             console.print("  " * depth + ("" if depth == 0 else "<- ") + _lineage_label(step))
         agrees = _lineages_agree(data["lineage"], data["dagster_lineage"])
-        console.print(f"  Dagster event log tells the same story: {'yes' if agrees else '[red]NO[/]'}")
+        console.print(
+            f"  Dagster event log tells the same story: {'yes' if agrees else '[red]NO[/]'}"
+        )
 
 
 def _lineage_label(step: dict[str, Any]) -> str:
     extra = f" kernel {step['kernel_id'][:18]}..." if step.get("kernel_id") else ""
-    return escape(f"{step['type']} {step['name']}@{step['version']} [{step['asset_id'][:12]}]{extra}")
+    return escape(
+        f"{step['type']} {step['name']}@{step['version']} [{step['asset_id'][:12]}]{extra}"
+    )
 
 
 def _check(condition: bool, message: str) -> None:
@@ -325,7 +331,9 @@ def lineage(name: str, as_json: bool) -> None:
         else:
             console.print("[red]the Dagster event log records a different chain:[/]")
             for step in from_dagster:
-                console.print(escape(f"  {step['type']} {step['partition']} [{step['repository_id']}]"))
+                console.print(
+                    escape(f"  {step['type']} {step['partition']} [{step['repository_id']}]")
+                )
 
     _emit(data, as_json, render)
     if from_dagster and not data["agree"]:
@@ -525,14 +533,10 @@ def bench_cache(quick: bool, out: Path | None, as_json: bool) -> None:
     from esper_assets.bench import cache as cache_bench
 
     settings = Settings.from_env()
-    with console.status("benchmarking the kernel cache") as status:
-        result = cache_bench.run(settings, quick=quick, progress=lambda msg: status.update(msg))
+    with _status("benchmarking the kernel cache", as_json) as status:
+        result = cache_bench.run(settings, quick=quick, progress=_progress(status))
     out = out or Path("bench-results") / f"cache-{result['backend']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    _emit(result, as_json, _render_cache_bench)
-    if not as_json:
-        console.print(f"JSON written to {out}")
+    _report_bench(result, out, as_json, _render_cache_bench)
 
 
 @bench.command("repository")
@@ -549,19 +553,15 @@ def bench_repository(quick: bool, out: Path, as_json: bool) -> None:
     from esper_assets.bench import repository as repository_bench
 
     settings = Settings.from_env()
-    with console.status("benchmarking the asset repository") as status:
-        result = repository_bench.run(
-            settings, quick=quick, progress=lambda msg: status.update(msg)
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    _emit(result, as_json, _render_repository_bench)
-    if not as_json:
-        console.print(f"JSON written to {out}")
+    with _status("benchmarking the asset repository", as_json) as status:
+        result = repository_bench.run(settings, quick=quick, progress=_progress(status))
+    _report_bench(result, out, as_json, _render_repository_bench)
 
 
 @bench.command("pipeline")
-@click.option("--quick", is_flag=True, help="100 blueprints and 1,000 files instead of 1,000 and 10,000.")
+@click.option(
+    "--quick", is_flag=True, help="100 blueprints and 1,000 files instead of 1,000 and 10,000."
+)
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("bench-results/pipeline.json"),
     show_default=True,
@@ -572,10 +572,22 @@ def bench_pipeline(quick: bool, out: Path, as_json: bool) -> None:
     from esper_assets.bench import pipeline as pipeline_bench
 
     with _status("benchmarking the pipeline", as_json) as status:
-        result = pipeline_bench.run(quick=quick, progress=lambda msg: status and status.update(msg))
+        result = pipeline_bench.run(quick=quick, progress=_progress(status))
+    _report_bench(result, out, as_json, _render_pipeline_bench)
+
+
+def _progress(status) -> Callable[[str], None]:
+    """Progress messages into the spinner (no spinner under --json)."""
+    return (lambda msg: status.update(msg)) if status is not None else (lambda msg: None)
+
+
+def _report_bench(
+    result: dict[str, Any], out: Path, as_json: bool, render: Callable[[Any], None]
+) -> None:
+    """Write the benchmark's JSON to ``out`` and print it (tables, or JSON)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    _emit(result, as_json, _render_pipeline_bench)
+    _emit(result, as_json, render)
     if not as_json:
         console.print(f"JSON written to {out}")
 
@@ -598,7 +610,9 @@ def _render_repository_bench(result: dict[str, Any]) -> None:
         table.add_row("bulk_create assets/s", f"{r['bulk_create_per_s']:,}")
         table.add_row(f"raw {r['raw_client']} rows/s", f"{r['raw_bulk_per_s']:,}")
         table.add_row("ratio (raw table with the same foreign keys)", str(r["bulk_ratio"]))
-        table.add_row("raw rows/s without foreign keys", f"{r['raw_bulk_without_foreign_keys_per_s']:,}")
+        table.add_row(
+            "raw rows/s without foreign keys", f"{r['raw_bulk_without_foreign_keys_per_s']:,}"
+        )
         table.add_row("ratio without foreign keys", str(r["bulk_ratio_without_foreign_keys"]))
         table.add_row("create_asset p50 ms", str(r["create_p50_ms"]))
         for name, ms in r["search_p50_ms"].items():

@@ -333,6 +333,11 @@ def registered_blueprints(repo: AssetRepository, page: int = 1000) -> Iterable[A
         offset += len(batch)
 
 
+def registered_kernels(repo: AssetRepository, limit: int = 1000) -> list[AssetMetadata]:
+    """Active registered kernels, up to ``limit``."""
+    return repo.search_assets(AssetQuery().with_type(KERNEL).with_state("active").limit(limit))
+
+
 def revalidate_blueprints(
     repo: AssetRepository, limits: BlueprintLimits | None = None
 ) -> dict[str, str]:

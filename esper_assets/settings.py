@@ -15,6 +15,13 @@ from urllib.parse import urlsplit
 
 from esper_assets.errors import ConfigError, redact_url
 
+# The variables that point esper at services (or at a Dagster instance): with none of
+# them set, everything runs embedded under ESPER_HOME.
+SERVICE_VARIABLES = (
+    "ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "AWS_ENDPOINT_URL",
+    "ESPER_LANDING", "DAGSTER_HOME",
+)  # fmt: skip
+
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 

@@ -157,6 +157,18 @@ def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     server.stop()
 
 
+# -- the embedded default ---------------------------------------------------------------
+@pytest.fixture
+def esper_home(tmp_path: Path, monkeypatch) -> Path:
+    """A fresh ESPER_HOME with every service variable unset: the embedded default."""
+    from esper_assets.settings import SERVICE_VARIABLES
+
+    for name in SERVICE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ESPER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
 # -- S3 (moto's HTTP server) -----------------------------------------------------------------
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:

@@ -14,14 +14,6 @@ from esper_assets.cli import main
 from esper_assets.settings import Settings
 
 
-@pytest.fixture
-def esper_home(tmp_path, monkeypatch):
-    for name in ("ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ESPER_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def test_cache_demo_runs_on_the_embedded_default(esper_home):
     # `esper demo` now runs the Dagster pipeline (test_pipeline_cli.py); the
     # cache-only walk through the tiers is `esper cache demo`.

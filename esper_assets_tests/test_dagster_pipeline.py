@@ -19,7 +19,7 @@ from esper_assets.defs.driver import backfill, dagster_lineage, land_examples, t
 from esper_assets.defs.resources import BlueprintRulesResource
 from esper_assets.defs.sensors import new_blueprints
 from esper_assets.landing import DirectoryLanding
-from esper_assets.settings import Settings
+from esper_assets.settings import SERVICE_VARIABLES, Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,15 +39,6 @@ def mlp(
     if parent:
         doc["parent"] = parent
     return json.dumps(doc).encode()
-
-
-@pytest.fixture
-def esper_home(tmp_path, monkeypatch):
-    for name in ("ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "AWS_ENDPOINT_URL",
-                 "ESPER_LANDING", "DAGSTER_HOME"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ESPER_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
 
 
 @pytest.fixture
@@ -128,8 +119,7 @@ def test_dagster_cli_validates_the_workspace(esper_home):
 def _env_without_services() -> dict[str, str]:
     import os
 
-    drop = {"ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "ESPER_LANDING"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    return {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
 
 
 def test_resources_name_service_variables_and_do_not_hold_their_values(esper_home, monkeypatch):

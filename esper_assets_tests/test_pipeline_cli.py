@@ -17,15 +17,6 @@ CHECKS = {"blueprint_is_valid": True, "kernel_round_trip": True}
 EXAMPLE_NAMES = sorted(path.name.split(".")[0] for path in example_blueprint_files())
 
 
-@pytest.fixture
-def esper_home(tmp_path, monkeypatch):
-    for name in ("ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "AWS_ENDPOINT_URL",
-                 "ESPER_LANDING", "DAGSTER_HOME"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ESPER_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def invoke_json(*args: str) -> dict:
     result = CliRunner().invoke(main, list(args))
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)

@@ -23,9 +23,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 from esper_assets.blueprints import compile_blueprint, parse_blueprint
-
-SERVICE_VARIABLES = ("ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "ESPER_LANDING",
-                     "DAGSTER_HOME")  # fmt: skip
+from esper_assets.settings import SERVICE_VARIABLES
 
 
 def small_blueprint(i: int, prefix: str = "bench") -> tuple[str, bytes]:

@@ -39,12 +39,17 @@ blueprint_partitions = dg.DynamicPartitionsDefinition(name="blueprints")
 BLUEPRINT_VALID = "blueprint_is_valid"
 KERNEL_ROUND_TRIP = "kernel_round_trip"
 
+# Both assets: one partition per blueprint name, a backfill is one run.
+PARTITIONED = {
+    "partitions_def": blueprint_partitions,
+    "backfill_policy": dg.BackfillPolicy.single_run(),
+    "code_version": CODE_VERSION,
+    "group_name": "esper",
+}
+
 
 @dg.asset(
-    partitions_def=blueprint_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    code_version=CODE_VERSION,
-    group_name="esper",
+    **PARTITIONED,
     kinds={"python", "yaml"},
     check_specs=[
         dg.AssetCheckSpec(
@@ -130,10 +135,7 @@ def _validity_check(results, bad) -> dg.AssetCheckResult:
 
 
 @dg.asset(
-    partitions_def=blueprint_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    code_version=CODE_VERSION,
-    group_name="esper",
+    **PARTITIONED,
     kinds={"python", "numpy"},
     deps=[blueprints],
     check_specs=[

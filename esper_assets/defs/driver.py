@@ -22,7 +22,7 @@ from dagster._core.storage.tags import (
 )
 
 from esper_assets.arrivals import Cursor
-from esper_assets.defs.assets import BLUEPRINT_VALID, KERNEL_ROUND_TRIP, blueprint_partitions
+from esper_assets.defs.assets import blueprint_partitions
 from esper_assets.defs.instance import local_instance
 from esper_assets.defs.sensors import ingest_blueprints_job, new_blueprints
 from esper_assets.settings import Settings
@@ -134,9 +134,6 @@ def _root_message(error) -> str:
     return error.message
 
 
-__all__ = ["BLUEPRINT_VALID", "KERNEL_ROUND_TRIP", "backfill", "local_instance", "tick_and_run"]
-
-
 def dagster_lineage(instance: dg.DagsterInstance, name: str, depth: int = 20) -> list[dict]:
     """The chain kernel -> blueprint version -> parent blueprints, read from Dagster's
     event log alone: each step is the materialization whose recorded repository id the
@@ -190,7 +187,7 @@ def run_demo(settings: Settings | None = None) -> dict:
     work, and report what happened, the cache's stats and one kernel's lineage."""
     from esper_assets.defs import build_definitions
     from esper_assets.landing import landing_from_location
-    from esper_assets.pipeline import describe, lineage_chain
+    from esper_assets.pipeline import describe, lineage_chain, registered_kernels
     from esper_assets.storage import AssetRepository, PersistentKernelCache
 
     settings = settings or Settings.from_env()
@@ -198,9 +195,10 @@ def run_demo(settings: Settings | None = None) -> dict:
     defs, instance = build_definitions(), local_instance(settings)
     report = tick_and_run(defs, instance)
     with AssetRepository.from_env() as repo:
-        kernels = [m for m in pipeline_kernels(repo)]
-        deepest = max(kernels, key=lambda m: len(lineage_chain(repo, m.name)), default=None)
-        chain = [describe(m) for m in lineage_chain(repo, deepest.name)] if deepest else []
+        kernels = registered_kernels(repo)
+        chains = [lineage_chain(repo, m.name) for m in kernels]
+        longest = max(chains, key=len, default=[])
+        chain = [describe(m) for m in longest]
     with PersistentKernelCache.from_env() as cache:
         fetched = sum(cache.get(m.properties["kernel_id"]) is not None for m in kernels)
         stats = cache.get_stats(include_sizes=True)
@@ -213,13 +211,6 @@ def run_demo(settings: Settings | None = None) -> dict:
         "kernels_registered": len(kernels),
         "kernels_fetched_from_cache": fetched,
         "lineage": chain,
-        "dagster_lineage": dagster_lineage(instance, deepest.name) if deepest else [],
+        "dagster_lineage": dagster_lineage(instance, longest[0].name) if longest else [],
         "stats": stats,
     }
-
-
-def pipeline_kernels(repo) -> list:
-    from esper_assets.pipeline import KERNEL
-    from esper_assets.storage import AssetQuery
-
-    return repo.search_assets(AssetQuery().with_type(KERNEL).with_state("active").limit(1000))

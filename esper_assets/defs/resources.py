@@ -17,7 +17,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from esper_assets.blueprints import BlueprintLimits
-from esper_assets.landing import LandingZone, S3Landing, landing_from_location
+from esper_assets.landing import LandingZone, landing_from_location
 from esper_assets.settings import Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 from esper_assets.storage.kernel_cache import cache_config_from_settings
@@ -65,11 +65,8 @@ class LandingZoneResource(dg.ConfigurableResource):
     s3: S3Resource
 
     def open(self) -> LandingZone:
-        if self.location.startswith("s3://"):
-            landing = landing_from_location(self.location, self.s3.get_client())
-            assert isinstance(landing, S3Landing)
-            return landing
-        return landing_from_location(self.location)
+        s3_client = self.s3.get_client() if self.location.startswith("s3://") else None
+        return landing_from_location(self.location, s3_client)
 
 
 class BlueprintRulesResource(dg.ConfigurableResource):
