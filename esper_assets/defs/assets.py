@@ -175,9 +175,24 @@ def compiled_kernels(
 def _blueprint_sources(context: dg.AssetExecutionContext) -> dict[str, dict]:
     """The latest registered ``blueprints`` materialization of each partition in this run."""
     names = context.partition_keys
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=blueprints.key, asset_partitions=names),
-        limit=max(len(names) * 4, 100),
+    sources = _latest_blueprints(context.instance, names, limit=max(len(names) * 4, 100))
+    for name in set(names) - set(sources):  # re-materialized so often it fell off that page
+        sources |= _latest_blueprints(context.instance, [name], limit=1)
+    unusable = [n for n in names if sources.get(n, {}).get("status") != "registered"]
+    if unusable:
+        raise dg.Failure(
+            description=f"no registered blueprint for partition(s) {', '.join(unusable)}: "
+            "materialize `blueprints` for them and fix what its blueprint_is_valid check reports",
+            metadata={"partitions": ", ".join(unusable)},
+        )
+    return sources
+
+
+def _latest_blueprints(
+    instance: dg.DagsterInstance, names: list[str], limit: int
+) -> dict[str, dict]:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=blueprints.key, asset_partitions=names), limit=limit
     ).records
     sources: dict[str, dict] = {}
     for record in records:  # newest first
@@ -187,15 +202,10 @@ def _blueprint_sources(context: dg.AssetExecutionContext) -> dict[str, dict]:
         meta = {k: v.value for k, v in event.metadata.items()}
         meta["storage_id"] = record.storage_id
         meta["run_id"] = record.run_id
-        meta["data_version"] = event.tags.get("dagster/data_version", meta.get("content_hash"))
+        # The content hash is the partition's own data version; a run over several
+        # partitions shares one Dagster data-version tag, so prefer the hash.
+        meta["data_version"] = meta.get("content_hash") or event.tags.get("dagster/data_version")
         sources[event.partition] = meta
-    unusable = [n for n in names if sources.get(n, {}).get("status") != "registered"]
-    if unusable:
-        raise dg.Failure(
-            description=f"no registered blueprint for partition(s) {', '.join(unusable)}: "
-            "materialize `blueprints` for them and fix what its blueprint_is_valid check reports",
-            metadata={"partitions": ", ".join(unusable)},
-        )
     return sources
 
 
