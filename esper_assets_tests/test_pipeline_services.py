@@ -29,7 +29,6 @@ from esper_assets.defs.driver import (
     TickReport,
     dagster_lineage,
     land_examples,
-    pipeline_kernels,
     tick_and_run,
 )
 from esper_assets.landing import S3Landing, landing_from_location
@@ -302,7 +301,7 @@ def test_every_example_is_registered_compiled_and_cached_on_the_services(service
 
     with AssetRepository.from_env() as repo:
         assert repo.dialect == "postgres"
-        kernels = {m.name: m.asset_id for m in pipeline_kernels(repo)}
+        kernels = {m.name: m.asset_id for m in pipeline.registered_kernels(repo)}
         blueprints = {m.name for m in pipeline.registered_blueprints(repo)}
     assert kernels == expected_ids  # registered under their kernel ids
     assert blueprints == set(EXAMPLE_CHAINS)
