@@ -27,7 +27,7 @@ from esper_assets.errors import (
     redact_url,
 )
 from esper_assets.storage.migrations import migrate_postgres
-from esper_assets.storage.sql_tier import ConnectionPool, postgres_errors
+from esper_assets.storage.postgres import ConnectionPool, postgres_errors
 
 MAX_NAME_LOCKS = 32  # above this many names, a batch locks all writers out instead
 
