@@ -3,17 +3,26 @@
 #   make test   - set up and run the tests
 # and one more:
 #   make dev    - the Dagster UI (dagster dev) on the same embedded state as the demo
+# Installs are locked: .venv gets exactly the versions in requirements.lock (pip
+# constraints). pyproject.toml keeps compatible ranges for library users.
+#   make lock        - re-resolve requirements.lock on purpose (uv), then run make test
+#   make test-latest - ruff + pytest in .venv-latest, built WITHOUT the lock (newest allowed)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+LATEST := .venv-latest
+# `make lock` moves every pin to the newest version pyproject.toml allows; to keep
+# the current pins and only resolve what pyproject.toml changed: make lock LOCK_UPGRADE=
+LOCK_UPGRADE ?= --upgrade
 
-.PHONY: setup demo dev test bench lint clean
+.PHONY: setup demo dev test test-latest lock bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,6 +39,26 @@ test: $(STAMP)
 	$(BIN)/ruff check esper_assets esper_assets_tests
 	$(BIN)/pytest
 
+# The same checks on the newest releases pyproject.toml allows (no lock): an early
+# warning before `make lock`. Rebuilt from scratch each time.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet -e '.[test]'
+	$(LATEST)/bin/ruff check esper_assets esper_assets_tests
+	$(LATEST)/bin/pytest
+
+# uv resolves for every platform (--universal) in one go; it runs from a throwaway
+# venv, so installs (above) need nothing but pip.
+lock:
+	tool="$$(mktemp -d)" && trap 'rm -rf "$$tool"' EXIT && \
+	$(PYTHON) -m venv "$$tool" && \
+	"$$tool/bin/pip" install --quiet 'uv>=0.5' && \
+	"$$tool/bin/uv" pip compile pyproject.toml --extra test --universal \
+		--python-version 3.11 $(LOCK_UPGRADE) --quiet --custom-compile-command 'make lock' \
+		-o $(LOCK)
+
 bench: $(STAMP)
 	$(BIN)/esper bench cache
 	$(BIN)/esper bench repository
@@ -39,4 +68,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check esper_assets esper_assets_tests
 
 clean:
-	rm -rf $(VENV) .esper .pytest_cache
+	rm -rf $(VENV) $(LATEST) .esper .pytest_cache
