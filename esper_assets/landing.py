@@ -3,13 +3,26 @@
 Both implementations show the same picture: the files directly under
 ``blueprints/``, each with a change stamp that grows when the file is written
 or moved in, so a sensor can keep a high-water mark instead of a list of every
-file it has seen. Files that cannot be used are moved, never deleted, to
-``blueprints/rejected/`` beside a ``.error.txt`` that says why.
+file it has seen, and a version that changes with the content (two writes can
+share a stamp: S3's is whole seconds). Files that cannot be used are moved,
+never deleted, to ``blueprints/rejected/`` beside a ``.error.txt`` that says why.
+
+The directory landing zone reads, writes and moves only inside itself: it opens
+``blueprints/`` and ``rejected/`` without following symlinks and works relative
+to those open folders (``openat``-style ``dir_fd=`` calls, ``O_NOFOLLOW``, new
+files created with ``O_EXCL``). A symlink where a folder, a reason file or a
+blueprint is expected is refused with the path and what to do; nothing it
+points at is touched. (Only ``ESPER_LANDING`` itself may be reached through a
+symlink: that is the operator's choice of place.)
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +38,9 @@ class LandedFile:
     changed_ns: int  # first, so files sort by when they arrived
     key: str  # the file name inside blueprints/
     size: int
+    # Changes whenever the content may have (S3: the ETag; a directory: inode, mtime,
+    # ctime and size), so a new upload is seen even when its stamp did not move.
+    version: str = ""
 
 
 class LandingZone(Protocol):
@@ -44,49 +60,173 @@ def _plain_key(key: str) -> str:
     return key
 
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+# O_NONBLOCK: a FIFO planted under a blueprint's name must not hang the reader.
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
+
+
+def _symlink_target(name: str, dir_fd: int | None) -> str | None:
+    """Where ``name`` points if it is a symlink (relative to ``dir_fd``), else None."""
+    try:
+        if not stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
+            return None
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
 class DirectoryLanding:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.folder = self.root / BLUEPRINTS
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.location = str(self.folder)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with suppress(FileExistsError):  # a symlink there is refused just below
+                os.mkdir(self.folder)
+        except OSError as exc:
+            raise TierUnavailable(f"landing zone {self.location}: cannot create it: {exc}") from exc
+        with self._blueprints():  # refuse a symlinked blueprints/ now, not at the first tick
+            pass
+
+    @contextmanager
+    def _blueprints(self) -> Iterator[int]:
+        """``blueprints/``, opened without following a symlink there."""
+        try:
+            fd = os.open(self.folder, _DIRECTORY)
+        except OSError as exc:
+            target = _symlink_target(str(self.folder), None)
+            if target is not None:
+                raise StorageError(
+                    f"landing zone folder {self.folder} is a symlink (to {target}); the landing "
+                    "zone reads and writes only inside itself: set ESPER_LANDING to the folder "
+                    "that holds the real blueprints/ folder instead"
+                ) from None
+            raise TierUnavailable(f"landing zone {self.location}: cannot open it: {exc}") from exc
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _rejected(self, blueprints_fd: int) -> Iterator[int]:
+        """``blueprints/rejected/``, created if missing, opened without following a symlink."""
+        path = self.folder / REJECTED
+        try:
+            with suppress(FileExistsError):
+                os.mkdir(REJECTED, dir_fd=blueprints_fd)
+            fd = os.open(REJECTED, _DIRECTORY, dir_fd=blueprints_fd)
+        except OSError as exc:
+            target = _symlink_target(REJECTED, blueprints_fd)
+            if target is not None:
+                raise StorageError(
+                    f"{path} is a symlink (to {target}); rejected files are moved only inside "
+                    f"the landing zone: replace it with a real folder (rm {path} && mkdir "
+                    f"{path}); nothing was moved"
+                ) from None
+            raise TierUnavailable(
+                f"landing zone {self.location}: cannot open {path}: {exc}"
+            ) from exc
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def list_blueprints(self) -> list[LandedFile]:
         files = []
-        with os.scandir(self.folder) as entries:
+        with self._blueprints() as fd, os.scandir(fd) as entries:
             for entry in entries:
                 if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                     continue
                 st = entry.stat(follow_symlinks=False)
                 # ctime moves on rename, so a file moved in with an old mtime still counts as new
+                version = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_size}"
                 files.append(
-                    LandedFile(max(st.st_mtime_ns, st.st_ctime_ns), entry.name, st.st_size)
+                    LandedFile(max(st.st_mtime_ns, st.st_ctime_ns), entry.name, st.st_size, version)
                 )
         return files
 
     def read(self, key: str) -> bytes:
+        path = self.folder / _plain_key(key)
+        with self._blueprints() as folder:
+            try:
+                fd = os.open(key, _READ, dir_fd=folder)
+            except FileNotFoundError:
+                raise InvalidInput(f"{path} is gone from the landing zone") from None
+            except OSError as exc:
+                target = _symlink_target(key, folder)
+                if target is not None:
+                    raise InvalidInput(
+                        f"{path} is a symlink (to {target}); the landing zone reads only regular "
+                        f"files inside itself: copy the file into {self.location} instead"
+                    ) from None
+                raise TierUnavailable(
+                    f"landing zone {self.location}: cannot read {key}: {exc}"
+                ) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidInput(
+                f"{path} is not a regular file; put blueprint files, not folders or devices, "
+                "in the landing zone"
+            )
         try:
-            return (self.folder / _plain_key(key)).read_bytes()
-        except FileNotFoundError:
-            raise InvalidInput(f"{self.folder / key} is gone from the landing zone") from None
+            with open(fd, "rb") as file:
+                return file.read()
         except OSError as exc:
             raise TierUnavailable(
                 f"landing zone {self.location}: cannot read {key}: {exc}"
             ) from exc
 
     def put(self, key: str, data: bytes) -> None:
-        target = self.folder / _plain_key(key)
-        tmp = self.folder / f".{key}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)  # readers never see half a file
+        _plain_key(key)
+        with self._blueprints() as folder:
+            try:
+                self._write_new(folder, key, data)  # readers never see half a file
+            except OSError as exc:
+                raise TierUnavailable(
+                    f"landing zone {self.location}: cannot write {key}: {exc}"
+                ) from exc
 
     def reject(self, key: str, reason: str) -> str:
         rejected = self.folder / REJECTED
-        rejected.mkdir(exist_ok=True)
-        target = rejected / key
-        (rejected / f"{key}.error.txt").write_text(reason.rstrip() + "\n")
-        os.replace(self.folder / key, target)
-        return str(target)
+        target, note = _plain_key(key), f"{key}.error.txt"
+        with self._blueprints() as folder, self._rejected(folder) as into:
+            for name in (note, target):
+                link = _symlink_target(name, into)
+                if link is not None:
+                    raise StorageError(
+                        f"{rejected / name} is a symlink (to {link}); the landing zone writes "
+                        f"only inside itself: remove it (rm {rejected / name}); {key} stays in "
+                        f"{self.location} and is looked at again when it changes (touch it)"
+                    )
+            try:
+                self._write_new(into, note, reason.rstrip().encode() + b"\n")
+                os.replace(key, target, src_dir_fd=folder, dst_dir_fd=into)
+            except FileNotFoundError:
+                raise InvalidInput(f"{self.folder / key} is gone from the landing zone") from None
+            except OSError as exc:
+                raise StorageError(
+                    f"landing zone {self.location}: cannot move {key} to {rejected}: {exc}"
+                ) from exc
+        return str(rejected / target)
+
+    @staticmethod
+    def _write_new(folder: int, name: str, data: bytes) -> None:
+        """Write ``name`` in the open ``folder`` atomically: a fresh temporary file
+        (``O_EXCL | O_NOFOLLOW``, so nothing planted is followed), then a rename over
+        ``name`` (which replaces a symlink there, never what it points at)."""
+        tmp = f".landing-{secrets.token_hex(8)}.tmp"  # dot: never listed
+        fd = os.open(tmp, _NEW_FILE, 0o666, dir_fd=folder)
+        try:
+            with open(fd, "wb") as file:
+                file.write(data)
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp, dir_fd=folder)
+            raise
 
 
 class S3Landing:
@@ -123,7 +263,8 @@ class S3Landing:
                 name = obj["Key"][len(self.folder) :]
                 if name and not name.startswith("."):
                     stamp = int(obj["LastModified"].timestamp() * 1e9)
-                    files.append(LandedFile(stamp, name, obj["Size"]))
+                    version = obj.get("ETag", "").strip('"')
+                    files.append(LandedFile(stamp, name, obj["Size"], version))
             token = page.get("NextContinuationToken")
             if not token:
                 return files
