@@ -1,9 +1,11 @@
 """What arrived in the landing zone since the last look: the new_blueprints sensor's logic.
 
 The cursor is a high-water mark, not a list of every file seen: the newest change
-stamp seen plus the files sharing it, and the few children waiting for their
-parent. So a tick costs one listing plus work on the new files only, and the
-cursor stays small however many blueprints have landed.
+stamp seen plus the files sharing it (each with a short digest of its version, so
+new content written within the same stamp, e.g. the same second on S3, is still
+new), and the few children waiting for their parent. So a tick costs one listing
+plus work on the new files only, and the cursor stays small however many
+blueprints have landed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ MAX_WAITS = 10
 @dataclass
 class Cursor:
     stamp: int = -1
-    at_stamp: list[str] = field(default_factory=list)
+    at_stamp: dict[str, str] = field(default_factory=dict)  # key -> version digest
     waiting: dict[str, int] = field(default_factory=dict)  # key -> ticks waited
 
     def dump(self) -> str:
@@ -41,15 +43,25 @@ class Cursor:
 
     @classmethod
     def load(cls, text: str | None) -> Cursor:
+        """An unreadable cursor means: look at everything again; a cursor from before
+        file versions (``at`` a list of keys) means: look again at the files at its
+        stamp. Either way runs dedupe by run key, so looking again is safe."""
         if not text:
             return cls()
         try:
             raw = json.loads(text)
-            return cls(int(raw["stamp"]), list(raw["at"]), dict(raw["wait"]))
-        except (ValueError, KeyError, TypeError):
-            return (
-                cls()
-            )  # an unreadable cursor means: look at everything again (runs dedupe by key)
+            at = raw["at"]
+            at_stamp = {str(k): str(v) for k, v in at.items()} if isinstance(at, dict) else {}
+            waiting = {str(k): int(v) for k, v in dict(raw["wait"]).items()}
+            return cls(int(raw["stamp"]), at_stamp, waiting)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls()
+
+
+def version_digest(file: LandedFile) -> str:
+    """A short digest of a file's version: 12 hex digits keep the cursor small, and two
+    versions of one key at one stamp colliding is a 1 in 2**48 chance."""
+    return hashlib.blake2b(file.version.encode(), digest_size=6).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -92,16 +104,15 @@ def scan_landing(
 
 def _is_new(file: LandedFile, cursor: Cursor) -> bool:
     return file.changed_ns > cursor.stamp or (
-        file.changed_ns == cursor.stamp and file.key not in cursor.at_stamp
+        file.changed_ns == cursor.stamp and cursor.at_stamp.get(file.key) != version_digest(file)
     )
 
 
 def _advance(cursor: Cursor, files: list[LandedFile]) -> Cursor:
-    stamp = max((f.changed_ns for f in files), default=cursor.stamp)
-    stamp = max(stamp, cursor.stamp)
-    at = [f.key for f in files if f.changed_ns == stamp]
-    if stamp == cursor.stamp:
-        at = sorted(set(at) | set(cursor.at_stamp))
+    # Every file at the new stamp is in this listing, so it alone says what was seen
+    # there (a file gone since no longer needs remembering).
+    stamp = max([cursor.stamp, *(f.changed_ns for f in files)])
+    at = {f.key: version_digest(f) for f in sorted(files) if f.changed_ns == stamp}
     return Cursor(stamp, at, {})
 
 

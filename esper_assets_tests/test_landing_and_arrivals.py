@@ -4,6 +4,7 @@ new_blueprints sensor's scan logic: cursor, rejections, parents first."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -104,9 +105,7 @@ def test_scan_requests_each_new_file_once_and_again_when_it_changes(landing):
     assert sorted(a.name for a in first.arrivals) == ["a", "b"]
     again = scan_landing(landing, Cursor.load(first.cursor.dump()), never_registered)
     assert again.arrivals == []
-    import time
-
-    time.sleep(0.01 if isinstance(landing, DirectoryLanding) else 1.1)  # S3 stamps are seconds
+    # At once: on S3 (1 s stamps), and often on a directory, in the same stamp as the first.
     landing.put("a.json", blueprint("a", width=16))
     changed = scan_landing(landing, again.cursor, never_registered)
     assert [a.name for a in changed.arrivals] == ["a"]
@@ -209,5 +208,63 @@ def test_a_tick_reads_only_new_files_and_the_cursor_stays_small(tmp_path):
 def test_an_unreadable_cursor_means_look_at_everything_again():
     assert Cursor.load("{not json") == Cursor()
     assert Cursor.load(None) == Cursor()
-    cursor = Cursor(5, ["a.json"], {"b.json": 2})
+    cursor = Cursor(5, {"a.json": "3f2a9c01d4e5"}, {"b.json": 2})
     assert Cursor.load(cursor.dump()) == cursor
+
+
+class CoarseClockLanding(DirectoryLanding):
+    """A real directory on a file system whose clock never moves (FAT, some network
+    mounts, or simply two writes within one timestamp tick): every file has stamp 1."""
+
+    def list_blueprints(self):
+        return [replace(f, changed_ns=1) for f in super().list_blueprints()]
+
+
+def test_new_content_with_the_same_stamp_is_seen_on_a_directory(tmp_path):
+    landing = CoarseClockLanding(tmp_path / "landing")
+    landing.put("a.json", blueprint("a"))
+    first = scan_landing(landing, Cursor(), never_registered)
+    assert [a.name for a in first.arrivals] == ["a"]
+    idle = scan_landing(landing, Cursor.load(first.cursor.dump()), never_registered)
+    assert idle.arrivals == []  # unchanged: not read again
+    landing.put("a.json", blueprint("a", width=16))
+    changed = scan_landing(landing, Cursor.load(idle.cursor.dump()), never_registered)
+    assert [a.name for a in changed.arrivals] == ["a"]
+    assert changed.arrivals[0].run_key != first.arrivals[0].run_key
+
+
+def test_s3_new_content_uploaded_in_the_same_second_is_seen(s3_endpoint, s3_bucket):
+    """S3's LastModified has 1 s resolution: a re-upload right after a tick can carry
+    the very stamp the cursor stopped at. Retried until that really happens (a
+    second boundary may fall between the two uploads)."""
+    from esper_assets.storage.object_store import make_s3_client
+
+    client = make_s3_client(s3_endpoint)
+    for attempt in range(10):
+        landing = S3Landing(client, s3_bucket, f"same-second-{attempt}")
+        landing.put("a.json", blueprint("a"))
+        first = scan_landing(landing, Cursor(), never_registered)
+        landing.put("a.json", blueprint("a", width=16))
+        [listed] = landing.list_blueprints()
+        if listed.changed_ns == first.cursor.stamp:
+            break
+    else:
+        pytest.fail("no re-upload landed in the same second as the first in 10 attempts")
+    changed = scan_landing(landing, Cursor.load(first.cursor.dump()), never_registered)
+    assert [a.name for a in changed.arrivals] == ["a"]  # seen, though its stamp did not move
+    assert changed.arrivals[0].run_key != first.arrivals[0].run_key
+    idle = scan_landing(landing, Cursor.load(changed.cursor.dump()), never_registered)
+    assert idle.arrivals == []  # and only once
+
+
+def test_a_cursor_written_before_file_versions_is_still_loadable(tmp_path):
+    landing = CoarseClockLanding(tmp_path / "landing")
+    landing.put("a.json", blueprint("a"))
+    landing.put("b.json", blueprint("b"))
+    old = json.dumps({"stamp": 1, "at": ["a.json", "b.json"], "wait": {}})  # keys only
+    cursor = Cursor.load(old)
+    assert cursor.stamp == 1 and cursor.at_stamp == {}  # versions unknown
+    scan = scan_landing(landing, cursor, never_registered)
+    # Files at the old stamp are looked at again; their runs dedupe by run key.
+    assert sorted(a.name for a in scan.arrivals) == ["a", "b"]
+    assert scan_landing(landing, scan.cursor, never_registered).arrivals == []
