@@ -106,3 +106,46 @@ def test_bench_pipeline_quick_writes_its_json(esper_home, tmp_path):
     assert sensor["tick_with_new_requests"] == 100
     # The bench ran in its own temporary home: nothing landed in ours.
     assert not (esper_home / "esper.sqlite3").exists()
+
+
+def small_blueprint(name: str, parent: str | None = None) -> bytes:
+    doc = {"name": name, "version": "1.0.0", "input_shape": [4],
+           "layers": [{"op": "linear", "out_features": 8}, {"op": "relu"}]}  # fmt: skip
+    if parent:
+        doc["parent"] = parent
+    return json.dumps(doc).encode()
+
+
+def test_lineage_finds_partitions_materialized_more_than_a_page_of_times(esper_home):
+    """101 newer materializations of each blueprint partition (the child's file landed
+    broken again and again, the parent re-registered as other versions) must not hide
+    the ones the kernel was built from. Reported as runless events: seconds, not runs."""
+    import dagster as dg
+
+    from esper_assets.defs import build_definitions
+    from esper_assets.defs.driver import local_instance, tick_and_run
+    from esper_assets.landing import landing_from_location
+    from esper_assets.settings import Settings
+
+    settings = Settings.from_env()
+    landing = landing_from_location(settings.landing)
+    landing.put("base.json", small_blueprint("base"))
+    landing.put("child.json", small_blueprint("child", parent="base@1.0.0"))
+    instance = local_instance(settings)
+    report = tick_and_run(build_definitions(), instance)
+    assert [r.success for r in report.runs] == [True, True], report.runs
+    before = invoke_json("lineage", "child", "--json")
+    assert before["agree"] is True and len(before["dagster"]) == 3
+    for i in range(101):
+        for partition, metadata in (
+            ("child", {"status": "invalid"}),
+            ("base", {"status": "registered", "repository_id": f"another-version-{i}"}),
+        ):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization("blueprints", partition=partition, metadata=metadata)
+            )
+    after = invoke_json("lineage", "child", "--json")
+    assert after["agree"] is True, after
+    assert [s["repository_id"] for s in after["dagster"]] == [
+        s["repository_id"] for s in before["dagster"]
+    ]
