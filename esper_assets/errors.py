@@ -53,6 +53,19 @@ class InvalidQuery(InvalidInput):
     """An AssetQuery was given a value it cannot search with."""
 
 
+class JsonTooDeep(InvalidInput):
+    """JSON (asset properties, a property filter, ``--property`` text) nests deeper than
+    the repository's limit (``esper_assets.storage.assets.MAX_JSON_DEPTH``)."""
+
+
+class PropertiesTooDeep(JsonTooDeep, InvalidAssetField):
+    """An asset's properties nest too deeply (create, bulk_create, update)."""
+
+
+class QueryTooDeep(JsonTooDeep, InvalidQuery):
+    """A property filter (AssetQuery.with_properties, ``--property``) nests too deeply."""
+
+
 class StorageError(EsperError):
     """A storage tier failed in a way the caller must know about."""
 

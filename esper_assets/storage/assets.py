@@ -28,10 +28,15 @@ from esper_assets.errors import (
     AssetExpired,
     AssetNotFound,
     ConfigError,
+    CorruptValue,
     InvalidAssetField,
+    InvalidInput,
     InvalidQuery,
     InvalidValue,
+    JsonTooDeep,
     LineageCycle,
+    PropertiesTooDeep,
+    QueryTooDeep,
     StorageError,
 )
 from esper_assets.settings import Settings
@@ -53,6 +58,11 @@ UPDATABLE = frozenset(
 MAX_LIMIT = 10_000
 ANALYZE_AFTER_ROWS = 10_000  # a bulk load this large refreshes planner statistics at once
 MAX_TAG_LENGTH = 64
+# Deepest nesting of objects/arrays accepted in properties and property filters. Real
+# properties are a few levels deep; 64 is far beyond any legitimate use, yet far below
+# the ~1,000 frames at which CPython's json encoder/parser, psycopg's JSON loads and our
+# own recursive matchers (json_contains, _scalars) would raise RecursionError.
+MAX_JSON_DEPTH = 64
 # What bulk_create's ANALYZE samples: the columns searches filter and order on.
 _STATS_COLUMNS = (
     "asset_type", "name", "parent_id", "state", "tags", "properties", "compilation_time_ms",
@@ -136,27 +146,102 @@ def _check_tags(tags: object) -> list[str]:
     return sorted(out)
 
 
+def _nests_deeper(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` holds more than ``limit`` nested containers (objects and arrays,
+    the outermost counting as 1). Iterative, so any depth (or a cycle) is safe to ask about;
+    depth-first, so a deep chain is found after ~limit steps."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Iterable = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, _CONTAINERS))
+    return False
+
+
+_CONTAINERS = (Mapping, list, tuple)
+
+
+def _too_deep(kind: type[JsonTooDeep], what: str) -> JsonTooDeep:
+    return kind(
+        f"{what} nest deeper than {MAX_JSON_DEPTH} levels of JSON objects/arrays, the limit "
+        "(MAX_JSON_DEPTH) that keeps every JSON encoder, parser and matcher on its "
+        "recursion-safe side; flatten them (e.g. join nested keys into dotted names)"
+    )
+
+
+def _encode_json_bounded(
+    value: dict, what: str, invalid: type[InvalidInput], too_deep: type[JsonTooDeep]
+) -> str:
+    """Compact JSON text of ``value``, refusing non-JSON values, NaN and deep nesting."""
+    try:
+        text = _json(value)
+    except RecursionError:
+        if _nests_deeper(value):
+            raise _too_deep(too_deep, what) from None
+        raise  # shallow data on an exhausted stack: not the caller's input at fault
+    except (TypeError, ValueError) as exc:
+        raise invalid(f"{what} are not JSON: {exc}") from None
+    # Depth needs at least that many brackets: most values are done after two C-speed counts.
+    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and _nests_deeper(value):
+        raise _too_deep(too_deep, what)
+    return text
+
+
 def _properties_json(properties: object) -> str:
     if not isinstance(properties, Mapping):
         raise InvalidAssetField(
             f"properties must be a JSON object (dict), got {type(properties).__name__}"
         )
-    try:
-        return _json(dict(properties))
-    except (TypeError, ValueError) as exc:
-        raise InvalidAssetField(f"properties are not JSON: {exc}") from None
+    return _encode_json_bounded(
+        properties if properties.__class__ is dict else dict(properties),
+        "properties",
+        InvalidAssetField,
+        PropertiesTooDeep,
+    )
 
 
-def _check_properties(properties: object) -> dict[str, Any]:
+def _check_query_properties(properties: object) -> dict[str, Any]:
     if not isinstance(properties, Mapping):
-        raise InvalidAssetField(
-            f"properties must be a JSON object (dict), got {type(properties).__name__}"
+        raise InvalidQuery(
+            f"with_properties: properties must be a JSON object (dict), got {type(properties).__name__}"
         )
+    text = _encode_json_bounded(
+        dict(properties), "with_properties: properties", InvalidQuery, QueryTooDeep
+    )
+    # round trip: normalises keys to str and tuples to lists (depth is bounded by now)
+    return json.loads(text)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_properties_json(text: str, what: str = "--property") -> dict[str, Any]:
+    """Parse user-supplied JSON text meant for ``AssetQuery.with_properties`` (the CLI's
+    ``--property``): an object without NaN/Infinity, nested at most MAX_JSON_DEPTH deep.
+    Raises QueryTooDeep / InvalidQuery naming ``what``; never a RecursionError."""
+    if not isinstance(text, str | bytes | bytearray):
+        raise InvalidQuery(f"{what} must be JSON text, got {type(text).__name__}")
     try:
-        # round trip: rejects NaN/Infinity and non-JSON values, and normalises keys to str
-        return json.loads(json.dumps(dict(properties), allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise InvalidAssetField(f"properties are not JSON: {exc}") from None
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _too_deep(QueryTooDeep, f"{what}: the properties") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, bad UTF-8
+        raise InvalidQuery(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidQuery(
+            f'{what} must be a JSON object such as {{"arch": "vgg"}}, got a JSON {type(value).__name__}'
+        )
+    if _nests_deeper(value):
+        raise _too_deep(QueryTooDeep, f"{what}: the properties")
+    return value
 
 
 def _check_time(what: str, value: object) -> datetime | None:
@@ -202,14 +287,7 @@ def _new_asset(meta: AssetMetadata, data: object, max_bytes: int) -> _New:
     )
     if not fast_ok and (not isinstance(compile_ms, int | float) or not math.isfinite(compile_ms)):
         raise InvalidAssetField(f"compilation_time_ms must be a finite number, got {compile_ms!r}")
-    properties = meta.properties
-    if properties.__class__ is dict:
-        try:
-            properties_json = _json(properties)
-        except (TypeError, ValueError) as exc:
-            raise InvalidAssetField(f"properties are not JSON: {exc}") from None
-    else:
-        properties_json = _properties_json(properties)
+    properties_json = _properties_json(meta.properties)
     asset_type = meta.asset_type
     if asset_type not in ASSET_TYPES:
         _check_choice("asset_type", asset_type, ASSET_TYPES)
@@ -327,10 +405,11 @@ class AssetQuery:
         return self._with(tags=tuple(checked), tags_match_all=match == "all")
 
     def with_properties(self, properties: Mapping[str, Any]) -> AssetQuery:
-        try:
-            return self._with(properties=_check_properties(properties))
-        except InvalidAssetField as exc:
-            raise InvalidQuery(str(exc)) from None
+        return self._with(properties=_check_query_properties(properties))
+
+    def with_properties_json(self, text: str, what: str = "--property") -> AssetQuery:
+        """with_properties from JSON text typed by a user (see parse_properties_json)."""
+        return self.with_properties(parse_properties_json(text, what))
 
     def created_after(self, when: datetime) -> AssetQuery:
         return self._with(after=self._time(when))
@@ -417,6 +496,7 @@ class AssetRepository:
         self.max_asset_bytes = max_asset_bytes
         self._access: dict[str, list] = {}  # asset_id -> [count, last access time]
         self._access_lock = threading.Lock()
+        self._corrupt_reads = 0
         self._stop = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_periodically,
@@ -622,11 +702,16 @@ class AssetRepository:
         # read; the row read again then names the new place.
         for _ in range(2):
             meta, data = self._read_row(asset_id)
-            if data is None and self._store is not None:
-                data = self._store.get(meta.object_key)
             if data is not None:
+                where = self._inline_location()
+            elif self._store is not None:
+                data = self._store.get(meta.object_key)
+                where = self._object_location(meta.object_key)
+            if data is not None:
+                data = bytes(data)
+                self._verify(asset_id, meta.checksum, data, where)
                 self._note_access(asset_id)
-                return meta, bytes(data)
+                return meta, data
         raise StorageError(
             f"asset {asset_id!r}: its data {meta.object_key!r} is missing from the object store"
         )
@@ -642,6 +727,39 @@ class AssetRepository:
         if meta.expires_at is not None and meta.expires_at <= datetime.now(UTC):
             raise AssetExpired(f"asset {asset_id!r} expired at {meta.expires_at.isoformat()}")
         return meta, rows[0][-1]
+
+    # -- integrity -------------------------------------------------------------------------
+    @property
+    def corrupt_reads(self) -> int:
+        """Content reads refused because the bytes did not hash to the recorded checksum."""
+        return self._corrupt_reads
+
+    def _inline_location(self) -> str:
+        return f"the inline data column of its row in {self._db.location}"
+
+    def _object_location(self, key: str | None) -> str:
+        return f"object {key!r} in the object store {self._store.location}"
+
+    def _verify(self, asset_id: str, checksum: str | None, data: bytes, where: str) -> None:
+        """Raise CorruptValue (counted and logged) unless ``data`` hashes to ``checksum``.
+
+        Every content read goes through here: bytes changed behind the repository's
+        back (a bad disk, a hand-edited row, an object overwritten in the bucket) are
+        never handed out as if they were the asset."""
+        actual = hashlib.sha256(data).hexdigest()
+        if actual == checksum:
+            return
+        with self._access_lock:
+            self._corrupt_reads += 1
+        message = (
+            f"asset {asset_id!r} is corrupt: the {len(data)} bytes read from {where} hash to "
+            f"sha256 {actual}, not to its recorded sha256 {checksum}. Restore the original "
+            "bytes there from a backup (they must hash to the recorded checksum), or deprecate "
+            "this asset and re-create it from its source; its metadata and other assets are "
+            "not affected"
+        )
+        log.error("%s", message)
+        raise CorruptValue(message)
 
     def _meta(self, row: Sequence) -> AssetMetadata:
         db = self._db
@@ -869,18 +987,30 @@ class AssetRepository:
                 conn, "SELECT asset_id FROM assets WHERE created_at < %s AND state <> 'archived'", (cutoff,)
             )]  # fmt: skip
         moving = move_to_cold_storage and self._store is not None
+        archived = 0
         for asset_id in ids:
-            self._archive_one(asset_id, moving, actor)
-        return len(ids)
+            try:
+                self._archive_one(asset_id, moving, actor)
+            except CorruptValue:
+                continue  # logged and counted; the damaged copy stays where it is, unarchived
+            archived += 1
+        return archived
 
     def _archive_one(self, asset_id: str, moving: bool, actor: str) -> None:
         with self._db.read() as conn:
-            data, object_key = self._db.fetchall(
-                conn, "SELECT data, object_key FROM assets WHERE asset_id = %s", (asset_id,)
+            data, object_key, checksum = self._db.fetchall(
+                conn,
+                "SELECT data, object_key, checksum FROM assets WHERE asset_id = %s",
+                (asset_id,),
             )[0]
         archive_key, old_key = f"archive/{asset_id}", None
         if moving and object_key != archive_key:
-            payload = bytes(data) if data is not None else self._store.get(object_key)
+            if data is not None:
+                payload, where = bytes(data), self._inline_location()
+            else:
+                payload, where = self._store.get(object_key), self._object_location(object_key)
+            if payload is not None:  # never copy damaged bytes over to the archive
+                self._verify(asset_id, checksum, payload, where)
             self._store.put(archive_key, payload)  # copy first: the row never points at nothing
             old_key = object_key
         with self._db.transaction() as conn:
@@ -1088,4 +1218,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["AssetMetadata", "AssetQuery", "AssetRepository"]
+__all__ = ["AssetMetadata", "AssetQuery", "AssetRepository", "parse_properties_json"]
