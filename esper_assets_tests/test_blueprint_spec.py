@@ -22,6 +22,7 @@ from esper_assets.blueprints import (
     name_problem,
     parse_blueprint,
 )
+from esper_assets.blueprints.spec import TOO_DEEP
 from esper_assets.errors import InvalidInput
 
 
@@ -244,8 +245,9 @@ def test_invalid_name_field(bad: str) -> None:
 
 
 def test_malformed_json_reports_line_and_column() -> None:
-    found = raw_problems(b'{\n  "name": "x",\n  "version" "1.0.0"\n}', "x.json")
-    assert found == ["invalid JSON at line 3, column 13: Expecting ':' delimiter"]
+    (found,) = raw_problems(b'{\n  "name": "x",\n  "version" "1.0.0"\n}', "x.json")
+    # Our framing and the position; what follows is the json module's own words.
+    assert found.startswith("invalid JSON at line 3, column 13: ")
 
 
 def test_malformed_yaml_reports_the_line() -> None:
@@ -262,7 +264,7 @@ def test_yaml_tab_indentation_is_a_syntax_problem() -> None:
 def test_yaml_never_builds_python_objects() -> None:
     data = b'!!python/object/apply:os.system ["echo pwned"]\n'
     (found,) = raw_problems(data, "x.yaml")
-    assert "could not determine a constructor" in found
+    assert found.startswith("invalid YAML at line 1, column 1: ")  # refused, nothing built
 
 
 def test_yaml_bomb_is_refused_cheaply() -> None:
@@ -274,8 +276,7 @@ def test_yaml_bomb_is_refused_cheaply() -> None:
 
 
 def test_recursive_yaml_is_refused() -> None:
-    (found,) = raw_problems(b"&a [*a]", "x.yaml")
-    assert "nested too deeply" in found
+    assert raw_problems(b"&a [*a]", "x.yaml") == [TOO_DEEP]
 
 
 @pytest.mark.parametrize(
@@ -287,25 +288,31 @@ def test_recursive_yaml_is_refused() -> None:
     ],
 )
 def test_deeply_nested_yaml_is_refused_without_crashing(data: bytes) -> None:
-    """libyaml recurses in C and segfaults on deep nesting: run it where a crash is survivable."""
+    """libyaml recurses in C and segfaults on deep nesting: run it where a crash is survivable.
+
+    Whether our depth walk or libyaml's own nesting limit (PyYAML >= 6.0.4) notices
+    first, the caller gets the same BlueprintInvalid: one problem at the document
+    root, in our words, naming our limit.
+    """
     script = (
-        "import sys\n"
+        "import json, sys\n"
         "from esper_assets.blueprints import BlueprintInvalid, parse_blueprint\n"
         "try:\n"
         "    parse_blueprint(sys.stdin.buffer.read(), source='x.yaml')\n"
         "except BlueprintInvalid as exc:\n"
-        "    print(exc.problems[0])\n"
+        "    print(json.dumps([exc.source, [[p.path, p.message] for p in exc.problems]]))\n"
+        "else:\n"
+        "    print(json.dumps('accepted'))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], input=data, capture_output=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr.decode()[-500:]
-    assert b"nested too deeply" in done.stdout
+    assert json.loads(done.stdout) == ["x.yaml", [["", TOO_DEEP]]]
 
 
 def test_deeply_nested_json_is_refused() -> None:
-    (found,) = raw_problems(b"[" * 100_000 + b"]" * 100_000, "x.json")
-    assert "nested too deeply" in found
+    assert raw_problems(b"[" * 100_000 + b"]" * 100_000, "x.json") == [TOO_DEEP]
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,7 @@ MAX_DESCRIPTION_CHARS = 4096
 # bomb"); walking the loaded value with these budgets costs at most 100k steps.
 MAX_VALUES = 100_000
 MAX_DEPTH = 32
+TOO_DEEP = f"the document is nested too deeply (limit {MAX_DEPTH} levels)"
 DEFAULT_TARGET = "cpu"
 
 
@@ -238,7 +239,7 @@ def _decode(data: bytes, source: str, limits: BlueprintLimits) -> tuple[Any, lis
     except _SyntaxProblem as exc:
         return None, [Problem("", str(exc))]
     except RecursionError:
-        return None, [Problem("", f"the document is nested too deeply (limit {MAX_DEPTH} levels)")]
+        return None, [Problem("", TOO_DEEP)]
     size_problem = _size_problem(document)
     return document, [Problem("", size_problem)] if size_problem else []
 
@@ -298,6 +299,8 @@ def _load_yaml(text: str) -> Any:
         return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if mark is not None and _too_deep_before(text, mark.index):
+            raise _SyntaxProblem(TOO_DEEP) from None
         what = ", ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise _SyntaxProblem(f"invalid YAML{where}: {what}") from None
@@ -316,11 +319,28 @@ def _check_yaml_depth(text: str) -> None:
         if isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                raise _SyntaxProblem(
-                    f"the document is nested too deeply (limit {MAX_DEPTH} levels)"
-                )
+                raise _SyntaxProblem(TOO_DEEP)
         elif isinstance(event, yaml.SequenceEndEvent | yaml.MappingEndEvent):
             depth -= 1
+
+
+def _too_deep_before(text: str, index: int) -> bool:
+    """Is the document already nested deeper than MAX_DEPTH before ``index``?
+
+    Newer libyaml (PyYAML 6.0.4's wheels) refuses deep nesting itself, with its own
+    limit and words, and its scanner may look that far ahead before the event walk
+    above sees one event. Walking the text up to where it stopped tells the two
+    apart, so deep nesting is reported the same way whichever of us noticed first.
+    """
+    if index <= 0:
+        return False
+    try:
+        _check_yaml_depth(text[:index])
+    except _SyntaxProblem:
+        return True
+    except yaml.YAMLError:  # the cut-off text ends mid-document
+        return False
+    return False
 
 
 def _size_problem(document: Any) -> str | None:
@@ -333,7 +353,7 @@ def _size_problem(document: Any) -> str | None:
         if seen > MAX_VALUES:
             return f"the document expands to more than {MAX_VALUES:,} values (YAML aliases?)"
         if depth > MAX_DEPTH:
-            return f"the document is nested too deeply (limit {MAX_DEPTH} levels)"
+            return TOO_DEEP
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
