@@ -90,16 +90,35 @@ class MigrationError(StorageError):
     """A schema migration failed or the migration files are inconsistent."""
 
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/]*)(:[^@/]*)?@")
-# libpq, psycopg and redis-py also take secrets as query parameters.
-_SECRET_PARAM = re.compile(r"(?i)([?&](?:password|pass|pwd|sslpassword|secret|token)=)[^&#]*")
+_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+_SECRET_KEYS = r"(?:password|sslpassword|passwd|pass|pwd|secret|token)"
+# libpq, psycopg and redis-py also take secrets as query parameters. The value runs to
+# the next '&' only: an unencoded '#' or '?' would not end it for libpq.
+_SECRET_PARAM = re.compile(rf"(?i)([?&;]{_SECRET_KEYS}=)[^&]*")
+# libpq key=value connection strings: ``password=s3cret`` or ``password = 'a \' quoted'``
+# (single quotes, backslash escapes; an unterminated quote runs to the end).
+_KV_SECRET = re.compile(rf"(?i)(?:^|(?<=\s))({_SECRET_KEYS}\s*=\s*)(?:'(?:[^'\\]|\\.?)*'?|\S*)")
 
 
 def redact_url(url: str | None) -> str:
-    """Hide passwords in ``scheme://user:password@host`` and ``?password=`` URLs."""
+    """``url`` with every password hidden as ``***``, in any form we may be handed:
+    ``scheme://user:password@host``, ``user:password@host`` without a scheme,
+    ``?password=`` (and similar) query parameters, and libpq ``key=value`` strings
+    (``password=...``, quoted or not).
+
+    Passwords holding unencoded ``@ / : ? #`` make a URL ambiguous: the password is
+    then taken to run from the first ``:`` of the user info to the *last* ``@`` in
+    the whole string, so no fragment of it stays visible, at the price of hiding a
+    little more than the password when an ``@`` appears later in a query value
+    (Settings refuses such URLs anyway: it wants every other ``@`` as ``%40``).
+    """
     if not url:
         return ""
-    url = _USERINFO.sub(
-        lambda m: f"{m['scheme']}{m['user']}:***@" if m.group(3) else m.group(0), url
-    )
-    return _SECRET_PARAM.sub(r"\1***", url)
+    text = _KV_SECRET.sub(r"\1***", str(url))
+    scheme = _SCHEME.match(text)
+    start = scheme.end() if scheme else 0
+    at = text.rfind("@")
+    colon = text.find(":", start, at) if at >= start else -1
+    if colon != -1:
+        text = f"{text[: colon + 1]}***{text[at:]}"
+    return _SECRET_PARAM.sub(r"\1***", text)

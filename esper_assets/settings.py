@@ -108,21 +108,59 @@ class Settings:
         )
 
 
+_ENCODE_ADVICE = (
+    "percent-encode special characters in the user name and password "
+    "('@' as %40, '/' as %2F, ':' as %3A, '?' as %3F, '#' as %23, '%' as %25; "
+    "urllib.parse.quote(password, safe='') does it)"
+)
+_BAD_PERCENT = re.compile(r"%(?![0-9a-fA-F]{2})|%00")
+
+
 def _check_url(variable: str, url: str | None, schemes: set[str], advice: str) -> str | None:
+    """``url`` if it is a URL with one of ``schemes``; else a ConfigError that names
+    ``variable`` and shows the value with every password fragment hidden. Nothing
+    derived from the raw value (urlsplit's messages quote parts of it) reaches a message."""
     if url is None:
         return None
+    shown = redact_url(url)
+    if "://" not in url and "=" in url:
+        raise ConfigError(
+            f"{variable}={shown!r} looks like a key=value connection string; esper takes a "
+            f"URL here: {advice} ({_ENCODE_ADVICE})"
+        )
+    if url.count("@") > 1:
+        raise ConfigError(
+            f"{variable}={shown!r} holds more than one '@', so where the password ends is "
+            f"ambiguous; {_ENCODE_ADVICE}"
+        )
+    if _BAD_PERCENT.search(url):
+        raise ConfigError(
+            f"{variable}={shown!r} holds a '%' that is not followed by two hex digits "
+            f"(or encodes NUL); {_ENCODE_ADVICE}"
+        )
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
+        unparsable = None
+    except ValueError as exc:  # its message quotes parts of the value: never shown, not chained
+        unparsable = (
+            "its port is not a number from 0 to 65535"
+            if "Port" in str(exc)
+            else "its host cannot be parsed"
+        )
+    if unparsable:
+        hint = f"; if the password holds one of @ / : ? #, {_ENCODE_ADVICE}" if "@" in url else ""
+        raise ConfigError(f"{variable}={shown!r} is not a valid URL: {unparsable}{hint}; {advice}")
+    if "@" in url and "@" not in parts.netloc:
         raise ConfigError(
-            f"{variable}={redact_url(url)!r} is not a valid URL ({exc}); {advice}"
-        ) from None
+            f"{variable}={shown!r} holds an '@' after its host, so the user name or password "
+            f"holds one of / ? # unencoded (or a value does); {_ENCODE_ADVICE}"
+        )
     if parts.scheme not in schemes:
         raise ConfigError(
-            f"{variable}={redact_url(url)!r} has scheme {parts.scheme!r}, expected one of "
+            f"{variable}={shown!r} has scheme {parts.scheme!r}, expected one of "
             f"{sorted(schemes)}; {advice}"
         )
     if parts.scheme != "unix" and not parts.hostname and variable != "ESPER_DATABASE_URL":
-        raise ConfigError(f"{variable}={redact_url(url)!r} names no host; {advice}")
+        raise ConfigError(f"{variable}={shown!r} names no host; {advice}")
     return url

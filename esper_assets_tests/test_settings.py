@@ -179,3 +179,112 @@ def test_query_string_password_never_appears_in_describe(tmp_path, variable, val
 )
 def test_redact_url(url, redacted):
     assert redact_url(url) == redacted
+
+
+# -- every fragment of a password stays hidden (issue 8) -----------------------------------------
+# A password made of distinctive parts: whatever separator a URL or DSN parser splits it
+# at, none of the parts may show up in a message.
+PARTS = ("Zq9xA", "Kw7vB", "Jm3tC")
+
+
+def assert_no_fragment(text: str) -> None:
+    leaked = [part for part in PARTS if part in text]
+    assert not leaked, f"password fragments {leaked} visible in: {text}"
+
+
+HOSTILE_CONFIG = [
+    # libpq key=value connection strings
+    ("ESPER_DATABASE_URL", "host=db user=u password=Zq9xA dbname=x"),
+    ("ESPER_DATABASE_URL", "host=db user=u password = Zq9xA dbname=x"),
+    ("ESPER_DATABASE_URL", r"host=db password='Zq9xA Kw7vB\' Jm3tC' dbname=x"),
+    ("ESPER_DATABASE_URL", "host=db password='Zq9xA Kw7vB"),  # unterminated quote
+    ("ESPER_DATABASE_URL", "dbname=x PASSWORD=Zq9xA@Kw7vB/Jm3tC"),
+    ("ESPER_DATABASE_URL", "host=db sslpassword=Zq9xA"),
+    # unencoded '@', '/', '#', '?' in a URL password
+    ("ESPER_DATABASE_URL", "postgresql://u:Zq9xA@Kw7vB/Jm3tC@host/db"),
+    ("ESPER_DATABASE_URL", "postgresql://u:Zq9xA/Kw7vB@host:5432/db"),
+    ("ESPER_DATABASE_URL", "postgresql://u:Zq9xA#Kw7vB@host/db"),
+    ("ESPER_DATABASE_URL", "postgresql://u:Zq9xA?Kw7vB@host/db"),
+    ("ESPER_DATABASE_URL", "postgresql://me@corp.com:Zq9xA@host/db"),
+    ("ESPER_DATABASE_URL", "postgresql://u:Zq9xA:Kw7vB@host/db@x"),
+    ("ESPER_DATABASE_URL", "u:Zq9xA@host/db"),  # no scheme
+    ("ESPER_DATABASE_URL", "mysql://u@h/db?password=Zq9xA#Kw7vB&x=1"),
+    ("ESPER_DATABASE_URL", "postgresql://u@h:bad/db?sslpassword=Zq9xA/Kw7vB&x=1"),
+    ("ESPER_REDIS_URL", "redis://:Zq9xA@Kw7vB@cache:6379/0"),
+    ("ESPER_REDIS_URL", "redis://default:Zq9xA/Kw7vB@cache:6379/0"),
+    ("ESPER_REDIS_URL", "redis://cache:port/0?password=Zq9xA"),
+    ("AWS_ENDPOINT_URL", "http://key:Zq9xA/Kw7vB@minio:9000"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), HOSTILE_CONFIG)
+def test_no_password_fragment_in_config_error(tmp_path, variable, value):
+    with pytest.raises(ConfigError) as info:
+        settings_with(tmp_path, **{variable: value})
+    message = str(info.value)
+    assert variable in message
+    assert "***" in message
+    assert_no_fragment(message)
+    assert_no_fragment(repr(info.value))
+    chained = info.value.__cause__ or info.value.__context__  # tracebacks print these too
+    assert chained is None or not any(part in repr(chained) for part in PARTS)
+
+
+def test_key_value_dsn_error_says_what_to_use_instead(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        settings_with(tmp_path, ESPER_DATABASE_URL="host=db user=u password=Zq9xA dbname=x")
+    message = str(info.value)
+    assert "key=value" in message and "postgresql://" in message
+    assert "host=db user=u password=*** dbname=x" in message  # the rest stays readable
+
+
+def test_unencoded_at_sign_in_password_is_refused_with_advice(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        settings_with(tmp_path, ESPER_DATABASE_URL="postgresql://u:Zq9xA@Kw7vB/Jm3tC@host/db")
+    message = str(info.value)
+    assert "%40" in message and "percent-encode" in message
+    assert_no_fragment(message)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "key"),
+    [
+        (
+            "ESPER_DATABASE_URL",
+            "postgresql://esper@db/esper?password=Zq9xA#Kw7vB",
+            "l3_and_metadata",
+        ),
+        ("ESPER_DATABASE_URL", "postgresql://esper:Zq9xA%40Kw7vB@db/esper", "l3_and_metadata"),
+        ("ESPER_REDIS_URL", "redis://cache:6379/0?x=1&password=Zq9xA#Kw7vB", "l2"),
+    ],
+)
+def test_accepted_urls_describe_without_any_password_fragment(tmp_path, variable, value, key):
+    described = settings_with(tmp_path, **{variable: value}).describe()
+    assert_no_fragment(repr(described))
+    assert "***" in described[key]
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("postgresql://u:p@ss/w0rd@host/db", "postgresql://u:***@host/db"),
+        ("postgresql://me@corp.com:pw@host/db", "postgresql://me@corp.com:***@host/db"),
+        ("redis://:a/b#c@h:6379/0", "redis://:***@h:6379/0"),
+        ("u:pw@host/db", "u:***@host/db"),
+        (
+            "postgresql://u@h/db?password=a#b&sslmode=require",
+            "postgresql://u@h/db?password=***&sslmode=require",
+        ),
+        ("host=db user=u password=s3cret dbname=x", "host=db user=u password=*** dbname=x"),
+        ("host=db password = 's3 c\\'ret' dbname=x", "host=db password = *** dbname=x"),
+        ("host=db password='s3 cret", "host=db password=***"),
+        ("host=db user=u dbname=x", "host=db user=u dbname=x"),  # no password: unchanged
+        (
+            "postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dt_1",
+            "postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dt_1",
+        ),
+    ],
+)
+def test_redact_url_hides_whole_passwords(text, redacted):
+    assert redact_url(text) == redacted
+    assert redact_url(redact_url(text)) == redacted  # idempotent
