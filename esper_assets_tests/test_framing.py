@@ -5,7 +5,9 @@ Covers: encode/pack/unpack/decode round trips for the none, zstd and gzip codecs
 values stored raw; every single flipped bit anywhere in a frame (magic, checksum,
 version, codec byte, created/expiry times, payload) raising CorruptValue; truncated
 frames; payloads that pass the checksum but do not decode; ``Frame.expired``
-(0 = never); ``peek_expires_ms``; unknown compression names raising ConfigError.
+(0 = never); ``peek_expires_ms``; unknown compression names raising ConfigError;
+bounded decompression: forged frames (valid checksum) inflating past
+``max_decoded_bytes`` refused with CorruptValue without allocating their output.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 from esper_assets.errors import ConfigError, CorruptValue
 from esper_assets.storage.framing import (
+    DEFAULT_MAX_DECODED_BYTES,
     HEADER_SIZE,
     MIN_COMPRESS_BYTES,
     VERSION,
@@ -260,3 +263,132 @@ def test_peek_expires_ms_returns_none_for_short_or_foreign_bytes():
 def test_unknown_compression_name_raises_config_error(name):
     with pytest.raises(ConfigError, match=r"compression=.*unknown"):
         Codecs(name)
+
+
+# -- bounded decompression (issue 8) ------------------------------------------------------
+# A frame whose checksum is valid (written by a buggy or hostile peer with access to a
+# tier) may still hold a decompression bomb. Codecs.decode never allocates much more than
+# max_decoded_bytes: the bomb is refused with CorruptValue naming the bound.
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def zstd_bomb(size: int, with_content_size: bool) -> bytes:
+    """zstd of ``size`` zero bytes, built in 1 MiB steps (the test never holds ``size``)."""
+    import io
+
+    import zstandard
+
+    out = io.BytesIO()
+    cctx = zstandard.ZstdCompressor(level=1, write_content_size=with_content_size)
+    chunk = bytes(MIB)
+    with cctx.stream_writer(out, size=size if with_content_size else -1, closefd=False) as w:
+        for _ in range(size // MIB):
+            w.write(chunk)
+    return out.getvalue()
+
+
+def gzip_bomb(size: int) -> bytes:
+    import zlib
+
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 31)
+    chunk = bytes(MIB)
+    return b"".join([deflate.compress(chunk) for _ in range(size // MIB)] + [deflate.flush()])
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    return {
+        "zstd-sized": zstd_bomb(GIB, with_content_size=True),
+        "zstd-unsized": zstd_bomb(GIB, with_content_size=False),
+        "gzip": gzip_bomb(128 * MIB),
+    }
+
+
+def forged(codec: Codec, packed: bytes) -> Frame:
+    """A frame with a valid checksum around ``packed``: unpack accepts it."""
+    return unpack(pack(Payload.of(codec, packed, len(packed)), CREATED_MS, 0))
+
+
+def peak_bytes_of(call) -> tuple[BaseException | None, int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            return exc, tracemalloc.get_traced_memory()[1]
+        return None, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    ("kind", "codec"),
+    [("zstd-sized", Codec.ZSTD), ("zstd-unsized", Codec.ZSTD), ("gzip", Codec.GZIP)],
+)
+def test_bomb_is_refused_without_allocating_it(bombs, kind, codec):
+    bound = 16 * MIB
+    codecs = Codecs(max_decoded_bytes=bound)
+    frame = forged(codec, bombs[kind])
+    error, peak = peak_bytes_of(lambda: codecs.decode(frame))
+    assert isinstance(error, CorruptValue), error
+    assert f"max_decoded_bytes={bound}" in str(error)
+    assert peak < 3 * bound, f"decoding a refused bomb peaked at {peak >> 20} MiB"
+
+
+def test_default_bound_refuses_a_one_gib_zstd_frame_from_its_header(bombs):
+    codecs = Codecs()
+    assert codecs.max_decoded_bytes == DEFAULT_MAX_DECODED_BYTES == 512 * MIB
+    frame = forged(Codec.ZSTD, bombs["zstd-sized"])
+    error, peak = peak_bytes_of(lambda: codecs.decode(frame))
+    assert isinstance(error, CorruptValue) and "max_decoded_bytes" in str(error)
+    assert peak < 16 * MIB, f"peaked at {peak >> 20} MiB"
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_values_up_to_the_bound_decode_and_one_byte_more_does_not(codec):
+    bound = 64 * 1024
+    writer, reader = Codecs(codec), Codecs(codec, max_decoded_bytes=bound)
+    for size in (bound - 1, bound):
+        value = b"abcd" * (size // 4) + b"x" * (size % 4)
+        assert reader.decode(unpack(frame_of(value, codec))) == value
+    with pytest.raises(CorruptValue, match=f"max_decoded_bytes={bound}"):
+        reader.decode(unpack(pack(writer.encode(b"a" * (bound + 1)), CREATED_MS, 0)))
+
+
+@pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.GZIP])
+def test_stream_path_checks_every_frame_is_complete(codec):
+    value = bytes(range(256)) * 64
+    if codec is Codec.ZSTD:
+        import zstandard
+
+        packed = zstandard.ZstdCompressor(write_content_size=False).compress(value)
+    else:
+        import gzip
+
+        packed = gzip.compress(value, mtime=0)
+    codecs = Codecs(max_decoded_bytes=len(value))
+    assert codecs.decode(forged(codec, packed)) == value
+    with pytest.raises(CorruptValue, match="truncated|does not decode"):
+        codecs.decode(forged(codec, packed[: len(packed) // 2]))
+
+
+def test_multi_member_gzip_still_decodes_within_the_bound():
+    import gzip
+
+    packed = gzip.compress(b"a" * 1000, mtime=0) + gzip.compress(b"b" * 1000, mtime=0)
+    assert (
+        Codecs(max_decoded_bytes=2000).decode(forged(Codec.GZIP, packed))
+        == b"a" * 1000 + b"b" * 1000
+    )
+    with pytest.raises(CorruptValue, match="max_decoded_bytes=1999"):
+        Codecs(max_decoded_bytes=1999).decode(forged(Codec.GZIP, packed))
+
+
+@pytest.mark.parametrize("bound", [0, -1, 1.5, "64", True])
+def test_bad_max_decoded_bytes_raises_config_error(bound):
+    with pytest.raises(ConfigError, match="max_decoded_bytes"):
+        Codecs(max_decoded_bytes=bound)

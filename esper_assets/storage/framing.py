@@ -75,14 +75,42 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class Codecs:
-    """Thread-safe compressors: zstd contexts are not shareable between threads."""
+DEFAULT_MAX_DECODED_BYTES = 512 << 20  # the largest value any caller stores by default
+_STREAM_STEP = 1 << 20  # output per step when a zstd frame does not state its size
 
-    def __init__(self, codec: str = "zstd", level: int = 3) -> None:
+
+class Codecs:
+    """Thread-safe compressors: zstd contexts are not shareable between threads.
+
+    ``max_decoded_bytes`` bounds what :meth:`decode` produces: a frame passes its
+    checksum whenever its writer computed one, so a buggy or hostile writer with
+    access to a tier can store a tiny payload that inflates to gigabytes. Decoding
+    never allocates more than the bound plus one step (about 1 MiB) and refuses such a
+    payload with :class:`CorruptValue`. Set it to the largest value ever stored
+    (the cache passes its ``max_value_bytes``).
+    """
+
+    def __init__(
+        self,
+        codec: str = "zstd",
+        level: int = 3,
+        *,
+        max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    ) -> None:
         if codec not in CODEC_NAMES:
             raise ConfigError(f"compression={codec!r} is unknown; use one of {sorted(CODEC_NAMES)}")
+        if (
+            not isinstance(max_decoded_bytes, int)
+            or isinstance(max_decoded_bytes, bool)
+            or max_decoded_bytes < 1
+        ):
+            raise ConfigError(
+                f"max_decoded_bytes={max_decoded_bytes!r} must be a positive integer (bytes): "
+                "the largest value a frame may decode to"
+            )
         self.codec = CODEC_NAMES[codec]
         self.level = level
+        self.max_decoded_bytes = max_decoded_bytes
         self._local = threading.local()
 
     def _zstd(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
@@ -105,14 +133,69 @@ class Codecs:
         return Payload.of(self.codec, packed, size)
 
     def decode(self, frame: Frame) -> bytes:
+        """The value in ``frame``; CorruptValue if it does not decode or would decode to
+        more than ``max_decoded_bytes`` (refused before allocating more than that)."""
         try:
             if frame.codec is Codec.NONE:
+                if len(frame.payload) > self.max_decoded_bytes:
+                    raise self._too_large(frame.codec, f"is {len(frame.payload)} bytes")
                 return frame.payload
             if frame.codec is Codec.ZSTD:
-                return self._zstd()[1].decompress(frame.payload)
-            return gzip.decompress(frame.payload)
+                return self._unzstd(frame.payload)
+            return self._gunzip(frame.payload)
         except (zstandard.ZstdError, OSError, EOFError, zlib.error) as exc:
             raise CorruptValue(f"payload does not decode as {frame.codec.name}: {exc}") from exc
+
+    def _too_large(self, codec: Codec, how: str) -> CorruptValue:
+        return CorruptValue(
+            f"{codec.name} payload {how}, over max_decoded_bytes={self.max_decoded_bytes}: "
+            "not a value this store wrote (a forged or damaged frame), treated as corrupt; "
+            "raise max_decoded_bytes only if values this large are really stored"
+        )
+
+    def _unzstd(self, payload: bytes) -> bytes:
+        limit = self.max_decoded_bytes
+        size = zstandard.frame_content_size(payload)  # from the header; -1 when not stated
+        if size > limit:
+            raise self._too_large(Codec.ZSTD, f"states a decoded size of {size} bytes")
+        if size >= 0:
+            # One allocation of exactly ``size``; zstd fails if the data disagrees with it.
+            return self._zstd()[1].decompress(payload)
+        # No size in the header (our encoder always writes one): decode in bounded steps.
+        # ZstdDecompressionObj.decompress has no output cap, so feed it input in slices
+        # small enough that one slice cannot inflate past what is left of the bound
+        # (a zstd block turns >= 4 input bytes into <= 128 KiB: at most 32768x).
+        stream = self._zstd()[1].decompressobj()
+        chunks: list[bytes] = []
+        produced, offset, view = 0, 0, memoryview(payload)
+        while offset < len(view) and not stream.eof:
+            step = max(64, min(_STREAM_STEP, (limit - produced) >> 15))
+            out = stream.decompress(view[offset : offset + step])
+            offset += step
+            produced += len(out)
+            if produced > limit:
+                raise self._too_large(Codec.ZSTD, f"decodes to more than {limit} bytes")
+            chunks.append(out)
+        if not stream.eof:
+            raise CorruptValue("ZSTD payload is truncated: its frame does not end")
+        return b"".join(chunks)
+
+    def _gunzip(self, payload: bytes) -> bytes:
+        """gzip.decompress (members one after the other) with zlib's max_length as the cap."""
+        limit = self.max_decoded_bytes
+        chunks: list[bytes] = []
+        produced, data = 0, payload
+        while data:
+            member = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
+            out = member.decompress(data, limit + 1 - produced)
+            produced += len(out)
+            if produced > limit:
+                raise self._too_large(Codec.GZIP, f"decodes to more than {limit} bytes")
+            if not member.eof:
+                raise CorruptValue("GZIP payload is truncated: a member does not end")
+            chunks.append(out)
+            data = member.unused_data
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def pack(payload: Payload, created_ms: int, expires_ms: int) -> bytes:
