@@ -1,4 +1,5 @@
-"""Drive the pipeline without a daemon: the demo, the benchmark and tests use this.
+"""Drive the pipeline without a daemon: ``esper ingest``, the demo, the benchmark and
+tests use this.
 
 ``tick_and_run`` does what ``dagster dev``'s daemon does for the new_blueprints
 sensor: evaluate it with its stored cursor, add the partitions it asks for, and
@@ -6,11 +7,16 @@ execute its run requests (here in-process, one after another). Runs carry the
 sensor's name and run key, as the daemon's would, so a daemon started later does
 not run the same file content again. ``backfill`` runs many partitions as one
 run (the assets' single-run backfill policy).
+
+Nothing here prints. Every run's events, Dagster's stack traces included, go to
+the run's event log (``make dev`` shows them); the caller gets one
+:class:`FileOutcome` per landed file, with the problem in one line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import dagster as dg
@@ -21,15 +27,21 @@ from dagster._core.storage.tags import (
     SENSOR_NAME_TAG,
 )
 
-from esper_assets.arrivals import Cursor
 from esper_assets.defs.assets import blueprint_partitions
 from esper_assets.defs.instance import local_instance
-from esper_assets.defs.sensors import ingest_blueprints_job, new_blueprints
+from esper_assets.defs.sensors import (
+    FILE_TAG,
+    evaluate_new_blueprints,
+    ingest_blueprints_job,
+    new_blueprints,
+)
 from esper_assets.settings import Settings
 
-# Runs here report through their results and the event log; the console logger
-# would interleave Dagster's debug lines with the command's own output.
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# In-process runs report through their results and the event log. Dagster's console
+# logger would print every event on stderr, and each failure with its stack trace,
+# in between the command's own output: keep it to CRITICAL (nothing in a normal
+# failing run). The event log gets every event whatever this level is.
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 @dataclass
@@ -38,13 +50,63 @@ class RunOutcome:
     run_id: str
     success: bool
     checks: dict[str, bool] = field(default_factory=dict)
-    error: str = ""
+    error: str = ""  # what went wrong: a failed check's description, else the innermost error
+    file: str = ""  # the landed file the sensor requested this run for
+
+    @property
+    def ok(self) -> bool:
+        return self.success and all(self.checks.values())
+
+
+@dataclass
+class FileOutcome:
+    """One landed file as ``esper ingest`` and the demo report it (one table row)."""
+
+    file: str
+    status: str  # success | failed | rejected | waiting
+    run_id: str = ""
+    checks: dict[str, bool] = field(default_factory=dict)
+    problem: str = ""  # one line
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
 
 
 @dataclass
 class TickReport:
     ticks: int = 0
     runs: list[RunOutcome] = field(default_factory=list)
+    rejected: list[FileOutcome] = field(default_factory=list)  # moved to rejected/ (or not)
+    waiting: list[str] = field(default_factory=list)  # still waiting after the last tick
+
+    def files(self) -> list[FileOutcome]:
+        """Every file this report covers, one outcome each: rejected, runs, waiting."""
+        runs = [
+            FileOutcome(
+                run.file or ", ".join(run.partitions),
+                "success" if run.ok else "failed",
+                run.run_id,
+                run.checks,
+                one_line(run.error),
+            )
+            for run in self.runs
+        ]
+        waiting = [
+            FileOutcome(
+                key,
+                "waiting",
+                problem="its parent is in the landing zone but not "
+                "registered yet; the next ingest looks again",
+            )  # fmt: skip
+            for key in self.waiting
+        ]
+        return [*self.rejected, *runs, *waiting]
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: its non-empty lines joined by `` | ``."""
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _cursor_file(instance: dg.DagsterInstance) -> Path:
@@ -54,7 +116,8 @@ def _cursor_file(instance: dg.DagsterInstance) -> Path:
 def tick_and_run(
     defs: dg.Definitions, instance: dg.DagsterInstance, max_ticks: int = 20
 ) -> TickReport:
-    """Tick the sensor and execute what it requests, until a tick requests nothing new."""
+    """Tick the sensor and execute what it requests, until a tick requests nothing new
+    and no child waits for its parent."""
     report = TickReport()
     cursor_file = _cursor_file(instance)
     for _ in range(max_ticks):
@@ -63,8 +126,19 @@ def tick_and_run(
             instance=instance, cursor=cursor, resources=defs.resources,
             sensor_name=new_blueprints.name,
         ) as context:  # fmt: skip
-            result = new_blueprints(context)
+            # What the tick logs (rejections, children waiting) comes back in the scan
+            # and is reported per file; not also on the console.
+            context.log.setLevel(logging.CRITICAL)
+            resources = context.resources
+            result, scan = evaluate_new_blueprints(
+                context, resources.landing, resources.repository, resources.blueprint_rules
+            )
         report.ticks += 1
+        report.rejected += [
+            FileOutcome(key, "rejected", problem=one_line(f"{reason} (moved to {moved_to})"))
+            for key, reason, moved_to in scan.rejected
+        ]
+        report.waiting = list(scan.waiting)
         for request in result.dynamic_partitions_requests or []:
             instance.add_dynamic_partitions(
                 request.partitions_def_name, list(request.partition_keys)
@@ -77,8 +151,10 @@ def tick_and_run(
                 SENSOR_NAME_TAG: new_blueprints.name,
                 RUN_KEY_TAG: request.run_key,
             }
-            report.runs.append(_execute(defs, instance, [request.partition_key], tags))
-        if not requests and not Cursor.load(result.cursor).waiting:
+            outcome = _execute(defs, instance, [request.partition_key], tags)
+            outcome.file = request.tags.get(FILE_TAG, "")
+            report.runs.append(outcome)
+        if not requests and not scan.waiting:
             break
     return report
 
@@ -116,22 +192,37 @@ def _execute(
         run_config=QUIET, instance=instance, partition_key=single, tags=tags,
         raise_on_error=False,
     )  # fmt: skip
-    checks = {
-        evaluation.check_name: evaluation.passed
-        for evaluation in result.get_asset_check_evaluations()
-    }
-    error = ""
-    if not result.success:
-        failure = next((e for e in result.all_events if e.is_step_failure), None)
-        error = _root_message(failure.event_specific_data.error) if failure else "run failed"
-    return RunOutcome(partitions, result.run_id, result.success, checks, error.strip())
+    evaluations = result.get_asset_check_evaluations()
+    checks = {evaluation.check_name: evaluation.passed for evaluation in evaluations}
+    # A failed check's description is the reason (file, field, problem); the run's own
+    # error then only says that a blocking check failed.
+    problems = [
+        e.description or f"check {e.check_name} failed" for e in evaluations if not e.passed
+    ]
+    if not problems and not result.success:
+        problems = [_run_error(result)]
+    return RunOutcome(partitions, result.run_id, result.success, checks, "\n".join(problems))
+
+
+def _run_error(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.is_step_failure or event.is_run_failure:
+            error = getattr(event.event_specific_data, "error", None)
+            if error is not None:
+                return _root_message(error)
+    return f"run {result.run_id} failed; its event log says why"
 
 
 def _root_message(error) -> str:
-    """The innermost cause: the user-facing reason, not Dagster's wrapper."""
+    """The innermost cause: the user-facing reason, not Dagster's wrapper; the error's
+    class without its module (``TierUnavailable: ...``; a ``dg.Failure``'s text alone)."""
     while getattr(error, "cause", None) is not None:
         error = error.cause
-    return error.message
+    message = error.message.strip()
+    qualified, sep, text = message.partition(": ")
+    if sep and error.cls_name and qualified.rsplit(".", 1)[-1] == error.cls_name:
+        return text if error.cls_name == "Failure" else f"{error.cls_name}: {text}"
+    return message
 
 
 def dagster_lineage(instance: dg.DagsterInstance, name: str, depth: int = 20) -> list[dict]:
@@ -215,6 +306,26 @@ def land_examples(landing) -> list[str]:
     return landed
 
 
+def run_ingest(settings: Settings | None = None) -> dict:
+    """``esper ingest``: tick the new_blueprints sensor on ``ESPER_LANDING`` and run what
+    it asks for, until nothing new is left; one outcome per file."""
+    from esper_assets.defs import build_definitions
+    from esper_assets.landing import landing_from_location
+
+    settings = settings or Settings.from_env()
+    landing = landing_from_location(settings.landing)  # a landing zone we refuse stops here
+    with local_instance(settings) as instance:
+        report = tick_and_run(build_definitions(), instance)
+        files = report.files()
+        return {
+            "landing": landing.location,
+            "dagster_home": instance.root_directory,
+            "ticks": report.ticks,
+            "files": [asdict(f) for f in files],
+            "failed": sum(not f.ok for f in files),
+        }
+
+
 def run_demo(settings: Settings | None = None) -> dict:
     """The README's main command: land the examples, let the sensor and runs do their
     work, and report what happened, the cache's stats and one kernel's lineage."""
@@ -241,6 +352,7 @@ def run_demo(settings: Settings | None = None) -> dict:
         "landed": landed,
         "ticks": report.ticks,
         "runs": [vars(r) for r in report.runs],
+        "files": [asdict(f) for f in report.files()],
         "kernels_registered": len(kernels),
         "kernels_fetched_from_cache": fetched,
         "lineage": chain,

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from esper_assets.arrivals import Cursor, scan_landing
+from esper_assets.arrivals import Cursor, Scan, scan_landing
 from esper_assets.defs.assets import blueprint_partitions, blueprints, compiled_kernels
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
@@ -10,6 +10,9 @@ from esper_assets.defs.resources import (
     LandingZoneResource,
 )
 from esper_assets.pipeline import find_blueprint
+
+# The landing-zone file a run was requested for (a run tag).
+FILE_TAG = "esper/file"
 
 ingest_blueprints_job = dg.define_asset_job(
     "ingest_blueprints",
@@ -31,6 +34,17 @@ def new_blueprints(
     repository: AssetRepositoryResource,
     blueprint_rules: BlueprintRulesResource,
 ) -> dg.SensorResult:
+    return evaluate_new_blueprints(context, landing, repository, blueprint_rules)[0]
+
+
+def evaluate_new_blueprints(
+    context: dg.SensorEvaluationContext,
+    landing: LandingZoneResource,
+    repository: AssetRepositoryResource,
+    blueprint_rules: BlueprintRulesResource,
+) -> tuple[dg.SensorResult, Scan]:
+    """One tick of ``new_blueprints``: what it returns to Dagster, and the scan behind it
+    (rejected files, children waiting), which ``esper ingest`` reports file by file."""
     with repository.open() as repo:
         scan = scan_landing(
             landing.open(),
@@ -45,12 +59,12 @@ def new_blueprints(
     names = sorted({a.name for a in scan.arrivals})
     has = context.instance.has_dynamic_partition
     new_names = [n for n in names if not has(blueprint_partitions.name, n)]
-    return dg.SensorResult(
+    result = dg.SensorResult(
         run_requests=[
             dg.RunRequest(
                 run_key=a.run_key,
                 partition_key=a.name,
-                tags={"esper/file": a.key, "esper/file_sha256": a.file_sha256},
+                tags={FILE_TAG: a.key, "esper/file_sha256": a.file_sha256},
             )
             for a in scan.arrivals
         ],
@@ -59,3 +73,4 @@ def new_blueprints(
         else [],
         cursor=scan.cursor.dump(),
     )
+    return result, scan
