@@ -1,4 +1,4 @@
-"""The ``esper`` command: demo, cache operations, migrations and benchmarks."""
+"""The ``esper`` command: demo, ingest, cache operations, migrations and benchmarks."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ console = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _fail(exc: EsperError) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+    # Text, not markup; one line per line of the message (the terminal wraps, not rich)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     sys.exit(2)
 
 
@@ -106,8 +107,9 @@ def demo(as_json: bool) -> None:
     with _status("running the blueprint pipeline", as_json):
         result = run_demo()
     _emit(result, as_json, _render_demo)
-    failed = [r for r in result["runs"] if not r["success"] or not all(r["checks"].values())]
-    _check(not failed, f"{len(failed)} run(s) failed: {failed}")
+    failed = _failure_lines(result["files"])
+    _check(not failed, f"{len(failed)} landed file(s) did not go through:\n  "
+           + "\n  ".join(failed) + f"\n{RUN_LOGS}")  # fmt: skip
     _check(result["kernels_fetched_from_cache"] == result["kernels_registered"],
            "a registered kernel is missing from the cache")  # fmt: skip
     _check(_lineages_agree(result["lineage"], result["dagster_lineage"]),
@@ -126,15 +128,8 @@ def _render_demo(data: dict[str, Any]) -> None:
     console.print(
         f"landed {len(data['landed'])} example blueprint file(s); sensor ticks: {data['ticks']}"
     )
-    table = Table(title="runs requested by the new_blueprints sensor")
-    for column in ("partition", "run", "result", "checks"):
-        table.add_column(column)
-    for run in data["runs"]:
-        checks = ", ".join(f"{k}={'passed' if v else 'FAILED'}" for k, v in run["checks"].items())
-        result = "[green]success[/]" if run["success"] else f"[red]failed[/] {escape(run['error'])}"
-        table.add_row(", ".join(run["partitions"]), run["run_id"][:8], result, checks)
-    if data["runs"]:
-        console.print(table)
+    if data["files"]:
+        console.print(_files_table(data["files"], "files the new_blueprints sensor picked up"))
     else:
         console.print("no new blueprint content since the last run (run keys dedupe it)")
     console.print(
@@ -150,6 +145,67 @@ def _render_demo(data: dict[str, Any]) -> None:
         console.print(
             f"  Dagster event log tells the same story: {'yes' if agrees else '[red]NO[/]'}"
         )
+
+
+# -- ingest ------------------------------------------------------------------------------
+RUN_LOGS = (
+    "Each run's full event log, Dagster's stack traces included, is in the Dagster UI: "
+    "`make dev` (or DAGSTER_HOME=$(esper dagster-home) dagster dev), Runs, the run id."
+)
+STATUS_STYLE = {"success": "green", "failed": "red", "rejected": "red", "waiting": "yellow"}
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def ingest(as_json: bool) -> None:
+    """Ingest what landed in ESPER_LANDING: tick the new_blueprints sensor and run what it
+    asks for, until nothing new is left. One row per file; exits 1 if any file failed."""
+    from esper_assets.defs.driver import run_ingest
+
+    with _status("ingesting the landing zone", as_json):
+        result = run_ingest()
+    _emit(result, as_json, _render_ingest)
+    if result["failed"]:
+        sys.exit(1)
+
+
+def _render_ingest(data: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]esper ingest[/] - {escape(data['landing'])}; sensor ticks: {data['ticks']}"
+    )
+    if not data["files"]:
+        console.print("nothing new in the landing zone (unchanged content is not run again)")
+        return
+    console.print(_files_table(data["files"], "landed files"))
+    if data["failed"]:
+        console.print(
+            f"[red]{data['failed']} of {len(data['files'])} file(s) failed.[/] {RUN_LOGS}"
+        )
+    else:
+        console.print(f"all {len(data['files'])} file(s) ingested")
+
+
+def _files_table(files: list[dict[str, Any]], title: str) -> Table:
+    """One row per landed file: name, run, status, checks, the problem in one line."""
+    table = Table(title=title)
+    for column in ("file", "run", "status", "checks", "problem"):
+        table.add_column(column, overflow="fold")
+    for f in files:
+        checks = ", ".join(f"{k}={'passed' if v else 'FAILED'}" for k, v in f["checks"].items())
+        style = STATUS_STYLE.get(f["status"], "default")
+        table.add_row(escape(f["file"]), f["run_id"][:8], f"[{style}]{f['status']}[/]",
+                      checks, escape(f["problem"]))  # fmt: skip
+    return table
+
+
+def _failure_lines(files: list[dict[str, Any]]) -> list[str]:
+    """One line per file that did not go through: file (run), status, problem."""
+    return [
+        f"{f['file']}" + (f" (run {f['run_id'][:8]})" if f["run_id"] else "")
+        + f" {f['status']}: {f['problem']}"
+        for f in files
+        if f["status"] != "success"
+    ]  # fmt: skip
 
 
 def _lineage_label(step: dict[str, Any]) -> str:
