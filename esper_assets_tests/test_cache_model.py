@@ -235,7 +235,7 @@ class ServicesModel(CacheModel):
             return
         blobs = self.inspector.mget([self.cache._l2.prefix + k for k in IDS])
         for k, blob in zip(IDS, blobs, strict=True):
-            if blob is None:
+            if not blob:  # None: absent; b"": the fence an invalidation leaves (a miss)
                 continue
             value = self.cache._codecs.decode(framing.unpack(blob))
             assert self.model.get(k) == value, (

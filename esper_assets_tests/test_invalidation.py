@@ -1,19 +1,24 @@
-"""Invalidation of other processes' L1 copies through Redis pub/sub.
+"""Invalidation across processes: Redis pub/sub, L3's change log, fences.
 
-A second, real process (multiprocessing "spawn") holds a value in its L1; this
-process invalidates or replaces it; the other process must stop serving the old
-value. Effects are awaited with bounded polling, never timed.
+A second, real process (multiprocessing "spawn") holds a value in its L1 or reads
+it in a loop; this process invalidates or replaces it; the other process must stop
+serving the old value, and must never bring it back into L2 or its own L1. Effects
+are awaited with bounded polling, never timed.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import random
+import signal
+import threading
 import time
 
 import pytest
 
+from esper_assets.errors import InvalidKernelId
 from esper_assets.storage import CacheConfig, PersistentKernelCache
 from esper_assets_tests.conftest import wait_until
 
@@ -30,11 +35,16 @@ def _other_process(config: dict, commands, replies) -> None:
     ("read", id)             -> ("read", value, id is in L1 now)
     ("await", id, expected)  -> ("await", last value seen): polls get(id) until it
                                 returns ``expected`` or POLL_LIMIT_S have passed
+    ("spin", id)             -> ("spin",): a thread reads id in a loop until "halt"
+    ("halt",)                -> ("halt", reads made by the spinning thread)
+    ("l1_gone", id)          -> ("l1_gone", True if id left L1 within POLL_LIMIT_S);
+                                looks at L1 only, never reads through
     ("stop",)                -> closes the cache and returns
     """
     cache = PersistentKernelCache(CacheConfig(**config))
+    spinner: Spinner | None = None
     try:
-        if not cache._listener.wait_subscribed(10):
+        if cache._listener is not None and not cache._listener.wait_subscribed(10):
             replies.put(("error", "the invalidation listener never subscribed"))
             return
         replies.put(("ready",))
@@ -42,7 +52,17 @@ def _other_process(config: dict, commands, replies) -> None:
             command = commands.get(timeout=60)
             if command[0] == "read":
                 value = cache.get(command[1])
-                replies.put(("read", value, command[1] in cache._l1))
+                replies.put(("read", value, cache._l1 is not None and command[1] in cache._l1))
+            elif command[0] == "spin":
+                spinner = Spinner(cache, command[1])
+                replies.put(("spin",))
+            elif command[0] == "halt":
+                replies.put(("halt", spinner.stop()))
+            elif command[0] == "l1_gone":
+                deadline = time.monotonic() + POLL_LIMIT_S
+                while command[1] in cache._l1 and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                replies.put(("l1_gone", command[1] not in cache._l1))
             elif command[0] == "await":
                 _, kernel_id, expected = command
                 deadline = time.monotonic() + POLL_LIMIT_S
@@ -54,7 +74,29 @@ def _other_process(config: dict, commands, replies) -> None:
             else:
                 return
     finally:
+        if spinner is not None:
+            spinner.stop()
         cache.close()
+
+
+class Spinner:
+    """Reads one id as fast as it can on a thread of its own: the concurrent reader."""
+
+    def __init__(self, cache: PersistentKernelCache, kernel_id: str) -> None:
+        self.reads = 0
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(cache, kernel_id), daemon=True)
+        self._thread.start()
+
+    def _run(self, cache: PersistentKernelCache, kernel_id: str) -> None:
+        while not self._halt.is_set():
+            cache.get(kernel_id)
+            self.reads += 1
+
+    def stop(self) -> int:
+        self._halt.set()
+        self._thread.join(timeout=10)
+        return self.reads
 
 
 class OtherProcess:
@@ -88,15 +130,17 @@ class OtherProcess:
 
 @pytest.fixture
 def other_process(pg_url, redis_server_url, redis_prefix, tmp_path):
-    """Start another process whose cache shares this test's L2 and L3."""
+    """Start another process whose cache shares this test's L2 and L3 (``overrides``
+    go into its CacheConfig)."""
     started: list[OtherProcess] = []
 
-    def start() -> OtherProcess:
+    def start(**overrides) -> OtherProcess:
         config = {
             "postgres_url": pg_url,
             "redis_url": redis_server_url,
             "redis_prefix": redis_prefix,
             "object_store_path": str(tmp_path / "objects"),
+            **overrides,
         }
         started.append(OtherProcess(config))
         return started[-1]
@@ -173,3 +217,116 @@ def test_invalidation_missed_while_redis_was_down_drops_l1(
     private_redis.start()
 
     wait_until(lambda: reader.get("X") is None, "the reader to stop serving the stale X")
+
+
+# -- a reader racing an invalidation must not undo it ---------------------------------
+RACE_ROUNDS = 300
+
+
+@pytest.mark.parametrize("reader_l1", [False, True], ids=["reader without L1", "reader with L1"])
+def test_invalidation_is_not_undone_by_a_concurrent_reader(
+    other_process, make_cache, redis_client, redis_prefix, reader_l1
+):
+    """Another process reads K in a loop while this one puts and invalidates it.
+
+    Without fences, a read that fetched K from L3 just before the invalidation
+    deleted it writes K back into L2 (fresh TTL) and into its own L1 after the
+    announcement arrived: the invalidation is undone for everyone, or for that
+    process, until a TTL ends.
+    """
+    cache = make_cache("services", s3_bucket=None, object_store_path=None, l1_enabled=False)
+    other = other_process(l1_enabled=reader_l1)
+    cache.put("K", noise(600, 0))
+    assert other.ask("spin", "K") == ("spin",)
+    back_in_l2 = left_in_l1 = 0
+    for round_no in range(RACE_ROUNDS):
+        cache.put("K", noise(600, round_no + 1))
+        cache.invalidate("K")
+        if reader_l1:
+            left_in_l1 += other.ask("l1_gone", "K") != ("l1_gone", True)
+        else:
+            other.ask("read", "unrelated")  # a round trip: the reader's in-flight read ends
+        back_in_l2 += bool(redis_client.get(redis_prefix + "K"))  # b"" is the fence
+    reads = other.ask("halt")[1]
+    assert reads > RACE_ROUNDS  # the reader really raced the invalidations
+    assert (back_in_l2, left_in_l1) == (0, 0), (
+        f"of {RACE_ROUNDS} invalidations, {back_in_l2} were undone in L2 and "
+        f"{left_in_l1} left the old value in the reader's L1"
+    )
+    assert other.ask("read", "K") == ("read", None, False)
+
+
+# -- Redis missed a write: every process must stop reading the old copy ---------------
+def test_writes_that_missed_a_frozen_redis_reach_other_processes(
+    pg_url, private_redis, make_cache, other_process
+):
+    """This process's put and invalidate skip a paused Redis (breaker open), then it
+    closes without another Redis call. The old copies are still in Redis; another
+    process must not read them (it learns of them from L3's change log)."""
+    prefix = "esper:debt:"
+    writer = make_cache(
+        "embedded",
+        postgres_url=pg_url,
+        redis_url=private_redis.url,
+        redis_prefix=prefix,
+        redis_timeout_s=0.1,
+        breaker_reset_s=60,
+    )
+    writer.put("k", b"old")
+    writer.put("gone", b"old")
+    reader = other_process(redis_url=private_redis.url, redis_prefix=prefix, l1_enabled=False)
+    assert reader.ask("read", "k") == ("read", b"old", False)
+    os.kill(private_redis.proc.pid, signal.SIGSTOP)
+    try:
+        writer.put("trip", b"x")  # times out: the writer's L2 breaker opens
+        assert "l2" not in writer.put("k", b"new")
+        writer.invalidate("gone")
+    finally:
+        os.kill(private_redis.proc.pid, signal.SIGCONT)
+    writer.close()  # no Redis call after the pause: only L3 can carry the news
+
+    assert reader.ask("await", "k", b"new") == ("await", b"new")
+    assert reader.ask("await", "gone", None) == ("await", None)
+
+
+# -- embedded: no Redis, one SQLite file, several processes -------------------------------
+def test_embedded_invalidation_reaches_another_process(tmp_path):
+    config = {
+        "sqlite_path": str(tmp_path / "l3.sqlite3"),
+        "object_store_path": str(tmp_path / "objects"),
+    }
+    cache = PersistentKernelCache(CacheConfig(**config))
+    other = OtherProcess(config)
+    try:
+        x, y_old, y_new = noise(900, 1), noise(900, 2), noise(900, 3)
+        cache.put("X", x)
+        cache.put("Y", y_old)
+        assert other.ask("read", "X") == ("read", x, True)
+        cache.invalidate("X")
+        assert other.ask("await", "X", None) == ("await", None)
+
+        assert other.ask("read", "Y") == ("read", y_old, True)
+        cache.put("Y", y_new)
+        assert other.ask("await", "Y", y_new) == ("await", y_new)
+    finally:
+        other.stop()
+        cache.close()
+    assert other.process.exitcode == 0
+
+
+# -- access counts ---------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["services", "embedded"])
+def test_a_bad_id_does_not_cost_the_access_counts_of_the_others(make_cache, backend):
+    cache = make_cache(backend, s3_bucket=None)
+    cache.put("a", b"1")
+    cache.put("b", b"2")
+    for _ in range(3):
+        cache.get("b")
+    cache.get("a")
+    with pytest.raises(InvalidKernelId):
+        cache.get("bad\x00id")  # PostgreSQL refuses NUL in text: it must not reach the flush
+    assert cache.hottest(2) == ["b", "a"]
+    assert cache._l3.metadata("b") is not None
+    with cache._l3._connection() as conn:
+        counts = dict(conn.execute("SELECT id, access_count FROM kernel_cache").fetchall())
+    assert counts == {"a": 1, "b": 3}

@@ -57,6 +57,7 @@ log = logging.getLogger("esper_assets.storage.cache")
 
 MAX_ID_LENGTH = 255
 L2_DEBT_LIMIT = 100_000  # ids remembered while Redis is away; past this, L2 is cleared on return
+CHANGE_LOG_PAGE = 10_000  # more changes than this between two looks: drop all of L1 instead
 WRITE_MODES = ("write_through", "write_back")
 _UNAVAILABLE = object()  # a tier that could not answer, as opposed to a miss
 
@@ -107,6 +108,9 @@ class CacheConfig:
     object_store_timeout_s: float = 2.0
     breaker_failure_threshold: int = 1
     breaker_reset_s: float = 2.0
+    # invalidation (see docs/ARCHITECTURE.md, "Invalidation and staleness")
+    invalidation_poll_s: float = 1.0  # how often L3's change log is read: the embedded bound
+    invalidation_fence_s: float = 60.0  # how long an invalidated id refuses L2 promotions
 
     def __post_init__(self) -> None:
         if self.write_mode not in WRITE_MODES:
@@ -117,6 +121,11 @@ class CacheConfig:
             raise ConfigError(
                 "large_object_threshold and max_value_bytes must be positive byte counts"
             )
+        for name in ("invalidation_poll_s", "invalidation_fence_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r}: use a positive number of seconds"
+                )
         for name in ("l1_ttl_seconds", "l2_ttl_seconds", "l3_ttl_seconds", "l4_ttl_seconds"):
             ttl = getattr(self, name)
             if ttl is not None and ttl <= 0:
@@ -181,6 +190,14 @@ class _WriteBack:
     last_error: str | None = None
 
 
+def _is_valid_id(kernel_id: object) -> bool:
+    return (
+        isinstance(kernel_id, str)
+        and 0 < len(kernel_id) <= MAX_ID_LENGTH
+        and kernel_id.isprintable()
+    )
+
+
 def check_kernel_id(kernel_id: object) -> str:
     if not isinstance(kernel_id, str):
         raise InvalidKernelId(f"kernel id must be a str, got {type(kernel_id).__name__}")
@@ -230,6 +247,12 @@ class PersistentKernelCache:
         )  # ids whose L2 copy may be stale (see _note_missed_l2_write)
         self._l2_debt_overflow = False
         self._l2_debt_lock = threading.Lock()
+        self._stale_to_share: list[str] = []  # L2 debt not yet written to L3's change log
+        # Bumped before every L1 drop; a read that saw it move while it was loading
+        # does not leave what it loaded in L1 (it may be the value just invalidated).
+        self._l1_epoch = 0
+        self._log_cursor: str | None = None
+        self._log_retention_s = max(3600.0, config.l2_ttl_seconds or 7 * 86400.0)
         self.loads = 0  # lower-tier loads started by get(): single-flight keeps this low
         self._slow_requests = self._not_found = 0
         self._sample = 0
@@ -246,6 +269,7 @@ class PersistentKernelCache:
             # Pub/sub drops messages sent before we subscribe: wait (bounded) so that
             # invalidations published after this constructor returns reach our L1.
             self._listener.wait_subscribed(max(0.5, 4 * config.redis_timeout_s))
+        self._read_change_log()  # from now on: a position to read other processes' changes from
         self._maintainer = threading.Thread(
             target=self._maintain, name="esper-cache-maintenance", daemon=True
         )
@@ -275,7 +299,13 @@ class PersistentKernelCache:
         c = self.config
         if not c.l2_enabled or not c.redis_url:
             return None
-        return RedisTier(c.redis_url, c.redis_prefix, c.l2_ttl_seconds, c.redis_timeout_s)
+        return RedisTier(
+            c.redis_url,
+            c.redis_prefix,
+            c.l2_ttl_seconds,
+            c.redis_timeout_s,
+            fence_seconds=c.invalidation_fence_s,
+        )
 
     def _build_l3(self) -> PostgresTier | SqliteTier | None:
         c = self.config
@@ -407,6 +437,7 @@ class PersistentKernelCache:
         self, ids: Sequence[str], report: dict[str, str] | None = None
     ) -> dict[str, bytes]:
         """Walk L2 -> L3 -> L4 for ``ids``, promoting hits into the tiers above."""
+        epoch = self._l1_epoch
         found: dict[str, bytes] = {}
         missing = list(ids)
         pointers: set[str] = set()  # ids whose L3 row says "the value is in L4"
@@ -432,6 +463,8 @@ class PersistentKernelCache:
                     hits[key] = decoded
                 elif tier is self._l3:
                     look_lower.add(key)
+                elif tier is self._l2:
+                    self._tier_call(tier, "discard", key, blob)
             self._stats[tier.name].add_lookup(len(hits), len(want) - len(hits), nbytes)
             self._promote(hits, answered, pointers)
             for key, (value, _) in hits.items():
@@ -440,10 +473,22 @@ class PersistentKernelCache:
                     report[key] = tier.name
             answered.append(tier)
             missing = [k for k in missing if k not in hits]
-        if self._l1 is not None:
-            for key, value in found.items():
-                self._l1.put(key, value)
+        self._fill_l1(found, epoch)
         return found
+
+    def _fill_l1(self, found: dict[str, bytes], epoch: int) -> None:
+        """Keep what a read loaded in L1, unless an invalidation arrived meanwhile.
+
+        Put first, then look: an invalidation that lands between the two is seen
+        here, one that lands after the look drops the fresh copy itself.
+        """
+        if self._l1 is None or not found:
+            return
+        for key, value in found.items():
+            self._l1.put(key, value)
+        if self._l1_epoch != epoch:
+            for key in found:
+                self._l1.delete(key)
 
     def _fetch(self, tier, keys: list[str]) -> dict[str, Any] | object:
         if len(keys) > 1:
@@ -500,7 +545,7 @@ class PersistentKernelCache:
                 if self._belongs_in(tier, e) and not (tier is self._l3 and e.key in pointers)
             ]
             if batch:
-                self._tier_call(tier, "store", batch)
+                self._tier_call(tier, "promote", batch)
 
     # -- writes -------------------------------------------------------------------
     def put(
@@ -577,6 +622,8 @@ class PersistentKernelCache:
             for tier, future in side.items():
                 future.result()
                 if tier is self._l2:  # never leave a value readable that was not stored durably
+                    # (a plain delete: the durable copy is still the old one, so a reader
+                    # that promotes it again is right)
                     self._tier_call(tier, "delete_many", [e.key for e in entries])
             raise
         written = [t.name for t, f in side.items() if f.result()]
@@ -632,20 +679,24 @@ class PersistentKernelCache:
             # A value that skips L2 (large) must not leave an older copy there to be read.
             skipped = [key for key, e in latest.items() if not self._belongs_in(tier, e)]
             if skipped:
-                self._tier_call(tier, "delete_many", skipped)
+                self._tier_call(tier, "fence_many", skipped)
         return bool(batch) and self._tier_call(tier, "store", batch) is not _UNAVAILABLE
 
-    def _store(self, tier, batch: list[_Pending]) -> None:
+    def _store(self, tier, batch: list[_Pending], promote: bool = False) -> None:
+        """Write ``batch`` to ``tier``. A promotion (a copy found below) never replaces
+        what is in L2: it may be older than a put or an invalidation made meanwhile."""
         if tier is self._l3:
             tier.put_many([self._row(e) for e in batch])
             return
         blobs = [
             (e.key, framing.pack(e.payload, e.created_ms, self._expires_ms(tier))) for e in batch
         ]
-        if tier is self._l2:
-            tier.put_many(blobs, announce=True)
-        else:
+        if tier is not self._l2:
             tier.put_many(blobs)
+        elif promote:
+            tier.add_many(blobs)
+        else:
+            tier.put_many(blobs, announce=True)
 
     def _row(self, e: _Pending) -> Row:
         inline = not e.large
@@ -727,25 +778,36 @@ class PersistentKernelCache:
             pending = self._wb.dirty.pop(kernel_id, None)
             if pending is not None:
                 self._wb.dirty_bytes -= len(pending.payload.data)
+        # Durable copies first, then the fast ones: a reader that misses L2 after this
+        # finds nothing below, and one that read L3 before is fenced (L2, L1).
+        l3_failed = False
+        for tier in (self._l3, self._l4):
+            if tier is not None and not self._delete_from(tier, kernel_id):
+                l3_failed |= tier is self._l3
         self._drop_local(kernel_id)
-        failures = []
-        for tier in self._remote:
-            if self._tier_call(tier, "delete_many", [kernel_id]) is _UNAVAILABLE:
-                failures.append(tier.name)
-            else:
-                self._stats[tier.name].add("deletes")
-        if self._l3 is not None and self._l3.name in failures:
+        if self._l2 is not None:
+            self._delete_from(self._l2, kernel_id)
+        if l3_failed:
             raise DurableWriteError(
                 f"invalidate({kernel_id!r}): L3 could not delete it ({self._breakers['l3'].last_error}); "
                 "it may come back after this process's L1 forgets it - retry"
             )
 
+    def _delete_from(self, tier, kernel_id: str) -> bool:
+        op = "fence_many" if tier is self._l2 else "delete_many"
+        if self._tier_call(tier, op, [kernel_id]) is _UNAVAILABLE:
+            return False
+        self._stats[tier.name].add("deletes")
+        return True
+
     def _drop_local(self, kernel_id: str) -> None:
         if self._l1 is not None:
+            self._l1_epoch += 1
             self._l1.delete(kernel_id)
 
     def _drop_all_local(self) -> None:
         if self._l1 is not None:
+            self._l1_epoch += 1
             self._l1.clear()
 
     def warm_cache(self, kernel_ids: Iterable[str]) -> dict[str, str]:
@@ -777,7 +839,8 @@ class PersistentKernelCache:
         """Remove expired entries from every tier; return how many per tier."""
         removed = {"l1": self._l1.cleanup() if self._l1 is not None else 0}
         for tier in self._remote:
-            gone = self._tier_call(tier, "cleanup")
+            args = (self._log_retention_s,) if tier is self._l3 else ()
+            gone = self._tier_call(tier, "cleanup", *args)
             if gone is _UNAVAILABLE:
                 removed[tier.name] = -1
                 continue
@@ -801,7 +864,10 @@ class PersistentKernelCache:
         try:
             if tier is self._l2 and (self._l2_debt or self._l2_debt_overflow):
                 self._settle_l2_debt()  # before any read, so a stale copy is never served
-            result = self._store(tier, *args) if op == "store" else getattr(tier, op)(*args)
+            if op in ("store", "promote"):
+                result = self._store(tier, *args, promote=op == "promote")
+            else:
+                result = getattr(tier, op)(*args)
         except TierUnavailable as exc:
             was = breaker.state
             breaker.failure(exc)
@@ -820,7 +886,7 @@ class PersistentKernelCache:
         if breaker.state != "closed":
             log.info("%s is back", name)
         breaker.success()
-        if op == "store":
+        if op in ("store", "promote"):
             self._stats[name].add_writes(len(args[0]), sum(len(e.payload.data) for e in args[0]))
         elif op in ("get", "get_many") and self.config.enable_metrics:
             self._stats[name].latency.record(time.perf_counter() - start)
@@ -833,7 +899,7 @@ class PersistentKernelCache:
         old values, or may even apply the timed-out write late; when it answers
         again those ids are deleted there before anyone can read them.
         """
-        if tier is not self._l2 or op not in ("store", "delete_many"):
+        if tier is not self._l2 or op not in ("store", "fence_many", "delete_many"):
             return
         keys = [e.key for e in args[0]] if op == "store" else list(args[0])
         with self._l2_debt_lock:
@@ -841,6 +907,9 @@ class PersistentKernelCache:
             if len(self._l2_debt) > L2_DEBT_LIMIT:  # too many to track: drop all of L2 instead
                 self._l2_debt.clear()
                 self._l2_debt_overflow = True
+            if self._l3 is not None and len(self._stale_to_share) < L2_DEBT_LIMIT:
+                self._stale_to_share.extend(keys)
+        self._wake.set()  # tell the other processes now, from the maintenance thread
 
     def _settle_l2_debt(self) -> None:
         """Delete the possibly stale ids from L2; on failure keep them and re-raise."""
@@ -851,7 +920,7 @@ class PersistentKernelCache:
             if overflow:
                 self._l2.clear()
             for i in range(0, len(keys), 1000):
-                self._l2.delete_many(keys[i : i + 1000], announce=True)
+                self._l2.fence_many(keys[i : i + 1000], announce=True)
         except StorageError:
             with self._l2_debt_lock:
                 self._l2_debt.update(keys)
@@ -860,15 +929,17 @@ class PersistentKernelCache:
 
     def _maintain(self) -> None:
         c = self.config
-        interval = (
-            c.write_back_interval_s if c.write_mode == "write_back" else c.access_flush_interval_s
-        )
+        interval = min(c.access_flush_interval_s, c.invalidation_poll_s)
+        if c.write_mode == "write_back":
+            interval = min(interval, c.write_back_interval_s)
         last_access_flush = time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(interval)
             self._wake.clear()
             if self._stop.is_set():
                 break
+            self._share_l2_debt()
+            self._read_change_log()
             if c.write_mode == "write_back" and self._wb.dirty:
                 try:
                     self.flush()
@@ -881,9 +952,43 @@ class PersistentKernelCache:
 
     def _flush_access_counts(self) -> None:
         counts, self._access = self._access, {}
-        counts = {k: n for k, n in counts.items() if isinstance(k, str) and n > 0}
+        # get() counts before it checks the id (the L1 hit path stays a dict lookup), so
+        # a bad id may be here: one would make the database refuse the whole batch.
+        counts = {k: n for k, n in counts.items() if _is_valid_id(k) and n > 0}
         if counts and self._l3 is not None:
             self._tier_call(self._l3, "record_access", counts)
+
+    # -- other processes' changes (L3's change log, sql/*/004) -----------------------
+    def _read_change_log(self) -> None:
+        """Drop from L1 what other processes deleted or overwrote in L3 since the last
+        look, and take on their L2 debt (ids whose Redis copy they could not update)."""
+        if self._l3 is None or (self._l1 is None and self._l2 is None):
+            return
+        starting = self._log_cursor is None
+        changes = self._tier_call(
+            self._l3, "changes_since", self._log_cursor, CHANGE_LOG_PAGE, self._log_retention_s
+        )
+        if changes is _UNAVAILABLE:
+            return
+        if changes.ids is None or starting:
+            # Too much changed, or (starting late, L3 was away) L1 may have filled
+            # before we knew where the log stood.
+            self._drop_all_local()
+        else:
+            for kernel_id in changes.ids:
+                self._drop_local(kernel_id)
+        if changes.l2_stale and self._l2 is not None:
+            with self._l2_debt_lock:
+                self._l2_debt.update(changes.l2_stale)
+        self._log_cursor = changes.cursor
+
+    def _share_l2_debt(self) -> None:
+        """Write this process's L2 debt to L3, where every process reads it."""
+        with self._l2_debt_lock:
+            keys, self._stale_to_share = self._stale_to_share, []
+        if keys and self._tier_call(self._l3, "mark_l2_stale", keys) is _UNAVAILABLE:
+            with self._l2_debt_lock:
+                self._stale_to_share[:0] = keys
 
     def _check_open(self) -> None:
         if self._closed:
@@ -957,6 +1062,13 @@ class PersistentKernelCache:
         self._wake.set()
         self._maintainer.join(timeout=5)
         self._flush_access_counts()
+        self._share_l2_debt()
+        if self._stale_to_share:
+            log.warning(
+                "closing with %d id(s) whose Redis copy may be stale and that L3 could not "
+                "record; other processes may read them from L2 until their TTL",
+                len(self._stale_to_share),
+            )
         self._closed = True
         if self._listener is not None:
             self._listener.close()

@@ -1,5 +1,16 @@
 """L2: Redis. Framed bytes under ``<prefix><id>`` with a native TTL, plus the
-pub/sub channel that carries invalidations to every process's L1."""
+pub/sub channel that carries invalidations to every process's L1.
+
+Two kinds of write, so that a reader can never undo an invalidation:
+- authoritative (``put_many``, ``fence_many``): a ``put`` or ``invalidate`` of the
+  cache; always overwrites.
+- promotion (``add_many``): a copy that a reader found in a lower tier; written
+  only where the key is absent (``SET NX``). ``invalidate`` leaves a *fence*, an
+  empty value that lives ``fence_seconds``, in place of the copy it removes; a
+  reader that fetched the old value from L3 before the delete then finds the key
+  taken and its late promotion is refused. No valid frame is empty, so reads see a
+  fence as a miss.
+"""
 
 from __future__ import annotations
 
@@ -29,10 +40,12 @@ class RedisTier:
         ttl_seconds: float | None = 86400,
         timeout_s: float = 0.25,
         pool_size: int = 16,
+        fence_seconds: float = 60.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
+        self.fence_ms = max(1, int(fence_seconds * 1000))
         self.channel = f"{prefix}invalidate"
         # Messages are "<sender> <key>" so a process can ignore its own announcements.
         self.sender = uuid.uuid4().hex
@@ -45,6 +58,10 @@ class RedisTier:
             retry=Retry(NoBackoff(), 0),
         )
         self.client = redis.Redis(connection_pool=self._pool)
+        self._discard_if_same = self.client.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+            " return 0"
+        )
         self.timeout_s = timeout_s
 
     def _unavailable(self, exc: Exception) -> TierUnavailable:
@@ -55,7 +72,7 @@ class RedisTier:
 
     def get(self, key: str) -> bytes | None:
         try:
-            return self.client.get(self.prefix + key)
+            return self.client.get(self.prefix + key) or None  # b"" is a fence: a miss
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
@@ -66,7 +83,7 @@ class RedisTier:
             values = self.client.mget([self.prefix + k for k in keys])
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
-        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+        return {k: v for k, v in zip(keys, values, strict=True) if v}  # b"": a fence
 
     def put_many(self, items: Sequence[tuple[str, bytes]], announce: bool = False) -> None:
         """Store framed values; ``announce`` also tells other processes to drop their L1 copy."""
@@ -82,7 +99,40 @@ class RedisTier:
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
+    def add_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Promote copies found below: only where the key is absent (see the module doc)."""
+        ttl = self._ttl_ms()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, blob in items:
+                    pipe.set(self.prefix + key, blob, px=ttl, nx=True)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def discard(self, key: str, blob: bytes) -> None:
+        """Delete a copy found corrupt or expired, unless it was replaced meanwhile, so
+        that the repair (a promotion, which never overwrites) can take its place."""
+        try:
+            self._discard_if_same(keys=[self.prefix + key], args=[blob])
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def fence_many(self, keys: Sequence[str], announce: bool = True) -> None:
+        """Replace the copies with fences and tell other processes to drop their L1 copy."""
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.set(self.prefix + key, b"", px=self.fence_ms)
+                if announce:
+                    for key in keys:
+                        pipe.publish(self.channel, f"{self.sender} {key}")
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
     def delete_many(self, keys: Sequence[str], announce: bool = True) -> None:
+        """Plain delete (no fence): a later promotion may copy the value back."""
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.delete(*[self.prefix + k for k in keys])

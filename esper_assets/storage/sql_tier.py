@@ -35,6 +35,19 @@ IN_OBJECT_STORE = InObjectStore()
 
 
 @dataclass(frozen=True, slots=True)
+class Changes:
+    """What the change log says since a reader's last look (see sql/*/004).
+
+    ``ids`` is None when more changed than the reader asked to see: drop everything.
+    ``l2_stale`` are ids whose Redis copy some process could not update or remove.
+    """
+
+    cursor: str
+    ids: list[str] | None
+    l2_stale: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Row:
     """One row to upsert. ``data`` is the frame, or None with ``object_key`` set."""
 
@@ -89,6 +102,9 @@ class SqlTier:
             )
             for r in rows
         ]
+        # Rows in id order: two batches sharing ids then lock them in the same order
+        # and cannot deadlock each other.
+        params.sort(key=lambda p: p[0])
         with self._connection(write=True) as conn, self._transaction(conn):
             _executemany(conn, self.SQL["upsert"], params)
 
@@ -96,10 +112,31 @@ class SqlTier:
         with self._connection(write=True) as conn:
             return self._delete_many(conn, keys)
 
-    def cleanup(self) -> list[tuple[str, str | None]]:
-        """Delete expired rows; return (id, object_key) of each so L4 objects go too."""
+    def cleanup(self, log_retention_s: float = 86400) -> list[tuple[str, str | None]]:
+        """Delete expired rows; return (id, object_key) of each so L4 objects go too.
+
+        Change-log rows older than ``log_retention_s`` go as well."""
+        now = time.time()
         with self._connection(write=True) as conn:
-            return [tuple(r) for r in conn.execute(self.SQL["cleanup"], (time.time(),)).fetchall()]
+            gone = [tuple(r) for r in conn.execute(self.SQL["cleanup"], (now,)).fetchall()]
+            conn.execute(self.SQL["trim_log"], (now - log_retention_s,))
+        return gone
+
+    # -- the change log: how other processes learn what to drop from their L1 ------
+    def changes_since(self, cursor: str | None, limit: int, stale_window_s: float) -> Changes:
+        """Ids deleted or overwritten since ``cursor`` (None: start now, and return the
+        ids marked L2-stale in the last ``stale_window_s`` seconds)."""
+        with self._connection() as conn:
+            if cursor is None:
+                stale = conn.execute(self.SQL["stale_since"], (time.time() - stale_window_s,))
+                stale_ids = sorted({r[0] for r in stale.fetchall()})
+                return Changes(self._log_position(conn), [], stale_ids)
+            return self._changes(conn, cursor, limit)
+
+    def mark_l2_stale(self, keys: Sequence[str]) -> None:
+        """Record that these ids' Redis copies may be stale, for every process to fence."""
+        with self._connection(write=True) as conn, self._transaction(conn):
+            _executemany(conn, self.SQL["mark_stale"], [(k,) for k in keys])
 
     def record_access(self, counts: Mapping[str, int]) -> None:
         if counts:
@@ -133,6 +170,15 @@ class SqlTier:
     def ping(self) -> None:
         with self._connection() as conn:
             conn.execute("SELECT 1").fetchone()
+
+
+_LOCKED = "SELECT id FROM kernel_cache WHERE {} ORDER BY id FOR UPDATE"
+
+
+def _changes_from(cursor: str, rows: list[tuple], limit: int) -> Changes:
+    stale = sorted({key for key, l2_stale in rows if l2_stale})
+    ids = None if len(rows) > limit else list(dict.fromkeys(key for key, _ in rows))
+    return Changes(cursor, ids, stale)
 
 
 def _value(data) -> bytes | InObjectStore:
@@ -170,12 +216,30 @@ class PostgresTier(SqlTier):
         " stored_bytes, compressed, created_at, accessed_at, expires_at)"
         " VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s, to_timestamp(%s), now(), to_timestamp(%s))"
         " ON CONFLICT (id) DO UPDATE SET" + _UPSERT_SET,
-        "delete_many": "DELETE FROM kernel_cache WHERE id = ANY(%s) RETURNING id",
-        "cleanup": "DELETE FROM kernel_cache WHERE expires_at <= to_timestamp(%s)"
-        " RETURNING id, object_key",
+        # Every statement that touches several rows locks them in id order first, so
+        # concurrent writers, flushes of access counts and cleanups from several
+        # processes wait for each other instead of deadlocking.
+        "delete_many": "DELETE FROM kernel_cache WHERE id IN ("
+        + _LOCKED.format("id = ANY(%s)")
+        + ") RETURNING id",
+        "cleanup": "DELETE FROM kernel_cache WHERE id IN ("
+        + _LOCKED.format("expires_at <= to_timestamp(%s)")
+        + ") RETURNING id, object_key",
+        "lock_ids": _LOCKED.format("id = ANY(%s)"),
         "record_access": "UPDATE kernel_cache AS k SET accessed_at = now(),"
         " access_count = k.access_count + t.n"
         " FROM unnest(%s::text[], %s::bigint[]) AS t(id, n) WHERE k.id = t.id",
+        "trim_log": "DELETE FROM kernel_invalidations WHERE at < to_timestamp(%s)",
+        "stale_since": "SELECT id FROM kernel_invalidations WHERE l2_stale AND at >= to_timestamp(%s)",
+        "mark_stale": "INSERT INTO kernel_invalidations (id, l2_stale) VALUES (%s, true)",
+        "position": "SELECT pg_current_snapshot()::text",
+        # The rows whose transactions the reader's last snapshot did not see; the new
+        # snapshot is taken by the same statement, so nothing falls between two looks.
+        "changes": "WITH s AS (SELECT pg_current_snapshot() AS now, %s::pg_snapshot AS seen)"
+        " SELECT s.now::text, c.id, c.l2_stale FROM s LEFT JOIN LATERAL ("
+        " SELECT id, l2_stale FROM kernel_invalidations"
+        " WHERE txid >= pg_snapshot_xmin(s.seen) AND NOT pg_visible_in_snapshot(txid, s.seen)"
+        " ORDER BY seq LIMIT %s) c ON true",
         "hottest": "SELECT id FROM kernel_cache"
         " WHERE expires_at IS NULL OR expires_at > to_timestamp(%s)"
         " ORDER BY access_count DESC, accessed_at DESC LIMIT %s",
@@ -223,7 +287,17 @@ class PostgresTier(SqlTier):
         return [r[0] for r in conn.execute(self.SQL["delete_many"], (list(keys),)).fetchall()]
 
     def _record_access(self, conn, counts):
-        conn.execute(self.SQL["record_access"], (list(counts), list(counts.values())))
+        ids = sorted(counts)
+        with self._transaction(conn):
+            conn.execute(self.SQL["lock_ids"], (ids,))
+            conn.execute(self.SQL["record_access"], (ids, [counts[k] for k in ids]))
+
+    def _log_position(self, conn) -> str:
+        return conn.execute(self.SQL["position"]).fetchone()[0]
+
+    def _changes(self, conn, cursor: str, limit: int) -> Changes:
+        rows = conn.execute(self.SQL["changes"], (cursor, limit + 1)).fetchall()
+        return _changes_from(rows[0][0], [r[1:] for r in rows if r[1] is not None], limit)
 
     def close(self) -> None:
         self._pool.close()
@@ -237,6 +311,12 @@ class SqliteTier(SqlTier):
         " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)"
         " ON CONFLICT (id) DO UPDATE SET" + _UPSERT_SET,
         "cleanup": "DELETE FROM kernel_cache WHERE expires_at <= ? RETURNING id, object_key",
+        "trim_log": "DELETE FROM kernel_invalidations WHERE at < ?",
+        "stale_since": "SELECT id FROM kernel_invalidations WHERE l2_stale AND at >= ?",
+        "mark_stale": "INSERT INTO kernel_invalidations (id, l2_stale) VALUES (?, 1)",
+        "position": "SELECT coalesce(max(seq), 0) FROM kernel_invalidations",
+        "changes": "SELECT seq, id, l2_stale FROM kernel_invalidations WHERE seq > ?"
+        " ORDER BY seq LIMIT ?",
         "record_access": "UPDATE kernel_cache SET accessed_at = ?, access_count = access_count + ?"
         " WHERE id = ?",
         "hottest": "SELECT id FROM kernel_cache WHERE expires_at IS NULL OR expires_at > ?"
@@ -337,6 +417,17 @@ class SqliteTier(SqlTier):
         now = time.time()
         with self._transaction(conn):
             conn.executemany(self.SQL["record_access"], [(now, n, k) for k, n in counts.items()])
+
+    def _log_position(self, conn) -> str:
+        return str(conn.execute(self.SQL["position"]).fetchone()[0])
+
+    def _changes(self, conn, cursor: str, limit: int) -> Changes:
+        rows = conn.execute(self.SQL["changes"], (int(cursor), limit + 1)).fetchall()
+        if len(rows) > limit:  # the reader drops everything: skip to the end of the log
+            position = self._log_position(conn)
+        else:
+            position = str(rows[-1][0]) if rows else cursor
+        return _changes_from(position, [(key, bool(stale)) for _, key, stale in rows], limit)
 
     def close(self) -> None:
         with self._all_lock:
