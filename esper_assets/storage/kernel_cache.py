@@ -223,7 +223,9 @@ class PersistentKernelCache:
         the config names; Dagster passes the store its S3 resource built."""
         self.config = config = config or CacheConfig()
         self._codecs = Codecs(
-            config.compression if config.enable_compression else "none", config.compression_level
+            config.compression if config.enable_compression else "none",
+            config.compression_level,
+            max_decoded_bytes=config.max_value_bytes,  # a forged frame cannot inflate past it
         )
         self._l1 = self._build_l1()
         self._l2 = self._build_l2()
