@@ -203,6 +203,29 @@ class PostgresAssets:
             [pattern, pattern],
         )
 
+    # -- access counts --------------------------------------------------------------------
+    # Concurrent flushes from several processes must not deadlock: every flush first
+    # locks its rows in asset_id order (FOR UPDATE below a sort, in a MATERIALIZED CTE),
+    # and the UPDATE only touches rows that came out of that CTE, i.e. rows this
+    # transaction already holds, so the only lock waits happen in one global order.
+    # (UPDATE ... FROM (SELECT ... ORDER BY) alone would lock in join order, which is
+    # not guaranteed.) GREATEST: the latest access wins, whichever process flushes last.
+    ACCESS_SQL = (
+        "WITH batch AS MATERIALIZED ("
+        " SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[]) AS b(asset_id, n, at)),"
+        " locked AS MATERIALIZED ("
+        " SELECT a.asset_id FROM assets a WHERE a.asset_id IN (SELECT asset_id FROM batch)"
+        " ORDER BY a.asset_id FOR UPDATE)"
+        " UPDATE assets SET access_count = assets.access_count + batch.n,"
+        " last_accessed = GREATEST(assets.last_accessed, batch.at)"
+        " FROM locked JOIN batch USING (asset_id) WHERE assets.asset_id = locked.asset_id"
+    )
+
+    def add_access_counts(self, conn, rows: Sequence[tuple[str, int, datetime]]) -> int:
+        """Add (asset_id, count, last access) rows in one statement; rows updated."""
+        ids, counts, times = (list(column) for column in zip(*sorted(rows), strict=True))
+        return conn.execute(self.ACCESS_SQL, (ids, counts, times)).rowcount
+
     # -- bulk ---------------------------------------------------------------------------
     def insert_rows(self, conn, rows: Iterable[tuple], count: int) -> None:
         """``count`` full asset rows (ASSET_COLUMNS order): INSERT for a few, binary COPY
@@ -386,6 +409,17 @@ class SqliteAssets:
     def text_filter(self, needle: str) -> tuple[str, list]:
         # SQLite's LIKE folds ASCII case only; a Python function matches ILIKE's behaviour.
         return "esper_text_match(name, properties, ?)", [needle.casefold()]
+
+    def add_access_counts(self, conn, rows: Sequence[tuple[str, int, float]]) -> int:
+        """Add (asset_id, count, last access) rows; rows updated. BEGIN IMMEDIATE already
+        serialises writers (no deadlock possible); sorted anyway, like PostgreSQL."""
+        before = conn.total_changes
+        conn.executemany(
+            "UPDATE assets SET access_count = access_count + ?,"
+            " last_accessed = max(COALESCE(last_accessed, 0), ?) WHERE asset_id = ?",
+            [(n, at, asset_id) for asset_id, n, at in sorted(rows)],
+        )
+        return conn.total_changes - before
 
     def insert_rows(self, conn, rows: Iterable[tuple], count: int) -> None:
         marks = ",".join("?" * len(ASSET_COLUMNS))

@@ -497,6 +497,7 @@ class AssetRepository:
         self._access: dict[str, list] = {}  # asset_id -> [count, last access time]
         self._access_lock = threading.Lock()
         self._corrupt_reads = 0
+        self._access_dropped = 0
         self._stop = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_periodically,
@@ -778,23 +779,41 @@ class AssetRepository:
             entry[0] += 1
             entry[1] = time.time()
 
+    @property
+    def access_ids_dropped(self) -> int:
+        """Pending access counts discarded because their id could never be an asset id."""
+        return self._access_dropped
+
     def flush_access(self) -> int:
-        """Write the batched access counts; return how many assets were updated."""
+        """Write the batched access counts; return how many asset ids were written.
+
+        One statement that locks its rows in asset_id order first, so flushes from
+        several processes cannot deadlock each other (see add_access_counts). Ids that
+        cannot be asset ids (not printable text of 1..255 characters: a NUL byte, say)
+        are dropped, counted in ``access_ids_dropped`` and logged: one of them would
+        otherwise fail every flush, and the valid counts with it, forever."""
         with self._access_lock:
-            counts, self._access = self._access, {}
+            pending, self._access = self._access, {}
+        counts = {i: c for i, c in pending.items() if _text_ok(i)}
+        if len(counts) < len(pending):
+            dropped = [i for i in pending if i not in counts]
+            with self._access_lock:
+                self._access_dropped += len(dropped)
+            log.warning(
+                "access counts of %d invalid asset id(s) dropped (e.g. %.80r): ids must be "
+                "printable text of 1..255 characters; the reads that recorded them are a bug",
+                len(dropped),
+                dropped[0],
+            )
         if not counts:
             return 0
         db = self._db
         rows = [
-            (n, db.encode_time(datetime.fromtimestamp(t, UTC)), i) for i, (n, t) in counts.items()
+            (i, n, db.encode_time(datetime.fromtimestamp(t, UTC))) for i, (n, t) in counts.items()
         ]
         try:
             with db.transaction() as conn:
-                db.executemany(
-                    conn,
-                    "UPDATE assets SET access_count = access_count + %s, last_accessed = %s WHERE asset_id = %s",
-                    rows,
-                )
+                db.add_access_counts(conn, rows)
         except StorageError:
             with self._access_lock:  # keep them for the next try
                 for asset_id, (n, t) in counts.items():
