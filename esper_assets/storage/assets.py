@@ -755,9 +755,10 @@ class AssetRepository:
         message = (
             f"asset {asset_id!r} is corrupt: the {len(data)} bytes read from {where} hash to "
             f"sha256 {actual}, not to its recorded sha256 {checksum}. Restore the original "
-            "bytes there from a backup (they must hash to the recorded checksum), or deprecate "
-            "this asset and re-create it from its source; its metadata and other assets are "
-            "not affected"
+            "bytes there from a backup, or re-create them from the asset's source and write "
+            "them back there (they must hash to the recorded checksum; create_asset with the "
+            "same bytes returns this asset and does not repair it); if neither is possible, "
+            "deprecate the asset. Its metadata and other assets are not affected"
         )
         log.error("%s", message)
         raise CorruptValue(message)
