@@ -7,7 +7,6 @@ bucket. Under CI=true a missing service fails the run; locally it skips.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -45,6 +44,45 @@ def closed_port() -> int:
     return free_port()
 
 
+class OpenThings:
+    """What a test's factories (make_cache, make_repo) opened; each closed once, newest first.
+
+    The fixtures of the services those things live on (``pg_url``, ``redis_prefix``)
+    call :meth:`close_all` before they drop their schema or delete their keys, so the
+    services always outlive what was built on them, whatever order a test asked for
+    its fixtures in (a lazily requested ``pg_url`` is torn down *before* the factory
+    that requested it). An error from ``close()`` is raised after the rest are closed:
+    it fails the test instead of being swallowed.
+    """
+
+    def __init__(self) -> None:
+        self._open: list = []
+
+    def add(self, thing):
+        self._open.append(thing)
+        return thing
+
+    def close_all(self) -> None:
+        errors: list[Exception] = []
+        while self._open:
+            thing = self._open.pop()
+            try:
+                thing.close()
+            except Exception as exc:  # close the others too, then report every failure
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise ExceptionGroup("closing what the test opened failed", errors)
+
+
+@pytest.fixture
+def open_things() -> Iterator[OpenThings]:
+    things = OpenThings()
+    yield things
+    things.close_all()
+
+
 # -- PostgreSQL -----------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def pg_server_url() -> str:
@@ -64,16 +102,20 @@ def with_search_path(url: str, schema: str) -> str:
 
 
 @pytest.fixture
-def pg_url(pg_server_url: str) -> Iterator[str]:
-    """A URL whose connections live in a fresh schema, dropped afterwards."""
+def pg_url(pg_server_url: str, open_things: OpenThings) -> Iterator[str]:
+    """A URL whose connections live in a fresh schema, dropped afterwards (after the
+    caches and repositories the test built are closed)."""
     import psycopg
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     yield with_search_path(pg_server_url, schema)
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    try:
+        open_things.close_all()
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 # -- Redis ----------------------------------------------------------------------------
@@ -89,12 +131,20 @@ def redis_server_url() -> str:
 
 
 @pytest.fixture
-def redis_prefix(redis_server_url: str) -> Iterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    import redis
-
+def redis_prefix(redis_server_url: str, open_things: OpenThings) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards (after the
+    caches the test built are closed, so none writes behind the clean-up)."""
     prefix = f"esper:test:{uuid.uuid4().hex[:12]}:"
     yield prefix
+    try:
+        open_things.close_all()
+    finally:
+        _delete_keys(redis_server_url, prefix)
+
+
+def _delete_keys(redis_server_url: str, prefix: str) -> None:
+    import redis
+
     client = redis.Redis.from_url(redis_server_url)
     keys = list(client.scan_iter(match=prefix + "*", count=1000))
     if keys:
@@ -148,13 +198,16 @@ class RedisProcess:
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+def private_redis(tmp_path: Path, open_things: OpenThings) -> Iterator[RedisProcess]:
     if shutil.which("redis-server") is None:
         _service_missing("redis-server binary", "not on PATH")
     server = RedisProcess(tmp_path)
     server.start()
     yield server
-    server.stop()
+    try:
+        open_things.close_all()  # the caches on it first, while it still answers
+    finally:
+        server.stop()
 
 
 # -- the embedded default ---------------------------------------------------------------
@@ -200,19 +253,15 @@ BACKENDS = ["embedded", "services"]
 
 
 @pytest.fixture
-def make_cache(request, tmp_path: Path) -> Iterator[Callable[..., PersistentKernelCache]]:
+def make_cache(
+    request, tmp_path: Path, open_things: OpenThings
+) -> Iterator[Callable[..., PersistentKernelCache]]:
     """Build caches on a backend; ``make_cache(backend, **config_overrides)``.
 
     ``embedded``: SQLite file + directory, no L2. ``services``: PostgreSQL (own
-    schema) + Redis (own prefix) + S3 over HTTP (own bucket). Closed afterwards.
+    schema) + Redis (own prefix) + S3 over HTTP (own bucket). Closed afterwards,
+    before the schema is dropped; an error from ``close()`` fails the test.
     """
-    built: list[PersistentKernelCache] = []
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and "services" in callspec.params.values():
-        # Set the services up now, inside this fixture, so they are torn down after
-        # the caches close (a lazily requested schema would be dropped first).
-        for name in ("pg_url", "redis_server_url", "redis_prefix", "s3_bucket", "s3_endpoint"):
-            request.getfixturevalue(name)
 
     def build(backend: str = "embedded", **overrides) -> PersistentKernelCache:
         if backend == "embedded":
@@ -230,14 +279,10 @@ def make_cache(request, tmp_path: Path) -> Iterator[Callable[..., PersistentKern
             }
         else:
             raise ValueError(backend)
-        cache = PersistentKernelCache(CacheConfig(**{**base, **overrides}))
-        built.append(cache)
-        return cache
+        return open_things.add(PersistentKernelCache(CacheConfig(**{**base, **overrides})))
 
     yield build
-    for cache in built:
-        with contextlib.suppress(Exception):  # a test may have left a tier dead on purpose
-            cache.close()
+    open_things.close_all()
 
 
 # -- additions for the kernel-cache integration tests --------------------------------
@@ -276,6 +321,34 @@ def redis_client(redis_server_url: str) -> Iterator:
     client.close()
 
 
+class ManualClock:
+    """Stands in for the ``time`` module of one of our modules: ``monotonic()`` moves
+    only when the test calls :meth:`advance`; everything else is the real module."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self.now = start
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def l1_clock(monkeypatch) -> ManualClock:
+    """The clock L1 (esper_assets.storage.memory) reads TTLs from, moved by the test alone,
+    so TTL tests say "after the TTL" or "before it" without sleeping or racing."""
+    from esper_assets.storage import memory
+
+    clock = ManualClock()
+    monkeypatch.setattr(memory, "time", clock)
+    return clock
+
+
 def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
     """Poll ``condition`` every 50 ms until it is true; fail naming ``what`` after ``timeout_s``.
 
@@ -294,7 +367,7 @@ ASSET_BACKENDS = ["sqlite", "postgres"]
 
 
 @pytest.fixture
-def make_repo(request, tmp_path: Path) -> Iterator[Callable[..., object]]:
+def make_repo(request, tmp_path: Path, open_things: OpenThings) -> Iterator[Callable[..., object]]:
     """Build AssetRepositories; ``make_repo(backend, **overrides)``.
 
     ``sqlite``: SQLite file + DirectoryObjectStore under ``tmp_path``. ``postgres``:
@@ -302,7 +375,8 @@ def make_repo(request, tmp_path: Path) -> Iterator[Callable[..., object]]:
     Every call on one backend opens the *same* database and object store, so a
     second repository sees what the first one committed. ``make_repo.store(backend)``
     is a separate ObjectStore on the same location, for looking at objects directly.
-    All repositories are closed afterwards, before the schema is dropped.
+    All repositories are closed afterwards (closing twice is fine), before the schema
+    is dropped; an error from ``close()`` fails the test.
     """
     from esper_assets.storage import AssetRepository
     from esper_assets.storage.object_store import (
@@ -310,13 +384,6 @@ def make_repo(request, tmp_path: Path) -> Iterator[Callable[..., object]]:
         S3ObjectStore,
         make_s3_client,
     )
-
-    built: list = []
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and "postgres" in callspec.params.values():
-        # Request the services now so they are torn down after the repositories close.
-        for name in ("pg_url", "s3_endpoint", "s3_bucket"):
-            request.getfixturevalue(name)
 
     def store(backend: str = "sqlite"):
         if backend == "sqlite":
@@ -334,12 +401,8 @@ def make_repo(request, tmp_path: Path) -> Iterator[Callable[..., object]]:
         else:
             raise ValueError(backend)
         base["object_store"] = store(backend)
-        repo = AssetRepository(**{**base, **overrides})
-        built.append(repo)
-        return repo
+        return open_things.add(AssetRepository(**{**base, **overrides}))
 
     build.store = store
     yield build
-    for repo in reversed(built):
-        with contextlib.suppress(Exception):  # a test may have closed it already
-            repo.close()
+    open_things.close_all()
