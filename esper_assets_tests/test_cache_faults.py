@@ -23,7 +23,8 @@ from esper_assets.errors import (
     TierUnavailable,
 )
 from esper_assets.storage import CacheConfig, PersistentKernelCache, framing
-from esper_assets_tests.conftest import BACKENDS, closed_port, wait_until
+from esper_assets.storage.resilience import CircuitBreaker
+from esper_assets_tests.conftest import BACKENDS, ManualClock, closed_port, wait_until
 
 RESET_S = 0.2
 
@@ -34,6 +35,18 @@ def noise(n: int, seed: int = 0) -> bytes:
 
 def decode(cache: PersistentKernelCache, blob: bytes) -> bytes:
     return cache._codecs.decode(framing.unpack(blob))
+
+
+def manual_breaker(cache: PersistentKernelCache, tier: str) -> ManualClock:
+    """Give ``tier``'s circuit breaker (same settings) a clock that moves only when the
+    test advances it: "tried once per breaker period" becomes an exact count instead
+    of a bound that depends on how fast the machine ran the reads."""
+    clock = ManualClock()
+    config = cache.config
+    cache._breakers[tier] = CircuitBreaker(
+        config.breaker_failure_threshold, config.breaker_reset_s, clock=clock.monotonic
+    )
+    return clock
 
 
 def dead_s3(monkeypatch) -> dict:
@@ -73,31 +86,31 @@ def test_dead_redis_is_skipped_and_used_again_after_restart(l3_choice, private_r
         breaker_reset_s=RESET_S,
     )
     assert cache._listener.wait_subscribed(5)
+    clock = manual_breaker(cache, "l2")
     values = {f"k{i}": noise(800, i) for i in range(20)}
     for kernel_id, value in values.items():
         assert "l2" in cache.put(kernel_id, value)
 
     private_redis.stop()
 
-    below_l1 = 0
-    start = time.monotonic()
-    for _ in range(10):
-        cache._l1.clear()  # every read below must go past L1
-        for kernel_id, value in values.items():
-            assert cache.get(kernel_id) == value  # served by L3
+    below_l1, periods = 0, 3
+    for _ in range(periods):
+        for _ in range(3):
+            cache._l1.clear()  # every read below must go past L1
+            for kernel_id, value in values.items():
+                assert cache.get(kernel_id) == value  # served by L3
+                below_l1 += 1
+                assert cache.get(kernel_id) == value  # and now by L1
+            assert cache.get("nope") is None
             below_l1 += 1
-            assert cache.get(kernel_id) == value  # and now by L1
-        assert cache.get("nope") is None
-        below_l1 += 1
-    elapsed = time.monotonic() - start
+        clock.advance(RESET_S)  # one breaker period passes
 
     l2 = cache.get_stats()["tiers"]["l2"]
     assert l2["breaker"] == "open"
     # Every read that reached L2's turn either tried it (and failed) or skipped it...
     assert l2["errors"] + l2["skipped"] == below_l1
-    # ...and it was tried only once per breaker period, not once per read.
-    assert 1 <= l2["errors"] <= 2 + elapsed / RESET_S
-    assert l2["skipped"] > 0
+    # ...and it was tried once per breaker period, not once per read.
+    assert l2["errors"] == periods
     assert l2["hits"] == 0
     assert cache.put("while-dead", b"still durable") == ["l1", "l3"]
     assert cache.health()["l2"]["status"] == "unavailable"
@@ -107,6 +120,7 @@ def test_dead_redis_is_skipped_and_used_again_after_restart(l3_choice, private_r
     client = redis.Redis.from_url(private_redis.url)
 
     def l2_takes_a_put() -> bool:
+        clock.advance(RESET_S)  # the breaker lets one probe through
         cache.put("after", b"back again")
         return client.get("esper:faults:after") is not None
 
@@ -151,8 +165,10 @@ def test_writes_missed_while_redis_was_frozen_never_come_back_stale(private_redi
     cache._l1.clear()
     assert cache.get("k") == b"new"
     assert cache.get("gone") is None
-    assert client.get("esper:frozen:gone") is None
-    assert framing.unpack(client.get("esper:frozen:k")).payload == b"new"  # promoted afresh
+    # Removed from L2, or fenced (b"") so that no late refill can bring the old value back.
+    assert client.get("esper:frozen:gone") in (None, b"")
+    blob = client.get("esper:frozen:k")
+    assert not blob or framing.unpack(blob).payload == b"new"
     client.close()
 
 
@@ -161,6 +177,7 @@ def test_unreachable_object_store(pg_url, make_cache, monkeypatch):
     cache = make_cache(
         "embedded", postgres_url=pg_url, large_object_threshold=4096, **dead_s3(monkeypatch)
     )
+    manual_breaker(cache, "l4")  # never advanced: one breaker period, however slow the run
     small, big = noise(1000, 1), noise(10_000, 2)
 
     assert cache.put("small", small) == ["l1", "l3"]
@@ -197,13 +214,18 @@ def test_pointer_row_whose_object_store_is_unreachable_reads_as_a_miss(
     reader = make_cache(
         "embedded", postgres_url=pg_url, large_object_threshold=4096, **dead_s3(monkeypatch)
     )
+    clock = manual_breaker(reader, "l4")
 
     for _ in range(20):
         assert reader.get("big") is None  # L3 points at L4, L4 cannot answer: a miss
-
     l4 = reader.get_stats()["tiers"]["l4"]
-    assert l4["errors"] + l4["skipped"] == 20
-    assert l4["errors"] <= 2  # one failure, then skipped for breaker_reset_s (2 s)
+    assert (l4["errors"], l4["skipped"]) == (1, 19)  # one failure, then skipped
+
+    clock.advance(reader.config.breaker_reset_s)  # a breaker period later: one probe
+    for _ in range(5):
+        assert reader.get("big") is None
+    l4 = reader.get_stats()["tiers"]["l4"]
+    assert (l4["errors"], l4["skipped"]) == (2, 23)
     assert writer.get("big") == big
 
 

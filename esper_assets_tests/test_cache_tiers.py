@@ -308,21 +308,32 @@ def test_write_back_newer_put_during_flush_is_not_lost(make_cache, backend, monk
 
 # -- TTLs and cleanup ------------------------------------------------------------------
 @each_backend
-def test_l1_ttl_expires_entries(make_cache, backend):
+def test_l1_ttl_expires_entries(make_cache, backend, l1_clock):
     cache = make_cache(backend, l1_ttl_seconds=0.2)
     value = noise(500, 10)
     cache.put("k", value)
-    assert "k" in cache._l1
-    wait_until(lambda: "k" not in cache._l1, "L1 entry to expire")
+    l1_clock.advance(0.19)
+    assert "k" in cache._l1  # L1's clock moves only when the test says so
+    l1_clock.advance(0.02)
+    assert "k" not in cache._l1
     assert cache._l1.get("k") is None
     assert cache.get("k") == value  # the lower tiers still have it
+
+
+def test_l2_ttl_is_the_configured_one(make_cache, redis_client):
+    ttl_s = 600
+    cache = make_cache("services", l2_ttl_seconds=ttl_s)
+    assert "l2" in cache.put("k", noise(500, 11))
+    pttl = redis_client.pttl(cache._l2.prefix + "k")
+    # Redis counts down from the configured TTL; half of it is a tolerance no test
+    # run can use up (5 minutes), and the key must not be without a TTL (-1).
+    assert ttl_s * 1000 // 2 < pttl <= ttl_s * 1000
 
 
 def test_l2_ttl_expires_entries(make_cache, redis_client):
     cache = make_cache("services", l2_ttl_seconds=0.2)
     value = noise(500, 11)
-    cache.put("k", value)
-    assert 0 < redis_client.pttl(cache._l2.prefix + "k") <= 200
+    assert "l2" in cache.put("k", value)
     wait_until(lambda: cache._l2.get("k") is None, "L2 key to expire")
     assert redis_client.exists(cache._l2.prefix + "k") == 0
     assert cache.get("k") == value

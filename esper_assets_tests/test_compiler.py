@@ -116,7 +116,8 @@ def test_compiled_kernel_fields() -> None:
     assert kernel.flops_per_sample == bp.flops_per_sample
     assert kernel.input_shape == (8,) and kernel.output_shape == (4,)
     assert kernel.size_bytes == len(kernel.artifact)
-    assert 0 <= kernel.compile_ms < 1000
+    # compile_ms is reported, not promised: a finite, non-negative measurement.
+    assert isinstance(kernel.compile_ms, float) and 0 <= kernel.compile_ms < math.inf
 
 
 def test_unsupported_target_is_a_compile_error() -> None:
@@ -276,7 +277,6 @@ def test_every_example_compiles_and_runs() -> None:
             path.read_bytes(), source=str(path), expected_name=blueprint_name_for_file(path.name)
         )
         compiled = compile_blueprint(bp)
-        assert compiled.compile_ms < 500, (bp.name, compiled.compile_ms)  # ~1 ms when idle
         kernel = load_kernel(compiled.artifact)
         assert kernel.kernel_id == compiled.kernel_id
         assert kernel.blueprint == bp.canonical()

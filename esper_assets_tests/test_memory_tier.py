@@ -15,7 +15,6 @@ import itertools
 import random
 import sys
 import threading
-import time
 import tracemalloc
 
 import pytest
@@ -85,13 +84,14 @@ def test_unknown_policy_raises_config_error():
         MemoryTier(max_bytes=1000, policy="random")
 
 
-# -- TTL ----------------------------------------------------------------------------------
-def test_entry_expires_after_its_ttl():
+# -- TTL (on a manual clock: time passes only when the test says so) -----------------------
+def test_entry_expires_after_its_ttl(l1_clock):
     tier = MemoryTier(max_bytes=1 << 20, ttl_seconds=3600)
     tier.put("short", b"x", ttl_seconds=0.05)
     tier.put("long", b"y")
-    assert tier.get("short") == b"x"
-    time.sleep(0.1)
+    l1_clock.advance(0.049)
+    assert tier.get("short") == b"x"  # not yet
+    l1_clock.advance(0.002)
 
     assert "short" not in tier
     assert tier.get("short") is None
@@ -100,22 +100,24 @@ def test_entry_expires_after_its_ttl():
     assert tier.used_bytes == entry_charge("long", b"y")
 
 
-def test_tier_default_ttl_applies_and_cleanup_drops_expired_entries():
+def test_tier_default_ttl_applies_and_cleanup_drops_expired_entries(l1_clock):
     tier = MemoryTier(max_bytes=1 << 20, ttl_seconds=0.05)
     for key in "abc":
         tier.put(key, b"x")
     tier.put("forever", b"x", ttl_seconds=0)  # 0: no expiry
-    time.sleep(0.1)
+    l1_clock.advance(0.049)
+    assert tier.cleanup() == 0
+    l1_clock.advance(0.002)
 
     assert tier.cleanup() == 3
     assert tier.get("forever") == b"x"
     assert tier.used_bytes == entry_charge("forever", b"x")
 
 
-def test_no_ttl_means_entries_never_expire():
+def test_no_ttl_means_entries_never_expire(l1_clock):
     tier = MemoryTier(max_bytes=1 << 20, ttl_seconds=None)
     tier.put("k", b"x")
-    time.sleep(0.06)
+    l1_clock.advance(10 * 365 * 86400.0)
     assert tier.cleanup() == 0
     assert tier.get("k") == b"x"
 
@@ -313,12 +315,13 @@ def test_admission_lets_a_more_popular_newcomer_in():
     assert cached_keys(tier, "abc") == {"b", "c"}
 
 
-def test_admission_always_evicts_expired_victim():
+def test_admission_always_evicts_expired_victim(l1_clock):
     tier = tier_for(1, "lru", admission=True)
     tier.put("o", VALUE, ttl_seconds=0.05)
     for _ in range(5):
-        tier.get("o")  # popular, but about to expire
-    time.sleep(0.1)
+        assert tier.get("o") == VALUE  # popular, but about to expire
+    assert tier.put("n", VALUE) is False  # while "o" is live, admission keeps it
+    l1_clock.advance(0.06)
     assert tier.put("n", VALUE) is True
     assert cached_keys(tier, "on") == {"n"}
 
