@@ -72,17 +72,21 @@ def check_evaluations(instance, run_id: str) -> dict[str, object]:
 # -- definitions -------------------------------------------------------------------------
 def test_definitions_load_without_warnings(esper_home):
     code = (
-        "import warnings; warnings.simplefilter('always')\n"
-        "import dagster as dg\n"
-        "from esper_assets.defs import build_definitions\n"
-        "dg.Definitions.validate_loadable(build_definitions())\n"
+        "import json, warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import dagster as dg\n"
+        "    from esper_assets.defs import build_definitions\n"
+        "    dg.Definitions.validate_loadable(build_definitions())\n"
+        "print(json.dumps([f'{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}'\n"
+        "                  for w in caught]))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
         env={**_env_without_services(), "ESPER_HOME": str(esper_home)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "Warning" not in result.stderr, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []  # as the warnings module saw them
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
@@ -101,19 +105,22 @@ def test_definitions_load_without_warnings(esper_home):
 def test_dagster_cli_validates_the_workspace(esper_home):
     from esper_assets.defs.instance import embedded_dagster_home
 
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w",
-         "workspace.yaml"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
-        env={**_env_without_services(), "ESPER_HOME": str(esper_home),
-             "DAGSTER_HOME": str(embedded_dagster_home())},
-    )  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert "All code locations passed validation" in output, output
-    # The one warning left is about the command itself (Dagster points at its newer `dg`).
-    lines = [line for line in output.splitlines() if "Warning" in line or "WARNING" in line]
-    assert all("definitions_validate_command" in line for line in lines), output
+    def validate(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w",
+             "workspace.yaml"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+            env={**_env_without_services(), "ESPER_HOME": str(esper_home),
+                 "DAGSTER_HOME": str(embedded_dagster_home()), **env},
+        )  # fmt: skip
+
+    result = validate()
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The exit status is about our code location: one that cannot load fails it,
+    # and what is printed names the variable, in our words.
+    broken = validate(ESPER_REDIS_URL="ftp://nowhere")
+    assert broken.returncode != 0, broken.stdout + broken.stderr
+    assert "ESPER_REDIS_URL" in broken.stdout + broken.stderr
 
 
 def _env_without_services() -> dict[str, str]:
@@ -230,6 +237,50 @@ def test_a_single_run_backfill_gives_every_partition_its_own_metadata(instance, 
     assert {r.run_id for r in records} == {outcome.run_id} and instance.get_run_ids() == [
         outcome.run_id
     ]
+
+
+def test_a_single_run_backfill_with_one_bad_file_builds_no_kernel(instance, landing):
+    """The blocking check is evaluated once for the whole run: one bad file stops
+    compiled_kernels for every partition of a single-run backfill. The good files are
+    registered all the same, so a backfill of just those builds their kernels and
+    registers nothing twice."""
+    good = ["bf_good0", "bf_good1"]
+    for width, name in enumerate(good, start=4):
+        landing.put(f"{name}.json", mlp(name, width=width))  # different content
+    landing.put("bf_bad.json", mlp("bf_bad").replace(b'"relu"', b'"softmax9"'))
+    defs = build_definitions()
+
+    failed = backfill(defs, instance, [*good, "bf_bad"])
+
+    assert not failed.success and failed.checks == {"blueprint_is_valid": False}
+    description = check_evaluations(instance, failed.run_id)["blueprint_is_valid"].description
+    assert "bf_bad.json" in description and not any(n in description for n in good)
+    started = {
+        e.step_key for e in instance.all_logs(failed.run_id, of_type=dg.DagsterEventType.STEP_START)
+    }
+    assert started == {"blueprints"}
+    assert not instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("compiled_kernels"), asset_partitions=[*good, "bf_bad"]
+        ),
+        limit=10,
+    ).records  # not even for the good files
+    assert latest_materialization(instance, "blueprints", "bf_bad")["status"] == "invalid"
+    registered = {n: latest_materialization(instance, "blueprints", n) for n in good}
+    assert {m["status"] for m in registered.values()} == {"registered"}
+    with AssetRepository.from_env() as repo:
+        assert [repo.get_metadata(registered[n]["repository_id"]).name for n in good] == good
+
+    retry = backfill(defs, instance, good)
+
+    assert retry.success
+    assert retry.checks == {"blueprint_is_valid": True, "kernel_round_trip": True}
+    for name in good:
+        again = latest_materialization(instance, "blueprints", name)
+        assert again["repository_id"] == registered[name]["repository_id"]
+        assert again["new_in_repository"] is False
+        kernel = latest_materialization(instance, "compiled_kernels", name)
+        assert kernel["blueprint_repository_id"] == registered[name]["repository_id"]
 
 
 def test_the_same_content_is_never_compiled_twice(instance, landing, esper_home):
@@ -357,18 +408,47 @@ def test_every_schedule_requests_its_job(esper_home):
         assert defs.resolve_job_def(schedule.job_name) is not None
 
 
-def test_warm_job_loads_the_most_used_kernels(instance, landing, esper_home):
-    landing.put("base.json", mlp("base"))
+def test_warm_job_takes_the_most_used_kernel_first_and_restores_it_when_lost(
+    instance, landing, esper_home
+):
+    """Two kernels read a different number of times; the more used one is then lost
+    from every tier. Warming one kernel must pick it (by access count: read it fewer
+    times than "cold" and the job warms "cold" instead) and put it back from the asset
+    repository; warming both afterwards finds both in the cache."""
+    from esper_assets.storage.object_store import kernel_object_key
+
+    # "hot" is above the cache's 1 MiB large-object threshold: L3 keeps a pointer row
+    # (with its access count) and the value lives only in the object store (L4).
+    landing.put("hot.json", mlp("hot", width=60_000))
+    landing.put("cold.json", mlp("cold"))
     defs = build_definitions()
-    tick_and_run(defs, instance)
-    kernel_id = latest_materialization(instance, "compiled_kernels", "base")["kernel_id"]
+    assert all(run.success for run in tick_and_run(defs, instance).runs)
+    hot = latest_materialization(instance, "compiled_kernels", "hot")["kernel_id"]
+    cold = latest_materialization(instance, "compiled_kernels", "cold")["kernel_id"]
+    with AssetRepository.from_env() as repo:
+        hot_bytes = repo.get_asset(hot)[1]
     with PersistentKernelCache.from_env() as cache:
+        assert cache.get_entry(hot).in_object_store
         for _ in range(5):
-            cache.get(kernel_id)
-    result = defs.resolve_job_def("warm_kernel_cache_job").execute_in_process(instance=instance)
-    assert result.success
-    counts = result.output_for_node("warm_most_used_kernels")
-    assert sum(counts.values()) == 1 and "missing" not in counts
+            assert cache.get(hot) == hot_bytes
+        for _ in range(2):
+            assert cache.get(cold) is not None
+    stored = Settings.from_env().objects_dir / kernel_object_key(hot)
+    stored.unlink()  # lost: no process holds it in L1 and L4 no longer has it
+
+    warm = defs.resolve_job_def("warm_kernel_cache_job")
+    just_one = {"ops": {"warm_most_used_kernels": {"config": {"count": 1}}}}
+    first = warm.execute_in_process(instance=instance, run_config=just_one)
+    assert first.success
+    assert first.output_for_node("warm_most_used_kernels") == {"repository": 1}
+    assert stored.exists()
+    with PersistentKernelCache.from_env() as cache:
+        assert cache.get(hot) == hot_bytes
+
+    both = warm.execute_in_process(instance=instance)
+    counts = both.output_for_node("warm_most_used_kernels")
+    assert sum(counts.values()) == 2, counts
+    assert "missing" not in counts and "repository" not in counts  # both in the cache now
 
 
 def test_cache_maintenance_job_runs(instance, esper_home):
