@@ -87,7 +87,7 @@ class PostgresAssets:
         self._psycopg = psycopg
         self._jsonb = Jsonb
         self.location = redact_url(url)
-        self._pool = ConnectionPool(url, pool_size, connect_timeout=max(1, int(timeout_s)))
+        self._pool = ConnectionPool(url, pool_size, timeout_s=timeout_s, statement_timeout=False)
         with self.transaction() as conn:
             migrate_postgres(conn)
 

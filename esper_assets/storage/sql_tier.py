@@ -258,7 +258,7 @@ class PostgresTier(SqlTier):
         self.url = url
         self.location = redact_url(url)
         self.ttl_seconds = ttl_seconds
-        self._pool = ConnectionPool(url, pool_size, connect_timeout=max(1, int(timeout_s)))
+        self._pool = ConnectionPool(url, pool_size, timeout_s=timeout_s)
         with self._connection(write=True) as conn:
             migrate_postgres(conn)
 
