@@ -184,13 +184,26 @@ class S3ObjectStore:
 
 
 def make_s3_client(endpoint_url: str | None = None, timeout_s: float = 2.0):
+    """A boto3 S3 client whose every call is bounded by ``timeout_s``.
+
+    One attempt (``total_max_attempts: 1``): a retry against an endpoint that just
+    timed out doubles the wait; the tier's circuit breaker decides when to try again.
+    (So a throttled or reset request fails at once too.) ``connect_timeout`` and
+    ``read_timeout`` are both ``timeout_s``. The read timeout bounds each wait for
+    bytes (the response headers, then each chunk of a body), not a whole transfer, so
+    a large object that keeps arriving is not cut off. A PUT with a body first waits
+    up to 1 s for "100 Continue" (botocore's fixed wait). An endpoint that stops
+    answering, even one whose kernel still ACKs (a SIGSTOPped server), so costs
+    ``timeout_s`` per GET and ``timeout_s`` + 1 s per PUT; it used to cost two attempts
+    of at least 10 s each.
+    """
     import boto3
     from botocore.config import Config
 
     config = Config(
         connect_timeout=timeout_s,
-        read_timeout=max(timeout_s, 10.0),
-        retries={"max_attempts": 1, "mode": "standard"},
+        read_timeout=timeout_s,
+        retries={"total_max_attempts": 1, "mode": "standard"},
     )
     return boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
