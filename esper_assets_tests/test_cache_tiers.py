@@ -52,6 +52,13 @@ def sql(cache: PersistentKernelCache, query: str, params: tuple = ()) -> list[tu
         return conn.execute(query, params).fetchall()
 
 
+def lost_not_written(cache: PersistentKernelCache) -> None:
+    """Forget the change-log rows our own SQL left: a row that a disk loses or damages
+    leaves none, and the invalidation fence would (rightly) refuse to refill an id
+    that a writer changed moments ago."""
+    sql(cache, "DELETE FROM kernel_invalidations")
+
+
 def l3_row(cache: PersistentKernelCache, kernel_id: str) -> tuple | None:
     """(data, object_key, compressed) of the L3 row, expired or not."""
     rows = sql(
@@ -163,6 +170,7 @@ def test_value_only_in_l4_archive_is_promoted_to_every_tier(make_cache, backend)
     value = noise(2000, 2)
     assert "l4" in cache.put("k", value)
     cache._l3.delete_many(["k"])
+    lost_not_written(cache)
     forget_fast(cache, ["k"])
     assert cache._l3.get("k") is None
     assert l4_value(cache, "k") == value
@@ -524,6 +532,7 @@ def test_corrupt_l3_frame_is_repaired_from_l4(make_cache, backend):
     cache.put("k", value)
     data, _, _ = l3_row(cache, "k")
     sql(cache, "UPDATE kernel_cache SET data = ? WHERE id = ?", (flip(data, 100), "k"))
+    lost_not_written(cache)
     forget_fast(cache, ["k"])
 
     assert cache.get("k") == value
@@ -739,3 +748,19 @@ def test_boundary_inputs_are_accepted(make_cache, backend):
     assert cache.get("buf") == b"from a bytearray"
     assert cache.get("view") == b"from a memoryview"
     assert cache.get_entry("meta").metadata == {"nested": {"list": [1, 2.5, None, "s"]}}
+
+
+@each_backend
+def test_an_invalidated_id_is_not_refilled_into_l3_from_l4_within_the_fence(make_cache, backend):
+    """A reader that fetched an archived copy from L4 just before an invalidation
+    deleted it must not write it back into L3 (its promotion lands after the delete)."""
+    cache = make_cache(backend, archive_to_l4=True)
+    value = noise(2000, 31)
+    cache.put("k", value)
+    late_copy = cache._row(cache._prepare("k", value, None))  # what the reader holds
+    cache.invalidate("k")
+
+    cache._l3.put_many([late_copy], fence_s=cache.config.invalidation_fence_s)
+    assert l3_row(cache, "k") is None
+    cache._l3.put_many([late_copy], fence_s=0)  # once the fence has passed, it may
+    assert l3_row(cache, "k") is not None

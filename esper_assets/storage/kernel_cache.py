@@ -685,10 +685,15 @@ class PersistentKernelCache:
         return bool(batch) and self._tier_call(tier, "store", batch) is not _UNAVAILABLE
 
     def _store(self, tier, batch: list[_Pending], promote: bool = False) -> None:
-        """Write ``batch`` to ``tier``. A promotion (a copy found below) never replaces
-        what is in L2: it may be older than a put or an invalidation made meanwhile."""
+        """Write ``batch`` to ``tier``. A promotion (a copy found below) may be older
+        than a put or an invalidation made meanwhile: it never replaces what is in L2,
+        and L3 takes it only for ids not invalidated in the last fence period."""
         if tier is self._l3:
-            tier.put_many([self._row(e) for e in batch])
+            rows = [self._row(e) for e in batch]
+            if promote:
+                tier.put_many(rows, fence_s=self.config.invalidation_fence_s)
+            else:
+                tier.put_many(rows)
             return
         blobs = [
             (e.key, framing.pack(e.payload, e.created_ms, self._expires_ms(tier))) for e in batch

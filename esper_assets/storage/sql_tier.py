@@ -87,7 +87,10 @@ class SqlTier:
             rows = self._select_many(conn, keys)
         return {key: _value(data) for key, data in rows}
 
-    def put_many(self, rows: Sequence[Row]) -> None:
+    def put_many(self, rows: Sequence[Row], fence_s: float | None = None) -> None:
+        """Upsert ``rows``. With ``fence_s`` (a promotion: a copy found in L4), an id
+        deleted or overwritten in the last ``fence_s`` seconds is left alone: the copy
+        may be what an invalidation running meanwhile removed."""
         params = [
             (
                 r.key,
@@ -106,11 +109,23 @@ class SqlTier:
         # and cannot deadlock each other.
         params.sort(key=lambda p: p[0])
         with self._connection(write=True) as conn, self._transaction(conn):
-            _executemany(conn, self.SQL["upsert"], params)
+            if fence_s is None:
+                _executemany(conn, self.SQL["upsert"], params)
+                return
+            self._lock_ids(conn, [p[0] for p in params])
+            _executemany(
+                conn, self.SQL["promote"], [(*p, *self._fence(p[0], fence_s)) for p in params]
+            )
 
     def delete_many(self, keys: Sequence[str]) -> list[str]:
-        with self._connection(write=True) as conn:
-            return self._delete_many(conn, keys)
+        """Delete ``keys``; each leaves a row in the change log, deleted or not (a
+        promotion racing this delete checks for it, see ``put_many``)."""
+        with self._connection(write=True) as conn, self._transaction(conn):
+            self._lock_ids(conn, keys)
+            deleted = self._delete_many(conn, keys)
+            missing = set(keys).difference(deleted)  # deleted rows are logged by a trigger
+            _executemany(conn, self.SQL["log_gone"], [(k,) for k in sorted(missing)])
+        return deleted
 
     def cleanup(self, log_retention_s: float = 86400) -> list[tuple[str, str | None]]:
         """Delete expired rows; return (id, object_key) of each so L4 objects go too.
@@ -173,6 +188,7 @@ class SqlTier:
 
 
 _LOCKED = "SELECT id FROM kernel_cache WHERE {} ORDER BY id FOR UPDATE"
+_LOCK_CLASS = 0x65737072  # "espr": the first key of our two-key advisory locks
 
 
 def _changes_from(cursor: str, rows: list[tuple], limit: int) -> Changes:
@@ -226,6 +242,18 @@ class PostgresTier(SqlTier):
         + _LOCKED.format("expires_at <= to_timestamp(%s)")
         + ") RETURNING id, object_key",
         "lock_ids": _LOCKED.format("id = ANY(%s)"),
+        # Per-id advisory locks, taken in one order: an id that has no row yet cannot
+        # be locked with FOR UPDATE, and a promotion must not slip between an
+        # invalidation's delete and its commit.
+        "lock_keys": "SELECT pg_advisory_xact_lock(" + str(_LOCK_CLASS) + ", h)"
+        " FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(%s::text[]) AS k) AS t ORDER BY h",
+        "promote": "INSERT INTO kernel_cache (id, data, object_key, metadata, size_bytes,"
+        " stored_bytes, compressed, created_at, accessed_at, expires_at)"
+        " SELECT %s, %s, %s, %s::jsonb, %s, %s, %s, to_timestamp(%s), now(), to_timestamp(%s)"
+        " WHERE NOT EXISTS (SELECT 1 FROM kernel_invalidations WHERE id = %s"
+        " AND at > now() - make_interval(secs => %s))"
+        " ON CONFLICT (id) DO UPDATE SET" + _UPSERT_SET,
+        "log_gone": "INSERT INTO kernel_invalidations (id) VALUES (%s)",
         "record_access": "UPDATE kernel_cache AS k SET accessed_at = now(),"
         " access_count = k.access_count + t.n"
         " FROM unnest(%s::text[], %s::bigint[]) AS t(id, n) WHERE k.id = t.id",
@@ -286,6 +314,13 @@ class PostgresTier(SqlTier):
     def _delete_many(self, conn, keys):
         return [r[0] for r in conn.execute(self.SQL["delete_many"], (list(keys),)).fetchall()]
 
+    def _lock_ids(self, conn, keys) -> None:
+        conn.execute(self.SQL["lock_keys"], (list(keys),))
+
+    @staticmethod
+    def _fence(key: str, fence_s: float) -> tuple:
+        return (key, fence_s)
+
     def _record_access(self, conn, counts):
         ids = sorted(counts)
         with self._transaction(conn):
@@ -311,6 +346,12 @@ class SqliteTier(SqlTier):
         " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)"
         " ON CONFLICT (id) DO UPDATE SET" + _UPSERT_SET,
         "cleanup": "DELETE FROM kernel_cache WHERE expires_at <= ? RETURNING id, object_key",
+        "promote": "INSERT INTO kernel_cache (id, data, object_key, metadata, size_bytes,"
+        " stored_bytes, compressed, created_at, accessed_at, expires_at)"
+        " SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9"
+        " WHERE NOT EXISTS (SELECT 1 FROM kernel_invalidations WHERE id = ?1 AND at > ?10)"
+        " ON CONFLICT (id) DO UPDATE SET" + _UPSERT_SET,
+        "log_gone": "INSERT INTO kernel_invalidations (id) VALUES (?)",
         "trim_log": "DELETE FROM kernel_invalidations WHERE at < ?",
         "stale_since": "SELECT id FROM kernel_invalidations WHERE l2_stale AND at >= ?",
         "mark_stale": "INSERT INTO kernel_invalidations (id, l2_stale) VALUES (?, 1)",
@@ -417,6 +458,13 @@ class SqliteTier(SqlTier):
         now = time.time()
         with self._transaction(conn):
             conn.executemany(self.SQL["record_access"], [(now, n, k) for k, n in counts.items()])
+
+    def _lock_ids(self, conn, keys) -> None:
+        pass  # the write transaction (BEGIN IMMEDIATE) already excludes every other writer
+
+    @staticmethod
+    def _fence(key: str, fence_s: float) -> tuple:
+        return (time.time() - fence_s,)
 
     def _log_position(self, conn) -> str:
         return str(conn.execute(self.SQL["position"]).fetchone()[0])
