@@ -465,7 +465,6 @@ def assets_search(
     as_json,
 ) -> None:
     """Find assets; every filter is optional and they combine with AND."""
-    from esper_assets.errors import InvalidQuery
     from esper_assets.storage import AssetQuery
 
     query = AssetQuery().order_by(order_by, ascending=not desc).limit(limit).offset(offset)
@@ -474,10 +473,7 @@ def assets_search(
     if tags:
         query = query.with_tags(tags, match="any" if any_tag else "all")
     if properties:
-        try:
-            query = query.with_properties(json.loads(properties))
-        except json.JSONDecodeError as exc:
-            raise InvalidQuery(f"--property is not JSON: {exc}") from None
+        query = query.with_properties_json(properties)  # bad or too deep JSON: InvalidQuery
     for method, value in (
         ("with_name", name),
         ("with_state", state),
