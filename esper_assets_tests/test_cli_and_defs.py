@@ -157,3 +157,19 @@ def test_repository_bench_measures_against_a_raw_bulk_write(tmp_path):
         "children of a parent",
     }
     assert all(isinstance(v, bool) for v in result["targets"].values())
+
+
+def test_dagster_s3_clients_are_bounded_like_the_librarys(esper_home, monkeypatch):
+    """The code location's S3 client (L4 and the landing zone in Dagster runs) makes one
+    attempt with the library's timeouts, not dagster-aws's 60 s and retries."""
+    from esper_assets.defs.resources import resources_from_env
+
+    monkeypatch.setenv("ESPER_S3_BUCKET", "esper-bounded")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    resources = resources_from_env()
+    wanted = {key: resources[key] for key in ("object_store", "landing")}
+    with dg.build_resources(wanted) as built:  # resolves the EnvVars, as a run does
+        for resource in (built.object_store.s3, built.landing.s3):
+            config = resource.get_client().meta.config
+            assert (config.connect_timeout, config.read_timeout) == (2.0, 2.0)
+            assert config.retries["total_max_attempts"] == 1

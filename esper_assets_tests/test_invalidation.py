@@ -150,23 +150,24 @@ def other_process(pg_url, redis_server_url, redis_prefix, tmp_path):
         process.stop()
 
 
-def test_invalidate_and_put_reach_another_process(other_process, make_cache):
-    cache = make_cache("services", s3_bucket=None, object_store_path=None)
+def assert_invalidate_and_put_reach(cache: PersistentKernelCache, other: OtherProcess) -> None:
     x, y_old, y_new = noise(900, 1), noise(900, 2), noise(900, 3)
     cache.put("X", x)
     cache.put("Y", y_old)
-    other = other_process()
-
     # invalidate: the other process's L1 copy goes, and nothing below has it either
     assert other.ask("read", "X") == ("read", x, True)
     cache.invalidate("X")
     assert other.ask("await", "X", None) == ("await", None)
-
     # a new value: the other process's L1 copy is replaced by the new value
     assert other.ask("read", "Y") == ("read", y_old, True)
     cache.put("Y", y_new)
     assert other.ask("await", "Y", y_new) == ("await", y_new)
 
+
+def test_invalidate_and_put_reach_another_process(other_process, make_cache):
+    cache = make_cache("services", s3_bucket=None, object_store_path=None)
+    other = other_process()
+    assert_invalidate_and_put_reach(cache, other)
     other.stop()
     assert other.process.exitcode == 0
 
@@ -298,16 +299,7 @@ def test_embedded_invalidation_reaches_another_process(tmp_path):
     cache = PersistentKernelCache(CacheConfig(**config))
     other = OtherProcess(config)
     try:
-        x, y_old, y_new = noise(900, 1), noise(900, 2), noise(900, 3)
-        cache.put("X", x)
-        cache.put("Y", y_old)
-        assert other.ask("read", "X") == ("read", x, True)
-        cache.invalidate("X")
-        assert other.ask("await", "X", None) == ("await", None)
-
-        assert other.ask("read", "Y") == ("read", y_old, True)
-        cache.put("Y", y_new)
-        assert other.ask("await", "Y", y_new) == ("await", y_new)
+        assert_invalidate_and_put_reach(cache, other)
     finally:
         other.stop()
         cache.close()

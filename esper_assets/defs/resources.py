@@ -21,7 +21,12 @@ from esper_assets.landing import LandingZone, landing_from_location
 from esper_assets.settings import Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 from esper_assets.storage.kernel_cache import cache_config_from_settings
-from esper_assets.storage.object_store import DirectoryObjectStore, ObjectStore, S3ObjectStore
+from esper_assets.storage.object_store import (
+    DirectoryObjectStore,
+    ObjectStore,
+    S3ObjectStore,
+    make_s3_client,
+)
 
 
 class DatabaseResource(dg.ConfigurableResource):
@@ -41,6 +46,30 @@ class RedisResource(dg.ConfigurableResource):
 
     def checked_url(self) -> str | None:
         return Settings.from_env({"ESPER_REDIS_URL": self.url}).redis_url
+
+
+class BoundedS3Resource(S3Resource):
+    """dagster-aws's S3Resource, its client bounded like the library's: one attempt,
+    ``timeout_s`` per wait (see ``make_s3_client``). Its own client keeps botocore's
+    60 s timeouts and retries, about three minutes per call to a frozen endpoint."""
+
+    timeout_s: float = 2.0
+
+    def get_client(self):
+        import boto3
+
+        if self.use_unsigned_session:  # not something esper uses: dagster-aws's client
+            return super().get_client()
+        session = boto3.session.Session(
+            profile_name=self.profile_name,
+            region_name=self.region_name,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+        )
+        return make_s3_client(
+            self.endpoint_url, self.timeout_s, session, use_ssl=self.use_ssl, verify=self.verify
+        )
 
 
 class ObjectStoreResource(dg.ConfigurableResource):
@@ -135,7 +164,7 @@ def _env(name: str, default: str = "") -> str | dg.EnvVar:
 def resources_from_env() -> dict[str, dg.ConfigurableResource]:
     """Every resource the code location needs, from ``ESPER_*`` and ``AWS_*``."""
     settings = Settings.from_env()  # fail at load time, naming the bad variable
-    s3 = S3Resource(endpoint_url=_env("AWS_ENDPOINT_URL") or None, max_attempts=2)
+    s3 = BoundedS3Resource(endpoint_url=_env("AWS_ENDPOINT_URL") or None)
     database = DatabaseResource(url=_env("ESPER_DATABASE_URL"), home=str(settings.home))
     object_store = ObjectStoreResource(
         bucket=_env("ESPER_S3_BUCKET"), prefix=settings.s3_prefix,

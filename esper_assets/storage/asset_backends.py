@@ -27,7 +27,12 @@ from esper_assets.errors import (
     redact_url,
 )
 from esper_assets.storage.migrations import migrate_postgres
-from esper_assets.storage.postgres import ConnectionPool, postgres_errors
+from esper_assets.storage.postgres import (
+    SLOW_WORK_S,
+    ConnectionPool,
+    lock_wait,
+    postgres_errors,
+)
 
 MAX_NAME_LOCKS = 32  # above this many names, a batch locks all writers out instead
 
@@ -51,6 +56,11 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii
 
 def _json(value: Any) -> str:
     return _ENCODER.encode(value)
+
+
+# How long a writer may wait for another's lock: a 1,000,000-row bulk load holds the
+# writers' lock for about 40 s on a 2-core machine.
+LOCK_WAIT_S = 120.0
 
 
 class PostgresAssets:
@@ -88,7 +98,7 @@ class PostgresAssets:
         self._jsonb = Jsonb
         self.location = redact_url(url)
         self._pool = ConnectionPool(url, pool_size, timeout_s=timeout_s, statement_timeout=False)
-        with self.transaction() as conn:
+        with self.transaction(slow=True) as conn:
             migrate_postgres(conn)
 
     # -- SQL text ---------------------------------------------------------------------
@@ -111,13 +121,21 @@ class PostgresAssets:
                 raise AssetConflict(f"asset repository: {exc.diag.message_detail or exc}") from exc
 
     @contextmanager
-    def read(self) -> Iterator[Any]:
-        with self._errors(write=False), self._pool.connection() as conn:
+    def read(self, slow: bool = False) -> Iterator[Any]:
+        """``slow``: work known to take long (ANALYZE) gets SLOW_WORK_S, not timeout_s."""
+        patience = SLOW_WORK_S if slow else None
+        with self._errors(write=False), self._pool.connection(patience) as conn:
             yield conn
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
-        with self._errors(write=True), self._pool.connection() as conn, conn.transaction():
+    def transaction(self, slow: bool = False) -> Iterator[Any]:
+        """``slow``: migrations and bulk loads get SLOW_WORK_S, not timeout_s."""
+        patience = SLOW_WORK_S if slow else None
+        with (
+            self._errors(write=True),
+            self._pool.connection(patience) as conn,
+            conn.transaction(),
+        ):
             yield conn
 
     def lock_names(self, conn, keys: Sequence[str]) -> None:
@@ -130,15 +148,16 @@ class PostgresAssets:
         PostgreSQL out of lock-table memory.
         """
         names = sorted({"esper-asset:" + key for key in keys})
-        if len(names) > MAX_NAME_LOCKS:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('esper-asset:*'))")
-            return
-        conn.execute(
-            "SELECT pg_advisory_xact_lock_shared(hashtext('esper-asset:*')),"
-            " (SELECT count(pg_advisory_xact_lock(hashtext(k)))"
-            "  FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS sorted)",
-            (names,),
-        )
+        with lock_wait(conn, LOCK_WAIT_S):
+            if len(names) > MAX_NAME_LOCKS:
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('esper-asset:*'))")
+                return
+            conn.execute(
+                "SELECT pg_advisory_xact_lock_shared(hashtext('esper-asset:*')),"
+                " (SELECT count(pg_advisory_xact_lock(hashtext(k)))"
+                "  FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS sorted)",
+                (names,),
+            )
 
     def fetchall(self, conn, sql: str, params: Sequence = ()) -> list[tuple]:
         return conn.execute(self.q(sql), params).fetchall()
@@ -333,12 +352,12 @@ class SqliteAssets:
         return conn
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
+    def read(self, slow: bool = False) -> Iterator[sqlite3.Connection]:
         with self._errors(write=False):
             yield self._prepared(self._tier.thread_connection())
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, slow: bool = False) -> Iterator[sqlite3.Connection]:
         # BEGIN IMMEDIATE takes the database's write lock: writers are serialised,
         # which is what lock_names has to achieve on PostgreSQL.
         with self._errors(write=True):

@@ -546,7 +546,9 @@ class AssetRepository:
         for attempt in range(3):
             written: list[str] = []
             try:
-                with self._db.transaction() as conn:
+                # A big batch is one long COPY, and it may wait for another's lock.
+                slow = len(checked) >= ANALYZE_AFTER_ROWS
+                with self._db.transaction(slow=slow) as conn:
                     self._db.lock_names(conn, [f"{c[N_TYPE]}:{c[N_NAME]}" for c in checked])
                     ids, count = self._write(conn, checked, actor, written)
                 if count >= ANALYZE_AFTER_ROWS:
@@ -1149,7 +1151,7 @@ class AssetRepository:
         """Refresh planner statistics now rather than whenever autovacuum gets to it; on
         PostgreSQL also merge the GIN pending lists, which after a bulk load made a
         properties search spend 10 ms of its 16 ms scanning them."""
-        with self._db.read() as conn:
+        with self._db.read(slow=True) as conn:
             conn.execute(
                 "VACUUM (ANALYZE) assets" if self._db.dialect == "postgres" else "ANALYZE assets"
             )
@@ -1159,7 +1161,7 @@ class AssetRepository:
         merge the GIN pending lists, and sample only the columns searches filter or
         order on (not data, ids, checksums or labels). No VACUUM: the visibility map
         only serves index-only scans, and the searches read whole rows."""
-        with self._db.read() as conn:
+        with self._db.read(slow=True) as conn:
             if self._db.dialect != "postgres":
                 conn.execute("ANALYZE assets")  # SQLite: no column list
                 return

@@ -183,7 +183,9 @@ class S3ObjectStore:
             raise self._fail("HEAD bucket", "", exc) from exc
 
 
-def make_s3_client(endpoint_url: str | None = None, timeout_s: float = 2.0):
+def make_s3_client(
+    endpoint_url: str | None = None, timeout_s: float = 2.0, session=None, **client_kwargs
+):
     """A boto3 S3 client whose every call is bounded by ``timeout_s``.
 
     One attempt (``total_max_attempts: 1``): a retry against an endpoint that just
@@ -195,7 +197,8 @@ def make_s3_client(endpoint_url: str | None = None, timeout_s: float = 2.0):
     up to 1 s for "100 Continue" (botocore's fixed wait). An endpoint that stops
     answering, even one whose kernel still ACKs (a SIGSTOPped server), so costs
     ``timeout_s`` per GET and ``timeout_s`` + 1 s per PUT; it used to cost two attempts
-    of at least 10 s each.
+    of at least 10 s each. ``session``: a boto3 Session with its own credentials
+    (default: the environment's); ``client_kwargs`` go to ``session.client``.
     """
     import boto3
     from botocore.config import Config
@@ -205,7 +208,9 @@ def make_s3_client(endpoint_url: str | None = None, timeout_s: float = 2.0):
         read_timeout=timeout_s,
         retries={"total_max_attempts": 1, "mode": "standard"},
     )
-    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+    return (session or boto3).client(
+        "s3", endpoint_url=endpoint_url, config=config, **client_kwargs
+    )
 
 
 _MAX_NAME = 200  # file systems allow 255 bytes per name; keep a margin for ".tmp-" files

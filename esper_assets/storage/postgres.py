@@ -41,6 +41,10 @@ def postgres_errors(what: str, write: bool) -> Iterator[None]:
         raise kind(f"{what} refused the request: {exc}") from exc
 
 
+# How long maintenance may take (migrations, cleanup, bulk loads, ANALYZE), where every
+# other call gets timeout_s: over millions of rows such work is slow, not a dead server.
+SLOW_WORK_S = 600.0
+
 # The client deadline trails statement_timeout a little, so that a live server that is
 # merely slow answers first with its own error (57014) and the connection survives.
 _CLIENT_GRACE = 1.2
@@ -86,6 +90,21 @@ def _deadline_connection() -> type:
                 ) from exc
 
     return DeadlineConnection
+
+
+@contextmanager
+def lock_wait(conn, seconds: float) -> Iterator[None]:
+    """Let the statements inside wait up to ``seconds`` for a lock another writer holds
+    (a bulk load holds the repository's writers' lock while its COPY runs): a wait
+    for a lock is a busy server, not a dead one. Only the client deadline moves."""
+    saved = getattr(conn, "deadline_s", None)
+    if saved is not None:
+        conn.deadline_s = max(saved, seconds * _CLIENT_GRACE)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            conn.deadline_s = saved
 
 
 class ConnectionPool:
@@ -145,14 +164,23 @@ class ConnectionPool:
         return conn
 
     @contextmanager
-    def connection(self) -> Iterator[Any]:
+    def connection(self, patience_s: float | None = None) -> Iterator[Any]:
+        """A pooled connection. ``patience_s``: for work known to be slow (migrations,
+        cleanup, bulk loads, ANALYZE), its statements and round trips may take that
+        long instead of ``timeout_s``; a frozen server still cannot hold it forever."""
         try:
             conn = self._idle.pop()
         except IndexError:
             conn = self._connect()
+        if patience_s is not None and self._deadline is not None:
+            conn.deadline_s = patience_s * _CLIENT_GRACE
+            conn.execute(f"SET statement_timeout = {max(1, round(patience_s * 1000))}")
         try:
             yield conn
         finally:
+            if conn.deadline_s != self._deadline and not (conn.closed or conn.broken):
+                conn.deadline_s = self._deadline
+                conn.execute("RESET statement_timeout")  # back to the connection's own
             if conn.closed or conn.broken or len(self._idle) >= self.max_idle:
                 conn.close()
             else:

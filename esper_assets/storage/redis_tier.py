@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import redis
 from redis.backoff import NoBackoff
@@ -85,30 +85,36 @@ class RedisTier:
             raise self._unavailable(exc) from exc
         return {k: v for k, v in zip(keys, values, strict=True) if v}  # b"": a fence
 
-    def put_many(self, items: Sequence[tuple[str, bytes]], announce: bool = False) -> None:
-        """Store framed values; ``announce`` also tells other processes to drop their L1 copy."""
-        ttl = self._ttl_ms()
+    def _pipeline(self, commands: Callable, announce: Iterable[str] = ()) -> None:
+        """Run ``commands(pipe)`` and announce ``announce`` in one round trip."""
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for key, blob in items:
-                    pipe.set(self.prefix + key, blob, px=ttl)
-                if announce:
-                    for key, _ in items:
-                        pipe.publish(self.channel, f"{self.sender} {key}")
+                commands(pipe)
+                for key in announce:
+                    pipe.publish(self.channel, f"{self.sender} {key}")
                 pipe.execute()
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
+    def put_many(self, items: Sequence[tuple[str, bytes]], announce: bool = False) -> None:
+        """Store framed values; ``announce`` also tells other processes to drop their L1 copy."""
+        ttl = self._ttl_ms()
+
+        def commands(pipe) -> None:
+            for key, blob in items:
+                pipe.set(self.prefix + key, blob, px=ttl)
+
+        self._pipeline(commands, [key for key, _ in items] if announce else ())
+
     def add_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Promote copies found below: only where the key is absent (see the module doc)."""
         ttl = self._ttl_ms()
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for key, blob in items:
-                    pipe.set(self.prefix + key, blob, px=ttl, nx=True)
-                pipe.execute()
-        except redis.RedisError as exc:
-            raise self._unavailable(exc) from exc
+
+        def commands(pipe) -> None:
+            for key, blob in items:
+                pipe.set(self.prefix + key, blob, px=ttl, nx=True)
+
+        self._pipeline(commands)
 
     def discard(self, key: str, blob: bytes) -> None:
         """Delete a copy found corrupt or expired, unless it was replaced meanwhile, so
@@ -120,28 +126,18 @@ class RedisTier:
 
     def fence_many(self, keys: Sequence[str], announce: bool = True) -> None:
         """Replace the copies with fences and tell other processes to drop their L1 copy."""
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.set(self.prefix + key, b"", px=self.fence_ms)
-                if announce:
-                    for key in keys:
-                        pipe.publish(self.channel, f"{self.sender} {key}")
-                pipe.execute()
-        except redis.RedisError as exc:
-            raise self._unavailable(exc) from exc
+
+        def commands(pipe) -> None:
+            for key in keys:
+                pipe.set(self.prefix + key, b"", px=self.fence_ms)
+
+        self._pipeline(commands, keys if announce else ())
 
     def delete_many(self, keys: Sequence[str], announce: bool = True) -> None:
         """Plain delete (no fence): a later promotion may copy the value back."""
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.delete(*[self.prefix + k for k in keys])
-                if announce:
-                    for key in keys:
-                        pipe.publish(self.channel, f"{self.sender} {key}")
-                pipe.execute()
-        except redis.RedisError as exc:
-            raise self._unavailable(exc) from exc
+        self._pipeline(
+            lambda pipe: pipe.delete(*[self.prefix + k for k in keys]), keys if announce else ()
+        )
 
     def clear(self) -> None:
         """Delete every key under our prefix and tell other processes to drop their L1."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from esper_assets.errors import DurableWriteError, StorageError, TierUnavailable, redact_url
 from esper_assets.storage.migrations import migrate_postgres, migrate_sqlite
-from esper_assets.storage.postgres import ConnectionPool, postgres_errors
+from esper_assets.storage.postgres import SLOW_WORK_S, ConnectionPool, postgres_errors
 
 
 class InObjectStore:
@@ -132,7 +132,7 @@ class SqlTier:
 
         Change-log rows older than ``log_retention_s`` go as well."""
         now = time.time()
-        with self._connection(write=True) as conn:
+        with self._connection(write=True, slow=True) as conn:
             gone = [tuple(r) for r in conn.execute(self.SQL["cleanup"], (now,)).fetchall()]
             conn.execute(self.SQL["trim_log"], (now - log_retention_s,))
         return gone
@@ -178,7 +178,7 @@ class SqlTier:
         }
 
     def size(self) -> dict[str, int]:
-        with self._connection() as conn:
+        with self._connection(slow=True) as conn:
             entries, stored = conn.execute(self.SQL["size"]).fetchone()
         return {"entries": int(entries), "stored_bytes": int(stored)}
 
@@ -287,14 +287,15 @@ class PostgresTier(SqlTier):
         self.location = redact_url(url)
         self.ttl_seconds = ttl_seconds
         self._pool = ConnectionPool(url, pool_size, timeout_s=timeout_s)
-        with self._connection(write=True) as conn:
+        with self._connection(write=True, slow=True) as conn:
             migrate_postgres(conn)
 
     @contextmanager
-    def _connection(self, write: bool = False) -> Iterator[Any]:
+    def _connection(self, write: bool = False, slow: bool = False) -> Iterator[Any]:
+        """``slow``: maintenance (migrations, cleanup, size) may take SLOW_WORK_S."""
         with (
             postgres_errors(f"L3 PostgreSQL at {self.location}", write),
-            self._pool.connection() as conn,
+            self._pool.connection(SLOW_WORK_S if slow else None) as conn,
         ):
             yield conn
 
@@ -412,7 +413,9 @@ class SqliteTier(SqlTier):
         return conn
 
     @contextmanager
-    def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+    def _connection(
+        self, write: bool = False, slow: bool = False
+    ) -> Iterator[sqlite3.Connection]:  # slow: SQLite's busy timeout already covers it
         try:
             yield self.thread_connection()
         except sqlite3.OperationalError as exc:
