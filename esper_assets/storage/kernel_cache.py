@@ -993,9 +993,18 @@ class PersistentKernelCache:
         """Write this process's L2 debt to L3, where every process reads it."""
         with self._l2_debt_lock:
             keys, self._stale_to_share = self._stale_to_share, []
-        if keys and self._tier_call(self._l3, "mark_l2_stale", keys) is _UNAVAILABLE:
-            with self._l2_debt_lock:
-                self._stale_to_share[:0] = keys
+        if not keys or self._tier_call(self._l3, "mark_l2_stale", keys) is not _UNAVAILABLE:
+            return
+        if self._breakers[self._l3.name].state == "closed":
+            # L3 answered and refused (a read-only replica, say): no retry can help.
+            log.warning(
+                "L3 refused to record %d id(s) whose Redis copy may be stale; other "
+                "processes may read them from L2 until their TTL",
+                len(keys),
+            )
+            return
+        with self._l2_debt_lock:  # unreachable: try again on the next tick
+            self._stale_to_share[:0] = keys
 
     def _check_open(self) -> None:
         if self._closed:
