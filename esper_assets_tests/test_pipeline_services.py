@@ -1,5 +1,5 @@
 """The Dagster pipeline end to end on the services: a Dagster instance built from the
-repository's own top-level ``dagster.yaml`` (run, event-log and schedule storage in a
+repository's own production ``deploy/dagster.yaml`` (run, event-log and schedule storage in a
 fresh PostgreSQL database, queued runs), the asset repository and L3 in PostgreSQL
 (a schema of this module's own), L2 in Redis, L4 and the landing zone in S3 (moto's
 HTTP server).
@@ -39,6 +39,7 @@ from esper_assets_tests.conftest import with_search_path
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PRODUCTION_DAGSTER_YAML = REPO_ROOT / "deploy" / "dagster.yaml"
 CHECKS = {"blueprint_is_valid": True, "kernel_round_trip": True}
 # Used when the test server's URL carries no password (trust auth accepts any).
 INJECTED_SECRET = "s3cret-pw-123"
@@ -122,10 +123,10 @@ def set_dagster_pg_env(mp: pytest.MonkeyPatch, server_url: str, db: str) -> None
 
 
 def production_instance(home: Path) -> dg.DagsterInstance:
-    """An instance from a copy of the top-level dagster.yaml (Dagster writes local
+    """An instance from a copy of deploy/dagster.yaml (Dagster writes local
     artifacts next to its config, so the file is copied rather than loaded in place)."""
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(PRODUCTION_DAGSTER_YAML, home / "dagster.yaml")
     return dg.DagsterInstance.from_config(str(home))
 
 
@@ -173,7 +174,7 @@ def materializations(instance: dg.DagsterInstance, asset: str, partition: str) -
 # -- the module's instance and its one full run ---------------------------------------------
 @dataclass
 class Production:
-    """The module's services, environment and instance from the top-level dagster.yaml."""
+    """The module's services, environment and instance from deploy/dagster.yaml."""
 
     instance: dg.DagsterInstance
     services: Services
@@ -242,7 +243,7 @@ def services_run(production: Production) -> ServicesRun:
 
 
 # -- tests ----------------------------------------------------------------------------------
-def test_the_instance_is_the_top_level_dagster_yaml_on_postgres(production: Production):
+def test_the_instance_is_deploy_dagster_yaml_on_postgres(production: Production):
     from dagster._core.run_coordinator import QueuedRunCoordinator
     from dagster_postgres import (
         PostgresEventLogStorage,
@@ -255,9 +256,9 @@ def test_the_instance_is_the_top_level_dagster_yaml_on_postgres(production: Prod
     assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
     assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
     assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
-    assert (production.home / "dagster_home" / "dagster.yaml").read_bytes() == (
-        REPO_ROOT / "dagster.yaml"
-    ).read_bytes()
+    assert (
+        production.home / "dagster_home" / "dagster.yaml"
+    ).read_bytes() == PRODUCTION_DAGSTER_YAML.read_bytes()
     assert instance.root_directory == str(production.home / "dagster_home")
     # Dagster created its tables in this module's own database.
     import psycopg
