@@ -1,8 +1,15 @@
-"""Dagster code location: ``dagster dev`` / workspace.yaml load ``defs`` from here.
+"""Dagster code location ``esper_assets``: ``dg dev`` / ``dg check defs`` (pyproject's
+``[tool.dg.project]``), ``dagster dev -w workspace.yaml`` and ``dagster definitions
+validate`` (``[tool.dagster]``) load this module and call ``esper_definitions``.
 
 The asset graph is blueprints -> compiled_kernels, partitioned by blueprint name;
 the new_blueprints sensor feeds it from the landing zone, and three schedules keep
 the cache clean and warm and re-validate every blueprint nightly.
+
+Importing this module reads no environment: the resources (and the ``ESPER_*``
+settings behind them) are built when Dagster calls ``esper_definitions``, or when a
+caller calls ``build_definitions``, so a bad variable is reported by the load, naming
+the variable, and tests can set the environment first and build afterwards.
 """
 
 import dagster as dg
@@ -35,4 +42,15 @@ def build_definitions(**resource_overrides: dg.ConfigurableResource) -> dg.Defin
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def esper_definitions() -> dg.Definitions:
+    """What Dagster loads: the module's one ``@dg.definitions`` function, called lazily."""
+    return build_definitions()
+
+
+def __getattr__(name: str) -> dg.Definitions:
+    # `from esper_assets.defs import defs` (older callers): built on access, not at
+    # import. Not listed by dir(), so Dagster's module scan finds only the function above.
+    if name == "defs":
+        return build_definitions()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
