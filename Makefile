@@ -30,13 +30,17 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/esper demo
 
-# DAGSTER_HOME is the demo's embedded instance (ESPER_HOME/dagster), so the UI shows
-# the demo's runs and the sensor does not run the same file contents again.
+# dg dev on the demo's embedded instance: DAGSTER_HOME is ESPER_HOME/dagster (whatever
+# ESPER_HOME is), so the UI shows the demo's runs and the sensor does not run the same
+# file contents again. (dagster dev then says the top-level dagster.yaml is not used:
+# it is for commands run with DAGSTER_HOME unset.) VIRTUAL_ENV: as if .venv were
+# activated, which dg expects of the project's venv.
 dev: $(STAMP)
-	DAGSTER_HOME="$$($(BIN)/esper dagster-home)" $(BIN)/dagster dev -w workspace.yaml
+	DAGSTER_HOME="$$($(BIN)/esper dagster-home)" VIRTUAL_ENV="$(CURDIR)/$(VENV)" $(BIN)/dg dev
 
 test: $(STAMP)
 	$(BIN)/ruff check esper_assets esper_assets_tests
+	VIRTUAL_ENV="$(CURDIR)/$(VENV)" $(BIN)/dg check defs
 	$(BIN)/pytest
 
 # The same checks on the newest releases pyproject.toml allows (no lock): an early
