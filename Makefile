@@ -2,7 +2,7 @@
 #   make demo   - set up and run the main job on the embedded default
 #   make test   - set up and run the tests
 # and one more:
-#   make dev    - the Dagster UI (dagster dev) on the same embedded state as the demo
+#   make dev    - the Dagster UI (dg dev) on the same embedded state as the demo
 # Installs are locked: .venv gets exactly the versions in requirements.lock (pip
 # constraints). pyproject.toml keeps compatible ranges for library users.
 #   make lock        - re-resolve requirements.lock on purpose (uv), then run make test
