@@ -74,7 +74,9 @@ def test_zipf_replay_counts_hits_for_both_policies():
 
 
 def test_dagster_definitions_load_and_maintenance_job_runs(esper_home):
-    from esper_assets.defs import defs
+    from esper_assets.defs import build_definitions
+
+    defs = build_definitions()
 
     dg.Definitions.validate_loadable(defs)
     job = defs.get_job_def("cache_maintenance_job")

@@ -47,10 +47,3 @@ def esper_definitions() -> dg.Definitions:
     """What Dagster loads: the module's one ``@dg.definitions`` function, called lazily."""
     return build_definitions()
 
-
-def __getattr__(name: str) -> dg.Definitions:
-    # `from esper_assets.defs import defs` (older callers): built on access, not at
-    # import. Not listed by dir(), so Dagster's module scan finds only the function above.
-    if name == "defs":
-        return build_definitions()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
