@@ -46,4 +46,3 @@ def build_definitions(**resource_overrides: dg.ConfigurableResource) -> dg.Defin
 def esper_definitions() -> dg.Definitions:
     """What Dagster loads: the module's one ``@dg.definitions`` function, called lazily."""
     return build_definitions()
-
