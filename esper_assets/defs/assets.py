@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from esper_assets import pipeline
+from esper_assets.defs._compat import DATA_VERSION_TAG, add_partition_metadata
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
     BlueprintRulesResource,
@@ -204,7 +205,7 @@ def _latest_blueprints(
         meta["run_id"] = record.run_id
         # The content hash is the partition's own data version; a run over several
         # partitions shares one Dagster data-version tag, so prefer the hash.
-        meta["data_version"] = meta.get("content_hash") or event.tags.get("dagster/data_version")
+        meta["data_version"] = meta.get("content_hash") or event.tags.get(DATA_VERSION_TAG)
         sources[event.partition] = meta
     return sources
 
@@ -239,27 +240,6 @@ def _round_trip_check(built, failures: dict[str, list[str]]) -> dg.AssetCheckRes
         passed=not bad,
         description="; ".join(f"{n}: {', '.join(p)}" for n, p in bad.items())[:4000] or None,
         metadata={"kernels_checked": len(built), "failed": ", ".join(bad)},
-    )
-
-
-def add_partition_metadata(
-    context: dg.AssetExecutionContext, partition: str, metadata: dict
-) -> None:
-    """``context.add_asset_metadata(metadata, partition_key=partition)``, in O(1).
-
-    Dagster 1.13 validates the key on every call by loading all dynamic partitions,
-    so 1,000 calls in a 1,000-partition backfill cost a million rows read (most of
-    the run's time). Our keys come from ``context.partition_keys``, so we add to the
-    same accumulator directly; if Dagster's internals move, we fall back to the
-    public call.
-    """
-    step = getattr(context.op_execution_context, "_step_execution_context", None)
-    accumulator = getattr(step, "_metadata_accumulator", None)
-    if accumulator is None:
-        context.add_asset_metadata(metadata, partition_key=partition)
-        return
-    step._metadata_accumulator = accumulator.with_additional_asset_metadata(
-        asset_key=context.asset_key, partition_key=partition, metadata=metadata
     )
 
 

@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.tags import (
+
+from esper_assets.defs._compat import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
     RUN_KEY_TAG,
     SENSOR_NAME_TAG,
 )
-
 from esper_assets.defs.assets import blueprint_partitions
 from esper_assets.defs.instance import local_instance
 from esper_assets.defs.sensors import (
