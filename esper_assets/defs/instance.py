@@ -9,8 +9,8 @@ Dagster storage class), is Dagster's single-file SQLite event log with a pooled
 engine, under WAL with ``synchronous=NORMAL``: a commit survives a crash of any
 process, but the last few commits before a power cut may be lost. For a local, single-machine instance
 that is the right trade (a 300-blueprint backfill: 28-40 ms per blueprint instead
-of 192; figures in ``_compat``); production uses PostgreSQL (the top-level
-``dagster.yaml``).
+of 192; figures in ``_compat``); production uses PostgreSQL
+(``deploy/dagster.yaml``).
 """
 
 from __future__ import annotations
