@@ -3,17 +3,23 @@
 Services come from ESPER_TEST_DATABASE_URL / ESPER_TEST_REDIS_URL (loopback by
 default). Each test gets its own PostgreSQL schema, Redis key prefix and S3
 bucket. Under CI=true a missing service fails the run; locally it skips.
+
+Every test is marked ``postgres`` / ``redis`` / ``s3`` by what it uses (see
+:func:`pytest_collection_modifyitems`), so ``-m "not postgres and not redis and not s3"``
+runs the tests that need nothing but this virtualenv.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import shutil
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -102,11 +108,12 @@ def with_search_path(url: str, schema: str) -> str:
 
 
 @pytest.fixture
-def pg_url(pg_server_url: str, open_things: OpenThings) -> Iterator[str]:
+def pg_url(request, pg_server_url: str, open_things: OpenThings) -> Iterator[str]:
     """A URL whose connections live in a fresh schema, dropped afterwards (after the
     caches and repositories the test built are closed)."""
     import psycopg
 
+    require_marks(request)
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
@@ -131,9 +138,10 @@ def redis_server_url() -> str:
 
 
 @pytest.fixture
-def redis_prefix(redis_server_url: str, open_things: OpenThings) -> Iterator[str]:
+def redis_prefix(request, redis_server_url: str, open_things: OpenThings) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards (after the
     caches the test built are closed, so none writes behind the clean-up)."""
+    require_marks(request)
     prefix = f"esper:test:{uuid.uuid4().hex[:12]}:"
     yield prefix
     try:
@@ -198,7 +206,8 @@ class RedisProcess:
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path, open_things: OpenThings) -> Iterator[RedisProcess]:
+def private_redis(request, tmp_path: Path, open_things: OpenThings) -> Iterator[RedisProcess]:
+    require_marks(request)
     if shutil.which("redis-server") is None:
         _service_missing("redis-server binary", "not on PATH")
     server = RedisProcess(tmp_path)
@@ -240,9 +249,10 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture
-def s3_bucket(s3_endpoint: str) -> str:
+def s3_bucket(request, s3_endpoint: str) -> str:
     from esper_assets.storage.object_store import make_s3_client
 
+    require_marks(request)
     bucket = f"esper-test-{uuid.uuid4().hex[:12]}"
     make_s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     return bucket
@@ -312,10 +322,11 @@ def pg_readonly_url(pg_url: str) -> str:
 
 
 @pytest.fixture
-def redis_client(redis_server_url: str) -> Iterator:
+def redis_client(request, redis_server_url: str) -> Iterator:
     """A plain client on the shared Redis, for looking at a cache's keys directly."""
     import redis
 
+    require_marks(request)
     client = redis.Redis.from_url(redis_server_url)
     yield client
     client.close()
@@ -406,3 +417,119 @@ def make_repo(request, tmp_path: Path, open_things: OpenThings) -> Iterator[Call
     build.store = store
     yield build
     open_things.close_all()
+
+
+# -- markers: what each test needs, from what it uses -------------------------------------
+# Fixtures that reach a service (``item.fixturenames`` is transitive: a test using
+# ``other_process`` lists ``pg_url`` and ``pg_server_url`` too). The ``private_*``
+# fixtures start their own server as a child process, so they need its binary (or
+# moto's server) rather than the shared service: a user without redis-server or
+# PostgreSQL's binaries deselects them with the same ``-m "not redis"`` / ``-m "not
+# postgres"``, and one who has the shared services but not the binaries with ``-m "not
+# private_services"``.
+FIXTURE_MARKS: dict[str, frozenset[str]] = {
+    "pg_server_url": frozenset({"postgres"}),
+    "pg_url": frozenset({"postgres"}),
+    "pg_readonly_url": frozenset({"postgres"}),
+    "private_pg": frozenset({"postgres", "private_services"}),
+    "redis_server_url": frozenset({"redis"}),
+    "redis_prefix": frozenset({"redis"}),
+    "redis_client": frozenset({"redis"}),
+    "private_redis": frozenset({"redis", "private_services"}),
+    "s3_endpoint": frozenset({"s3"}),
+    "s3_bucket": frozenset({"s3"}),
+    "private_moto": frozenset({"s3", "private_services"}),
+}
+
+# Backend names, as BACKENDS / ASSET_BACKENDS and the tests' own fixtures spell them, and
+# the services a backend of that name is built on: ``make_cache("services")`` uses all
+# three; ``make_repo("postgres")`` PostgreSQL and S3; a fixture choosing ``"postgres"``
+# (L3, migrations) PostgreSQL; the ``"s3"`` landing S3. ``"embedded"``, ``"sqlite"`` and
+# ``"directory"`` need none.
+BACKEND_MARKS: dict[str, frozenset[str]] = {
+    "services": frozenset({"postgres", "redis", "s3"}),
+    "postgres": frozenset({"postgres"}),
+    "s3": frozenset({"s3"}),
+}
+FACTORY_BACKEND_MARKS: dict[str, dict[str, frozenset[str]]] = {
+    "make_cache": {"services": BACKEND_MARKS["services"]},
+    "make_repo": {"postgres": frozenset({"postgres", "s3"})},
+}
+# A literal backend in the test's own code: ``make_cache("services", ...)``.
+_LITERAL_BACKEND = re.compile(r"\b(make_cache|make_repo)\(\s*[\"']([a-z0-9_]+)[\"']")
+
+
+def _direct_params(item: pytest.Item) -> set[str]:
+    """Argument names given by ``@pytest.mark.parametrize`` (not by a fixture's ``params``)."""
+    names: set[str] = set()
+    for mark in item.iter_markers("parametrize"):
+        argnames = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if isinstance(argnames, str):
+            argnames = argnames.split(",")
+        names.update(name.strip() for name in argnames)
+    return names
+
+
+def _source(function: object) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def marks_for(item: pytest.Item) -> set[str]:
+    """The service markers ``item`` needs: by fixture, by backend parameter, by literal."""
+    names = set(getattr(item, "fixturenames", ()))
+    factories = names & FACTORY_BACKEND_MARKS.keys()
+    needed: set[str] = set()
+    for name in names & FIXTURE_MARKS.keys():
+        needed |= FIXTURE_MARKS[name]
+
+    def backend(value: object) -> None:
+        if not isinstance(value, str):
+            return
+        needed.update(BACKEND_MARKS.get(value, ()))
+        for factory in factories:
+            needed.update(FACTORY_BACKEND_MARKS[factory].get(value, ()))
+
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        direct = _direct_params(item)
+        for argname, value in callspec.params.items():
+            # A fixture's own param picks its backend (l3_choice, db, landing, backend);
+            # a directly parametrized value is a backend only if a factory takes it.
+            if argname not in direct or factories:
+                backend(value)
+    if factories:
+        for factory, value in _LITERAL_BACKEND.findall(_source(getattr(item, "function", None))):
+            if factory in factories:
+                backend(value)
+    return needed
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: Iterable[pytest.Item]) -> None:
+    for item in items:
+        have = {mark.name for mark in item.iter_markers()}
+        for name in sorted(marks_for(item) - have):
+            item.add_marker(name)
+
+
+def require_marks(request: pytest.FixtureRequest) -> None:
+    """Keep the marking honest; called first by each per-test service fixture.
+
+    A test that reaches a service at run time (``request.getfixturevalue``, a helper, a
+    backend name) without that service's marker fails here, whether or not the service
+    is up, so ``-m "not postgres"`` cannot let it through to a skip or a failure on a
+    machine without PostgreSQL. (Inside the fixture, not in a ``pytest_fixture_setup``
+    hook: pytest records a fixture's own error properly, a hook's leaves it half set up.)
+    """
+    item = request.node
+    missing = FIXTURE_MARKS[request.fixturename] - {mark.name for mark in item.iter_markers()}
+    if missing:
+        pytest.fail(
+            f"{item.nodeid} reaches {request.fixturename!r} but is not marked "
+            f"{', '.join(sorted(missing))}: add the marker, or teach conftest.marks_for "
+            "how to see it",
+            pytrace=False,
+        )
