@@ -976,6 +976,7 @@ def test_archive_assets_moves_data_to_archive(repo, store):
     assert repo.archive_assets(cutoff) == 0
 
 
+@pytest.mark.slow
 def test_reads_during_archiving_always_get_the_data(repo):
     """A reader racing archive_assets must get the bytes (spec: still readable)."""
     errors: list[str] = []

@@ -40,6 +40,7 @@ def test_a_forged_l2_frame_that_inflates_past_max_value_bytes_is_a_corrupt_copy(
     assert repaired != bomb  # the forged copy is gone (replaced or removed)
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_concurrent_l3_writers_and_access_flushes_do_not_deadlock(pg_url):
     """Two processes' worth of L3 traffic on the same ids, each side in the opposite

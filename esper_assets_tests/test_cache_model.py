@@ -34,6 +34,8 @@ from hypothesis.stateful import (
 
 from esper_assets.storage import CacheConfig, PersistentKernelCache, framing
 
+pytestmark = pytest.mark.slow  # both runs of the state machine take 10-25 s
+
 # A small pool so puts collide. Ids that stress key encodings: kernel_object_key
 # maps "." to "%2E", so "a.b" and "a%2Eb" must stay distinct objects.
 IDS = ["k0", "k1", "k2", "a.b", "a%2Eb", "x/y", "..", "ü ñ"]

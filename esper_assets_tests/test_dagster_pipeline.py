@@ -70,6 +70,7 @@ def check_evaluations(instance, run_id: str) -> dict[str, object]:
 
 
 # -- definitions -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_definitions_load_without_warnings(esper_home):
     code = (
         "import json, warnings\n"
@@ -102,6 +103,7 @@ def test_definitions_load_without_warnings(esper_home):
     assert [s.name for s in defs.sensors] == ["new_blueprints"]
 
 
+@pytest.mark.slow
 def test_dagster_cli_validates_the_workspace(esper_home):
     from esper_assets.defs.instance import embedded_dagster_home
 
@@ -220,6 +222,7 @@ def test_materialize_both_assets_for_one_partition(instance, landing):
     assert kernel["event_tags"]["dagster/data_version"] == kernel["kernel_id"]
 
 
+@pytest.mark.slow
 def test_a_single_run_backfill_gives_every_partition_its_own_metadata(instance, landing):
     names = [f"bf{i}" for i in range(6)]
     for i, name in enumerate(names):
@@ -239,6 +242,7 @@ def test_a_single_run_backfill_gives_every_partition_its_own_metadata(instance, 
     ]
 
 
+@pytest.mark.slow
 def test_a_single_run_backfill_with_one_bad_file_builds_no_kernel(instance, landing):
     """The blocking check is evaluated once for the whole run: one bad file stops
     compiled_kernels for every partition of a single-run backfill. The good files are
@@ -283,6 +287,7 @@ def test_a_single_run_backfill_with_one_bad_file_builds_no_kernel(instance, land
         assert kernel["blueprint_repository_id"] == registered[name]["repository_id"]
 
 
+@pytest.mark.slow
 def test_the_same_content_is_never_compiled_twice(instance, landing, esper_home):
     landing.put("base.json", mlp("base"))
     defs = build_definitions()
@@ -299,6 +304,7 @@ def test_the_same_content_is_never_compiled_twice(instance, landing, esper_home)
         )
 
 
+@pytest.mark.slow
 def test_kernel_round_trip_reports_a_corrupted_cache_entry(instance, landing, esper_home):
     landing.put("base.json", mlp("base"))
     tick_and_run(build_definitions(), instance)
@@ -333,6 +339,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_FILES))
 def test_bad_input_fails_its_own_partition_with_a_clear_message(case, instance, landing):
     key, data = BAD_FILES[case]
@@ -377,6 +384,7 @@ def test_problem_messages_name_the_field(instance, landing):
 
 
 # -- lineage ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lineage_agrees_across_repository_and_dagster_event_log(instance, esper_home):
     land_examples(DirectoryLanding(Settings.from_env().landing))
     report = tick_and_run(build_definitions(), instance)
@@ -408,6 +416,7 @@ def test_every_schedule_requests_its_job(esper_home):
         assert defs.resolve_job_def(schedule.job_name) is not None
 
 
+@pytest.mark.slow
 def test_warm_job_takes_the_most_used_kernel_first_and_restores_it_when_lost(
     instance, landing, esper_home
 ):
@@ -460,6 +469,7 @@ def test_cache_maintenance_job_runs(instance, esper_home):
     assert result.success and set(result.output_for_node("clean_kernel_cache")) >= {"l1", "l3"}
 
 
+@pytest.mark.slow
 def test_nightly_revalidation_fails_naming_blueprints_that_no_longer_pass(instance, landing):
     landing.put("base.json", mlp("base"))
     landing.put("big.json", mlp("big", width=64))

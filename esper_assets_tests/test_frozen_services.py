@@ -105,6 +105,7 @@ def private_moto(tmp_path: Path) -> Iterator[MotoProcess]:
 
 
 # -- PostgreSQL -----------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_frozen_postgres_cache_calls_return_within_twice_the_timeout(private_pg):
     config = {
@@ -177,6 +178,7 @@ def _concurrent_gets(cache, kernel_id: str, n: int, outcomes: list[Outcome]) -> 
         thread.join()
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_frozen_postgres_repository_read_returns_within_twice_the_timeout(private_pg):
     repo = AssetRepository(private_pg.url, access_flush_interval_s=3600.0)
@@ -245,6 +247,7 @@ def test_pool_connection_settings_and_a_merely_slow_server(private_pg):
 
 
 # -- S3 -------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.s3
 def test_frozen_s3_large_values_return_within_twice_the_timeout(private_moto, tmp_path):
     from esper_assets.storage.object_store import make_s3_client

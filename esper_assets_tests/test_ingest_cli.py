@@ -52,6 +52,7 @@ def ingest_json(expect_exit: int) -> dict:
     return json.loads(result.stdout)  # stdout holds the JSON document alone
 
 
+@pytest.mark.slow
 def test_ingest_reports_every_file_once_and_exits_1_when_one_failed(landing):
     land_good_and_bad(landing)
     report = ingest_json(expect_exit=1)
@@ -89,6 +90,7 @@ def test_ingest_reports_every_file_once_and_exits_1_when_one_failed(landing):
     assert [(f["file"], f["status"]) for f in fixed["files"]] == [("bad.yaml", "success")]
 
 
+@pytest.mark.slow
 def test_ingest_on_a_terminal_prints_a_table_and_no_stack_traces(landing, esper_home):
     """A real process, so what reaches stdout and stderr is what a user sees."""
     land_good_and_bad(landing)
@@ -133,6 +135,7 @@ def test_ingest_refuses_a_landing_zone_it_cannot_use_in_one_line(esper_home, tmp
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_ingest_from_an_s3_landing_zone(esper_home, monkeypatch, s3_endpoint, s3_bucket):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("ESPER_LANDING", f"s3://{s3_bucket}/in")
@@ -146,6 +149,7 @@ def test_ingest_from_an_s3_landing_zone(esper_home, monkeypatch, s3_endpoint, s3
     assert BAD_FILE_PROBLEM in by_file["bad.yaml"]["problem"]
 
 
+@pytest.mark.slow
 def test_demo_with_bad_files_lists_each_failed_file_in_one_line(landing):
     landing.put("bad.yaml", NEGATIVE_WIDTH)
     landing.put("bad name.txt", b"hello")

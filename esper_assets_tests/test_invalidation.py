@@ -224,6 +224,7 @@ def test_invalidation_missed_while_redis_was_down_drops_l1(
 RACE_ROUNDS = 300
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader_l1", [False, True], ids=["reader without L1", "reader with L1"])
 def test_invalidation_is_not_undone_by_a_concurrent_reader(
     other_process, make_cache, redis_client, redis_prefix, reader_l1

@@ -324,6 +324,7 @@ SELECT x FROM n;
 """
 
 
+@pytest.mark.slow
 def test_concurrent_processes_on_fresh_database_apply_once(shared_target):
     dialect, target = shared_target
     applied = run_concurrently(dialect, target)
@@ -331,6 +332,7 @@ def test_concurrent_processes_on_fresh_database_apply_once(shared_target):
     assert_recorded_once(dialect, target, all_versions(dialect))
 
 
+@pytest.mark.slow
 def test_concurrent_processes_apply_a_new_migration_once(shared_target, sql_copy):
     dialect, target = shared_target
     first = Database(dialect, target)
@@ -345,6 +347,7 @@ def test_concurrent_processes_apply_a_new_migration_once(shared_target, sql_copy
     database.conn.close()
 
 
+@pytest.mark.slow
 def test_concurrent_tier_start_ups_succeed(shared_target):
     dialect, target = shared_target
     run_concurrently(dialect, target, via_tier=True)

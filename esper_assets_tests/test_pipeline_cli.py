@@ -16,6 +16,8 @@ from esper_assets.cli import main
 CHECKS = {"blueprint_is_valid": True, "kernel_round_trip": True}
 EXAMPLE_NAMES = sorted(path.name.split(".")[0] for path in example_blueprint_files())
 
+pytestmark = pytest.mark.slow  # each test runs the pipeline: 6-16 s
+
 
 def invoke_json(*args: str) -> dict:
     result = CliRunner().invoke(main, list(args))

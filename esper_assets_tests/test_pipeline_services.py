@@ -36,7 +36,8 @@ from esper_assets.storage import AssetRepository, PersistentKernelCache
 from esper_assets.storage.object_store import make_s3_client
 from esper_assets_tests.conftest import with_search_path
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3]
+# slow: the module fixture runs the whole pipeline on the services (~40 s)
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRODUCTION_DAGSTER_YAML = REPO_ROOT / "deploy" / "dagster.yaml"
