@@ -38,6 +38,8 @@ import yaml
 
 from esper_assets_tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # each test runs dg/dagster commands in subprocesses: 20-30 s
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMMAND_TIMEOUT_S = 150
