@@ -123,17 +123,25 @@ class S3ObjectStore:
     def _get(self, key: str, **extra) -> bytes | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            response = self.client.get_object(
-                Bucket=self.bucket, Key=self.prefix + _check_key(key), **extra
-            )
-            return response["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise self._fail("GET", key, exc) from exc
-        except BotoCoreError as exc:
-            raise self._fail("GET", key, exc) from exc
+        for attempt in (1, 2):
+            try:
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=self.prefix + _check_key(key), **extra
+                )
+                return response["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                # S3 asks clients to retry a 5xx (InternalError, SlowDown). The server
+                # answered, so a second GET costs no timeout; a frozen endpoint times
+                # out instead (BotoCoreError) and is never retried.
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if attempt == 1 and status >= 500:
+                    continue
+                raise self._fail("GET", key, exc) from exc
+            except BotoCoreError as exc:
+                raise self._fail("GET", key, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def get(self, key: str) -> bytes | None:
         return self._get(key)
