@@ -345,7 +345,7 @@ def cache_warm(top: int, as_json: bool) -> None:
 @main.command()
 def migrate() -> None:
     """Apply pending schema migrations to the configured database."""
-    from esper_assets.storage.migrations import migrate_postgres, migrate_sqlite
+    from esper_assets.storage.db.migrations import migrate_postgres, migrate_sqlite
 
     settings = Settings.from_env()
     if settings.database_url:

@@ -55,7 +55,7 @@ class InvalidQuery(InvalidInput):
 
 class JsonTooDeep(InvalidInput):
     """JSON (asset properties, a property filter, ``--property`` text) nests deeper than
-    the repository's limit (``esper_assets.storage.assets.MAX_JSON_DEPTH``)."""
+    the repository's limit (``esper_assets.storage.repository.repository.MAX_JSON_DEPTH``)."""
 
 
 class PropertiesTooDeep(JsonTooDeep, InvalidAssetField):

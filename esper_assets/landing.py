@@ -293,7 +293,7 @@ def landing_from_location(location: str, s3_client=None) -> LandingZone:
         if not bucket:
             raise ConfigError(f"ESPER_LANDING={location!r} names no bucket; use s3://bucket/prefix")
         if s3_client is None:
-            from esper_assets.storage.object_store import make_s3_client
+            from esper_assets.storage.objects import make_s3_client
 
             s3_client = make_s3_client(os.environ.get("AWS_ENDPOINT_URL") or None)
         return S3Landing(s3_client, bucket, prefix)

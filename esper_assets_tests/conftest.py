@@ -250,7 +250,7 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture
 def s3_bucket(request, s3_endpoint: str) -> str:
-    from esper_assets.storage.object_store import make_s3_client
+    from esper_assets.storage.objects import make_s3_client
 
     require_marks(request)
     bucket = f"esper-test-{uuid.uuid4().hex[:12]}"
@@ -351,9 +351,9 @@ class ManualClock:
 
 @pytest.fixture
 def l1_clock(monkeypatch) -> ManualClock:
-    """The clock L1 (esper_assets.storage.memory) reads TTLs from, moved by the test alone,
+    """The clock L1 (esper_assets.storage.cache.tiers.memory) reads TTLs from, moved by the test alone,
     so TTL tests say "after the TTL" or "before it" without sleeping or racing."""
-    from esper_assets.storage import memory
+    from esper_assets.storage.cache.tiers import memory
 
     clock = ManualClock()
     monkeypatch.setattr(memory, "time", clock)
@@ -390,7 +390,7 @@ def make_repo(request, tmp_path: Path, open_things: OpenThings) -> Iterator[Call
     is dropped; an error from ``close()`` fails the test.
     """
     from esper_assets.storage import AssetRepository
-    from esper_assets.storage.object_store import (
+    from esper_assets.storage.objects import (
         DirectoryObjectStore,
         S3ObjectStore,
         make_s3_client,

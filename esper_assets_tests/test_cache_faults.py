@@ -22,8 +22,9 @@ from esper_assets.errors import (
     FlushError,
     TierUnavailable,
 )
-from esper_assets.storage import CacheConfig, PersistentKernelCache, framing
-from esper_assets.storage.resilience import CircuitBreaker
+from esper_assets.storage import CacheConfig, PersistentKernelCache
+from esper_assets.storage.cache import framing
+from esper_assets.storage.cache.resilience import CircuitBreaker
 from esper_assets_tests.conftest import BACKENDS, ManualClock, closed_port, wait_until
 
 RESET_S = 0.2

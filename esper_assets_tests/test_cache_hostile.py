@@ -8,9 +8,9 @@ import threading
 import pytest
 import zstandard
 
-from esper_assets.storage import framing
-from esper_assets.storage.framing import Codec, Payload
-from esper_assets.storage.sql_tier import PostgresTier, Row
+from esper_assets.storage.cache import framing
+from esper_assets.storage.cache.framing import Codec, Payload
+from esper_assets.storage.cache.tiers.sql import PostgresTier, Row
 
 
 def zstd_bomb(size: int) -> bytes:

@@ -32,7 +32,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from esper_assets.storage import CacheConfig, PersistentKernelCache, framing
+from esper_assets.storage import CacheConfig, PersistentKernelCache
+from esper_assets.storage.cache import framing
 
 pytestmark = pytest.mark.slow  # both runs of the state machine take 10-25 s
 

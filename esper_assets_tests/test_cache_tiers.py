@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 
 from esper_assets.errors import EsperError, InvalidKernelId, InvalidValue
-from esper_assets.storage import PersistentKernelCache, framing
-from esper_assets.storage.framing import Codec
-from esper_assets.storage.memory import entry_charge
-from esper_assets.storage.object_store import kernel_object_key, make_s3_client
-from esper_assets.storage.sql_tier import IN_OBJECT_STORE
+from esper_assets.storage import PersistentKernelCache
+from esper_assets.storage.cache import framing
+from esper_assets.storage.cache.framing import Codec
+from esper_assets.storage.cache.tiers.memory import entry_charge
+from esper_assets.storage.cache.tiers.objects import kernel_object_key
+from esper_assets.storage.cache.tiers.sql import IN_OBJECT_STORE
+from esper_assets.storage.objects import make_s3_client
 from esper_assets_tests.conftest import BACKENDS, wait_until
 
 each_backend = pytest.mark.parametrize("backend", BACKENDS)

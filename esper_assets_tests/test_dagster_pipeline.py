@@ -424,7 +424,7 @@ def test_warm_job_takes_the_most_used_kernel_first_and_restores_it_when_lost(
     from every tier. Warming one kernel must pick it (by access count: read it fewer
     times than "cold" and the job warms "cold" instead) and put it back from the asset
     repository; warming both afterwards finds both in the cache."""
-    from esper_assets.storage.object_store import kernel_object_key
+    from esper_assets.storage.cache.tiers.objects import kernel_object_key
 
     # "hot" is above the cache's 1 MiB large-object threshold: L3 keeps a pointer row
     # (with its access count) and the value lives only in the object store (L4).

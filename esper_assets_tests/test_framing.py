@@ -1,4 +1,4 @@
-"""Framed values (esper_assets.storage.framing).
+"""Framed values (esper_assets.storage.cache.framing).
 
 Covers: encode/pack/unpack/decode round trips for the none, zstd and gzip codecs
 (hypothesis over arbitrary and compressible bytes); small and incompressible
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esper_assets.errors import ConfigError, CorruptValue
-from esper_assets.storage.framing import (
+from esper_assets.storage.cache.framing import (
     DEFAULT_MAX_DECODED_BYTES,
     HEADER_SIZE,
     MIN_COMPRESS_BYTES,

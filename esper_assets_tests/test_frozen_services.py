@@ -31,7 +31,7 @@ from esper_assets.storage import (
     CacheConfig,
     PersistentKernelCache,
 )
-from esper_assets.storage.asset_backends import PostgresAssets
+from esper_assets.storage.repository.backends import PostgresAssets
 from esper_assets_tests.conftest import _service_missing
 from esper_assets_tests.frozen import (
     MotoProcess,
@@ -195,7 +195,7 @@ def test_frozen_postgres_repository_read_returns_within_twice_the_timeout(privat
 
 @pytest.mark.postgres
 def test_pool_connection_settings_and_a_merely_slow_server(private_pg):
-    from esper_assets.storage.postgres import ConnectionPool, postgres_errors
+    from esper_assets.storage.db.postgres import ConnectionPool, postgres_errors
 
     def show(url: str, setting: str) -> str:
         pool = ConnectionPool(url, 1, timeout_s=SQL_TIMEOUT_S)
@@ -250,7 +250,7 @@ def test_pool_connection_settings_and_a_merely_slow_server(private_pg):
 @pytest.mark.slow
 @pytest.mark.s3
 def test_frozen_s3_large_values_return_within_twice_the_timeout(private_moto, tmp_path):
-    from esper_assets.storage.object_store import make_s3_client
+    from esper_assets.storage.objects import make_s3_client
 
     bucket = f"esper-frozen-{uuid.uuid4().hex[:8]}"
     make_s3_client(private_moto.endpoint).create_bucket(Bucket=bucket)

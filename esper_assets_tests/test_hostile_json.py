@@ -20,7 +20,7 @@ from esper_assets.errors import (
     JsonTooDeep,
 )
 from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository
-from esper_assets.storage.assets import MAX_JSON_DEPTH, parse_properties_json
+from esper_assets.storage.repository.repository import MAX_JSON_DEPTH, parse_properties_json
 from esper_assets_tests.conftest import ASSET_BACKENDS
 
 HOSTILE = 3_000

@@ -45,7 +45,7 @@ def landing(request, tmp_path):
     if request.param == "directory":
         return DirectoryLanding(tmp_path / "landing")
     s3_bucket = request.getfixturevalue("s3_bucket")
-    from esper_assets.storage.object_store import make_s3_client
+    from esper_assets.storage.objects import make_s3_client
 
     client = make_s3_client(request.getfixturevalue("s3_endpoint"))
     return S3Landing(client, s3_bucket, "landing")
@@ -77,7 +77,7 @@ def test_landing_lists_puts_reads_and_rejects_without_deleting(landing):
 
 
 def test_landing_location_picks_the_implementation(tmp_path, s3_endpoint, s3_bucket):
-    from esper_assets.storage.object_store import make_s3_client
+    from esper_assets.storage.objects import make_s3_client
 
     assert isinstance(landing_from_location(str(tmp_path)), DirectoryLanding)
     s3 = landing_from_location(f"s3://{s3_bucket}/in", make_s3_client(s3_endpoint))
@@ -140,7 +140,7 @@ def test_unusable_file_names_are_moved_to_rejected_with_a_reason(tmp_path, key):
 
 
 def test_s3_keys_that_cannot_be_partitions_are_rejected(s3_endpoint, s3_bucket):
-    from esper_assets.storage.object_store import make_s3_client
+    from esper_assets.storage.objects import make_s3_client
 
     client = make_s3_client(s3_endpoint)
     landing = S3Landing(client, s3_bucket, "landing")
@@ -237,7 +237,7 @@ def test_s3_new_content_uploaded_in_the_same_second_is_seen(s3_endpoint, s3_buck
     """S3's LastModified has 1 s resolution: a re-upload right after a tick can carry
     the very stamp the cursor stopped at. Retried until that really happens (a
     second boundary may fall between the two uploads)."""
-    from esper_assets.storage.object_store import make_s3_client
+    from esper_assets.storage.objects import make_s3_client
 
     client = make_s3_client(s3_endpoint)
     for attempt in range(10):

@@ -1,4 +1,4 @@
-"""L1 MemoryTier (esper_assets.storage.memory).
+"""L1 MemoryTier (esper_assets.storage.cache.tiers.memory).
 
 Covers: get/put/delete/clear and their counters; TTL expiry (lazy on get, and
 cleanup()); the victim chosen by each eviction policy (lru, lfu, fifo) with
@@ -20,7 +20,7 @@ import tracemalloc
 import pytest
 
 from esper_assets.errors import ConfigError
-from esper_assets.storage.memory import ENTRY_OVERHEAD, MemoryTier, entry_charge
+from esper_assets.storage.cache.tiers.memory import ENTRY_OVERHEAD, MemoryTier, entry_charge
 
 VALUE = b"v" * 100
 

@@ -1,4 +1,4 @@
-"""Numbered SQL migrations (esper_assets.storage.migrations) on SQLite and PostgreSQL.
+"""Numbered SQL migrations (esper_assets.storage.db.migrations) on SQLite and PostgreSQL.
 
 Every behaviour runs on both dialects (a tmp SQLite file; a fresh PostgreSQL
 schema from the ``pg_url`` fixture): migrations apply once and are recorded in
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from esper_assets.errors import MigrationError
-from esper_assets.storage.migrations import (
+from esper_assets.storage.db.migrations import (
     load_migrations,
     migrate_postgres,
     migrate_sqlite,
@@ -258,7 +258,7 @@ def _migrate_in_child(dialect, target, root, via_tier, barrier, results) -> None
     """Runs in a spawned process: wait for the others, then migrate."""
     try:
         if via_tier:  # the real start-up path: the tier's constructor migrates
-            from esper_assets.storage.sql_tier import PostgresTier, SqliteTier
+            from esper_assets.storage.cache.tiers.sql import PostgresTier, SqliteTier
 
             barrier.wait(timeout=60)
             tier = SqliteTier(target) if dialect == "sqlite" else PostgresTier(target)

@@ -33,7 +33,7 @@ from esper_assets.defs.driver import (
 )
 from esper_assets.landing import S3Landing, landing_from_location
 from esper_assets.storage import AssetRepository, PersistentKernelCache
-from esper_assets.storage.object_store import make_s3_client
+from esper_assets.storage.objects import make_s3_client
 from esper_assets_tests.conftest import with_search_path
 
 # slow: the module fixture runs the whole pipeline on the services (~40 s)

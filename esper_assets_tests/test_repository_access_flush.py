@@ -113,7 +113,7 @@ def test_invalid_ids_are_dropped_and_counted_not_poisoning_the_flush(make_repo, 
     for aid in bad:
         repo._note_access(aid)
     repo.get_asset(good[0])
-    with caplog.at_level("WARNING", logger="esper_assets.storage.assets"):
+    with caplog.at_level("WARNING", logger="esper_assets.storage.repository.repository"):
         assert repo.flush_access() == 3
     assert repo.access_ids_dropped == len(bad)
     assert any("dropped" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,4 @@
-"""Circuit breaker, latency window and tier counters (esper_assets.storage.resilience).
+"""Circuit breaker, latency window and tier counters (esper_assets.storage.cache.resilience).
 
 Covers: CircuitBreaker driven by a fake clock (closed -> open after the threshold
 of consecutive failures, no calls while open, exactly one probe once half-open,
@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from esper_assets.storage.resilience import (
+from esper_assets.storage.cache.resilience import (
     CLOSED,
     HALF_OPEN,
     OPEN,

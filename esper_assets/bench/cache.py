@@ -26,8 +26,8 @@ from esper_assets.bench.timing import Comparison, paired_medians, wall_ms
 from esper_assets.errors import EsperError
 from esper_assets.settings import Settings
 from esper_assets.storage import CacheConfig, PersistentKernelCache
-from esper_assets.storage.kernel_cache import cache_config_from_settings
-from esper_assets.storage.memory import MemoryTier, entry_charge
+from esper_assets.storage.cache.kernel_cache import cache_config_from_settings
+from esper_assets.storage.cache.tiers.memory import MemoryTier, entry_charge
 
 VALUE_BYTES = 4096
 
@@ -73,7 +73,7 @@ def bench_env(settings: Settings) -> Iterator[BenchEnv]:
 def _postgres_schema(url: str):
     import psycopg
 
-    from esper_assets.storage.sql_tier import PostgresTier
+    from esper_assets.storage.cache.tiers.sql import PostgresTier
 
     schema = f"esper_bench_{uuid.uuid4().hex[:8]}"
     admin = psycopg.connect(url, autocommit=True)
@@ -98,7 +98,7 @@ def _postgres_schema(url: str):
 def _sqlite_reader(path: str) -> Callable[[str], bytes | None]:
     import sqlite3
 
-    from esper_assets.storage.sql_tier import SqliteTier
+    from esper_assets.storage.cache.tiers.sql import SqliteTier
 
     SqliteTier(path).close()  # applies migrations
     conn = sqlite3.connect(path, check_same_thread=False)

@@ -20,8 +20,8 @@ from esper_assets.blueprints import BlueprintLimits
 from esper_assets.landing import LandingZone, landing_from_location
 from esper_assets.settings import Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
-from esper_assets.storage.kernel_cache import cache_config_from_settings
-from esper_assets.storage.object_store import (
+from esper_assets.storage.cache.kernel_cache import cache_config_from_settings
+from esper_assets.storage.objects import (
     DirectoryObjectStore,
     ObjectStore,
     S3ObjectStore,

@@ -1,4 +1,6 @@
-"""Storage layer: tiers, the kernel cache, object stores and migrations.
+"""Storage layer, in rooms: ``db/`` (pools, SQL errors, migrations), ``objects/``
+(directory and S3 object stores), ``cache/`` (PersistentKernelCache and its tiers),
+``repository/`` (AssetRepository). This module re-exports the public names.
 
 Imports nothing from Dagster: training processes use it directly::
 
@@ -7,17 +9,13 @@ Imports nothing from Dagster: training processes use it directly::
     kernel = cache.get(kernel_id)
 """
 
-from esper_assets.storage.assets import AssetMetadata, AssetQuery, AssetRepository
-from esper_assets.storage.kernel_cache import CacheConfig, CacheEntry, PersistentKernelCache
-from esper_assets.storage.memory import MemoryTier
-from esper_assets.storage.object_store import (
-    DirectoryObjectStore,
-    ObjectStore,
-    ObjectTier,
-    S3ObjectStore,
-)
-from esper_assets.storage.redis_tier import RedisTier
-from esper_assets.storage.sql_tier import PostgresTier, SqliteTier
+from esper_assets.storage.cache.kernel_cache import CacheConfig, CacheEntry, PersistentKernelCache
+from esper_assets.storage.cache.tiers.memory import MemoryTier
+from esper_assets.storage.cache.tiers.objects import ObjectTier
+from esper_assets.storage.cache.tiers.redis import RedisTier
+from esper_assets.storage.cache.tiers.sql import PostgresTier, SqliteTier
+from esper_assets.storage.objects import DirectoryObjectStore, ObjectStore, S3ObjectStore
+from esper_assets.storage.repository.repository import AssetMetadata, AssetQuery, AssetRepository
 
 # The seeds' names for the L2 and L3 backends.
 RedisBackend = RedisTier

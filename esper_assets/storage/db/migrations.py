@@ -40,8 +40,9 @@ class Migration:
 
 def sql_root() -> Path:
     """The ``sql/`` folder: packaged inside the wheel, or the repository's own."""
-    packaged = Path(__file__).resolve().parent.parent / "sql"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "sql"
+    here = Path(__file__).resolve()  # esper_assets/storage/db/migrations.py
+    packaged = here.parents[2] / "sql"
+    return packaged if packaged.is_dir() else here.parents[3] / "sql"
 
 
 def load_migrations(dialect: str, root: Path | None = None) -> list[Migration]:

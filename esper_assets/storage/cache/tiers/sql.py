@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from esper_assets.errors import DurableWriteError, StorageError, TierUnavailable, redact_url
-from esper_assets.storage.migrations import migrate_postgres, migrate_sqlite
-from esper_assets.storage.postgres import SLOW_WORK_S, ConnectionPool, postgres_errors
+from esper_assets.storage.db.migrations import migrate_postgres, migrate_sqlite
+from esper_assets.storage.db.postgres import SLOW_WORK_S, ConnectionPool, postgres_errors
 
 
 class InObjectStore:

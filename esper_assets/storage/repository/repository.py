@@ -40,10 +40,15 @@ from esper_assets.errors import (
     StorageError,
 )
 from esper_assets.settings import Settings
-from esper_assets.storage.asset_backends import ASSET_COLUMNS, PostgresAssets, SqliteAssets, _json
-from esper_assets.storage.object_store import ObjectStore, object_store_from_settings
+from esper_assets.storage.objects import ObjectStore, object_store_from_settings
+from esper_assets.storage.repository.backends import (
+    ASSET_COLUMNS,
+    PostgresAssets,
+    SqliteAssets,
+    _json,
+)
 
-log = logging.getLogger("esper_assets.storage.assets")
+log = logging.getLogger("esper_assets.storage.repository.repository")
 
 ASSET_TYPES = ("blueprint", "kernel", "checkpoint")
 STATES = ("active", "deprecated", "archived")

@@ -26,8 +26,8 @@ from esper_assets.errors import (
     TierUnavailable,
     redact_url,
 )
-from esper_assets.storage.migrations import migrate_postgres
-from esper_assets.storage.postgres import (
+from esper_assets.storage.db.migrations import migrate_postgres
+from esper_assets.storage.db.postgres import (
     SLOW_WORK_S,
     ConnectionPool,
     lock_wait,
@@ -307,7 +307,7 @@ class SqliteAssets:
     dialect = "sqlite"
 
     def __init__(self, path: Path | str, timeout_s: float = 10.0) -> None:
-        from esper_assets.storage.sql_tier import SqliteTier
+        from esper_assets.storage.cache.tiers.sql import SqliteTier
 
         self.path = Path(path)
         self.location = f"sqlite:///{self.path}"

@@ -38,20 +38,19 @@ from esper_assets.errors import (
     TierUnavailable,
 )
 from esper_assets.settings import Settings
-from esper_assets.storage import framing
-from esper_assets.storage.framing import Codec, Codecs, Payload
-from esper_assets.storage.memory import MemoryTier
-from esper_assets.storage.object_store import (
+from esper_assets.storage.cache import framing
+from esper_assets.storage.cache.framing import Codec, Codecs, Payload
+from esper_assets.storage.cache.resilience import CircuitBreaker, LatencyWindow, TierStats
+from esper_assets.storage.cache.tiers.memory import MemoryTier
+from esper_assets.storage.cache.tiers.objects import ObjectTier, kernel_object_key
+from esper_assets.storage.cache.tiers.redis import InvalidationListener, RedisTier
+from esper_assets.storage.cache.tiers.sql import IN_OBJECT_STORE, PostgresTier, Row, SqliteTier
+from esper_assets.storage.objects import (
     DirectoryObjectStore,
     ObjectStore,
-    ObjectTier,
     S3ObjectStore,
-    kernel_object_key,
     make_s3_client,
 )
-from esper_assets.storage.redis_tier import InvalidationListener, RedisTier
-from esper_assets.storage.resilience import CircuitBreaker, LatencyWindow, TierStats
-from esper_assets.storage.sql_tier import IN_OBJECT_STORE, PostgresTier, Row, SqliteTier
 
 log = logging.getLogger("esper_assets.storage.cache")
 
