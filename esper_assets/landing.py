@@ -91,41 +91,39 @@ class DirectoryLanding:
         with self._blueprints():  # refuse a symlinked blueprints/ now, not at the first tick
             pass
 
-    @contextmanager
-    def _blueprints(self) -> Iterator[int]:
+    def _blueprints(self):
         """``blueprints/``, opened without following a symlink there."""
-        try:
-            fd = os.open(self.folder, _DIRECTORY)
-        except OSError as exc:
-            target = _symlink_target(str(self.folder), None)
-            if target is not None:
-                raise StorageError(
-                    f"landing zone folder {self.folder} is a symlink (to {target}); the landing "
-                    "zone reads and writes only inside itself: set ESPER_LANDING to the folder "
-                    "that holds the real blueprints/ folder instead"
-                ) from None
-            raise TierUnavailable(f"landing zone {self.location}: cannot open it: {exc}") from exc
-        try:
-            yield fd
-        finally:
-            os.close(fd)
+        return self._folder(
+            str(self.folder),
+            None,
+            self.folder,
+            "the landing zone reads and writes only inside itself: set ESPER_LANDING to "
+            "the folder that holds the real blueprints/ folder instead",
+        )
 
-    @contextmanager
-    def _rejected(self, blueprints_fd: int) -> Iterator[int]:
+    def _rejected(self, blueprints_fd: int):
         """``blueprints/rejected/``, created if missing, opened without following a symlink."""
         path = self.folder / REJECTED
+        with suppress(OSError):  # exists already, or cannot be made: the open says which
+            os.mkdir(REJECTED, dir_fd=blueprints_fd)
+        return self._folder(
+            REJECTED,
+            blueprints_fd,
+            path,
+            f"rejected files are moved only inside the landing zone: replace it with a real "
+            f"folder (rm {path} && mkdir {path}); nothing was moved",
+        )
+
+    @contextmanager
+    def _folder(self, name: str, dir_fd: int | None, path: Path, if_symlink: str) -> Iterator[int]:
+        """A folder's descriptor, never through a symlink: one there is refused with
+        ``if_symlink`` (what the landing zone does, and what to do)."""
         try:
-            with suppress(FileExistsError):
-                os.mkdir(REJECTED, dir_fd=blueprints_fd)
-            fd = os.open(REJECTED, _DIRECTORY, dir_fd=blueprints_fd)
+            fd = os.open(name, _DIRECTORY, dir_fd=dir_fd)
         except OSError as exc:
-            target = _symlink_target(REJECTED, blueprints_fd)
+            target = _symlink_target(name, dir_fd)
             if target is not None:
-                raise StorageError(
-                    f"{path} is a symlink (to {target}); rejected files are moved only inside "
-                    f"the landing zone: replace it with a real folder (rm {path} && mkdir "
-                    f"{path}); nothing was moved"
-                ) from None
+                raise StorageError(f"{path} is a symlink (to {target}); {if_symlink}") from None
             raise TierUnavailable(
                 f"landing zone {self.location}: cannot open {path}: {exc}"
             ) from exc

@@ -109,7 +109,7 @@ class CacheConfig:
     breaker_reset_s: float = 2.0
     # invalidation (see docs/ARCHITECTURE.md, "Invalidation and staleness")
     invalidation_poll_s: float = 1.0  # how often L3's change log is read: the embedded bound
-    invalidation_fence_s: float = 60.0  # how long an invalidated id refuses L2 promotions
+    invalidation_fence_s: float = 60.0  # how long an invalidated id refuses refills (L2, L3)
 
     def __post_init__(self) -> None:
         if self.write_mode not in WRITE_MODES:
@@ -190,11 +190,11 @@ class _WriteBack:
 
 
 def _is_valid_id(kernel_id: object) -> bool:
-    return (
-        isinstance(kernel_id, str)
-        and 0 < len(kernel_id) <= MAX_ID_LENGTH
-        and kernel_id.isprintable()
-    )
+    try:
+        check_kernel_id(kernel_id)
+    except InvalidKernelId:
+        return False
+    return True
 
 
 def check_kernel_id(kernel_id: object) -> str:
