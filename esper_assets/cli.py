@@ -102,7 +102,7 @@ def _stats_table(stats: dict[str, Any]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def demo(as_json: bool) -> None:
     """Land the example blueprints and run the pipeline: sensor tick, ingest, compile, checks."""
-    from esper_assets.defs.driver import run_demo
+    from esper_assets.runner.driver import run_demo
 
     with _status("running the blueprint pipeline", as_json):
         result = run_demo()
@@ -160,7 +160,7 @@ STATUS_STYLE = {"success": "green", "failed": "red", "rejected": "red", "waiting
 def ingest(as_json: bool) -> None:
     """Ingest what landed in ESPER_LANDING: tick the new_blueprints sensor and run what it
     asks for, until nothing new is left. One row per file; exits 1 if any file failed."""
-    from esper_assets.defs.driver import run_ingest
+    from esper_assets.runner.driver import run_ingest
 
     with _status("ingesting the landing zone", as_json):
         result = run_ingest()
@@ -368,8 +368,9 @@ def migrate() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def lineage(name: str, as_json: bool) -> None:
     """The chain kernel -> blueprint version -> parent blueprints for blueprint NAME."""
-    from esper_assets.defs.driver import dagster_lineage, local_instance
-    from esper_assets.pipeline import describe, lineage_chain
+    from esper_assets.defs import local_instance
+    from esper_assets.flows.kernels import describe, lineage_chain
+    from esper_assets.runner.driver import dagster_lineage
 
     with _repository() as repo:
         chain = [describe(m) for m in lineage_chain(repo, name)]
@@ -399,7 +400,7 @@ def lineage(name: str, as_json: bool) -> None:
 @main.command("dagster-home")
 def dagster_home() -> None:
     """Print the embedded Dagster instance's folder (DAGSTER_HOME for `dagster dev`)."""
-    from esper_assets.defs.instance import embedded_dagster_home
+    from esper_assets.defs import embedded_dagster_home
 
     click.echo(embedded_dagster_home())
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from esper_assets import pipeline
 from esper_assets.blueprints.examples import example_blueprint_files
 from esper_assets.defs import build_definitions
-from esper_assets.defs.driver import backfill, dagster_lineage, land_examples, tick_and_run
 from esper_assets.defs.resources import BlueprintRulesResource
 from esper_assets.defs.sensors import new_blueprints
-from esper_assets.landing import DirectoryLanding
+from esper_assets.flows import kernels
+from esper_assets.flows.landing import DirectoryLanding
+from esper_assets.runner.driver import backfill, dagster_lineage, land_examples, tick_and_run
 from esper_assets.settings import SERVICE_VARIABLES, Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 
@@ -295,8 +295,8 @@ def test_the_same_content_is_never_compiled_twice(instance, landing, esper_home)
     landing.put("base.json", mlp("base"))  # touched, same bytes: same run key, no run
     assert tick_and_run(defs, instance).runs == []
     with AssetRepository.from_env() as repo, PersistentKernelCache.from_env() as cache:
-        bp_id = pipeline.find_blueprint(repo, "base", "1.0.0")
-        again = pipeline.build_kernel(repo, cache, bp_id)
+        bp_id = kernels.find_blueprint(repo, "base", "1.0.0")
+        again = kernels.build_kernel(repo, cache, bp_id)
         assert again.compiled is False
         assert (
             again.kernel_id
@@ -309,10 +309,10 @@ def test_kernel_round_trip_reports_a_corrupted_cache_entry(instance, landing, es
     landing.put("base.json", mlp("base"))
     tick_and_run(build_definitions(), instance)
     with AssetRepository.from_env() as repo, PersistentKernelCache.from_env() as cache:
-        built = pipeline.build_kernel(repo, cache, pipeline.find_blueprint(repo, "base", "1.0.0"))
-        assert pipeline.verify_kernel(cache, built) == []
+        built = kernels.build_kernel(repo, cache, kernels.find_blueprint(repo, "base", "1.0.0"))
+        assert kernels.verify_kernel(cache, built) == []
         cache.put(built.kernel_id, b"not a kernel at all")
-        problems = pipeline.verify_kernel(cache, built)
+        problems = kernels.verify_kernel(cache, built)
         assert any("differ" in p for p in problems) and any("load" in p for p in problems)
 
 
@@ -394,7 +394,7 @@ def test_lineage_agrees_across_repository_and_dagster_event_log(instance, esper_
         lengths = {}
         for path in example_blueprint_files():
             name = path.name.split(".")[0]
-            chain = pipeline.lineage_chain(repo, name)
+            chain = kernels.lineage_chain(repo, name)
             from_dagster = dagster_lineage(instance, name)
             assert [m.asset_id for m in chain] == [s["repository_id"] for s in from_dagster]
             assert [m.name for m in chain[1:]] == [s["partition"] for s in from_dagster[1:]]

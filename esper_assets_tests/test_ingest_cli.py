@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from esper_assets.cli import main
-from esper_assets.landing import landing_from_location
+from esper_assets.flows.landing import landing_from_location
 from esper_assets.settings import SERVICE_VARIABLES, Settings
 
 NEGATIVE_WIDTH = b"name: bad\nversion: 1.0.0\ninput_shape: [4]\nlayers:\n  - {op: linear, out_features: -3}\n"  # fmt: skip

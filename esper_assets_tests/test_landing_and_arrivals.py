@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from esper_assets.arrivals import MAX_WAITS, Cursor, file_name_problem, scan_landing
-from esper_assets.landing import DirectoryLanding, S3Landing, landing_from_location
+from esper_assets.flows.arrivals import MAX_WAITS, Cursor, file_name_problem, scan_landing
+from esper_assets.flows.landing import DirectoryLanding, S3Landing, landing_from_location
 
 
 def blueprint(

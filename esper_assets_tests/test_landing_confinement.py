@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from esper_assets.arrivals import Cursor, scan_landing
 from esper_assets.errors import EsperError, InvalidInput, StorageError
-from esper_assets.landing import DirectoryLanding
+from esper_assets.flows.arrivals import Cursor, scan_landing
+from esper_assets.flows.landing import DirectoryLanding
 
 PRECIOUS = b"outside the landing zone: must never change\n"
 

@@ -21,17 +21,17 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import dagster as dg
 import pytest
 
-from esper_assets import pipeline
 from esper_assets.blueprints import kernel_id_for, parse_blueprint
 from esper_assets.blueprints.examples import example_blueprint_files
 from esper_assets.defs import build_definitions
-from esper_assets.defs.driver import (
+from esper_assets.flows import kernels as kernel_flows
+from esper_assets.flows.landing import S3Landing, landing_from_location
+from esper_assets.runner.driver import (
     TickReport,
     dagster_lineage,
     land_examples,
     tick_and_run,
 )
-from esper_assets.landing import S3Landing, landing_from_location
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 from esper_assets.storage.objects import make_s3_client
 from esper_assets_tests.conftest import with_search_path
@@ -303,8 +303,8 @@ def test_every_example_is_registered_compiled_and_cached_on_the_services(service
 
     with AssetRepository.from_env() as repo:
         assert repo.dialect == "postgres"
-        kernels = {m.name: m.asset_id for m in pipeline.registered_kernels(repo)}
-        blueprints = {m.name for m in pipeline.registered_blueprints(repo)}
+        kernels = {m.name: m.asset_id for m in kernel_flows.registered_kernels(repo)}
+        blueprints = {m.name for m in kernel_flows.registered_blueprints(repo)}
     assert kernels == expected_ids  # registered under their kernel ids
     assert blueprints == set(EXAMPLE_CHAINS)
 
@@ -348,7 +348,7 @@ def test_every_example_is_registered_compiled_and_cached_on_the_services(service
 def test_lineage_agrees_between_repository_and_dagster_event_log(services_run: ServicesRun):
     with AssetRepository.from_env() as repo:
         for name, blueprints in EXAMPLE_CHAINS.items():
-            chain = pipeline.lineage_chain(repo, name)
+            chain = kernel_flows.lineage_chain(repo, name)
             from_dagster = dagster_lineage(services_run.instance, name)
             assert [m.asset_id for m in chain] == [s["repository_id"] for s in from_dagster], name
             assert [(m.asset_type, m.name) for m in chain] == [
@@ -481,7 +481,7 @@ def test_bad_input_on_the_services_fails_its_own_partition_and_stays_landed(
         )
         assert listing.get("KeyCount", 0) == 0
         with AssetRepository.from_env() as repo:
-            assert [m.name for m in pipeline.registered_blueprints(repo)] == ["mlp_base"]
+            assert [m.name for m in kernel_flows.registered_blueprints(repo)] == ["mlp_base"]
     finally:
         if instance is not None:
             instance.dispose()

@@ -63,9 +63,9 @@ def embedded_home() -> Iterator[Path]:
 
 
 def bench_backfill(n: int) -> dict[str, Any]:
-    from esper_assets.defs import build_definitions
-    from esper_assets.defs.driver import backfill, local_instance
-    from esper_assets.landing import DirectoryLanding
+    from esper_assets.defs import build_definitions, local_instance
+    from esper_assets.flows.landing import DirectoryLanding
+    from esper_assets.runner.driver import backfill
     from esper_assets.settings import Settings
 
     files = [small_blueprint(i) for i in range(n)]
@@ -100,10 +100,8 @@ def bench_backfill(n: int) -> dict[str, Any]:
 def bench_sensor(seen: int, new: int, repeats: int = 5) -> dict[str, Any]:
     import dagster as dg
 
-    from esper_assets.defs import build_definitions
-    from esper_assets.defs.driver import local_instance
-    from esper_assets.defs.sensors import new_blueprints
-    from esper_assets.landing import DirectoryLanding
+    from esper_assets.defs import build_definitions, local_instance, new_blueprints
+    from esper_assets.flows.landing import DirectoryLanding
     from esper_assets.settings import Settings
 
     with embedded_home():

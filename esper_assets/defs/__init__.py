@@ -14,7 +14,14 @@ the variable, and tests can set the environment first and build afterwards.
 
 import dagster as dg
 
-from esper_assets.defs.assets import blueprints, compiled_kernels
+from esper_assets.defs._compat import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    RUN_KEY_TAG,
+    SENSOR_NAME_TAG,
+)
+from esper_assets.defs.assets import blueprint_partitions, blueprints, compiled_kernels
+from esper_assets.defs.instance import embedded_dagster_home, local_instance
 from esper_assets.defs.maintenance import (
     cache_maintenance_job,
     revalidate_blueprints_job,
@@ -22,7 +29,30 @@ from esper_assets.defs.maintenance import (
     warm_kernel_cache_job,
 )
 from esper_assets.defs.resources import resources_from_env
-from esper_assets.defs.sensors import ingest_blueprints_job, new_blueprints
+from esper_assets.defs.sensors import (
+    FILE_TAG,
+    evaluate_new_blueprints,
+    ingest_blueprints_job,
+    new_blueprints,
+)
+
+# The package's public face: the runner, the CLI and the bench import these names
+# from ``esper_assets.defs`` and never reach into its modules.
+__all__ = [
+    "ASSET_PARTITION_RANGE_END_TAG",
+    "ASSET_PARTITION_RANGE_START_TAG",
+    "FILE_TAG",
+    "RUN_KEY_TAG",
+    "SENSOR_NAME_TAG",
+    "blueprint_partitions",
+    "build_definitions",
+    "embedded_dagster_home",
+    "esper_definitions",
+    "evaluate_new_blueprints",
+    "ingest_blueprints_job",
+    "local_instance",
+    "new_blueprints",
+]
 
 
 def build_definitions(**resource_overrides: dg.ConfigurableResource) -> dg.Definitions:

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from esper_assets import pipeline
 from esper_assets.defs._compat import DATA_VERSION_TAG, add_partition_metadata
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
@@ -27,6 +26,7 @@ from esper_assets.defs.resources import (
     KernelCacheResource,
     LandingZoneResource,
 )
+from esper_assets.flows import kernels
 
 # Bump when the code below changes what a materialization would contain.
 CODE_VERSION = "1"
@@ -71,7 +71,7 @@ def blueprints(
 ) -> Iterator[dg.MaterializeResult]:
     names = context.partition_keys
     with repository.open() as repo:
-        results = pipeline.ingest_blueprints(
+        results = kernels.ingest_blueprints(
             repo, landing.open(), names, blueprint_rules.limits(), actor=_actor(context)
         )
     for result in results:
@@ -86,7 +86,7 @@ def blueprints(
     )
 
 
-def _blueprint_metadata(result: pipeline.IngestedBlueprint) -> dict:
+def _blueprint_metadata(result: kernels.IngestedBlueprint) -> dict:
     meta: dict = {
         "status": "invalid" if result.problems else "registered",
         "file": result.source,
@@ -156,15 +156,15 @@ def compiled_kernels(
     kernel_cache: KernelCacheResource,
 ) -> Iterator[dg.MaterializeResult]:
     sources = _blueprint_sources(context)
-    built: list[pipeline.BuiltKernel] = []
+    built: list[kernels.BuiltKernel] = []
     with repository.open() as repo, kernel_cache.open() as cache:
         for name in context.partition_keys:
-            kernel = pipeline.build_kernel(
+            kernel = kernels.build_kernel(
                 repo, cache, sources[name]["repository_id"], _actor(context)
             )
             add_partition_metadata(context, name, _kernel_metadata(kernel, sources[name]))
             built.append(kernel)
-        failures = {k.name: pipeline.verify_kernel(cache, k) for k in built}
+        failures = {k.name: kernels.verify_kernel(cache, k) for k in built}
     compiled = sum(k.compiled for k in built)
     context.log.info(f"{compiled} kernels compiled, {len(built) - compiled} reused")
     yield dg.MaterializeResult(
@@ -210,7 +210,7 @@ def _latest_blueprints(
     return sources
 
 
-def _kernel_metadata(kernel: pipeline.BuiltKernel, source: dict) -> dict:
+def _kernel_metadata(kernel: kernels.BuiltKernel, source: dict) -> dict:
     return {
         "name": kernel.name,
         "version": source.get("version", ""),

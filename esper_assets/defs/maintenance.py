@@ -2,12 +2,12 @@
 
 import dagster as dg
 
-from esper_assets import pipeline
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
     BlueprintRulesResource,
     KernelCacheResource,
 )
+from esper_assets.flows import kernels
 
 
 @dg.op(description="Remove expired entries from every tier and flush write-back keys.")
@@ -42,7 +42,7 @@ def warm_most_used_kernels(
     repository: AssetRepositoryResource,
 ) -> dict:
     with kernel_cache.open() as cache, repository.open() as repo:
-        report = pipeline.warm_most_used(cache, repo, config.count)
+        report = kernels.warm_most_used(cache, repo, config.count)
     counts: dict[str, int] = {}
     for outcome in report.values():
         counts[outcome] = counts.get(outcome, 0) + 1
@@ -64,7 +64,7 @@ def revalidate_all_blueprints(
     blueprint_rules: BlueprintRulesResource,
 ) -> int:
     with repository.open() as repo:
-        problems = pipeline.revalidate_blueprints(repo, blueprint_rules.limits())
+        problems = kernels.revalidate_blueprints(repo, blueprint_rules.limits())
     for name, why in problems.items():
         context.log.error(f"{name}: {why}")
     context.add_output_metadata({"invalid": len(problems), "names": ", ".join(problems)})

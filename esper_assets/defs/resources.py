@@ -17,7 +17,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from esper_assets.blueprints import BlueprintLimits
-from esper_assets.landing import LandingZone, landing_from_location
+from esper_assets.flows.landing import LandingZone, landing_from_location
 from esper_assets.settings import Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 from esper_assets.storage.cache.kernel_cache import cache_config_from_settings

@@ -2,14 +2,14 @@
 
 import dagster as dg
 
-from esper_assets.arrivals import Cursor, Scan, scan_landing
 from esper_assets.defs.assets import blueprint_partitions, blueprints, compiled_kernels
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
     BlueprintRulesResource,
     LandingZoneResource,
 )
-from esper_assets.pipeline import find_blueprint
+from esper_assets.flows.arrivals import Cursor, Scan, scan_landing
+from esper_assets.flows.kernels import find_blueprint
 
 # The landing-zone file a run was requested for (a run tag).
 FILE_TAG = "esper/file"

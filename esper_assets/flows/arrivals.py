@@ -25,7 +25,7 @@ from esper_assets.blueprints import (
     parse_blueprint,
 )
 from esper_assets.errors import EsperError, InvalidInput
-from esper_assets.landing import LandedFile, LandingZone
+from esper_assets.flows.landing import LandedFile, LandingZone
 
 # A child whose parent is in the landing zone waits this many ticks for the parent
 # to be registered; after that its run goes ahead (and fails clearly if it must).

@@ -21,18 +21,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from esper_assets.defs._compat import (
+from esper_assets.defs import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    FILE_TAG,
     RUN_KEY_TAG,
     SENSOR_NAME_TAG,
-)
-from esper_assets.defs.assets import blueprint_partitions
-from esper_assets.defs.instance import local_instance
-from esper_assets.defs.sensors import (
-    FILE_TAG,
+    blueprint_partitions,
     evaluate_new_blueprints,
     ingest_blueprints_job,
+    local_instance,
     new_blueprints,
 )
 from esper_assets.settings import Settings
@@ -310,7 +308,7 @@ def run_ingest(settings: Settings | None = None) -> dict:
     """``esper ingest``: tick the new_blueprints sensor on ``ESPER_LANDING`` and run what
     it asks for, until nothing new is left; one outcome per file."""
     from esper_assets.defs import build_definitions
-    from esper_assets.landing import landing_from_location
+    from esper_assets.flows.landing import landing_from_location
 
     settings = settings or Settings.from_env()
     landing = landing_from_location(settings.landing)  # a landing zone we refuse stops here
@@ -330,8 +328,8 @@ def run_demo(settings: Settings | None = None) -> dict:
     """The README's main command: land the examples, let the sensor and runs do their
     work, and report what happened, the cache's stats and one kernel's lineage."""
     from esper_assets.defs import build_definitions
-    from esper_assets.landing import landing_from_location
-    from esper_assets.pipeline import describe, lineage_chain, registered_kernels
+    from esper_assets.flows.kernels import describe, lineage_chain, registered_kernels
+    from esper_assets.flows.landing import landing_from_location
     from esper_assets.storage import AssetRepository, PersistentKernelCache
 
     settings = settings or Settings.from_env()

@@ -29,7 +29,7 @@ from esper_assets.blueprints import (
 )
 from esper_assets.blueprints.compiler import COMPILER_VERSION
 from esper_assets.errors import AssetConflict, AssetNotFound, EsperError
-from esper_assets.landing import LandingZone
+from esper_assets.flows.landing import LandingZone
 from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository, PersistentKernelCache
 
 BLUEPRINT = "blueprint"
