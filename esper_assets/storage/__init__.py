@@ -9,13 +9,13 @@ Imports nothing from Dagster: training processes use it directly::
     kernel = cache.get(kernel_id)
 """
 
-from esper_assets.storage.cache.kernel_cache import CacheConfig, CacheEntry, PersistentKernelCache
+from esper_assets.storage.cache import CacheConfig, CacheEntry, PersistentKernelCache
 from esper_assets.storage.cache.tiers.memory import MemoryTier
 from esper_assets.storage.cache.tiers.objects import ObjectTier
 from esper_assets.storage.cache.tiers.redis import RedisTier
 from esper_assets.storage.cache.tiers.sql import PostgresTier, SqliteTier
 from esper_assets.storage.objects import DirectoryObjectStore, ObjectStore, S3ObjectStore
-from esper_assets.storage.repository.repository import AssetMetadata, AssetQuery, AssetRepository
+from esper_assets.storage.repository import AssetMetadata, AssetQuery, AssetRepository
 
 # The seeds' names for the L2 and L3 backends.
 RedisBackend = RedisTier
