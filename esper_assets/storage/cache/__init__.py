@@ -10,6 +10,14 @@ from esper_assets.storage.cache.kernel_cache import (
     CacheConfig,
     CacheEntry,
     PersistentKernelCache,
+    cache_config_from_settings,
+    check_kernel_id,
 )
 
-__all__ = ["CacheConfig", "CacheEntry", "PersistentKernelCache"]
+__all__ = [
+    "CacheConfig",
+    "CacheEntry",
+    "PersistentKernelCache",
+    "cache_config_from_settings",
+    "check_kernel_id",
+]
