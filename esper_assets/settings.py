@@ -2,6 +2,10 @@
 
 With no ``ESPER_*`` service variables set everything runs on one machine: a
 SQLite file for L3 and metadata, a directory for L4 and large objects, no L2.
+
+This module is the only reader of esper's environment variables (``ESPER_*`` and
+``AWS_ENDPOINT_URL``); everything else takes a :class:`Settings`, and
+``esper_assets.flows.wiring`` turns one into storage objects.
 """
 
 from __future__ import annotations
@@ -106,6 +110,13 @@ class Settings:
             aws_endpoint_url=endpoint,
             landing=landing,
         )
+
+
+def variable_holds(name: str, value: str | None) -> bool:
+    """Whether the environment variable ``name`` is set to ``value`` (as ``from_env``
+    reads it). The Dagster resources name such a variable (``dg.EnvVar``) instead of
+    holding its value, so a password is resolved inside the run and shown nowhere."""
+    return value is not None and os.environ.get(name, "").strip() == value
 
 
 _ENCODE_ADVICE = (

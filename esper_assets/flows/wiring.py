@@ -1,0 +1,90 @@
+"""The one place storage objects are built from :class:`~esper_assets.settings.Settings`.
+
+The CLI, the runner, the bench and the Dagster resources all build the kernel
+cache, the asset repository, the object store and the landing zone through these
+functions, so a setting means the same thing wherever it is read. Nothing here
+reads the environment: pass ``Settings.from_env()`` (or any other ``Settings``).
+
+``open_cache`` and ``open_repository`` are context managers: both own threads and
+connections that must be closed. ``object_store`` and ``landing_zone`` return
+plain objects (nothing to close). Each takes an S3 client or an object store
+built elsewhere (the Dagster resources pass dagster-aws's), else builds its own
+from the settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from esper_assets.flows.landing import LandingZone, landing_from_location
+from esper_assets.settings import Settings
+from esper_assets.storage.cache import PersistentKernelCache
+from esper_assets.storage.cache.kernel_cache import cache_config_from_settings
+from esper_assets.storage.objects import (
+    DirectoryObjectStore,
+    ObjectStore,
+    S3ObjectStore,
+    make_s3_client,
+)
+from esper_assets.storage.repository import AssetRepository
+
+__all__ = ["landing_zone", "object_store", "open_cache", "open_repository", "s3_client"]
+
+
+def s3_client(settings: Settings, timeout_s: float = 2.0):
+    """A bounded boto3 S3 client for ``AWS_ENDPOINT_URL`` (one attempt, ``timeout_s``
+    per wait; see :func:`~esper_assets.storage.objects.make_s3_client`)."""
+    return make_s3_client(settings.aws_endpoint_url, timeout_s)
+
+
+def object_store(settings: Settings, client=None) -> ObjectStore:
+    """L4 and the repository's large objects: ``ESPER_S3_BUCKET`` under
+    ``ESPER_S3_PREFIX`` (through ``client``, else a bounded client of our own), or
+    the directory ``ESPER_HOME/objects``."""
+    if settings.s3_bucket:
+        return S3ObjectStore(client or s3_client(settings), settings.s3_bucket, settings.s3_prefix)
+    return DirectoryObjectStore(settings.objects_dir)
+
+
+def landing_zone(settings: Settings, client=None) -> LandingZone:
+    """Where blueprint files arrive: ``ESPER_LANDING``, a directory or
+    ``s3://bucket/prefix`` (read through ``client``, else a bounded client of our own)."""
+    if settings.landing.startswith("s3://"):
+        return landing_from_location(settings.landing, client or s3_client(settings))
+    return landing_from_location(settings.landing)
+
+
+@contextmanager
+def open_repository(
+    settings: Settings, store: ObjectStore | None = None
+) -> Iterator[AssetRepository]:
+    """The asset repository on ``ESPER_DATABASE_URL`` (or the SQLite file under
+    ``ESPER_HOME``), its large objects in ``store`` (default: :func:`object_store`)."""
+    repo = AssetRepository(
+        postgres_url=settings.database_url,
+        sqlite_path=None if settings.database_url else str(settings.sqlite_path),
+        object_store=store if store is not None else object_store(settings),
+    )
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+@contextmanager
+def open_cache(
+    settings: Settings, store: ObjectStore | None = None, **config: Any
+) -> Iterator[PersistentKernelCache]:
+    """The kernel cache over Redis (L2), the database (L3) and ``store`` (L4; default:
+    the store the settings name, built by the cache from its config so that
+    ``object_store_timeout_s`` and ``l4_enabled`` apply). ``config`` overrides
+    :class:`CacheConfig` fields (e.g. ``l1_size_mb=64``, ``write_mode="write_back"``)."""
+    cache = PersistentKernelCache(
+        cache_config_from_settings(settings, **config), object_store=store
+    )
+    try:
+        yield cache
+    finally:
+        cache.close()
