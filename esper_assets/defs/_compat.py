@@ -1,7 +1,7 @@
 """Every place esper_assets depends on Dagster beyond its public API (Dagster 1.13).
 
 The rest of esper_assets uses public Dagster only and imports these from here.
-``esper_assets_tests/test_dagster_compat.py`` fails, naming the item and what to
+``esper_assets_tests/defs/test_dagster_compat.py`` fails, naming the item and what to
 do, when a Dagster upgrade moves or reshapes any of them. Each item says what it
 buys and what the public fallback is. Measured with Dagster 1.13.27 on the
 project's 2-core machine while other jobs ran (load average 2.3-4.6, so absolute

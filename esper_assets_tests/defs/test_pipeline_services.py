@@ -39,7 +39,7 @@ from esper_assets_tests.conftest import with_search_path
 # slow: the module fixture runs the whole pipeline on the services (~40 s)
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PRODUCTION_DAGSTER_YAML = REPO_ROOT / "deploy" / "dagster.yaml"
 CHECKS = {"blueprint_is_valid": True, "kernel_round_trip": True}
 # Used when the test server's URL carries no password (trust auth accepts any).

@@ -22,7 +22,7 @@ from esper_assets.runner.driver import backfill, dagster_lineage, land_examples,
 from esper_assets.settings import SERVICE_VARIABLES, Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def mlp(

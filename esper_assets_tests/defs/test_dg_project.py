@@ -40,7 +40,7 @@ from esper_assets_tests.conftest import free_port
 
 pytestmark = pytest.mark.slow  # each test runs dg/dagster commands in subprocesses: 20-30 s
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 COMMAND_TIMEOUT_S = 150
 SERVER_START_S = 90
