@@ -124,9 +124,9 @@ def test_lineage_finds_partitions_materialized_more_than_a_page_of_times(esper_h
     the ones the kernel was built from. Reported as runless events: seconds, not runs."""
     import dagster as dg
 
-    from esper_assets.defs import build_definitions
+    from esper_assets.defs import build_definitions, local_instance
     from esper_assets.flows.landing import landing_from_location
-    from esper_assets.runner.driver import local_instance, tick_and_run
+    from esper_assets.runner import tick_and_run
     from esper_assets.settings import Settings
 
     settings = Settings.from_env()

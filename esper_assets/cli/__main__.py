@@ -1,0 +1,5 @@
+"""``python -m esper_assets.cli``: the ``esper`` command."""
+
+from esper_assets.cli import main
+
+main()

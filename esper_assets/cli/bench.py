@@ -1,0 +1,140 @@
+"""``esper bench cache|repository|pipeline``: run a benchmark of :mod:`esper_assets.bench`
+on the configured settings, write its JSON and print it as tables (or JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from esper_assets.cli.render import console, measurements_table, progress, status, write_and_emit
+from esper_assets.settings import Settings
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks against the raw clients, printed as tables and written as JSON."""
+
+
+@bench.command("cache")
+@click.option("--quick", is_flag=True, help="Fewer rounds (for smoke runs).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON file (default bench-results/cache-<backend>.json).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def bench_cache(quick: bool, out: Path | None, as_json: bool) -> None:
+    """L1/L2/L3 hit latency vs raw clients, hot-id throughput, Zipf hit ratio."""
+    from esper_assets.bench import cache as cache_bench
+
+    settings = Settings.from_env()
+    with status("benchmarking the kernel cache", as_json) as spinner:
+        result = cache_bench.run(settings, quick=quick, progress=progress(spinner))
+    out = out or Path("bench-results") / f"cache-{result['backend']}.json"
+    write_and_emit(result, out, as_json, _render_cache_bench)
+
+
+@bench.command("repository")
+@click.option("--quick", is_flag=True, help="10,000 assets instead of 100,000.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/repository.json"),
+    show_default=True,
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def bench_repository(quick: bool, out: Path, as_json: bool) -> None:
+    """bulk_create vs raw COPY, create/search/lineage latency (PostgreSQL if configured, and SQLite)."""
+    from esper_assets.bench import repository as repository_bench
+
+    settings = Settings.from_env()
+    with status("benchmarking the asset repository", as_json) as spinner:
+        result = repository_bench.run(settings, quick=quick, progress=progress(spinner))
+    write_and_emit(result, out, as_json, _render_repository_bench)
+
+
+@bench.command("pipeline")
+@click.option(
+    "--quick", is_flag=True, help="100 blueprints and 1,000 files instead of 1,000 and 10,000."
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("bench-results/pipeline.json"),
+    show_default=True,
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def bench_pipeline(quick: bool, out: Path, as_json: bool) -> None:
+    """End-to-end backfill on the embedded default, and sensor tick cost."""
+    from esper_assets.bench import pipeline as pipeline_bench
+
+    with status("benchmarking the pipeline", as_json) as spinner:
+        result = pipeline_bench.run(quick=quick, progress=progress(spinner))
+    write_and_emit(result, out, as_json, _render_pipeline_bench)
+
+
+def _render_pipeline_bench(result: dict[str, Any]) -> None:
+    for section in ("backfill", "sensor"):
+        console.print(measurements_table(f"esper bench pipeline - {section}", result[section]))
+
+
+def _render_repository_bench(result: dict[str, Any]) -> None:
+    for r in result["results"]:
+        title = f"esper bench repository - {r['backend']}, {r['assets']} assets"
+        console.print(measurements_table(title, _repository_rows(r)))
+        for target, met in r["targets"].items():
+            console.print(f"  {target}: {'[green]met[/]' if met else '[red]NOT met[/]'}")
+    for note in result["notes"]:
+        console.print(note)
+
+
+def _repository_rows(r: dict[str, Any]) -> dict[str, Any]:
+    """One backend's figures, labelled as the table shows them."""
+    return {
+        "bulk_create assets/s": f"{r['bulk_create_per_s']:,}",
+        f"raw {r['raw_client']} rows/s": f"{r['raw_bulk_per_s']:,}",
+        "ratio (raw table with the same foreign keys)": r["bulk_ratio"],
+        "raw rows/s without foreign keys": f"{r['raw_bulk_without_foreign_keys_per_s']:,}",
+        "ratio without foreign keys": r["bulk_ratio_without_foreign_keys"],
+        "create_asset p50 ms": r["create_p50_ms"],
+        **{f"search p50 ms: {name}": ms for name, ms in r["search_p50_ms"].items()},
+        "get_lineage(depth=5) p50 ms": r["lineage_depth5_p50_ms"],
+    }
+
+
+def _render_cache_bench(result: dict[str, Any]) -> None:
+    cpus = result["machine"]["cpus"]
+    console.print(_comparisons_table(result["comparisons"], result["backend"], cpus))
+    hot = result["hot_gets"]
+    console.print(
+        f"1000 gets over 100 hot ids: 4 threads {hot['threads_4_ms']} ms, get_many {hot['get_many_10x100_ms']} ms "
+        f"(target <= 20 ms: {'met' if hot['ok'] else 'NOT met'}); cold get_many {hot['cold_get_many_10x100_ms']} ms"
+        + (
+            f" vs raw MGET {hot['raw_redis_mget_10x100_ms']} ms"
+            if "raw_redis_mget_10x100_ms" in hot
+            else ""
+        )
+        + f"; hit rate {hot['hit_rate_hot']}"
+    )
+    z = result["zipf"]
+    console.print(
+        f"Zipf(1.0), {z['ids']} ids, {z['requests']} requests, L1 = 1% of ids: TinyLFU {z['tinylfu_hit_ratio']} vs "
+        f"LRU {z['lru_hit_ratio']} (cachetools LRU {z['cachetools_lru_hit_ratio']}): +{z['gain_points']} points "
+        f"(target >= 8: {'met' if z['ok'] else 'NOT met'})"
+    )
+
+
+def _comparisons_table(comparisons: list[dict[str, Any]], backend: str, cpus: int) -> Table:
+    """One row per tier measured: ours against the raw client, the target, met or not."""
+    table = Table(title=f"esper bench cache - {backend} ({cpus} CPUs)")
+    for column in ("measurement", "esper us", "raw us", "raw client", "ratio", "target", "met"):
+        table.add_column(column)
+    for c in comparisons:
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[c["ok"]]
+        table.add_row(
+            c["name"], str(c["ours_us"]), str(c["raw_us"]), c["raw_label"], str(c["ratio"]),
+            c["target"], met + (f" {c['note']}" if c["note"] else ""),
+        )  # fmt: skip
+    return table
