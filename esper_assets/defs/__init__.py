@@ -1,40 +1,53 @@
-"""Dagster code location ``esper_assets``: ``dg dev`` / ``dg check defs`` (pyproject's
-``[tool.dg.project]``), ``dagster dev -w workspace.yaml`` and ``dagster definitions
-validate`` (``[tool.dagster]``) load this module and call ``esper_definitions``.
+"""Dagster code location ``esper_assets``: Dagster only, one folder per domain.
 
-The asset graph is blueprints -> compiled_kernels, partitioned by blueprint name;
-the new_blueprints sensor feeds it from the landing zone, and three schedules keep
-the cache clean and warm and re-validate every blueprint nightly.
+``dg dev`` / ``dg check defs`` (pyproject's ``[tool.dg.project]``), ``dagster dev -w
+workspace.yaml`` and ``dagster definitions validate`` (``[tool.dagster]``) load this
+module and call ``esper_definitions``.
+
+What each module owns:
+
+- ``kernels/``: the asset graph blueprints -> compiled_kernels (partitioned by
+  blueprint name) with its checks, the ``new_blueprints`` sensor that feeds it from
+  the landing zone, and the ``ingest_blueprints`` job.
+- ``upkeep/``: the jobs and schedules that keep the cache clean and warm and
+  re-validate every blueprint nightly.
+- ``resources.py``: the resources every domain shares, thin shells over
+  ``esper_assets.flows.wiring``.
+- ``instance.py``: the embedded Dagster instance (SQLite under ``ESPER_HOME/dagster``).
+- ``_compat.py``: every use of Dagster's private API (``dagster._...``), tests included.
+
+Later domains (``checkpoints/``, ``analytics/``) go beside ``kernels/`` and
+``upkeep/``, each with a resource-free ``definitions``, added to ``DOMAINS``.
+
+May import: Dagster, ``esper_assets.flows`` (the use cases), ``settings``, ``errors``,
+``blueprints``, ``storage``. Nothing imports ``defs`` but Dagster itself and, through
+the names in ``__all__`` only, ``runner/``, ``cli/`` and ``bench/``.
 
 Importing this module reads no environment: the resources (and the ``ESPER_*``
 settings behind them) are built when Dagster calls ``esper_definitions``, or when a
 caller calls ``build_definitions``, so a bad variable is reported by the load, naming
-the variable, and tests can set the environment first and build afterwards.
+the variable, and tests and the bench pass their own ``Settings``.
 """
 
 import dagster as dg
 
+from esper_assets.defs import kernels, upkeep
 from esper_assets.defs._compat import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
     RUN_KEY_TAG,
     SENSOR_NAME_TAG,
 )
-from esper_assets.defs.assets import blueprint_partitions, blueprints, compiled_kernels
 from esper_assets.defs.instance import embedded_dagster_home, local_instance
-from esper_assets.defs.maintenance import (
-    cache_maintenance_job,
-    revalidate_blueprints_job,
-    schedules,
-    warm_kernel_cache_job,
-)
-from esper_assets.defs.resources import resources_from_env
-from esper_assets.defs.sensors import (
+from esper_assets.defs.kernels import (
     FILE_TAG,
+    blueprint_partitions,
     evaluate_new_blueprints,
     ingest_blueprints_job,
     new_blueprints,
 )
+from esper_assets.defs.resources import resources_for
+from esper_assets.settings import Settings
 
 # The package's public face: the runner, the CLI and the bench import these names
 # from ``esper_assets.defs`` and never reach into its modules.
@@ -54,22 +67,18 @@ __all__ = [
     "new_blueprints",
 ]
 
+# One resource-free Definitions per domain; merged, then bound to one set of resources.
+DOMAINS = (kernels.definitions, upkeep.definitions)
 
-def build_definitions(**resource_overrides: dg.ConfigurableResource) -> dg.Definitions:
-    """Definitions bound to the current environment, with any resource replaced by name
-    (tests build several; e.g. ``blueprint_rules=BlueprintRulesResource(max_layers=2)``)."""
-    return dg.Definitions(
-        assets=[blueprints, compiled_kernels],
-        jobs=[
-            ingest_blueprints_job,
-            cache_maintenance_job,
-            warm_kernel_cache_job,
-            revalidate_blueprints_job,
-        ],
-        schedules=schedules,
-        sensors=[new_blueprints],
-        resources=resources_from_env() | resource_overrides,
-    )
+
+def build_definitions(
+    settings: Settings | None = None, **resource_overrides: dg.ConfigurableResource
+) -> dg.Definitions:
+    """The code location over ``settings`` (default: ``Settings.from_env()``, read now),
+    with any resource replaced by name (e.g. ``blueprint_rules=BlueprintRulesResource(
+    max_layers=2)``)."""
+    resources = resources_for(settings or Settings.from_env()) | resource_overrides
+    return dg.Definitions.merge(*DOMAINS, dg.Definitions(resources=resources))
 
 
 @dg.definitions

@@ -14,21 +14,56 @@ run backfills of ``esper bench pipeline``'s small blueprints through
    (``_step_execution_context._metadata_accumulator``).
 3. :class:`EmbeddedEventLogStorage`: a subclass of Dagster's consolidated SQLite
    event log (documented "for test cases only"), overriding its ``_connect``.
+4. Tests only: ``InstanceRef`` (how a ``dagster.yaml`` resolves, without opening the
+   instance) and ``StepExecutionContext`` (where the public metadata call stores).
+
+Every private name is reached through :func:`dagster_private` and listed, with the
+module it lives in, in ``PRIVATE_NAMES``: the one place ``dagster._`` is spelled.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
-from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import (
-    ConsolidatedSqliteEventLogStorage,
-)
-from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from sqlalchemy import create_engine
 from sqlalchemy import event as sa_event
+
+# -- 0. where Dagster keeps each private name ---------------------------------------------
+PRIVATE_NAMES: dict[str, str] = {
+    # 1. run tags (compared, not imported: see below)
+    "SENSOR_NAME_TAG": "dagster._core.storage.tags",
+    "RUN_KEY_TAG": "dagster._core.storage.tags",
+    "ASSET_PARTITION_RANGE_START_TAG": "dagster._core.storage.tags",
+    "ASSET_PARTITION_RANGE_END_TAG": "dagster._core.storage.tags",
+    "DATA_VERSION_TAG": "dagster._core.definitions.data_version",
+    # 3. the embedded event log's parent and busy timeout
+    "ConsolidatedSqliteEventLogStorage": (
+        "dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log"
+    ),
+    "SQLITE_BUSY_TIMEOUT_SECONDS": "dagster._core.storage.sqlite",
+    # 4. tests only
+    "InstanceRef": "dagster._core.instance.ref",
+    "StepExecutionContext": "dagster._core.execution.context.system",
+}
+
+
+def dagster_private(name: str) -> Any:
+    """Dagster's private ``name``, from the module ``PRIVATE_NAMES`` says holds it
+    (ImportError or AttributeError when Dagster moved it)."""
+    return getattr(importlib.import_module(PRIVATE_NAMES[name]), name)
+
+
+def private_module(name: str) -> Any:
+    """The Dagster module that holds the private ``name`` (tests patch what it imports)."""
+    return importlib.import_module(PRIVATE_NAMES[name])
+
+
+ConsolidatedSqliteEventLogStorage = dagster_private("ConsolidatedSqliteEventLogStorage")
+SQLITE_BUSY_TIMEOUT_SECONDS = dagster_private("SQLITE_BUSY_TIMEOUT_SECONDS")
 
 # -- 1. run tags -------------------------------------------------------------------------
 # Dagster has no public name for these (only ``MAX_RUNTIME_SECONDS_TAG`` is exported);

@@ -1,15 +1,15 @@
-"""Dagster resources: thin builders of storage objects.
+"""Dagster resources: thin shells over ``esper_assets.flows.wiring``.
 
-Each resource is a ``ConfigurableResource`` whose fields come from the same
-``ESPER_*`` environment the rest of esper_assets reads. Service URLs, which may
-carry passwords, are passed as ``dg.EnvVar`` so the Dagster UI and run config show
-the variable's name, never its value; the values are validated by
-:class:`esper_assets.settings.Settings`, the one place that knows the rules.
+Each resource holds the part of :class:`~esper_assets.settings.Settings` it needs as
+config fields, turns them back into a ``Settings`` inside the run and lets
+``wiring`` build the object, so a Dagster run and the CLI build the same cache and
+repository from the same values. A value that came from an environment variable
+(service URLs may carry passwords) is held as ``dg.EnvVar``: the Dagster UI and
+run config show the variable's name, never its value.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,16 +17,11 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from esper_assets.blueprints import BlueprintLimits
-from esper_assets.flows.landing import LandingZone, landing_from_location
-from esper_assets.settings import Settings
+from esper_assets.flows import wiring
+from esper_assets.flows.landing import LandingZone
+from esper_assets.settings import Settings, variable_holds
 from esper_assets.storage import AssetRepository, PersistentKernelCache
-from esper_assets.storage.cache.kernel_cache import cache_config_from_settings
-from esper_assets.storage.objects import (
-    DirectoryObjectStore,
-    ObjectStore,
-    S3ObjectStore,
-    make_s3_client,
-)
+from esper_assets.storage.objects import ObjectStore, make_s3_client
 
 
 class DatabaseResource(dg.ConfigurableResource):
@@ -35,8 +30,11 @@ class DatabaseResource(dg.ConfigurableResource):
     url: str = ""
     home: str = ""
 
+    def environ(self) -> dict[str, str]:
+        return {"ESPER_HOME": self.home, "ESPER_DATABASE_URL": self.url}
+
     def settings(self) -> Settings:
-        return Settings.from_env({"ESPER_HOME": self.home, "ESPER_DATABASE_URL": self.url})
+        return Settings.from_env(self.environ())
 
 
 class RedisResource(dg.ConfigurableResource):
@@ -44,8 +42,8 @@ class RedisResource(dg.ConfigurableResource):
 
     url: str = ""
 
-    def checked_url(self) -> str | None:
-        return Settings.from_env({"ESPER_REDIS_URL": self.url}).redis_url
+    def environ(self) -> dict[str, str]:
+        return {"ESPER_REDIS_URL": self.url}
 
 
 class BoundedS3Resource(S3Resource):
@@ -73,18 +71,20 @@ class BoundedS3Resource(S3Resource):
 
 
 class ObjectStoreResource(dg.ConfigurableResource):
-    """L4 and large objects: an S3 bucket through dagster-aws, or a directory."""
+    """L4 and large objects: an S3 bucket through dagster-aws, or ``home``/objects."""
 
     bucket: str = ""
     prefix: str = "esper"
-    directory: str = ""  # used when no bucket is set
+    home: str = ""  # its objects/ folder is the store when no bucket is set
     s3: S3Resource
 
+    def environ(self) -> dict[str, str]:
+        return {"ESPER_HOME": self.home, "ESPER_S3_BUCKET": self.bucket,
+                "ESPER_S3_PREFIX": self.prefix}  # fmt: skip
+
     def open(self) -> ObjectStore:
-        if self.bucket:
-            settings = Settings.from_env({"ESPER_S3_BUCKET": self.bucket})  # validates the name
-            return S3ObjectStore(self.s3.get_client(), settings.s3_bucket, self.prefix.strip("/"))
-        return DirectoryObjectStore(self.directory or Settings.from_env({}).objects_dir)
+        client = self.s3.get_client() if self.bucket else None
+        return wiring.object_store(Settings.from_env(self.environ()), client)
 
 
 class LandingZoneResource(dg.ConfigurableResource):
@@ -94,8 +94,8 @@ class LandingZoneResource(dg.ConfigurableResource):
     s3: S3Resource
 
     def open(self) -> LandingZone:
-        s3_client = self.s3.get_client() if self.location.startswith("s3://") else None
-        return landing_from_location(self.location, s3_client)
+        client = self.s3.get_client() if self.location.startswith("s3://") else None
+        return wiring.landing_zone(Settings.from_env({"ESPER_LANDING": self.location}), client)
 
 
 class BlueprintRulesResource(dg.ConfigurableResource):
@@ -121,16 +121,8 @@ class AssetRepositoryResource(dg.ConfigurableResource):
 
     @contextmanager
     def open(self) -> Iterator[AssetRepository]:
-        settings = self.database.settings()
-        repo = AssetRepository(
-            postgres_url=settings.database_url,
-            sqlite_path=None if settings.database_url else str(settings.sqlite_path),
-            object_store=self.object_store.open(),
-        )
-        try:
+        with wiring.open_repository(self.database.settings(), self.object_store.open()) as repo:
             yield repo
-        finally:
-            repo.close()
 
 
 class KernelCacheResource(dg.ConfigurableResource):
@@ -144,43 +136,44 @@ class KernelCacheResource(dg.ConfigurableResource):
 
     @contextmanager
     def open(self) -> Iterator[PersistentKernelCache]:
-        settings = self.database.settings()
-        config = cache_config_from_settings(
-            settings, redis_url=self.redis.checked_url(), l1_size_mb=self.l1_size_mb,
-            write_mode=self.write_mode,
-        )  # fmt: skip
-        cache = PersistentKernelCache(config, object_store=self.object_store.open())
-        try:
+        settings = Settings.from_env(self.database.environ() | self.redis.environ())
+        store = self.object_store.open()
+        tuning = {"l1_size_mb": self.l1_size_mb, "write_mode": self.write_mode}
+        with wiring.open_cache(settings, store, **tuning) as cache:
             yield cache
-        finally:
-            cache.close()
 
 
-def _env(name: str, default: str = "") -> str | dg.EnvVar:
-    """The variable as a ``dg.EnvVar`` when it is set (resolved in the run, shown by name)."""
-    return dg.EnvVar(name) if os.environ.get(name, "").strip() else default
+def _named(variable: str, value: str | None) -> str | dg.EnvVar:
+    """``dg.EnvVar(variable)`` when the environment holds ``value`` there (resolved in
+    the run, shown by name); else the value itself ("" for None)."""
+    return dg.EnvVar(variable) if variable_holds(variable, value) else (value or "")
 
 
-def resources_from_env() -> dict[str, dg.ConfigurableResource]:
-    """Every resource the code location needs, from ``ESPER_*`` and ``AWS_*``."""
-    settings = Settings.from_env()  # fail at load time, naming the bad variable
-    s3 = BoundedS3Resource(endpoint_url=_env("AWS_ENDPOINT_URL") or None)
-    database = DatabaseResource(url=_env("ESPER_DATABASE_URL"), home=str(settings.home))
+def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """Every resource the code location needs, holding ``settings``."""
+    s3 = BoundedS3Resource(
+        endpoint_url=_named("AWS_ENDPOINT_URL", settings.aws_endpoint_url) or None
+    )
+    home = str(settings.home)
+    database = DatabaseResource(url=_named("ESPER_DATABASE_URL", settings.database_url), home=home)
+    redis = RedisResource(url=_named("ESPER_REDIS_URL", settings.redis_url))
     object_store = ObjectStoreResource(
-        bucket=_env("ESPER_S3_BUCKET"), prefix=settings.s3_prefix,
-        directory=str(settings.objects_dir), s3=s3,
+        bucket=_named("ESPER_S3_BUCKET", settings.s3_bucket), prefix=settings.s3_prefix,
+        home=home, s3=s3,
     )  # fmt: skip
-    redis = RedisResource(url=_env("ESPER_REDIS_URL"))
     return {
         "database": database,
-        "redis": redis,
+        "redis": redis,  # the very resource the cache uses
         "object_store": object_store,
         "landing": LandingZoneResource(location=settings.landing, s3=s3),
         "blueprint_rules": BlueprintRulesResource(),
         "repository": AssetRepositoryResource(database=database, object_store=object_store),
         "kernel_cache": KernelCacheResource(
-            database=database,
-            redis=RedisResource(url=_env("ESPER_REDIS_URL")),
-            object_store=object_store,
-        ),  # fmt: skip
+            database=database, redis=redis, object_store=object_store
+        ),
     }
+
+
+def resources_from_env() -> dict[str, dg.ConfigurableResource]:
+    """:func:`resources_for` the environment's settings (a bad variable fails here, named)."""
+    return resources_for(Settings.from_env())

@@ -310,20 +310,7 @@ def verify_kernel(cache: PersistentKernelCache, built: BuiltKernel) -> list[str]
     return problems
 
 
-# -- upkeep ----------------------------------------------------------------------------
-def warm_most_used(
-    cache: PersistentKernelCache, repo: AssetRepository, n: int = 100
-) -> dict[str, str]:
-    """Load the ``n`` most-used kernels into the fast tiers; a kernel every cache tier has
-    lost is put back from the repository. Returns per kernel id where it came from."""
-    report = cache.warm_cache(cache.hottest(n))
-    for kernel_id, outcome in report.items():
-        if outcome == "missing" and (asset_id := find_kernel(repo, kernel_id)) is not None:
-            cache.put(kernel_id, repo.get_asset(asset_id)[1])
-            report[kernel_id] = "repository"
-    return report
-
-
+# -- registered assets -----------------------------------------------------------------
 def registered_blueprints(repo: AssetRepository, page: int = 1000) -> Iterable[AssetMetadata]:
     """Every active registered blueprint version, oldest first."""
     query = AssetQuery().with_type(BLUEPRINT).with_state("active").order_by("created_at")
@@ -336,24 +323,6 @@ def registered_blueprints(repo: AssetRepository, page: int = 1000) -> Iterable[A
 def registered_kernels(repo: AssetRepository, limit: int = 1000) -> list[AssetMetadata]:
     """Active registered kernels, up to ``limit``."""
     return repo.search_assets(AssetQuery().with_type(KERNEL).with_state("active").limit(limit))
-
-
-def revalidate_blueprints(
-    repo: AssetRepository, limits: BlueprintLimits | None = None
-) -> dict[str, str]:
-    """Parse every registered blueprint again under ``limits``; return what fails, by name@version."""
-    failed: dict[str, str] = {}
-    for meta in registered_blueprints(repo):
-        ref = f"{meta.name}@{meta.version}"
-        try:
-            load_registered_blueprint(repo, meta.asset_id, limits)
-            if meta.parent_id and repo.get_metadata(meta.parent_id).state == "archived":
-                failed[ref] = "its parent blueprint is archived"
-        except BlueprintInvalid as exc:
-            failed[ref] = "; ".join(str(p) for p in exc.problems)
-        except EsperError as exc:
-            failed[ref] = str(exc)
-    return failed
 
 
 # -- lineage ---------------------------------------------------------------------------

@@ -5,7 +5,6 @@ A failure names the _compat item and what to do after a Dagster upgrade. These a
 small standalone assets on temporary instances (no ESPER services needed).
 """
 
-import importlib
 import inspect
 import traceback
 from pathlib import Path
@@ -28,11 +27,12 @@ def moved(item: str, what: str) -> str:
     return UPGRADE.format(item=item, what=what)
 
 
-def private(module: str, name: str, item: str):
+def private(name: str, item: str):
+    """Dagster's private ``name`` where _compat.PRIVATE_NAMES says it is, or a failure."""
     try:
-        return getattr(importlib.import_module(module), name)
+        return _compat.dagster_private(name)
     except (ImportError, AttributeError) as exc:
-        pytest.fail(moved(item, f"{module}.{name} is gone ({exc})"))
+        pytest.fail(moved(item, f"{_compat.PRIVATE_NAMES[name]}.{name} is gone ({exc})"))
 
 
 # -- a tiny partitioned asset, like esper's: single-run backfill, metadata per partition --
@@ -92,17 +92,17 @@ def instance():
 
 # -- 1. run tags --------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("name", "module"),
+    "name",
     [
-        ("SENSOR_NAME_TAG", "dagster._core.storage.tags"),
-        ("RUN_KEY_TAG", "dagster._core.storage.tags"),
-        ("ASSET_PARTITION_RANGE_START_TAG", "dagster._core.storage.tags"),
-        ("ASSET_PARTITION_RANGE_END_TAG", "dagster._core.storage.tags"),
-        ("DATA_VERSION_TAG", "dagster._core.definitions.data_version"),
+        "SENSOR_NAME_TAG",
+        "RUN_KEY_TAG",
+        "ASSET_PARTITION_RANGE_START_TAG",
+        "ASSET_PARTITION_RANGE_END_TAG",
+        "DATA_VERSION_TAG",
     ],
 )
-def test_run_tags_are_dagsters(name, module):
-    theirs = private(module, name, f"1 (run tag {name})")
+def test_run_tags_are_dagsters(name):
+    theirs = private(name, f"1 (run tag {name})")
     assert getattr(_compat, name) == theirs, moved(
         f"1 (run tag {name})",
         f"Dagster now uses {theirs!r}, _compat says {getattr(_compat, name)!r}; runs and "
@@ -134,8 +134,7 @@ def test_sensor_name_tag_is_the_one_dagster_gives_sensor_runs():
 
 # -- 2. per-partition metadata through the step's accumulator -----------------------------
 def test_metadata_accumulator_is_where_compat_expects_it(instance):
-    from dagster._core.execution.context.system import StepExecutionContext
-
+    StepExecutionContext = private("StepExecutionContext", "2 (add_partition_metadata)")
     run(instance, ["a", "b"])
     assert seen["step"] is not None, moved(
         "2 (add_partition_metadata)",
@@ -179,16 +178,8 @@ def test_metadata_fast_path_stores_what_the_public_call_does(monkeypatch):
 
 # -- 3. the embedded event log: a subclass of ConsolidatedSqliteEventLogStorage -----------
 def test_embedded_event_log_hooks_exist():
-    parent = private(
-        "dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log",
-        "ConsolidatedSqliteEventLogStorage",
-        "3 (EmbeddedEventLogStorage's parent)",
-    )
-    timeout = private(
-        "dagster._core.storage.sqlite",
-        "SQLITE_BUSY_TIMEOUT_SECONDS",
-        "3 (EmbeddedEventLogStorage's busy timeout)",
-    )
+    parent = private("ConsolidatedSqliteEventLogStorage", "3 (EmbeddedEventLogStorage's parent)")
+    timeout = private("SQLITE_BUSY_TIMEOUT_SECONDS", "3 (EmbeddedEventLogStorage's busy timeout)")
     assert isinstance(timeout, (int, float)) and timeout > 0
     assert issubclass(_compat.EmbeddedEventLogStorage, parent)
     assert "_connect" in vars(parent), moved(
@@ -206,9 +197,7 @@ def test_embedded_event_log_hooks_exist():
 
 
 def test_embedded_event_log_keeps_one_engine(tmp_path: Path, monkeypatch):
-    module = importlib.import_module(
-        "dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log"
-    )
+    module = _compat.private_module("ConsolidatedSqliteEventLogStorage")
     (tmp_path / "dagster.yaml").write_text(instance_yaml(tmp_path))
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         storage = instance.event_log_storage

@@ -14,8 +14,8 @@ import pytest
 
 from esper_assets.blueprints.examples import example_blueprint_files
 from esper_assets.defs import build_definitions
+from esper_assets.defs.kernels import new_blueprints
 from esper_assets.defs.resources import BlueprintRulesResource
-from esper_assets.defs.sensors import new_blueprints
 from esper_assets.flows import kernels
 from esper_assets.flows.landing import DirectoryLanding
 from esper_assets.runner.driver import backfill, dagster_lineage, land_examples, tick_and_run
@@ -205,7 +205,7 @@ def test_one_partition_end_to_end_with_readable_metadata(instance, landing, espe
 
 
 def test_materialize_both_assets_for_one_partition(instance, landing):
-    from esper_assets.defs.assets import blueprints, compiled_kernels
+    from esper_assets.defs.kernels.assets import blueprints, compiled_kernels
 
     landing.put("solo.json", mlp("solo", width=12))
     instance.add_dynamic_partitions("blueprints", ["solo"])

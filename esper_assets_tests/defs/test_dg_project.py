@@ -190,11 +190,11 @@ def test_the_root_instance_is_the_embedded_instance_of_the_default_esper_home(pr
     """`dg dev` from the root and `make dev` (ESPER_HOME left at ./.esper) share one
     instance: the root dagster.yaml names the storages Dagster gives ESPER_HOME/dagster
     with the dagster.yaml esper writes there."""
-    from dagster._core.instance.ref import InstanceRef
-
+    from esper_assets.defs._compat import dagster_private
     from esper_assets.defs.instance import embedded_dagster_home
     from esper_assets.settings import Settings
 
+    InstanceRef = dagster_private("InstanceRef")  # noqa: N806 - a class
     monkeypatch.chdir(project)  # relative paths in the root dagster.yaml: from where dg runs
     throwaway = tempfile.mkdtemp(prefix=".tmp_dagster_home_", dir=project)
     root_ref = InstanceRef.from_dir(throwaway, config_dir=str(project))

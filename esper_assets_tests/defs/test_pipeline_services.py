@@ -245,7 +245,6 @@ def services_run(production: Production) -> ServicesRun:
 
 # -- tests ----------------------------------------------------------------------------------
 def test_the_instance_is_deploy_dagster_yaml_on_postgres(production: Production):
-    from dagster._core.run_coordinator import QueuedRunCoordinator
     from dagster_postgres import (
         PostgresEventLogStorage,
         PostgresRunStorage,
@@ -256,7 +255,7 @@ def test_the_instance_is_deploy_dagster_yaml_on_postgres(production: Production)
     assert isinstance(instance.run_storage, PostgresRunStorage)
     assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
     assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
-    assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+    assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
     assert (
         production.home / "dagster_home" / "dagster.yaml"
     ).read_bytes() == PRODUCTION_DAGSTER_YAML.read_bytes()
@@ -360,8 +359,6 @@ def test_lineage_agrees_between_repository_and_dagster_event_log(services_run: S
 
 
 def test_the_database_password_is_nowhere_in_what_dagster_stored(services_run: ServicesRun):
-    from dagster._serdes import serialize_value
-
     secret, instance, defs = services_run.secret, services_run.instance, services_run.defs
     assert secret in services_run.database_url  # the run really had a password to leak
     # The resources name the variable; its value is resolved inside the run only.
@@ -373,19 +370,19 @@ def test_the_database_password_is_nowhere_in_what_dagster_stored(services_run: S
     for outcome in services_run.report.runs:
         run = instance.get_run_by_id(outcome.run_id)
         assert run is not None
-        places[f"run {run.run_id}"] = serialize_value(run)  # run config, tags, origin
+        places[f"run {run.run_id}"] = dg.serialize_value(run)  # run config, tags, origin
         places[f"run config {run.run_id}"] = repr(run.run_config)
         places[f"tags {run.run_id}"] = repr(run.tags)
-        places[f"job snapshot {run.run_id}"] = serialize_value(
+        places[f"job snapshot {run.run_id}"] = dg.serialize_value(
             instance.get_job_snapshot(run.job_snapshot_id)
         )
-        places[f"plan snapshot {run.run_id}"] = serialize_value(
+        places[f"plan snapshot {run.run_id}"] = dg.serialize_value(
             instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
         )
         logs = instance.all_logs(run.run_id)
         assert logs, run.run_id
         for i, entry in enumerate(logs):
-            places[f"event {run.run_id}#{i}"] = serialize_value(entry)
+            places[f"event {run.run_id}#{i}"] = dg.serialize_value(entry)
     for asset in ("blueprints", "compiled_kernels"):
         for name in EXAMPLE_CHAINS:
             places[f"{asset}[{name}] metadata"] = repr(materializations(instance, asset, name))

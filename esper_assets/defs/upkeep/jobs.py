@@ -1,4 +1,5 @@
-"""Scheduled upkeep: cache cleanup, cache warming, nightly blueprint re-validation."""
+"""The upkeep jobs: one op each, a thin Dagster shell (logs, metadata, failure) around
+``esper_assets.flows.upkeep``."""
 
 import dagster as dg
 
@@ -7,21 +8,24 @@ from esper_assets.defs.resources import (
     BlueprintRulesResource,
     KernelCacheResource,
 )
-from esper_assets.flows import kernels
+from esper_assets.flows import upkeep
 
 
 @dg.op(description="Remove expired entries from every tier and flush write-back keys.")
 def clean_kernel_cache(context: dg.OpExecutionContext, kernel_cache: KernelCacheResource) -> dict:
     with kernel_cache.open() as cache:
-        removed = cache.cleanup()
-        flushed = cache.flush()
-        stats = cache.get_stats(include_sizes=True)
-    context.log.info(f"removed expired entries per tier: {removed}; flushed {flushed} dirty keys")
-    entries = {f"{tier}_entries": s.get("entries") for tier, s in stats["tiers"].items()}
-    context.add_output_metadata(
-        {**{f"removed_{tier}": n for tier, n in removed.items()}, "flushed": flushed, **entries}
+        done = upkeep.clean_cache(cache)
+    context.log.info(
+        f"removed expired entries per tier: {done.removed}; flushed {done.flushed} dirty keys"
     )
-    return removed
+    context.add_output_metadata(
+        {
+            **{f"removed_{tier}": n for tier, n in done.removed.items()},
+            "flushed": done.flushed,
+            **{f"{tier}_entries": n for tier, n in done.entries.items()},
+        }
+    )
+    return done.removed
 
 
 @dg.job(description="Expired-entry cleanup and write-back flush for the kernel cache.")
@@ -42,10 +46,8 @@ def warm_most_used_kernels(
     repository: AssetRepositoryResource,
 ) -> dict:
     with kernel_cache.open() as cache, repository.open() as repo:
-        report = kernels.warm_most_used(cache, repo, config.count)
-    counts: dict[str, int] = {}
-    for outcome in report.values():
-        counts[outcome] = counts.get(outcome, 0) + 1
+        report = upkeep.warm_most_used(cache, repo, config.count)
+    counts = upkeep.outcome_counts(report)
     context.log.info(f"warmed {len(report)} kernels: {counts}")
     context.add_output_metadata({"kernels": len(report), **counts})
     return counts
@@ -64,7 +66,7 @@ def revalidate_all_blueprints(
     blueprint_rules: BlueprintRulesResource,
 ) -> int:
     with repository.open() as repo:
-        problems = kernels.revalidate_blueprints(repo, blueprint_rules.limits())
+        problems = upkeep.revalidate_blueprints(repo, blueprint_rules.limits())
     for name, why in problems.items():
         context.log.error(f"{name}: {why}")
     context.add_output_metadata({"invalid": len(problems), "names": ", ".join(problems)})
@@ -79,21 +81,3 @@ def revalidate_all_blueprints(
 @dg.job(description="Re-validate every registered blueprint (rules may have tightened).")
 def revalidate_blueprints_job() -> None:
     revalidate_all_blueprints()
-
-
-schedules = [
-    dg.ScheduleDefinition(
-        name="hourly_cache_maintenance", job=cache_maintenance_job, cron_schedule="17 * * * *",
-        description="Every hour: drop expired kernels from every tier, flush write-back.",
-    ),
-    dg.ScheduleDefinition(
-        name="warm_cache_every_15_minutes", job=warm_kernel_cache_job,
-        cron_schedule="*/15 * * * *",
-        description="Every 15 minutes: keep the 100 most-used kernels in the fast tiers.",
-    ),
-    dg.ScheduleDefinition(
-        name="nightly_blueprint_revalidation", job=revalidate_blueprints_job,
-        cron_schedule="30 2 * * *",
-        description="Every night at 02:30: re-validate all registered blueprints.",
-    ),
-]  # fmt: skip

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from esper_assets.defs.assets import blueprint_partitions, blueprints, compiled_kernels
+from esper_assets.defs.kernels.assets import blueprint_partitions, blueprints, compiled_kernels
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
     BlueprintRulesResource,
