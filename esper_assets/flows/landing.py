@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from esper_assets.errors import ConfigError, InvalidInput, StorageError, TierUnavailable
+from esper_assets.storage.objects import MISSING_KEY, boto_errors, s3_error_code, s3_failure
 
 BLUEPRINTS = "blueprints"
 REJECTED = "rejected"
@@ -238,17 +239,13 @@ class S3Landing:
         self.location = f"s3://{bucket}/{self.folder}"
 
     def _call(self, what: str, fn, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             return fn(Bucket=self.bucket, **kwargs)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404"):
+        except boto_errors() as exc:
+            if s3_error_code(exc) in MISSING_KEY:
                 raise InvalidInput(f"{self.location}{kwargs.get('Key', '')} is gone") from None
-            raise StorageError(f"landing zone {self.location}: {what} failed: {code}") from exc
-        except BotoCoreError as exc:
-            raise TierUnavailable(f"landing zone {self.location}: {what} failed: {exc}") from exc
+            where = f"landing zone {self.location}"
+            raise s3_failure(exc, where, what, refused=StorageError) from exc
 
     def list_blueprints(self) -> list[LandedFile]:
         files, token = [], None

@@ -15,6 +15,40 @@ from typing import Protocol
 
 from esper_assets.errors import InvalidInput, StorageError, TierUnavailable
 
+# S3's answers for a key that does not exist (GetObject, HeadObject).
+MISSING_KEY = ("NoSuchKey", "404")
+
+
+def boto_errors() -> tuple[type[Exception], ...]:
+    """What a boto3 call raises: no answer (``BotoCoreError``: timeout, connection) or
+    an answer of no (``ClientError``). Imported late: botocore is slow to import."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return BotoCoreError, ClientError
+
+
+def s3_error_code(exc: Exception) -> str:
+    """S3's error code (``NoSuchKey``, ``AccessDenied``, ...) for an answer of no, else ""."""
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def s3_status(exc: Exception) -> int:
+    """The HTTP status S3 answered with, or 0 when it did not answer."""
+    response = getattr(exc, "response", None) or {}
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def s3_failure(
+    exc: Exception, where: str, what: str, refused: type[StorageError] = TierUnavailable
+) -> StorageError:
+    """The one map from a botocore error to esper's: no answer is ``TierUnavailable``
+    (a breaker may wait and try again); an answer of no is ``refused`` (the landing
+    zone makes it a plain ``StorageError``: retrying will not help). A missing key
+    (``MISSING_KEY``) is the caller's to handle before this."""
+    error = refused if s3_error_code(exc) else TierUnavailable
+    return error(f"{where}: {what} failed: {exc}")
+
 
 class ObjectStore(Protocol):
     location: str
@@ -115,28 +149,23 @@ class S3ObjectStore:
         self.location = f"s3://{bucket}/{self.prefix}"
 
     def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
-        return TierUnavailable(f"object store {self.location}: {what} {key} failed: {exc}")
+        return s3_failure(exc, f"object store {self.location}", f"{what} {key}")
 
     def _get(self, key: str, **extra) -> bytes | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         for attempt in (1, 2):
             try:
                 response = self.client.get_object(
                     Bucket=self.bucket, Key=self.prefix + _check_key(key), **extra
                 )
                 return response["Body"].read()
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            except boto_errors() as exc:
+                if s3_error_code(exc) in MISSING_KEY:
                     return None
                 # S3 asks clients to retry a 5xx (InternalError, SlowDown). The server
                 # answered, so a second GET costs no timeout; a frozen endpoint times
-                # out instead (BotoCoreError) and is never retried.
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if attempt == 1 and status >= 500:
+                # out instead (no status) and is never retried.
+                if attempt == 1 and s3_status(exc) >= 500:
                     continue
-                raise self._fail("GET", key, exc) from exc
-            except BotoCoreError as exc:
                 raise self._fail("GET", key, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -147,24 +176,18 @@ class S3ObjectStore:
         return self._get(key, Range=f"bytes=0-{n - 1}")
 
     def put(self, key: str, data: bytes) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.prefix + _check_key(key), Body=data)
-        except (BotoCoreError, ClientError) as exc:
+        except boto_errors() as exc:
             raise self._fail("PUT", key, exc) from exc
 
     def delete(self, key: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + _check_key(key))
-        except (BotoCoreError, ClientError) as exc:
+        except boto_errors() as exc:
             raise self._fail("DELETE", key, exc) from exc
 
     def list(self, prefix: str) -> Iterator[tuple[str, int, float]]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix + prefix
@@ -176,15 +199,13 @@ class S3ObjectStore:
                         obj["Size"],
                         obj["LastModified"].timestamp(),
                     )
-        except (BotoCoreError, ClientError) as exc:
+        except boto_errors() as exc:
             raise self._fail("LIST", prefix, exc) from exc
 
     def ping(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as exc:
+        except boto_errors() as exc:
             raise self._fail("HEAD bucket", "", exc) from exc
 
 
