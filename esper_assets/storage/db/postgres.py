@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from esper_assets.errors import DurableWriteError, StorageError, TierUnavailable
+from esper_assets.storage.db import Refine
 
 
 def is_connection_error(exc: Exception) -> bool:
@@ -27,14 +28,18 @@ def is_connection_error(exc: Exception) -> bool:
 
 
 @contextmanager
-def postgres_errors(what: str, write: bool) -> Iterator[None]:
+def postgres_errors(what: str, write: bool, refine: Refine | None = None) -> Iterator[None]:
     """Turn psycopg errors into ours: unreachable -> TierUnavailable; refused ->
-    DurableWriteError for writes (nothing was stored), StorageError for reads."""
+    DurableWriteError for writes (nothing was stored), StorageError for reads.
+    ``refine`` sees each error first and may name a more precise one."""
     import psycopg
 
     try:
         yield
     except psycopg.Error as exc:
+        refined = refine(exc) if refine is not None else None
+        if refined is not None:
+            raise refined from exc
         if is_connection_error(exc):
             raise TierUnavailable(f"{what} is unreachable: {exc}") from exc
         kind = DurableWriteError if write else StorageError
@@ -185,6 +190,19 @@ class ConnectionPool:
                 conn.close()
             else:
                 self._idle.append(conn)
+
+    @contextmanager
+    def session(
+        self, what: str, write: bool = False, slow: bool = False, refine: Refine | None = None
+    ) -> Iterator[Any]:
+        """A pooled connection whose psycopg errors come out as ours, naming ``what``
+        (see :func:`postgres_errors`). ``slow``: maintenance (migrations, cleanup, bulk
+        loads, ANALYZE) may take SLOW_WORK_S instead of ``timeout_s``."""
+        with (
+            postgres_errors(what, write, refine),
+            self.connection(SLOW_WORK_S if slow else None) as conn,
+        ):
+            yield conn
 
     def close(self) -> None:
         while self._idle:

@@ -19,20 +19,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from esper_assets.errors import (
-    AssetConflict,
-    DurableWriteError,
-    StorageError,
-    TierUnavailable,
-    redact_url,
-)
-from esper_assets.storage.db.migrations import migrate_postgres
-from esper_assets.storage.db.postgres import (
-    SLOW_WORK_S,
-    ConnectionPool,
-    lock_wait,
-    postgres_errors,
-)
+from esper_assets.errors import AssetConflict, DurableWriteError, redact_url
+from esper_assets.storage.db.migrations import migrate_postgres, migrate_sqlite
+from esper_assets.storage.db.postgres import ConnectionPool, lock_wait
+from esper_assets.storage.db.sqlite import SqliteFile, sqlite_errors, write_transaction
 
 MAX_NAME_LOCKS = 32  # above this many names, a batch locks all writers out instead
 
@@ -54,7 +44,8 @@ def _as_is(text: str) -> str:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 
 
-def _json(value: Any) -> str:
+def dump_json(value: Any) -> str:
+    """Compact JSON text, UTF-8 kept as is; NaN refused (ValueError)."""
     return _ENCODER.encode(value)
 
 
@@ -97,6 +88,7 @@ class PostgresAssets:
         self._psycopg = psycopg
         self._jsonb = Jsonb
         self.location = redact_url(url)
+        self._what = f"asset repository at {self.location}"
         self._pool = ConnectionPool(url, pool_size, timeout_s=timeout_s, statement_timeout=False)
         with self.transaction(slow=True) as conn:
             migrate_postgres(conn)
@@ -112,28 +104,21 @@ class PostgresAssets:
         )
 
     # -- connections --------------------------------------------------------------------
-    @contextmanager
-    def _errors(self, write: bool) -> Iterator[None]:
-        with postgres_errors(f"asset repository at {self.location}", write):
-            try:
-                yield
-            except self._psycopg.errors.UniqueViolation as exc:
-                raise AssetConflict(f"asset repository: {exc.diag.message_detail or exc}") from exc
+    def _refine(self, exc: Exception) -> Exception | None:
+        if isinstance(exc, self._psycopg.errors.UniqueViolation):
+            return AssetConflict(f"asset repository: {exc.diag.message_detail or exc}")
+        return None
 
-    @contextmanager
-    def read(self, slow: bool = False) -> Iterator[Any]:
-        """``slow``: work known to take long (ANALYZE) gets SLOW_WORK_S, not timeout_s."""
-        patience = SLOW_WORK_S if slow else None
-        with self._errors(write=False), self._pool.connection(patience) as conn:
-            yield conn
+    def read(self, slow: bool = False):
+        """A pooled connection. ``slow``: work known to take long (ANALYZE) gets
+        SLOW_WORK_S, not timeout_s."""
+        return self._pool.session(self._what, False, slow, self._refine)
 
     @contextmanager
     def transaction(self, slow: bool = False) -> Iterator[Any]:
         """``slow``: migrations and bulk loads get SLOW_WORK_S, not timeout_s."""
-        patience = SLOW_WORK_S if slow else None
         with (
-            self._errors(write=True),
-            self._pool.connection(patience) as conn,
+            self._pool.session(self._what, True, slow, self._refine) as conn,
             conn.transaction(),
         ):
             yield conn
@@ -210,7 +195,7 @@ class PostgresAssets:
         return ("tags @> %s::text[]" if match_all else "tags && %s::text[]"), [list(tags)]
 
     def properties_filter(self, properties: dict) -> tuple[str, list]:
-        return "properties @> %s::jsonb", [_json(properties)]
+        return "properties @> %s::jsonb", [dump_json(properties)]
 
     def text_filter(self, needle: str) -> tuple[str, list]:
         """Case-insensitive substring of the name or of any scalar value in properties
@@ -307,15 +292,12 @@ class SqliteAssets:
     dialect = "sqlite"
 
     def __init__(self, path: Path | str, timeout_s: float = 10.0) -> None:
-        from esper_assets.storage.cache.tiers.sql import SqliteTier
-
-        self.path = Path(path)
-        self.location = f"sqlite:///{self.path}"
-        # Reuse the cache's SQLite connection handling (WAL, busy timeout, per-thread).
-        self._tier = SqliteTier(self.path, timeout_s=timeout_s)
-        # ids of connections already set up; the tier keeps every connection open
-        # until close(), so an id cannot be reused by a new connection meanwhile.
-        self._ready: set[int] = set()
+        self._file = SqliteFile(path, timeout_s, prepare=_prepare)
+        self.path = self._file.path
+        self.location = self._file.location
+        self._what = f"asset repository at {self.path}"
+        with sqlite_errors(self._what, True):
+            migrate_sqlite(self._file.thread_connection())
 
     @staticmethod
     @lru_cache(maxsize=256)
@@ -327,42 +309,25 @@ class SqliteAssets:
             .replace("%s", "?")
         )
 
-    @contextmanager
-    def _errors(self, write: bool) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.IntegrityError as exc:
-            if "UNIQUE" in str(exc):
-                raise AssetConflict(f"asset repository: {exc}") from exc
-            raise DurableWriteError(
-                f"asset repository at {self.path} refused the write: {exc}"
-            ) from exc
-        except sqlite3.OperationalError as exc:
-            raise TierUnavailable(f"asset repository at {self.path}: {exc}") from exc
-        except sqlite3.Error as exc:
-            kind = DurableWriteError if write else StorageError
-            raise kind(f"asset repository at {self.path} refused the request: {exc}") from exc
-
-    def _prepared(self, conn: sqlite3.Connection) -> sqlite3.Connection:
-        if id(conn) not in self._ready:
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.create_function("esper_json_contains", 2, _sqlite_contains, deterministic=True)
-            conn.create_function("esper_text_match", 3, _sqlite_text_match, deterministic=True)
-            self._ready.add(id(conn))
-        return conn
+    def _refine(self, exc: Exception) -> Exception | None:
+        if not isinstance(exc, sqlite3.IntegrityError):
+            return None
+        if "UNIQUE" in str(exc):
+            return AssetConflict(f"asset repository: {exc}")
+        return DurableWriteError(f"{self._what} refused the write: {exc}")
 
     @contextmanager
     def read(self, slow: bool = False) -> Iterator[sqlite3.Connection]:
-        with self._errors(write=False):
-            yield self._prepared(self._tier.thread_connection())
+        with sqlite_errors(self._what, False, self._refine):
+            yield self._file.thread_connection()
 
     @contextmanager
     def transaction(self, slow: bool = False) -> Iterator[sqlite3.Connection]:
         # BEGIN IMMEDIATE takes the database's write lock: writers are serialised,
         # which is what lock_names has to achieve on PostgreSQL.
-        with self._errors(write=True):
-            conn = self._prepared(self._tier.thread_connection())
-            with self._tier._transaction(conn):
+        with sqlite_errors(self._what, True, self._refine):
+            conn = self._file.thread_connection()
+            with write_transaction(conn):
                 yield conn
 
     def lock_names(self, conn, keys: Sequence[str]) -> None:
@@ -383,7 +348,7 @@ class SqliteAssets:
 
     @staticmethod
     def encode_json(value: Any) -> str:
-        return _json(value)
+        return dump_json(value)
 
     @staticmethod
     def encode_json_text(text: str) -> str:
@@ -391,7 +356,7 @@ class SqliteAssets:
 
     @staticmethod
     def encode_list(items: Sequence[str]) -> str:
-        return _json(list(items)) if items else "[]"
+        return dump_json(list(items)) if items else "[]"
 
     @staticmethod
     def decode_list(value) -> list[str]:
@@ -423,7 +388,7 @@ class SqliteAssets:
     def properties_filter(self, properties: dict) -> tuple[str, list]:
         # SQLite has no @>; a Python function gives the same semantics (see json_contains)
         # without building JSON paths from user-supplied keys.
-        return "esper_json_contains(properties, ?)", [_json(properties)]
+        return "esper_json_contains(properties, ?)", [dump_json(properties)]
 
     def text_filter(self, needle: str) -> tuple[str, list]:
         # SQLite's LIKE folds ASCII case only; a Python function matches ILIKE's behaviour.
@@ -458,7 +423,14 @@ class SqliteAssets:
         )
 
     def close(self) -> None:
-        self._tier.close()
+        self._file.close()
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    """What the repository's queries need on every SQLite connection."""
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.create_function("esper_json_contains", 2, _sqlite_contains, deterministic=True)
+    conn.create_function("esper_text_match", 3, _sqlite_text_match, deterministic=True)
 
 
 def json_contains(stored: Any, wanted: Any) -> bool:
@@ -491,7 +463,7 @@ def _scalars(value: Any) -> Iterator[str]:
     elif isinstance(value, str):
         yield value
     elif value is not None:
-        yield _json(value)  # numbers and booleans as JSON spells them
+        yield dump_json(value)  # numbers and booleans as JSON spells them
 
 
 def _sqlite_text_match(name: str, properties: str, folded_needle: str) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -17,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper_assets.errors import DurableWriteError, StorageError, TierUnavailable, redact_url
+from esper_assets.errors import redact_url
 from esper_assets.storage.db.migrations import migrate_postgres, migrate_sqlite
-from esper_assets.storage.db.postgres import SLOW_WORK_S, ConnectionPool, postgres_errors
+from esper_assets.storage.db.postgres import ConnectionPool
+from esper_assets.storage.db.sqlite import SqliteFile, sqlite_errors, write_transaction
 
 
 class InObjectStore:
@@ -290,14 +290,9 @@ class PostgresTier(SqlTier):
         with self._connection(write=True, slow=True) as conn:
             migrate_postgres(conn)
 
-    @contextmanager
-    def _connection(self, write: bool = False, slow: bool = False) -> Iterator[Any]:
+    def _connection(self, write: bool = False, slow: bool = False):
         """``slow``: maintenance (migrations, cleanup, size) may take SLOW_WORK_S."""
-        with (
-            postgres_errors(f"L3 PostgreSQL at {self.location}", write),
-            self._pool.connection(SLOW_WORK_S if slow else None) as conn,
-        ):
-            yield conn
+        return self._pool.session(f"L3 PostgreSQL at {self.location}", write, slow)
 
     @contextmanager
     def _transaction(self, conn):
@@ -372,67 +367,28 @@ class SqliteTier(SqlTier):
     def __init__(
         self, path: Path | str, ttl_seconds: float | None = 7 * 86400, timeout_s: float = 5.0
     ):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.location = f"sqlite:///{self.path}"
+        self._file = SqliteFile(path, timeout_s)
+        self.path = self._file.path
+        self.location = self._file.location
         self.ttl_seconds = ttl_seconds
         self.timeout_s = timeout_s
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
         with self._connection(write=True) as conn:
             migrate_sqlite(conn)
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False
-        )
-        # Switching a fresh file to WAL while another process opens it can fail with
-        # "database is locked" at once: SQLite does not call the busy handler here.
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError:
-                if time.monotonic() >= deadline:
-                    conn.close()
-                    raise
-                time.sleep(0.01)
-        # WAL + NORMAL survives a process crash; only an OS crash can lose the last commits.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        with self._all_lock:
-            self._all.append(conn)
-        return conn
-
     def thread_connection(self) -> sqlite3.Connection:
         """This thread's connection (SQLite connections are cheap; sharing one needs a lock)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        return conn
+        return self._file.thread_connection()
 
     @contextmanager
     def _connection(
         self, write: bool = False, slow: bool = False
     ) -> Iterator[sqlite3.Connection]:  # slow: SQLite's busy timeout already covers it
-        try:
-            yield self.thread_connection()
-        except sqlite3.OperationalError as exc:
-            raise TierUnavailable(f"L3 SQLite at {self.path}: {exc}") from exc
-        except sqlite3.Error as exc:
-            error = DurableWriteError if write else StorageError
-            raise error(f"L3 SQLite at {self.path} refused the request: {exc}") from exc
+        with sqlite_errors(f"L3 SQLite at {self.path}", write):
+            yield self._file.thread_connection()
 
-    @contextmanager
-    def _transaction(self, conn):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    @staticmethod
+    def _transaction(conn):
+        return write_transaction(conn)
 
     def _select_many(self, conn, keys):
         rows, now = [], time.time()
@@ -481,11 +437,7 @@ class SqliteTier(SqlTier):
         return _changes_from(position, [(key, bool(stale)) for _, key, stale in rows], limit)
 
     def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
+        self._file.close()
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:

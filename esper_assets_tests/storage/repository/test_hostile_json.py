@@ -19,16 +19,15 @@ from esper_assets.errors import (
     InvalidQuery,
     JsonTooDeep,
 )
-from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository
-from esper_assets.storage.repository.repository import MAX_JSON_DEPTH, parse_properties_json
-from esper_assets_tests.conftest import ASSET_BACKENDS
+from esper_assets.storage.repository import (
+    MAX_JSON_DEPTH,
+    AssetMetadata,
+    AssetQuery,
+    AssetRepository,
+    parse_properties_json,
+)
 
 HOSTILE = 3_000
-
-
-@pytest.fixture(params=ASSET_BACKENDS)
-def backend(request) -> str:
-    return request.param
 
 
 @pytest.fixture

@@ -19,18 +19,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from esper_assets.errors import CorruptValue, StorageError
-from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository
 from esper_assets.storage.objects import make_s3_client
-from esper_assets_tests.conftest import ASSET_BACKENDS
+from esper_assets.storage.repository import AssetMetadata, AssetQuery, AssetRepository
 
 THRESHOLD = 1024
 OPTIONS = {"large_object_threshold": THRESHOLD, "access_flush_interval_s": 3600.0}
 SMALL, LARGE = 200, 4 * THRESHOLD  # inline in the row / in the object store
-
-
-@pytest.fixture(params=ASSET_BACKENDS)
-def backend(request) -> str:
-    return request.param
 
 
 @pytest.fixture
@@ -141,7 +135,7 @@ def test_corruption_is_counted_logged_and_touches_nothing_else(
     overwrite_row(backend, request, tmp_path, bad_row, damaged(small))
     overwrite_object(backend, request, tmp_path, f"assets/{bad_obj}", damaged(large))
     assert repo.corrupt_reads == 0
-    with caplog.at_level(logging.ERROR, logger="esper_assets.storage.repository.repository"):
+    with caplog.at_level(logging.ERROR, logger="esper_assets.storage.repository"):
         for aid in (bad_row, bad_obj, bad_row):
             with pytest.raises(CorruptValue):
                 repo.get_asset(aid)
@@ -166,7 +160,7 @@ def test_archiving_skips_a_corrupt_asset_and_archives_the_rest(
     bad_data, good_data = data_of(LARGE, 7), data_of(LARGE, 8)
     bad, good = create(repo, "bad", bad_data), create(repo, "good", good_data)
     overwrite_object(backend, request, tmp_path, f"assets/{bad}", damaged(bad_data))
-    with caplog.at_level(logging.ERROR, logger="esper_assets.storage.repository.repository"):
+    with caplog.at_level(logging.ERROR, logger="esper_assets.storage.repository"):
         archived = repo.archive_assets(datetime.now(UTC) + timedelta(seconds=1))
     assert archived == 1
     assert repo.get_metadata(good).state == "archived"

@@ -19,12 +19,20 @@ is dropped and counted, and never makes the whole flush fail.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from esper_assets.errors import StorageError
-from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository
-from esper_assets_tests.conftest import ASSET_BACKENDS, with_pg_options
+from esper_assets.storage.repository import AssetMetadata, AssetQuery, AssetRepository
+from esper_assets_tests.conftest import ASSET_BACKENDS, wait_until, with_pg_options
+from esper_assets_tests.storage.repository.conftest import (
+    REPO_OPTIONS,
+    THRESHOLD,
+    blob,
+    is_utc,
+    meta,
+)
 
 WORKERS = 4
 IDS = 48
@@ -111,9 +119,9 @@ def test_invalid_ids_are_dropped_and_counted_not_poisoning_the_flush(make_repo, 
     # What get_asset records after a read, with ids it could never have validated:
     bad = ["nul\x00byte", "", "x" * 256, "line\nbreak", "\ud800", 12345, None]
     for aid in bad:
-        repo._note_access(aid)
+        repo.note_access(aid)
     repo.get_asset(good[0])
-    with caplog.at_level("WARNING", logger="esper_assets.storage.repository.repository"):
+    with caplog.at_level("WARNING", logger="esper_assets.storage.repository"):
         assert repo.flush_access() == 3
     assert repo.access_ids_dropped == len(bad)
     assert any("dropped" in r.getMessage() for r in caplog.records)
@@ -125,6 +133,53 @@ def test_flush_of_ids_that_no_longer_match_any_row_is_harmless(make_repo):
     repo = make_repo("postgres", **NO_PERIODIC_FLUSH)
     (aid,) = make_assets(repo, 1)
     repo.get_asset(aid)
-    repo._note_access("never-created")
+    repo.note_access("never-created")
     assert repo.flush_access() == 2  # ids written; one matched no row
     assert counts(repo) == {aid: 1}
+
+
+# -- reads are counted in memory, written by flushes --------------------------------------
+def test_reads_are_counted_in_memory_until_flushed(repo, other, make_repo, backend):
+    small = repo.create_asset(meta("read-me"), blob())
+    large = repo.create_asset(meta("read-me-big"), blob(THRESHOLD * 2))
+    for _ in range(5):
+        repo.get_asset(small)
+    repo.get_asset(large)
+    repo.get_asset(large)
+
+    # Nothing reached the database yet.
+    m = other.get_metadata(small)
+    assert (m.access_count, m.last_accessed) == (0, None)
+    assert [x.access_count for x in other.search_assets(AssetQuery().with_name("read-me"))] == [0]
+
+    repo.flush_access()
+    m = other.get_metadata(small)
+    assert m.access_count == 5 and is_utc(m.last_accessed)
+    assert other.get_metadata(large).access_count == 2
+    repo.flush_access()  # nothing pending: nothing changes
+    assert other.get_metadata(small).access_count == 5
+
+    # Concurrent reads lose no counts.
+    def read(_: int) -> None:
+        for _ in range(25):
+            repo.get_asset(small)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(read, range(4)))
+    repo.flush_access()
+    assert other.get_metadata(small).access_count == 105
+
+    # close() flushes, and so does leaving the context manager.
+    third = make_repo(backend, **REPO_OPTIONS)
+    for _ in range(3):
+        third.get_asset(small)
+    third.close()
+    assert other.get_metadata(small).access_count == 108
+    with make_repo(backend, **REPO_OPTIONS) as fourth:
+        fourth.get_asset(small)
+    assert other.get_metadata(small).access_count == 109
+
+    # And the periodic flush.
+    periodic = make_repo(backend, **{**REPO_OPTIONS, "access_flush_interval_s": 0.1})
+    periodic.get_asset(large)
+    wait_until(lambda: other.get_metadata(large).access_count == 3, "the periodic flush")
