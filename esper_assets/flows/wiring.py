@@ -22,12 +22,7 @@ from esper_assets.flows.landing import LandingZone, landing_from_location
 from esper_assets.settings import Settings
 from esper_assets.storage.cache import PersistentKernelCache
 from esper_assets.storage.cache.kernel_cache import cache_config_from_settings
-from esper_assets.storage.objects import (
-    DirectoryObjectStore,
-    ObjectStore,
-    S3ObjectStore,
-    make_s3_client,
-)
+from esper_assets.storage.objects import ObjectStore, make_s3_client, object_store_from_settings
 from esper_assets.storage.repository import AssetRepository
 
 __all__ = ["landing_zone", "object_store", "open_cache", "open_repository", "s3_client"]
@@ -43,9 +38,7 @@ def object_store(settings: Settings, client=None) -> ObjectStore:
     """L4 and the repository's large objects: ``ESPER_S3_BUCKET`` under
     ``ESPER_S3_PREFIX`` (through ``client``, else a bounded client of our own), or
     the directory ``ESPER_HOME/objects``."""
-    if settings.s3_bucket:
-        return S3ObjectStore(client or s3_client(settings), settings.s3_bucket, settings.s3_prefix)
-    return DirectoryObjectStore(settings.objects_dir)
+    return object_store_from_settings(settings, client=client)
 
 
 def landing_zone(settings: Settings, client=None) -> LandingZone:

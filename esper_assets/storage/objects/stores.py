@@ -239,9 +239,10 @@ def make_s3_client(
     )
 
 
-def object_store_from_settings(settings, timeout_s: float = 2.0) -> ObjectStore:
-    """The object store ESPER_* configures: an S3 bucket, or a directory under ESPER_HOME."""
+def object_store_from_settings(settings, timeout_s: float = 2.0, client=None) -> ObjectStore:
+    """The object store ESPER_* configures: an S3 bucket (through ``client``, else a
+    bounded client of our own), or a directory under ESPER_HOME."""
     if settings.s3_bucket:
-        client = make_s3_client(settings.aws_endpoint_url, timeout_s)
+        client = client or make_s3_client(settings.aws_endpoint_url, timeout_s)
         return S3ObjectStore(client, settings.s3_bucket, settings.s3_prefix)
     return DirectoryObjectStore(settings.objects_dir)
