@@ -1,0 +1,74 @@
+"""build_definitions(settings): the code location is built from the Settings it is given
+(the environment's only when given none), its resources name the variables a value came
+from, and its domains merge into the one location with the names Dagster has stored."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+import esper_assets.defs
+from esper_assets.defs import build_definitions
+from esper_assets.errors import ConfigError
+from esper_assets.settings import Settings
+
+
+def test_settings_passed_in_win_over_the_environment(esper_home: Path, tmp_path: Path):
+    mine = Settings.from_env({"ESPER_HOME": str(tmp_path / "mine")})
+    resources = build_definitions(mine).resources
+    assert resources["database"].home == str(tmp_path / "mine")
+    assert resources["object_store"].home == str(tmp_path / "mine")
+    assert resources["landing"].location == mine.landing
+    assert build_definitions().resources["database"].home == str(esper_home)
+
+
+def test_a_value_from_the_environment_is_named_never_held(esper_home, monkeypatch):
+    secret_url = "postgresql://esper:s3cret@db.invalid:5432/esper"
+    monkeypatch.setenv("ESPER_DATABASE_URL", secret_url)
+    monkeypatch.setenv("ESPER_REDIS_URL", "redis://cache.invalid:6379/0")
+    from_env = build_definitions().resources
+    assert from_env["database"].url == dg.EnvVar("ESPER_DATABASE_URL")
+    assert from_env["redis"].url == dg.EnvVar("ESPER_REDIS_URL")
+    assert "s3cret" not in repr(from_env)
+    # A value the caller chose (not the environment's) is held as given.
+    other = dataclasses.replace(Settings.from_env(), redis_url="redis://other.invalid:6379/1")
+    assert build_definitions(other).resources["redis"].url == "redis://other.invalid:6379/1"
+
+
+def test_one_redis_resource_serves_the_location_and_the_cache(esper_home):
+    resources = build_definitions().resources
+    assert resources["kernel_cache"].redis is resources["redis"]
+    assert resources["kernel_cache"].database is resources["database"]
+    assert resources["repository"].object_store is resources["object_store"]
+
+
+def test_resource_overrides_replace_by_name(esper_home):
+    from esper_assets.defs.resources import BlueprintRulesResource
+
+    strict = BlueprintRulesResource(max_layers=2)
+    assert build_definitions(blueprint_rules=strict).resources["blueprint_rules"] is strict
+
+
+def test_domains_merge_into_the_stored_names(esper_home):
+    defs = build_definitions()
+    assert {j.name for j in defs.jobs} == {
+        "ingest_blueprints", "cache_maintenance_job", "warm_kernel_cache_job",
+        "revalidate_blueprints_job",
+    }  # fmt: skip
+    assert {a.key.to_user_string() for a in defs.assets} == {"blueprints", "compiled_kernels"}
+    assert esper_assets.defs.blueprint_partitions.name == "blueprints"
+    dg.Definitions.validate_loadable(defs)
+
+
+def test_a_bad_variable_fails_the_build_not_the_import(esper_home, monkeypatch):
+    monkeypatch.setenv("ESPER_REDIS_URL", "http://wrong.invalid")
+    with pytest.raises(ConfigError, match="ESPER_REDIS_URL"):
+        build_definitions()
+
+
+def test_the_package_exports_what_runner_cli_and_bench_use():
+    for name in esper_assets.defs.__all__:
+        assert hasattr(esper_assets.defs, name), name
