@@ -20,3 +20,10 @@ from collections.abc import Callable
 # Given a driver error, the error of ours it means to the caller, or None for the
 # common mapping.
 Refine = Callable[[Exception], Exception | None]
+
+
+def raise_refined(exc: Exception, refine: Refine | None) -> None:
+    """Raise the error ``refine`` names for driver error ``exc``, if it names one."""
+    refined = refine(exc) if refine is not None else None
+    if refined is not None:
+        raise refined from exc

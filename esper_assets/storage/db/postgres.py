@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 from esper_assets.errors import DurableWriteError, StorageError, TierUnavailable
-from esper_assets.storage.db import Refine
+from esper_assets.storage.db import Refine, raise_refined
 
 
 def is_connection_error(exc: Exception) -> bool:
@@ -37,9 +37,7 @@ def postgres_errors(what: str, write: bool, refine: Refine | None = None) -> Ite
     try:
         yield
     except psycopg.Error as exc:
-        refined = refine(exc) if refine is not None else None
-        if refined is not None:
-            raise refined from exc
+        raise_refined(exc, refine)
         if is_connection_error(exc):
             raise TierUnavailable(f"{what} is unreachable: {exc}") from exc
         kind = DurableWriteError if write else StorageError

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from esper_assets.errors import DurableWriteError, StorageError, TierUnavailable
-from esper_assets.storage.db import Refine
+from esper_assets.storage.db import Refine, raise_refined
 
 
 @contextmanager
@@ -24,9 +24,7 @@ def sqlite_errors(what: str, write: bool, refine: Refine | None = None) -> Itera
     try:
         yield
     except sqlite3.Error as exc:
-        refined = refine(exc) if refine is not None else None
-        if refined is not None:
-            raise refined from exc
+        raise_refined(exc, refine)
         if isinstance(exc, sqlite3.OperationalError):
             raise TierUnavailable(f"{what}: {exc}") from exc
         kind = DurableWriteError if write else StorageError

@@ -49,7 +49,11 @@ UPDATABLE = frozenset(
 
 
 class AssetRepository(AssetLifecycle):
-    """Thread-safe; one instance per process is enough (it pools connections)."""
+    """Thread-safe; one instance per process is enough (it pools connections).
+
+    Create, read, update, search and lineage are here; deprecation, archiving,
+    retirement, garbage, usage and the audit log come from AssetLifecycle
+    (lifecycle.py), so that neither part is over ~250 lines."""
 
     def __init__(
         self,
@@ -208,15 +212,23 @@ class AssetRepository(AssetLifecycle):
         if not updates and new_data is None:
             return asset_id  # nothing to change
         if new_data is not None:
-            new = replace(old, asset_id="", version="", created_at=None, **dict(updates))
-            new_id = self.create_asset(new, new_data, actor)
-            with self._db.transaction() as conn:
-                record_event(
-                    self._db, conn, asset_id, "new_version", actor, {"new_asset_id": new_id}
-                )
-            return new_id
-        changed = self._checked_updates(old, updates)
-        db = self._db
+            return self._new_version(old, updates, new_data, actor)
+        self._update_in_place(old, self._checked_updates(old, updates), actor)
+        return asset_id
+
+    def _new_version(
+        self, old: AssetMetadata, updates: Mapping[str, Any], new_data: bytes, actor: str
+    ) -> str:
+        new = replace(old, asset_id="", version="", created_at=None, **dict(updates))
+        new_id = self.create_asset(new, new_data, actor)
+        with self._db.transaction() as conn:
+            record_event(
+                self._db, conn, old.asset_id, "new_version", actor, {"new_asset_id": new_id}
+            )
+        return new_id
+
+    def _update_in_place(self, old: AssetMetadata, changed: dict[str, Any], actor: str) -> None:
+        db, asset_id = self._db, old.asset_id
         encoders = {
             "tags": lambda v: db.encode_list(sorted(v)),
             "derived_from": db.encode_list,
@@ -225,26 +237,18 @@ class AssetRepository(AssetLifecycle):
         }
         assignments = ", ".join(f"{k} = %s" for k in changed)
         params = [encoders.get(k, lambda v: v)(v) for k, v in changed.items()]
+        merged = replace(old, **changed)
         with db.transaction() as conn:
-            merged = replace(old, **changed)
             self._writer.require_existing(
                 conn, {r for r in [merged.parent_id, *merged.derived_from] if r}, set()
             )
             if changed.get("parent_id") is not None:
                 refuse_cycle(db, conn, asset_id, changed["parent_id"])
-            if (
-                db.execute(
-                    conn,
-                    f"UPDATE assets SET {assignments} WHERE asset_id = %s",
-                    [*params, asset_id],
-                )
-                != 1
-            ):
+            sql = f"UPDATE assets SET {assignments} WHERE asset_id = %s"
+            if db.execute(conn, sql, [*params, asset_id]) != 1:
                 raise AssetNotFound(f"no asset {asset_id!r}")
-            record_event(
-                db, conn, asset_id, "updated", actor, {k: jsonable(v) for k, v in changed.items()}
-            )
-        return asset_id
+            details = {k: jsonable(v) for k, v in changed.items()}
+            record_event(db, conn, asset_id, "updated", actor, details)
 
     @staticmethod
     def _checked_updates(old: AssetMetadata, updates: Mapping[str, Any]) -> dict[str, Any]:
