@@ -1,6 +1,20 @@
-"""Use cases without Dagster: what happens when blueprints land (``landing``,
-``arrivals``), how a blueprint becomes a registered kernel (``kernels``).
+"""Use cases without Dagster, for every entry point (Dagster's ``defs/``, ``runner/``,
+``cli/``, ``bench/``, and later an HTTP service) to call.
+
+What each module owns:
+
+- ``wiring``: the one place storage objects are built from ``Settings``: the kernel
+  cache and the asset repository (context managers), the object store, the landing
+  zone, the bounded S3 client. Entry points build objects here and nowhere else.
+- ``landing``: where blueprint files arrive (a directory or an S3 prefix), read and
+  moved only inside itself.
+- ``arrivals``: what arrived since the last look (the ``new_blueprints`` sensor's
+  logic and its cursor).
+- ``kernels``: how a landed blueprint becomes a registered, compiled, cached kernel;
+  lineage queries.
+- ``upkeep``: cache cleanup, cache warming (restoring a kernel every tier lost from
+  the repository) and nightly re-validation.
 
 May import: ``esper_assets.errors``, ``settings``, ``blueprints``, ``storage``.
-Never Dagster: ``defs/`` wraps these in assets, sensors and jobs.
+Never Dagster, never ``defs``, ``runner``, ``cli`` or ``bench`` (they import this).
 """
