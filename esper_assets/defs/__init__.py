@@ -14,7 +14,7 @@ What each module owns:
 - ``resources.py``: the resources every domain shares, thin shells over
   ``esper_assets.flows.wiring``.
 - ``instance.py``: the embedded Dagster instance (SQLite under ``ESPER_HOME/dagster``).
-- ``_compat.py``: every use of Dagster's private API (``dagster._...``), tests included.
+- ``_compat.py``: every use of Dagster's private modules and names, tests included.
 
 Later domains (``checkpoints/``, ``analytics/``) go beside ``kernels/`` and
 ``upkeep/``, each with a resource-free ``definitions``, added to ``DOMAINS``.
