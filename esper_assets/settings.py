@@ -116,7 +116,7 @@ def variable_holds(name: str, value: str | None) -> bool:
     """Whether the environment variable ``name`` is set to ``value`` (as ``from_env``
     reads it). The Dagster resources name such a variable (``dg.EnvVar``) instead of
     holding its value, so a password is resolved inside the run and shown nowhere."""
-    return value is not None and os.environ.get(name, "").strip() == value
+    return bool(value) and os.environ.get(name, "").strip() == value
 
 
 _ENCODE_ADVICE = (

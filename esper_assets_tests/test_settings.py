@@ -288,3 +288,15 @@ def test_accepted_urls_describe_without_any_password_fragment(tmp_path, variable
 def test_redact_url_hides_whole_passwords(text, redacted):
     assert redact_url(text) == redacted
     assert redact_url(redact_url(text)) == redacted  # idempotent
+
+
+# -- variable_holds: which values the Dagster resources name instead of holding -------------
+def test_variable_holds_only_the_value_the_environment_gives(monkeypatch):
+    from esper_assets.settings import variable_holds
+
+    monkeypatch.setenv("ESPER_REDIS_URL", "  redis://cache:6379/0 ")  # read stripped
+    assert variable_holds("ESPER_REDIS_URL", "redis://cache:6379/0")
+    assert not variable_holds("ESPER_REDIS_URL", "redis://other:6379/0")
+    assert not variable_holds("ESPER_REDIS_URL", None)
+    monkeypatch.delenv("ESPER_REDIS_URL")
+    assert not variable_holds("ESPER_REDIS_URL", "")
