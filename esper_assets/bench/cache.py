@@ -15,18 +15,19 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from esper_assets.bench.scratch import postgres_schema
 from esper_assets.bench.timing import Comparison, paired_medians, wall_ms
 from esper_assets.errors import EsperError
+from esper_assets.flows.wiring import open_cache
 from esper_assets.settings import Settings
-from esper_assets.storage import CacheConfig, PersistentKernelCache
-from esper_assets.storage.cache.kernel_cache import cache_config_from_settings
+from esper_assets.storage import PersistentKernelCache
 from esper_assets.storage.cache.tiers.memory import MemoryTier, entry_charge
 
 VALUE_BYTES = 4096
@@ -34,10 +35,12 @@ VALUE_BYTES = 4096
 
 @dataclass
 class BenchEnv:
-    """Where the bench runs: config for the caches and raw clients for the same data."""
+    """Where the bench runs: the settings and cache config overrides its caches are
+    built from (by the wiring), and raw clients for the same data."""
 
     label: str
-    config: dict[str, Any]
+    settings: Settings
+    overrides: dict[str, Any]
     raw_l3: Callable[[str], bytes | None]
     raw_l2: Callable[[str], bytes | None] | None = None
     raw_l2_many: Callable[[list[str]], list] | None = None
@@ -50,37 +53,35 @@ def bench_env(settings: Settings) -> Iterator[BenchEnv]:
     a fresh Redis prefix, a temporary directory; all removed afterwards."""
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(TemporaryDirectory(prefix="esper-bench-")))
-        config = asdict(cache_config_from_settings(settings)) | {
+        overrides: dict[str, Any] = {
             "object_store_path": str(tmp / "objects"),
             "s3_bucket": None,  # the bench measures L1-L3; L4 stays a local directory
         }
         if settings.database_url:
-            url, raw_l3 = stack.enter_context(_postgres_schema(settings.database_url))
-            config["postgres_url"] = url
+            url = stack.enter_context(postgres_schema(settings.database_url))
+            overrides["postgres_url"] = url
+            raw_l3 = stack.enter_context(_postgres_reader(url))
             label = "services"
         else:
-            config["sqlite_path"] = str(tmp / "bench.sqlite3")
-            raw_l3 = _sqlite_reader(config["sqlite_path"])
+            overrides["sqlite_path"] = str(tmp / "bench.sqlite3")
+            raw_l3 = _sqlite_reader(overrides["sqlite_path"])
             label = "embedded"
-        env = BenchEnv(label, config, raw_l3)
+        env = BenchEnv(label, settings, overrides, raw_l3)
         if settings.redis_url:
-            env.config["redis_prefix"] = prefix = f"esper:bench:{uuid.uuid4().hex[:8]}:"
+            env.overrides["redis_prefix"] = prefix = f"esper:bench:{uuid.uuid4().hex[:8]}:"
             stack.enter_context(_redis_raw(settings.redis_url, prefix, env))
         yield env
 
 
 @contextmanager
-def _postgres_schema(url: str):
+def _postgres_reader(url: str) -> Iterator[Callable[[str], bytes | None]]:
+    """A prepared SELECT of one stored value, on its own connection to ``url``."""
     import psycopg
 
     from esper_assets.storage.cache.tiers.sql import PostgresTier
 
-    schema = f"esper_bench_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect(url, autocommit=True)
-    admin.execute(f"CREATE SCHEMA {schema}")
-    scoped = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-    PostgresTier(scoped).close()  # applies migrations
-    raw = psycopg.connect(scoped, autocommit=True, prepare_threshold=0)
+    PostgresTier(url).close()  # applies migrations
+    raw = psycopg.connect(url, autocommit=True, prepare_threshold=0)
     query = "SELECT data FROM kernel_cache WHERE id = %s"
 
     def read(key: str) -> bytes | None:
@@ -88,11 +89,9 @@ def _postgres_schema(url: str):
         return None if row is None else row[0]
 
     try:
-        yield scoped, read
+        yield read
     finally:
         raw.close()
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        admin.close()
 
 
 def _sqlite_reader(path: str) -> Callable[[str], bytes | None]:
@@ -126,8 +125,8 @@ def _redis_raw(url: str, prefix: str, env: BenchEnv):
         client.close()
 
 
-def _cache(env: BenchEnv, **overrides: Any) -> PersistentKernelCache:
-    return PersistentKernelCache(CacheConfig(**(env.config | overrides)))
+def _cache(env: BenchEnv, **overrides: Any) -> AbstractContextManager[PersistentKernelCache]:
+    return open_cache(env.settings, **(env.overrides | overrides))
 
 
 def _values(n: int, size: int) -> dict[str, bytes]:

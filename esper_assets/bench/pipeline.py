@@ -7,23 +7,27 @@
 2. The new_blueprints sensor: one tick over 10,000 files it has already seen, then
    one with 100 new files among them, against a bare directory listing.
 
-Runs in a fresh ESPER_HOME with every ESPER_* service variable unset.
+Runs on Settings of its own: a fresh, temporary ESPER_HOME and no service
+(the environment is neither read nor changed).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+import dagster as dg
+
 from esper_assets.blueprints import compile_blueprint, parse_blueprint
-from esper_assets.settings import SERVICE_VARIABLES
+from esper_assets.defs import build_definitions, embedded_dagster_home, new_blueprints
+from esper_assets.flows.wiring import landing_zone
+from esper_assets.runner import backfill
+from esper_assets.settings import Settings
 
 
 def small_blueprint(i: int, prefix: str = "bench") -> tuple[str, bytes]:
@@ -47,39 +51,33 @@ def small_blueprint(i: int, prefix: str = "bench") -> tuple[str, bytes]:
 
 
 @contextmanager
-def embedded_home() -> Iterator[Path]:
-    saved = {k: os.environ.pop(k) for k in SERVICE_VARIABLES if k in os.environ}
-    saved_home = os.environ.get("ESPER_HOME")
+def embedded_settings() -> Iterator[Settings]:
+    """Settings for a fresh, temporary ESPER_HOME and nothing else: no service, the
+    landing zone and the Dagster instance under that home (whatever the environment
+    says; it is neither read nor changed)."""
     with TemporaryDirectory(prefix="esper-bench-pipeline-") as tmp:
-        os.environ["ESPER_HOME"] = tmp
-        try:
-            yield Path(tmp)
-        finally:
-            os.environ.update(saved)
-            if saved_home is None:
-                os.environ.pop("ESPER_HOME", None)
-            else:
-                os.environ["ESPER_HOME"] = saved_home
+        yield Settings.from_env({"ESPER_HOME": tmp})
+
+
+def embedded_pipeline(settings: Settings) -> tuple[dg.Definitions, dg.DagsterInstance]:
+    """The Definitions bound to ``settings`` and the embedded instance under its home
+    (never ``$DAGSTER_HOME``'s: the bench must not touch a real instance)."""
+    instance = dg.DagsterInstance.from_config(str(embedded_dagster_home(settings)))
+    return build_definitions(settings), instance
 
 
 def bench_backfill(n: int) -> dict[str, Any]:
-    from esper_assets.defs import build_definitions, local_instance
-    from esper_assets.flows.landing import DirectoryLanding
-    from esper_assets.runner.driver import backfill
-    from esper_assets.settings import Settings
-
     files = [small_blueprint(i) for i in range(n)]
     start = time.perf_counter()
     compile_ms = 0.0
     for key, data in files:  # the same work with no Dagster and no storage
         compile_ms += compile_blueprint(parse_blueprint(data, source=key)).compile_ms
     bare_s = time.perf_counter() - start
-    with embedded_home():
-        settings = Settings.from_env()
-        landing = DirectoryLanding(settings.landing)
+    with embedded_settings() as settings:
+        landing = landing_zone(settings)
         for key, data in files:
             landing.put(key, data)
-        defs, instance = build_definitions(), local_instance(settings)
+        defs, instance = embedded_pipeline(settings)
         start = time.perf_counter()
         outcome = backfill(defs, instance, [key.removesuffix(".json") for key, _ in files])
         pipeline_s = time.perf_counter() - start
@@ -98,18 +96,11 @@ def bench_backfill(n: int) -> dict[str, Any]:
 
 
 def bench_sensor(seen: int, new: int, repeats: int = 5) -> dict[str, Any]:
-    import dagster as dg
-
-    from esper_assets.defs import build_definitions, local_instance, new_blueprints
-    from esper_assets.flows.landing import DirectoryLanding
-    from esper_assets.settings import Settings
-
-    with embedded_home():
-        settings = Settings.from_env()
-        landing = DirectoryLanding(settings.landing)
+    with embedded_settings() as settings:
+        landing = landing_zone(settings)
         for i in range(seen):
             landing.put(*small_blueprint(i, "seen"))
-        defs, instance = build_definitions(), local_instance(settings)
+        defs, instance = embedded_pipeline(settings)
 
         def tick(cursor: str | None) -> tuple[float, Any]:
             start = time.perf_counter()

@@ -9,17 +9,17 @@ latencies on the resulting table.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from esper_assets.bench.scratch import postgres_schema
 from esper_assets.bench.timing import wall_ms
+from esper_assets.flows.wiring import object_store, open_repository
 from esper_assets.settings import Settings
-from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository, DirectoryObjectStore
+from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository
 from esper_assets.storage.repository.backends import ASSET_COLUMNS
 
 CHAIN = 10  # every 10 assets form one parent chain, so depth-5 lineage has work to do
@@ -119,32 +119,18 @@ def _twin(ddl: str, foreign_keys: bool) -> str:
 
 @contextmanager
 def _repositories(settings: Settings) -> Iterator[list[tuple[str, AssetRepository]]]:
-    with TemporaryDirectory(prefix="esper-bench-repo-") as tmp:
-        store = DirectoryObjectStore(Path(tmp) / "objects")
-        repos = [
-            (
-                "sqlite",
-                AssetRepository(sqlite_path=str(Path(tmp) / "bench.sqlite3"), object_store=store),
-            )
-        ]
-        schema = None
+    """Empty repositories built by the wiring: on the embedded SQLite file of a
+    temporary home, and (first) in a scratch schema of ``settings``' PostgreSQL;
+    both keep their large objects in one directory of that home."""
+    with TemporaryDirectory(prefix="esper-bench-repo-") as tmp, ExitStack() as stack:
+        embedded = Settings.from_env({"ESPER_HOME": tmp})
+        store = object_store(embedded)
+        repos = [("sqlite", stack.enter_context(open_repository(embedded, store)))]
         if settings.database_url:
-            import psycopg
-
-            schema = f"esper_bench_{uuid.uuid4().hex[:8]}"
-            with psycopg.connect(settings.database_url, autocommit=True) as admin:
-                admin.execute(f"CREATE SCHEMA {schema}")
-            sep = "&" if "?" in settings.database_url else "?"
-            url = f"{settings.database_url}{sep}options=-csearch_path%3D{schema}"
-            repos.insert(0, ("postgres", AssetRepository(postgres_url=url, object_store=store)))
-        try:
-            yield repos
-        finally:
-            for _, repo in repos:
-                repo.close()
-            if schema:
-                with psycopg.connect(settings.database_url, autocommit=True) as admin:
-                    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            url = stack.enter_context(postgres_schema(settings.database_url))
+            scratch = Settings.from_env({"ESPER_HOME": tmp, "ESPER_DATABASE_URL": url})
+            repos.insert(0, ("postgres", stack.enter_context(open_repository(scratch, store))))
+        yield repos
 
 
 def bench_backend(

@@ -1,22 +1,29 @@
-"""The daemon stand-in: ``tick_and_run`` evaluates the new_blueprints sensor and
-executes its runs in process; ``run_ingest`` and ``run_demo`` are ``esper ingest``
-and ``make demo``. Used by the CLI, the bench and the tests.
+"""The daemon stand-in and the demo, for the CLI, the bench and the tests.
 
-May import: everything below it, and ``esper_assets.defs`` through the package's
-public names only.
+- ``driver``: ``tick_and_run`` evaluates the new_blueprints sensor (its cursor in
+  a file of the instance's folder) and executes the runs it requests, in process,
+  as the daemon would; ``backfill`` runs many partitions as one run. Outcomes per
+  run and per landed file (``RunOutcome``, ``FileOutcome``, ``TickReport``).
+- ``lineage``: ``dagster_lineage``, a kernel's chain read from the event log alone.
+- ``demo``: ``run_ingest`` (``esper ingest``), ``run_demo`` (``make demo``) and
+  ``land_examples``; each takes ``Settings`` (default: the environment's).
+
+Import from this package, not its modules. Nothing here prints.
+
+May import: ``errors``, ``settings``, ``blueprints``, ``storage``, ``flows`` (objects
+built by ``flows.wiring``), and ``esper_assets.defs`` through the package's public
+names only. Imported by ``cli/``, ``bench/`` and tests; never by ``defs/``.
 """
 
+from esper_assets.runner.demo import land_examples, run_demo, run_ingest
 from esper_assets.runner.driver import (
     FileOutcome,
     RunOutcome,
     TickReport,
     backfill,
-    dagster_lineage,
-    land_examples,
-    run_demo,
-    run_ingest,
     tick_and_run,
 )
+from esper_assets.runner.lineage import dagster_lineage
 
 __all__ = [
     "FileOutcome",

@@ -1,5 +1,5 @@
-"""Drive the pipeline without a daemon: ``esper ingest``, the demo, the benchmark and
-tests use this.
+"""Drive the pipeline without a daemon: ``esper ingest``, the demo (``runner.demo``),
+the benchmark and tests use this.
 
 ``tick_and_run`` does what ``dagster dev``'s daemon does for the new_blueprints
 sensor: evaluate it with its stored cursor, add the partitions it asks for, and
@@ -11,12 +11,15 @@ run (the assets' single-run backfill policy).
 Nothing here prints. Every run's events, Dagster's stack traces included, go to
 the run's event log (``make dev`` shows them); the caller gets one
 :class:`FileOutcome` per landed file, with the problem in one line.
+
+The sensor's cursor is kept in ``new_blueprints.cursor`` in the instance's folder
+(not in Dagster's sensor state, which belongs to the daemon).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
@@ -30,10 +33,8 @@ from esper_assets.defs import (
     blueprint_partitions,
     evaluate_new_blueprints,
     ingest_blueprints_job,
-    local_instance,
     new_blueprints,
 )
-from esper_assets.settings import Settings
 
 # In-process runs report through their results and the event log. Dagster's console
 # logger would print every event on stderr, and each failure with its stack trace,
@@ -221,139 +222,3 @@ def _root_message(error) -> str:
     if sep and error.cls_name and qualified.rsplit(".", 1)[-1] == error.cls_name:
         return text if error.cls_name == "Failure" else f"{error.cls_name}: {text}"
     return message
-
-
-def dagster_lineage(instance: dg.DagsterInstance, name: str, depth: int = 20) -> list[dict]:
-    """The chain kernel -> blueprint version -> parent blueprints, read from Dagster's
-    event log alone: each step is the materialization whose recorded repository id the
-    previous step names."""
-    kernel = _materialization(instance, "compiled_kernels", name)
-    if kernel is None:
-        return []
-    chain = [{"type": "kernel", **kernel}]
-    partition, wanted = kernel["blueprint_partition"], kernel["blueprint_repository_id"]
-    storage_id = kernel.get("blueprint_event_storage_id")  # the exact event, when recorded
-    while partition and len(chain) <= depth:
-        found = _materialization(instance, "blueprints", partition, wanted, storage_id)
-        if found is None:
-            break
-        chain.append({"type": "blueprint", **found})
-        parent = found.get("parent") or ""
-        partition, wanted = parent.partition("@")[0], found.get("parent_repository_id")
-        storage_id = None
-    return chain
-
-
-# Older materializations of a partition are read a page at a time, newest first.
-_PAGE = 100
-
-
-def _materialization(
-    instance: dg.DagsterInstance,
-    asset: str,
-    partition: str,
-    repository_id: str | None = None,
-    storage_id: int | None = None,
-) -> dict | None:
-    """The newest materialization of ``asset[partition]`` that names a repository id
-    (``repository_id`` itself, if given). Usually that is the latest one, fetched alone;
-    else older ones are paged through, however many times the partition was
-    materialized since. ``storage_id``, when known, is tried first."""
-
-    def found(record) -> dict | None:
-        event = record.asset_materialization
-        meta = {k: v.value for k, v in event.metadata.items()} if event else {}
-        if (
-            event
-            and event.partition == partition
-            and meta.get("repository_id")
-            and (repository_id in (None, meta["repository_id"]))
-        ):
-            return {"partition": partition, "run_id": record.run_id, **meta}
-        return None
-
-    key = dg.AssetKey(asset)
-    if storage_id is not None:
-        exact = dg.AssetRecordsFilter(asset_key=key, storage_ids=[int(storage_id)])
-        for record in instance.fetch_materializations(exact, limit=1).records:
-            if (hit := found(record)) is not None:
-                return hit
-    records_filter = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition])
-    cursor, limit = None, 1
-    while True:
-        page = instance.fetch_materializations(records_filter, limit=limit, cursor=cursor)
-        for record in page.records:  # newest first
-            if (hit := found(record)) is not None:
-                return hit
-        if not page.has_more:
-            return None
-        cursor, limit = page.cursor, _PAGE
-
-
-def land_examples(landing) -> list[str]:
-    """Put the example blueprints in the landing zone (unchanged files are left alone)."""
-    from esper_assets.blueprints import example_blueprint_files
-
-    landed = []
-    present = {f.key for f in landing.list_blueprints()}
-    for path in example_blueprint_files():
-        data = path.read_bytes()
-        if path.name not in present or landing.read(path.name) != data:
-            landing.put(path.name, data)
-            landed.append(path.name)
-    return landed
-
-
-def run_ingest(settings: Settings | None = None) -> dict:
-    """``esper ingest``: tick the new_blueprints sensor on ``ESPER_LANDING`` and run what
-    it asks for, until nothing new is left; one outcome per file."""
-    from esper_assets.defs import build_definitions
-    from esper_assets.flows.landing import landing_from_location
-
-    settings = settings or Settings.from_env()
-    landing = landing_from_location(settings.landing)  # a landing zone we refuse stops here
-    with local_instance(settings) as instance:
-        report = tick_and_run(build_definitions(), instance)
-        files = report.files()
-        return {
-            "landing": landing.location,
-            "dagster_home": instance.root_directory,
-            "ticks": report.ticks,
-            "files": [asdict(f) for f in files],
-            "failed": sum(not f.ok for f in files),
-        }
-
-
-def run_demo(settings: Settings | None = None) -> dict:
-    """The README's main command: land the examples, let the sensor and runs do their
-    work, and report what happened, the cache's stats and one kernel's lineage."""
-    from esper_assets.defs import build_definitions
-    from esper_assets.flows.kernels import describe, lineage_chain, registered_kernels
-    from esper_assets.flows.landing import landing_from_location
-    from esper_assets.storage import AssetRepository, PersistentKernelCache
-
-    settings = settings or Settings.from_env()
-    landed = land_examples(landing_from_location(settings.landing))
-    defs, instance = build_definitions(), local_instance(settings)
-    report = tick_and_run(defs, instance)
-    with AssetRepository.from_env() as repo:
-        kernels = registered_kernels(repo)
-        chains = [lineage_chain(repo, m.name) for m in kernels]
-        longest = max(chains, key=len, default=[])
-        chain = [describe(m) for m in longest]
-    with PersistentKernelCache.from_env() as cache:
-        fetched = sum(cache.get(m.properties["kernel_id"]) is not None for m in kernels)
-        stats = cache.get_stats(include_sizes=True)
-    return {
-        "settings": settings.describe(),
-        "dagster_home": instance.root_directory,
-        "landed": landed,
-        "ticks": report.ticks,
-        "runs": [vars(r) for r in report.runs],
-        "files": [asdict(f) for f in report.files()],
-        "kernels_registered": len(kernels),
-        "kernels_fetched_from_cache": fetched,
-        "lineage": chain,
-        "dagster_lineage": dagster_lineage(instance, longest[0].name) if longest else [],
-        "stats": stats,
-    }

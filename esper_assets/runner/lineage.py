@@ -1,0 +1,75 @@
+"""What the pipeline's runs recorded, read back from Dagster's event log alone:
+``dagster_lineage`` follows a kernel's chain of materializations (each step names
+the repository id of the one it was built from), so ``esper lineage`` and the demo
+can compare it with the repository's own lineage."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+
+def dagster_lineage(instance: dg.DagsterInstance, name: str, depth: int = 20) -> list[dict]:
+    """The chain kernel -> blueprint version -> parent blueprints, read from Dagster's
+    event log alone: each step is the materialization whose recorded repository id the
+    previous step names."""
+    kernel = _materialization(instance, "compiled_kernels", name)
+    if kernel is None:
+        return []
+    chain = [{"type": "kernel", **kernel}]
+    partition, wanted = kernel["blueprint_partition"], kernel["blueprint_repository_id"]
+    storage_id = kernel.get("blueprint_event_storage_id")  # the exact event, when recorded
+    while partition and len(chain) <= depth:
+        found = _materialization(instance, "blueprints", partition, wanted, storage_id)
+        if found is None:
+            break
+        chain.append({"type": "blueprint", **found})
+        parent = found.get("parent") or ""
+        partition, wanted = parent.partition("@")[0], found.get("parent_repository_id")
+        storage_id = None
+    return chain
+
+
+# Older materializations of a partition are read a page at a time, newest first.
+_PAGE = 100
+
+
+def _materialization(
+    instance: dg.DagsterInstance,
+    asset: str,
+    partition: str,
+    repository_id: str | None = None,
+    storage_id: int | None = None,
+) -> dict | None:
+    """The newest materialization of ``asset[partition]`` that names a repository id
+    (``repository_id`` itself, if given). Usually that is the latest one, fetched alone;
+    else older ones are paged through, however many times the partition was
+    materialized since. ``storage_id``, when known, is tried first."""
+
+    def found(record) -> dict | None:
+        event = record.asset_materialization
+        meta = {k: v.value for k, v in event.metadata.items()} if event else {}
+        if (
+            event
+            and event.partition == partition
+            and meta.get("repository_id")
+            and (repository_id in (None, meta["repository_id"]))
+        ):
+            return {"partition": partition, "run_id": record.run_id, **meta}
+        return None
+
+    key = dg.AssetKey(asset)
+    if storage_id is not None:
+        exact = dg.AssetRecordsFilter(asset_key=key, storage_ids=[int(storage_id)])
+        for record in instance.fetch_materializations(exact, limit=1).records:
+            if (hit := found(record)) is not None:
+                return hit
+    records_filter = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition])
+    cursor, limit = None, 1
+    while True:
+        page = instance.fetch_materializations(records_filter, limit=limit, cursor=cursor)
+        for record in page.records:  # newest first
+            if (hit := found(record)) is not None:
+                return hit
+        if not page.has_more:
+            return None
+        cursor, limit = page.cursor, _PAGE
