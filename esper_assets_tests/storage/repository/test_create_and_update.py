@@ -21,7 +21,7 @@ from esper_assets.errors import (
     InvalidQuery,
     LineageCycle,
 )
-from esper_assets.storage.repository import AssetQuery
+from esper_assets.storage.repository import AssetQuery, AssetRepository
 from esper_assets_tests.storage.repository.conftest import (
     MAX_BYTES,
     THRESHOLD,
@@ -218,17 +218,21 @@ def test_concurrent_versions_have_no_gaps_or_duplicates(repo):
         assert repo.get_asset(m.asset_id)[1] == data_by_checksum[m.checksum]
 
 
-def test_concurrent_creates_of_the_same_content_make_one_asset(repo, store):
-    threads = 8
-    payload = blob(THRESHOLD * 2)
-    barrier = threading.Barrier(threads)
+def create_at_once(repo: AssetRepository, names: list[str], payload: bytes) -> set[str]:
+    """One thread per name, all released together, each creating ``payload`` under it."""
+    barrier = threading.Barrier(len(names))
 
-    def work(_: int) -> str:
+    def work(name: str) -> str:
         barrier.wait()
-        return repo.create_asset(meta("same"), payload)
+        return repo.create_asset(meta(name), payload)
 
-    with ThreadPoolExecutor(threads) as pool:
-        created = set(pool.map(work, range(threads)))
+    with ThreadPoolExecutor(len(names)) as pool:
+        return set(pool.map(work, names))
+
+
+def test_concurrent_creates_of_the_same_content_make_one_asset(repo, store):
+    payload = blob(THRESHOLD * 2)
+    created = create_at_once(repo, ["same"] * 8, payload)
     assert len(created) == 1
     (aid,) = created
     assert count(repo) == 1
@@ -238,16 +242,8 @@ def test_concurrent_creates_of_the_same_content_make_one_asset(repo, store):
 
 
 def test_concurrent_creates_of_the_same_content_under_other_names(repo, store):
-    threads = 8
     payload = blob(THRESHOLD * 2)
-    barrier = threading.Barrier(threads)
-
-    def work(t: int) -> str:
-        barrier.wait()
-        return repo.create_asset(meta(f"name-{t}"), payload)
-
-    with ThreadPoolExecutor(threads) as pool:
-        created = set(pool.map(work, range(threads)))
+    created = create_at_once(repo, [f"name-{t}" for t in range(8)], payload)
     assert len(created) == 1
     (aid,) = created
     assert count(repo) == 1
