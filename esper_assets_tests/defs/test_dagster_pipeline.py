@@ -18,7 +18,7 @@ from esper_assets.defs.kernels import new_blueprints
 from esper_assets.defs.resources import BlueprintRulesResource
 from esper_assets.flows import kernels
 from esper_assets.flows.landing import DirectoryLanding
-from esper_assets.runner.driver import backfill, dagster_lineage, land_examples, tick_and_run
+from esper_assets.runner import backfill, dagster_lineage, land_examples, tick_and_run
 from esper_assets.settings import SERVICE_VARIABLES, Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 

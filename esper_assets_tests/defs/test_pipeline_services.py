@@ -26,7 +26,7 @@ from esper_assets.blueprints.examples import example_blueprint_files
 from esper_assets.defs import build_definitions
 from esper_assets.flows import kernels as kernel_flows
 from esper_assets.flows.landing import S3Landing, landing_from_location
-from esper_assets.runner.driver import (
+from esper_assets.runner import (
     TickReport,
     dagster_lineage,
     land_examples,
