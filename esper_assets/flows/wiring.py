@@ -20,8 +20,7 @@ from typing import Any
 
 from esper_assets.flows.landing import LandingZone, landing_from_location
 from esper_assets.settings import Settings
-from esper_assets.storage.cache import PersistentKernelCache
-from esper_assets.storage.cache.kernel_cache import cache_config_from_settings
+from esper_assets.storage.cache import PersistentKernelCache, cache_config_from_settings
 from esper_assets.storage.objects import ObjectStore, make_s3_client, object_store_from_settings
 from esper_assets.storage.repository import AssetRepository
 
