@@ -282,16 +282,17 @@ class S3Landing:
 
 
 def landing_from_location(location: str, s3_client=None) -> LandingZone:
-    """``s3://bucket/prefix`` (read through ``s3_client``) or a directory path.
-    ``esper_assets.flows.wiring.landing_zone`` builds one from Settings."""
+    """``s3://bucket/prefix`` (read through ``s3_client``, which it then needs) or a
+    directory path. ``esper_assets.flows.wiring.landing_zone`` builds one from Settings,
+    with the S3 client they configure."""
     if location.startswith("s3://"):
         bucket, _, prefix = location[len("s3://") :].partition("/")
         if not bucket:
             raise ConfigError(f"ESPER_LANDING={location!r} names no bucket; use s3://bucket/prefix")
-        if s3_client is None:  # AWS_ENDPOINT_URL, as Settings (the one env reader) has it
-            from esper_assets.settings import Settings
-            from esper_assets.storage.objects import make_s3_client
-
-            s3_client = make_s3_client(Settings.from_env().aws_endpoint_url)
+        if s3_client is None:
+            raise ConfigError(
+                f"landing zone {location}: no S3 client given; build it with "
+                "esper_assets.flows.wiring.landing_zone(settings)"
+            )
         return S3Landing(s3_client, bucket, prefix)
     return DirectoryLanding(location)

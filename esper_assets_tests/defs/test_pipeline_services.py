@@ -25,13 +25,15 @@ from esper_assets.blueprints import kernel_id_for, parse_blueprint
 from esper_assets.blueprints.examples import example_blueprint_files
 from esper_assets.defs import build_definitions
 from esper_assets.flows import kernels as kernel_flows
-from esper_assets.flows.landing import S3Landing, landing_from_location
+from esper_assets.flows import wiring
+from esper_assets.flows.landing import S3Landing
 from esper_assets.runner import (
     TickReport,
     dagster_lineage,
     land_examples,
     tick_and_run,
 )
+from esper_assets.settings import Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 from esper_assets.storage.objects import make_s3_client
 from esper_assets_tests.conftest import with_search_path
@@ -236,7 +238,7 @@ def services_run(production: Production) -> ServicesRun:
     client.delete(*kernel_keys)  # left by an earlier session: "present" must mean "put now"
     absent = {key: not client.exists(key) for key in kernel_keys}
     client.close()
-    landed = land_examples(landing_from_location(production.landing))
+    landed = land_examples(wiring.landing_zone(Settings.from_env()))
     assert len(landed) == 12
     defs = build_definitions()
     report = tick_and_run(defs, production.instance)
@@ -440,7 +442,8 @@ def test_bad_input_on_the_services_fails_its_own_partition_and_stays_landed(
         )
         set_dagster_pg_env(monkeypatch, pg_server_url, services.dagster_db)
         instance = production_instance(tmp_path / "dagster_home")
-        landing = landing_from_location(location)
+        landing = wiring.landing_zone(Settings.from_env())
+        assert landing.location.startswith(location)
         assert isinstance(landing, S3Landing)
         examples = {p.name: p.read_bytes() for p in example_blueprint_files()}
         files = {

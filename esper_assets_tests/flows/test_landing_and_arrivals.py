@@ -84,6 +84,14 @@ def test_landing_location_picks_the_implementation(tmp_path, s3_endpoint, s3_buc
     assert isinstance(s3, S3Landing) and s3.location == f"s3://{s3_bucket}/in/blueprints/"
 
 
+def test_an_s3_landing_zone_needs_the_client_the_settings_configure():
+    """landing reads no environment: without a client it says where to get one."""
+    from esper_assets.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"wiring\.landing_zone"):
+        landing_from_location("s3://some-bucket/in")
+
+
 def test_a_file_moved_in_with_an_old_mtime_still_counts_as_new(tmp_path):
     import os
 
