@@ -20,7 +20,7 @@ from esper_assets.bench.timing import wall_ms
 from esper_assets.flows.wiring import object_store, open_repository
 from esper_assets.settings import Settings
 from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository
-from esper_assets.storage.repository.backends import ASSET_COLUMNS
+from esper_assets.storage.repository import ASSET_COLUMNS
 
 CHAIN = 10  # every 10 assets form one parent chain, so depth-5 lineage has work to do
 
