@@ -172,8 +172,3 @@ def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             database=database, redis=redis, object_store=object_store
         ),
     }
-
-
-def resources_from_env() -> dict[str, dg.ConfigurableResource]:
-    """:func:`resources_for` the environment's settings (a bad variable fails here, named)."""
-    return resources_for(Settings.from_env())
