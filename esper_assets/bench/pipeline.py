@@ -7,8 +7,9 @@
 2. The new_blueprints sensor: one tick over 10,000 files it has already seen, then
    one with 100 new files among them, against a bare directory listing.
 
-Runs on Settings of its own: a fresh, temporary ESPER_HOME and no service
-(the environment is neither read nor changed).
+Runs on Settings of its own: a fresh, temporary ESPER_HOME and no service, and
+the embedded Dagster instance under it; the environment's ESPER_* variables and
+DAGSTER_HOME are not used, and nothing is written to the environment.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ def small_blueprint(i: int, prefix: str = "bench") -> tuple[str, bytes]:
 @contextmanager
 def embedded_settings() -> Iterator[Settings]:
     """Settings for a fresh, temporary ESPER_HOME and nothing else: no service, the
-    landing zone and the Dagster instance under that home (whatever the environment
-    says; it is neither read nor changed)."""
+    landing zone under that home (whatever the environment says)."""
     with TemporaryDirectory(prefix="esper-bench-pipeline-") as tmp:
         yield Settings.from_env({"ESPER_HOME": tmp})
 
