@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from esper_assets.cli import main
-from esper_assets.flows.landing import landing_from_location
+from esper_assets.flows.wiring import landing_zone
 from esper_assets.settings import SERVICE_VARIABLES, Settings
 
 NEGATIVE_WIDTH = b"name: bad\nversion: 1.0.0\ninput_shape: [4]\nlayers:\n  - {op: linear, out_features: -3}\n"  # fmt: skip
@@ -33,7 +33,7 @@ def blueprint(name: str, parent: str | None = None, width: int = 8) -> bytes:
 
 @pytest.fixture
 def landing(esper_home):
-    return landing_from_location(Settings.from_env().landing)
+    return landing_zone(Settings.from_env())
 
 
 def land_good_and_bad(landing) -> None:
@@ -139,7 +139,7 @@ def test_ingest_refuses_a_landing_zone_it_cannot_use_in_one_line(esper_home, tmp
 def test_ingest_from_an_s3_landing_zone(esper_home, monkeypatch, s3_endpoint, s3_bucket):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("ESPER_LANDING", f"s3://{s3_bucket}/in")
-    landing = landing_from_location(Settings.from_env().landing)
+    landing = landing_zone(Settings.from_env())
     landing.put("base.json", blueprint("base"))
     landing.put("bad.yaml", NEGATIVE_WIDTH)
     report = ingest_json(expect_exit=1)

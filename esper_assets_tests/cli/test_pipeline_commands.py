@@ -125,12 +125,12 @@ def test_lineage_finds_partitions_materialized_more_than_a_page_of_times(esper_h
     import dagster as dg
 
     from esper_assets.defs import build_definitions, local_instance
-    from esper_assets.flows.landing import landing_from_location
+    from esper_assets.flows.wiring import landing_zone
     from esper_assets.runner import tick_and_run
     from esper_assets.settings import Settings
 
     settings = Settings.from_env()
-    landing = landing_from_location(settings.landing)
+    landing = landing_zone(settings)
     landing.put("base.json", small_blueprint("base"))
     landing.put("child.json", small_blueprint("child", parent="base@1.0.0"))
     instance = local_instance(settings)
