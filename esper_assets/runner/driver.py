@@ -121,17 +121,7 @@ def tick_and_run(
     cursor_file = _cursor_file(instance)
     for _ in range(max_ticks):
         cursor = cursor_file.read_text() if cursor_file.exists() else None
-        with dg.build_sensor_context(
-            instance=instance, cursor=cursor, resources=defs.resources,
-            sensor_name=new_blueprints.name,
-        ) as context:  # fmt: skip
-            # What the tick logs (rejections, children waiting) comes back in the scan
-            # and is reported per file; not also on the console.
-            context.log.setLevel(logging.CRITICAL)
-            resources = context.resources
-            result, scan = evaluate_new_blueprints(
-                context, resources.landing, resources.repository, resources.blueprint_rules
-            )
+        result, scan = _tick(defs, instance, cursor)
         report.ticks += 1
         report.rejected += [
             FileOutcome(key, "rejected", problem=one_line(f"{reason} (moved to {moved_to})"))
@@ -144,18 +134,35 @@ def tick_and_run(
             )
         cursor_file.write_text(result.cursor or "")
         requests = [r for r in result.run_requests or [] if not _already_ran(instance, r.run_key)]
-        for request in requests:
-            tags = {
-                **request.tags,
-                SENSOR_NAME_TAG: new_blueprints.name,
-                RUN_KEY_TAG: request.run_key,
-            }
-            outcome = _execute(defs, instance, [request.partition_key], tags)
-            outcome.file = request.tags.get(FILE_TAG, "")
-            report.runs.append(outcome)
+        report.runs += [_run_requested(defs, instance, request) for request in requests]
         if not requests and not scan.waiting:
             break
     return report
+
+
+def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None):
+    """One evaluation of the sensor from ``cursor``: its result and what it scanned."""
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources=defs.resources,
+        sensor_name=new_blueprints.name,
+    ) as context:  # fmt: skip
+        # What the tick logs (rejections, children waiting) comes back in the scan
+        # and is reported per file; not also on the console.
+        context.log.setLevel(logging.CRITICAL)
+        resources = context.resources
+        return evaluate_new_blueprints(
+            context, resources.landing, resources.repository, resources.blueprint_rules
+        )
+
+
+def _run_requested(
+    defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest
+) -> RunOutcome:
+    """Execute one of the sensor's run requests, tagged as the daemon would tag it."""
+    tags = {**request.tags, SENSOR_NAME_TAG: new_blueprints.name, RUN_KEY_TAG: request.run_key}
+    outcome = _execute(defs, instance, [request.partition_key], tags)
+    outcome.file = request.tags.get(FILE_TAG, "")
+    return outcome
 
 
 def _already_ran(instance: dg.DagsterInstance, run_key: str | None) -> bool:
