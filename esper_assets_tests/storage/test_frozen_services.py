@@ -32,7 +32,7 @@ from esper_assets.storage import (
     PersistentKernelCache,
 )
 from esper_assets.storage.repository.backends import PostgresAssets
-from esper_assets_tests.conftest import _service_missing
+from esper_assets_tests.conftest import _service_missing  # root conftest's: skip, or fail in CI
 from esper_assets_tests.frozen import (
     MotoProcess,
     Outcome,

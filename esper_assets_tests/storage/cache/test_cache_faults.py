@@ -8,7 +8,6 @@ tier did not confirm must raise and leave nothing readable behind.
 
 from __future__ import annotations
 
-import random
 import sqlite3
 import threading
 import time
@@ -26,16 +25,9 @@ from esper_assets.storage import CacheConfig, PersistentKernelCache
 from esper_assets.storage.cache import framing
 from esper_assets.storage.cache.resilience import CircuitBreaker
 from esper_assets_tests.conftest import BACKENDS, ManualClock, closed_port, wait_until
+from esper_assets_tests.storage.cache.conftest import decode, noise
 
 RESET_S = 0.2
-
-
-def noise(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def decode(cache: PersistentKernelCache, blob: bytes) -> bytes:
-    return cache._codecs.decode(framing.unpack(blob))
 
 
 def manual_breaker(cache: PersistentKernelCache, tier: str) -> ManualClock:
@@ -44,7 +36,7 @@ def manual_breaker(cache: PersistentKernelCache, tier: str) -> ManualClock:
     of a bound that depends on how fast the machine ran the reads."""
     clock = ManualClock()
     config = cache.config
-    cache._breakers[tier] = CircuitBreaker(
+    cache.slot(tier).breaker = CircuitBreaker(
         config.breaker_failure_threshold, config.breaker_reset_s, clock=clock.monotonic
     )
     return clock
@@ -86,7 +78,7 @@ def test_dead_redis_is_skipped_and_used_again_after_restart(l3_choice, private_r
         redis_prefix="esper:faults:",
         breaker_reset_s=RESET_S,
     )
-    assert cache._listener.wait_subscribed(5)
+    assert cache.wait_subscribed(5)
     clock = manual_breaker(cache, "l2")
     values = {f"k{i}": noise(800, i) for i in range(20)}
     for kernel_id, value in values.items():
@@ -97,7 +89,7 @@ def test_dead_redis_is_skipped_and_used_again_after_restart(l3_choice, private_r
     below_l1, periods = 0, 3
     for _ in range(periods):
         for _ in range(3):
-            cache._l1.clear()  # every read below must go past L1
+            cache.tier("l1").clear()  # every read below must go past L1
             for kernel_id, value in values.items():
                 assert cache.get(kernel_id) == value  # served by L3
                 below_l1 += 1
@@ -129,7 +121,7 @@ def test_dead_redis_is_skipped_and_used_again_after_restart(l3_choice, private_r
     client.close()
     assert cache.get_stats()["tiers"]["l2"]["breaker"] == "closed"
     assert "l2" in cache.put("after-2", b"x")
-    cache._l1.clear()
+    cache.tier("l1").clear()
     hits_before = cache.get_stats()["tiers"]["l2"]["hits"]
     assert cache.get("after-2") == b"x"
     assert cache.get_stats()["tiers"]["l2"]["hits"] == hits_before + 1
@@ -163,7 +155,7 @@ def test_writes_missed_while_redis_was_frozen_never_come_back_stale(private_redi
     client = redis.Redis.from_url(private_redis.url)
     assert client.get("esper:frozen:k") is not None  # the stale copy really is there
     time.sleep(RESET_S * 1.5)
-    cache._l1.clear()
+    cache.tier("l1").clear()
     assert cache.get("k") == b"new"
     assert cache.get("gone") is None
     # Removed from L2, or fenced (b"") so that no late refill can bring the old value back.
@@ -182,17 +174,17 @@ def test_unreachable_object_store(pg_url, make_cache, monkeypatch):
     small, big = noise(1000, 1), noise(10_000, 2)
 
     assert cache.put("small", small) == ["l1", "l3"]
-    cache._l1.clear()
+    cache.tier("l1").clear()
     assert cache.get("small") == small
 
     with pytest.raises(DurableWriteError, match="NOT stored") as info:
         cache.put("big", big)
     assert isinstance(info.value.__cause__, TierUnavailable)
-    assert cache._l3.metadata("big") is None  # no pointer row to a missing object
-    assert "big" not in cache._l1
+    assert cache.tier("l3").metadata("big") is None  # no pointer row to a missing object
+    assert "big" not in cache.tier("l1")
     with pytest.raises(DurableWriteError):  # breaker open now: refused at once
         cache.put("big", big)
-    assert cache._l3.metadata("big") is None
+    assert cache.tier("l3").metadata("big") is None
 
     # reads never raise
     assert cache.get("big") is None
@@ -242,19 +234,19 @@ def test_read_only_postgres_refuses_write_through(
     for kernel_id, value in (("new", noise(1000, 5)), ("new-big", noise(10_000, 6))):
         with pytest.raises(DurableWriteError, match="NOT stored"):
             cache.put(kernel_id, value)
-        assert kernel_id not in cache._l1
-        assert cache._l2.get(kernel_id) is None
+        assert kernel_id not in cache.tier("l1")
+        assert cache.tier("l2").get(kernel_id) is None
         assert redis_client.exists(redis_prefix + kernel_id) == 0
-        assert normal._l3.metadata(kernel_id) is None
+        assert normal.tier("l3").metadata(kernel_id) is None
 
     # reads of what is already stored still work, from L3 itself
-    cache._l2.delete_many(["old"], announce=False)
+    cache.tier("l2").delete_many(["old"], announce=False)
     assert cache.get("old") == old
     stats = cache.get_stats()["tiers"]["l3"]
     assert stats["hits"] == 1 and stats["breaker"] == "closed"
     with pytest.raises(DurableWriteError):
         cache.invalidate("old")  # L3 could not delete it: the caller must know
-    assert normal._l3.get("old") is not None
+    assert normal.tier("l3").get("old") is not None
 
 
 def test_unreachable_postgres_at_construction(tmp_path):
@@ -303,7 +295,7 @@ def test_write_back_flush_error_keeps_values_readable(pg_readonly_url, make_cach
     with pytest.raises(FlushError, match="still held in memory"):
         cache.flush()
 
-    cache._l1.clear()
+    cache.tier("l1").clear()
     for kernel_id, value in values.items():
         assert cache.get(kernel_id) == value
     assert cache.get_many(list(values)) == values
@@ -312,10 +304,12 @@ def test_write_back_flush_error_keeps_values_readable(pg_readonly_url, make_cach
     with pytest.raises(FlushError):
         cache.close()
     assert cache.get("a") == values["a"]  # still open, still holding them
-    assert cache._l3.get("a") is None
+    assert cache.tier("l3").get("a") is None
+    assert cache.pending_writes() == values
     # This L3 can never take them: drop them so the fixture can close the cache.
-    with cache._wb_lock:
-        cache._wb.dirty.clear()
+    assert cache.discard_pending_writes() == 2
+    assert cache.pending_writes() == {}
+    assert cache.get_stats()["write_back"]["dirty"] == 0
 
 
 REFUSE = {
@@ -359,11 +353,11 @@ def test_write_back_recovers_once_l3_takes_writes_again(make_cache, backend):
         cache.flush()
     with pytest.raises(FlushError):
         cache.close()
-    cache._l1.clear()
+    cache.tier("l1").clear()
     assert cache.get("k") == value
 
     l3_script(cache, allow)
     cache.close()  # flushes what was held (unless the background flusher got there first)
 
     reader = make_cache(backend)
-    assert decode(reader, reader._l3.get("k")) == value
+    assert decode(reader, reader.tier("l3").get("k")) == value

@@ -32,7 +32,7 @@ def test_a_forged_l2_frame_that_inflates_past_max_value_bytes_is_a_corrupt_copy(
     cache.put("k", b"real value")
     bomb = framing.pack(Payload.of(Codec.ZSTD, zstd_bomb(256 << 20), 256 << 20), 1, 0)
     redis_client.set(redis_prefix + "k", bomb)
-    cache._l1.clear()
+    cache.tier("l1").clear()
 
     assert cache.get("k") == b"real value"
     assert cache.get_stats()["tiers"]["l2"]["corruptions"] == 1

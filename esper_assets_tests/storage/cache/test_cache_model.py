@@ -102,12 +102,12 @@ class CacheModel(RuleBasedStateMachine):
         self.cache.close()
 
     # -- bookkeeping --------------------------------------------------------
-    def _asked(self, kernel_ids) -> None:
+    def asked(self, kernel_ids) -> None:
         for kernel_id in dict.fromkeys(kernel_ids):
             self.requests += 1
             self.misses += kernel_id not in self.model
 
-    def _large(self, value: bytes) -> bool:
+    def is_large(self, value: bytes) -> bool:
         return len(value) > THRESHOLD
 
     # -- writes ---------------------------------------------------------------
@@ -116,7 +116,7 @@ class CacheModel(RuleBasedStateMachine):
         written = self.cache.put(kernel_id, value)
         self.model[kernel_id] = value
         assert "l3" in written, written
-        assert ("l4" in written) == self._large(value), written
+        assert ("l4" in written) == self.is_large(value), written
 
     @rule(items=st.lists(st.tuples(ids, values), min_size=1, max_size=4))
     def put_many(self, items: list[tuple[str, bytes]]) -> None:
@@ -134,7 +134,7 @@ class CacheModel(RuleBasedStateMachine):
     @rule(kernel_id=ids)
     def get(self, kernel_id: str) -> None:
         got = self.cache.get(kernel_id)
-        self._asked([kernel_id])
+        self.asked([kernel_id])
         assert got == self.model.get(kernel_id), (
             f"get({kernel_id!r}) returned {_show(got)}, model holds {_show(self.model.get(kernel_id))}"
         )
@@ -142,7 +142,7 @@ class CacheModel(RuleBasedStateMachine):
     @rule(kernel_ids=st.lists(ids, max_size=6))
     def get_many(self, kernel_ids: list[str]) -> None:
         got = self.cache.get_many(kernel_ids)
-        self._asked(kernel_ids)
+        self.asked(kernel_ids)
         expected = {k: self.model[k] for k in kernel_ids if k in self.model}
         assert got.keys() == expected.keys(), (sorted(got), sorted(expected))
         for k, v in expected.items():
@@ -158,7 +158,7 @@ class CacheModel(RuleBasedStateMachine):
     @rule()
     def clear_l1(self) -> None:
         """Memory pressure: L1 forgets everything; the lower tiers must not."""
-        self.cache._l1.clear()
+        self.cache.tier("l1").clear()
 
     @rule()
     def expire_l1(self) -> None:
@@ -183,10 +183,8 @@ class CacheModel(RuleBasedStateMachine):
 
     @invariant()
     def l1_within_bounds_and_never_stale(self) -> None:
-        l1 = self.cache._l1
-        with l1._lock:
-            entries = dict(l1._entries)
-            used = l1.used_bytes
+        l1 = self.cache.tier("l1")
+        entries, used = l1.snapshot()
         assert 0 <= used <= l1.max_bytes, (used, l1.max_bytes)
         assert used == sum(charge for _, _, charge in entries.values())
         now = time.monotonic()
@@ -236,11 +234,11 @@ class ServicesModel(CacheModel):
         """What other processes would read from Redis must be the model's value."""
         if not self.redis_up:
             return
-        blobs = self.inspector.mget([self.cache._l2.prefix + k for k in IDS])
+        blobs = self.inspector.mget([self.cache.tier("l2").prefix + k for k in IDS])
         for k, blob in zip(IDS, blobs, strict=True):
             if not blob:  # None: absent; b"": the fence an invalidation leaves (a miss)
                 continue
-            value = self.cache._codecs.decode(framing.unpack(blob))
+            value = self.cache.codecs.decode(framing.unpack(blob))
             assert self.model.get(k) == value, (
                 f"L2 holds {_show(value)} for {k!r}, model holds {_show(self.model.get(k))}"
             )

@@ -2,18 +2,15 @@
 TTLs, eviction, large objects, compression, corruption repair, single-flight,
 warming, statistics, invalidation and input validation.
 
-Tiers are seeded and inspected through the cache's own tier objects (``_l1`` ..
-``_l4``) and, where the point is the bytes at rest, through the raw services
-(SQL, Redis, files, S3). Nothing is mocked.
+Tiers are seeded and inspected through the cache's own tier objects
+(``cache.tier("l1")`` .. ``"l4"``) and, where the point is the bytes at rest,
+through the raw services (SQL, Redis, files, S3). Nothing is mocked.
 """
 
 from __future__ import annotations
 
-import random
-import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -22,38 +19,18 @@ from esper_assets.errors import EsperError, InvalidKernelId, InvalidValue
 from esper_assets.storage import PersistentKernelCache
 from esper_assets.storage.cache import framing
 from esper_assets.storage.cache.framing import Codec
+from esper_assets.storage.cache.slots import Pending
 from esper_assets.storage.cache.tiers.memory import entry_charge
 from esper_assets.storage.cache.tiers.objects import kernel_object_key
 from esper_assets.storage.cache.tiers.sql import IN_OBJECT_STORE
 from esper_assets.storage.objects import make_s3_client
 from esper_assets_tests.conftest import BACKENDS, wait_until
+from esper_assets_tests.storage.cache.conftest import decode, noise, sql
 
 each_backend = pytest.mark.parametrize("backend", BACKENDS)
 
 
 # -- helpers ----------------------------------------------------------------------
-def noise(n: int, seed: int = 0) -> bytes:
-    """Incompressible bytes (stored raw, like float weights)."""
-    return random.Random(seed).randbytes(n)
-
-
-def decode(cache: PersistentKernelCache, blob: bytes) -> bytes:
-    """The value inside a stored frame (raises CorruptValue if the frame is damaged)."""
-    return cache._codecs.decode(framing.unpack(blob))
-
-
-def sql(cache: PersistentKernelCache, query: str, params: tuple = ()) -> list[tuple]:
-    """Run ``query`` (``?`` placeholders) on the cache's L3 database over a fresh connection."""
-    if cache.config.postgres_url:
-        import psycopg
-
-        with psycopg.connect(cache.config.postgres_url, autocommit=True) as conn:
-            cur = conn.execute(query.replace("?", "%s"), params)
-            return cur.fetchall() if cur.description else []
-    with closing(sqlite3.connect(cache.config.sqlite_path, isolation_level=None)) as conn:
-        return conn.execute(query, params).fetchall()
-
-
 def lost_not_written(cache: PersistentKernelCache) -> None:
     """Forget the change-log rows our own SQL left: a row that a disk loses or damages
     leaves none, and the invalidation fence would (rightly) refuse to refill an id
@@ -73,18 +50,18 @@ def l3_row(cache: PersistentKernelCache, kernel_id: str) -> tuple | None:
 
 
 def l3_value(cache: PersistentKernelCache, kernel_id: str) -> bytes | None:
-    blob = cache._l3.get(kernel_id)
+    blob = cache.tier("l3").get(kernel_id)
     assert blob is not IN_OBJECT_STORE
     return None if blob is None else decode(cache, blob)
 
 
 def l2_value(cache: PersistentKernelCache, kernel_id: str) -> bytes | None:
-    blob = cache._l2.get(kernel_id)
+    blob = cache.tier("l2").get(kernel_id)
     return None if blob is None else decode(cache, blob)
 
 
 def l4_value(cache: PersistentKernelCache, kernel_id: str) -> bytes | None:
-    blob = cache._l4.get(kernel_id)
+    blob = cache.tier("l4").get(kernel_id)
     return None if blob is None else decode(cache, blob)
 
 
@@ -115,9 +92,9 @@ def write_raw_object(cache: PersistentKernelCache, kernel_id: str, data: bytes) 
 def forget_fast(cache: PersistentKernelCache, ids: list[str]) -> None:
     """Drop ids from L1 and L2 only, so the next read must come from L3/L4."""
     for kernel_id in ids:
-        cache._l1.delete(kernel_id)
-    if cache._l2 is not None:
-        cache._l2.delete_many(ids, announce=False)
+        cache.tier("l1").delete(kernel_id)
+    if "l2" in cache.tiers:
+        cache.tier("l2").delete_many(ids, announce=False)
 
 
 def flip(blob: bytes, at: int) -> bytes:
@@ -132,10 +109,8 @@ def tier_stats(cache: PersistentKernelCache) -> dict:
 
 def pause_flusher(cache: PersistentKernelCache) -> None:
     """Stop the background write-back flusher, so the test decides when flush() runs."""
-    cache._stop.set()
-    cache._wake.set()
-    cache._maintainer.join(timeout=5)
-    assert not cache._maintainer.is_alive()
+    cache.maintainer.stop()
+    assert not cache.maintainer.running
 
 
 def expected_tiers(cache: PersistentKernelCache, *names: str) -> list[str]:
@@ -149,21 +124,21 @@ def test_value_only_in_l3_is_read_and_promoted(make_cache, backend):
     value = noise(3000, 1)
     cache.put("k", value)
     forget_fast(cache, ["k"])
-    assert "k" not in cache._l1
-    if cache._l2 is not None:
-        assert cache._l2.get("k") is None
+    assert "k" not in cache.tier("l1")
+    if "l2" in cache.tiers:
+        assert cache.tier("l2").get("k") is None
 
     assert cache.get("k") == value
 
-    assert cache._l1.get("k") == value
-    if cache._l2 is not None:
+    assert cache.tier("l1").get("k") == value
+    if "l2" in cache.tiers:
         assert l2_value(cache, "k") == value
         assert tier_stats(cache)["l2"]["misses"] == 1
     assert tier_stats(cache)["l3"]["hits"] == 1
     # the promoted copies now answer: no second L3 read
-    cache._l1.delete("k")
+    cache.tier("l1").delete("k")
     assert cache.get("k") == value
-    assert tier_stats(cache)["l3"]["hits"] == (2 if cache._l2 is None else 1)
+    assert tier_stats(cache)["l3"]["hits"] == (1 if "l2" in cache.tiers else 2)
 
 
 @each_backend
@@ -171,17 +146,17 @@ def test_value_only_in_l4_archive_is_promoted_to_every_tier(make_cache, backend)
     cache = make_cache(backend, archive_to_l4=True)
     value = noise(2000, 2)
     assert "l4" in cache.put("k", value)
-    cache._l3.delete_many(["k"])
+    cache.tier("l3").delete_many(["k"])
     lost_not_written(cache)
     forget_fast(cache, ["k"])
-    assert cache._l3.get("k") is None
+    assert cache.tier("l3").get("k") is None
     assert l4_value(cache, "k") == value
 
     assert cache.get("k") == value
 
-    assert cache._l1.get("k") == value
+    assert cache.tier("l1").get("k") == value
     assert l3_value(cache, "k") == value
-    if cache._l2 is not None:
+    if "l2" in cache.tiers:
         assert l2_value(cache, "k") == value
     stats = tier_stats(cache)
     assert stats["l3"]["misses"] == 1
@@ -200,8 +175,8 @@ def test_get_many_returns_found_ids_only_and_promotes(make_cache, backend):
 
     assert got == values
     for kernel_id, value in values.items():
-        assert cache._l1.get(kernel_id) == value
-        if cache._l2 is not None:
+        assert cache.tier("l1").get(kernel_id) == value
+        if "l2" in cache.tiers:
             assert l2_value(cache, kernel_id) == value
     stats = tier_stats(cache)
     assert (stats["l3"]["hits"], stats["l3"]["misses"]) == (3, 1)
@@ -217,12 +192,12 @@ def test_write_through_put_lands_in_every_tier(make_cache, backend):
     written = cache.put("k", value, {"arch": "resnet", "layer": 3})
 
     assert written == expected_tiers(cache, "l1", "l2", "l3", "l4")
-    assert cache._l1.get("k") == value
-    if cache._l2 is not None:
+    assert cache.tier("l1").get("k") == value
+    if "l2" in cache.tiers:
         assert l2_value(cache, "k") == value
     assert l3_value(cache, "k") == value
     assert l4_value(cache, "k") == value
-    assert cache._l3.metadata("k")["metadata"] == {"arch": "resnet", "layer": 3}
+    assert cache.tier("l3").metadata("k")["metadata"] == {"arch": "resnet", "layer": 3}
     entry = cache.get_entry("k")
     assert entry.value == value and entry.metadata == {"arch": "resnet", "layer": 3}
 
@@ -244,10 +219,10 @@ def test_write_back_put_is_acknowledged_before_l3_has_it(make_cache, backend):
 
     assert cache.put("k", value) == expected_tiers(cache, "l1", "l2")
 
-    assert cache._l3.get("k") is None
+    assert cache.tier("l3").get("k") is None
     assert l3_row(cache, "k") is None
     assert cache.get("k") == value
-    cache._l1.clear()
+    cache.tier("l1").clear()
     assert cache.get("k") == value  # from the dirty set, L1 or not
     assert cache.get_many(["k", "nope"]) == {"k": value}
     assert cache.get_stats()["write_back"]["dirty"] == 1
@@ -265,7 +240,7 @@ def test_write_back_background_flusher_persists(make_cache, backend):
     cache = make_cache(backend, write_mode="write_back", write_back_interval_s=0.05)
     value = noise(800, 5)
     cache.put("k", value)
-    wait_until(lambda: cache._l3.get("k") is not None, "background flush of k")
+    wait_until(lambda: cache.tier("l3").get("k") is not None, "background flush of k")
     assert l3_value(cache, "k") == value
     wait_until(lambda: cache.get_stats()["write_back"]["dirty"] == 0, "dirty set emptied")
 
@@ -277,7 +252,7 @@ def test_write_back_close_flushes(make_cache, backend):
     values = {"a": noise(700, 6), "b": noise(900, 7)}
     for kernel_id, value in values.items():
         cache.put(kernel_id, value)
-    assert cache._l3.get("a") is None
+    assert cache.tier("l3").get("a") is None
 
     cache.close()
 
@@ -292,7 +267,7 @@ def test_write_back_newer_put_during_flush_is_not_lost(make_cache, backend, monk
     pause_flusher(cache)
     old, new = noise(600, 8), noise(600, 9)
     cache.put("k", old)
-    real_put_many = cache._l3.put_many
+    real_put_many = cache.tier("l3").put_many
     raced = []
 
     def put_many_while_a_newer_put_arrives(rows):
@@ -301,7 +276,7 @@ def test_write_back_newer_put_during_flush_is_not_lost(make_cache, backend, monk
             cache.put("k", new)  # arrives after flush() took its batch, before it finishes
         real_put_many(rows)
 
-    monkeypatch.setattr(cache._l3, "put_many", put_many_while_a_newer_put_arrives)
+    monkeypatch.setattr(cache.tier("l3"), "put_many", put_many_while_a_newer_put_arrives)
 
     assert cache.flush() == 1
 
@@ -309,7 +284,7 @@ def test_write_back_newer_put_during_flush_is_not_lost(make_cache, backend, monk
     assert l3_value(cache, "k") == old  # the flush stored what it took...
     assert cache.get_stats()["write_back"]["dirty"] == 1  # ...and kept the newer put dirty
     assert cache.get("k") == new
-    cache._l1.clear()
+    cache.tier("l1").clear()
     assert cache.get("k") == new
     assert cache.flush() == 1
     assert l3_value(cache, "k") == new
@@ -323,10 +298,10 @@ def test_l1_ttl_expires_entries(make_cache, backend, l1_clock):
     value = noise(500, 10)
     cache.put("k", value)
     l1_clock.advance(0.19)
-    assert "k" in cache._l1  # L1's clock moves only when the test says so
+    assert "k" in cache.tier("l1")  # L1's clock moves only when the test says so
     l1_clock.advance(0.02)
-    assert "k" not in cache._l1
-    assert cache._l1.get("k") is None
+    assert "k" not in cache.tier("l1")
+    assert cache.tier("l1").get("k") is None
     assert cache.get("k") == value  # the lower tiers still have it
 
 
@@ -334,7 +309,7 @@ def test_l2_ttl_is_the_configured_one(make_cache, redis_client):
     ttl_s = 600
     cache = make_cache("services", l2_ttl_seconds=ttl_s)
     assert "l2" in cache.put("k", noise(500, 11))
-    pttl = redis_client.pttl(cache._l2.prefix + "k")
+    pttl = redis_client.pttl(cache.tier("l2").prefix + "k")
     # Redis counts down from the configured TTL; half of it is a tolerance no test
     # run can use up (5 minutes), and the key must not be without a TTL (-1).
     assert ttl_s * 1000 // 2 < pttl <= ttl_s * 1000
@@ -344,8 +319,8 @@ def test_l2_ttl_expires_entries(make_cache, redis_client):
     cache = make_cache("services", l2_ttl_seconds=0.2)
     value = noise(500, 11)
     assert "l2" in cache.put("k", value)
-    wait_until(lambda: cache._l2.get("k") is None, "L2 key to expire")
-    assert redis_client.exists(cache._l2.prefix + "k") == 0
+    wait_until(lambda: cache.tier("l2").get("k") is None, "L2 key to expire")
+    assert redis_client.exists(cache.tier("l2").prefix + "k") == 0
     assert cache.get("k") == value
 
 
@@ -355,7 +330,7 @@ def test_l3_ttl_and_cleanup(make_cache, backend):
     keeper = make_cache(backend)  # same L3, default TTL
     cache.put("short", noise(500, 12))
     keeper.put("long", noise(500, 13))
-    wait_until(lambda: cache._l3.get("short") is None, "L3 row to expire")
+    wait_until(lambda: cache.tier("l3").get("short") is None, "L3 row to expire")
     assert l3_row(cache, "short") is not None  # expired, not yet removed
 
     removed = cache.cleanup()
@@ -371,9 +346,9 @@ def test_l4_ttl_and_cleanup(make_cache, backend):
     cache = make_cache(backend, archive_to_l4=True, l4_ttl_seconds=0.2)
     value = noise(700, 14)
     cache.put("k", value)
-    assert framing.unpack(cache._l4.get("k")).expires_ms > 0
+    assert framing.unpack(cache.tier("l4").get("k")).expires_ms > 0
     wait_until(
-        lambda: framing.unpack(cache._l4.get("k")).expired(framing.now_ms()),
+        lambda: framing.unpack(cache.tier("l4").get("k")).expired(framing.now_ms()),
         "L4 object to expire",
     )
 
@@ -390,7 +365,7 @@ def test_cleanup_of_expired_pointer_row_removes_its_object(make_cache, backend):
     cache = make_cache(backend, large_object_threshold=4096, l3_ttl_seconds=0.2)
     cache.put("big", noise(10_000, 15))
     assert raw_object(cache, "big") is not None
-    wait_until(lambda: cache._l3.get("big") is None, "pointer row to expire")
+    wait_until(lambda: cache.tier("l3").get("big") is None, "pointer row to expire")
 
     assert cache.cleanup()["l3"] == 1
 
@@ -418,14 +393,14 @@ def test_eviction_policy(make_cache, backend, policy, victim):
     )
     for k in "abc":
         cache.put(k, values[k])
-    assert all(k in cache._l1 for k in "abc")
+    assert all(k in cache.tier("l1") for k in "abc")
     for k in READS:
         assert cache.get(k) == values[k]
 
     cache.put("d", values["d"])
 
-    assert {k for k in "abcd" if k in cache._l1} == set("abcd") - {victim}
-    l1 = cache._l1.stats()
+    assert {k for k in "abcd" if k in cache.tier("l1")} == set("abcd") - {victim}
+    l1 = cache.tier("l1").stats()
     assert (l1["evictions"], l1["policy"], l1["admission"]) == (1, policy, "off")
     assert cache.get(victim) == values[victim]  # evicted from L1 only
 
@@ -441,14 +416,14 @@ def test_large_value_is_an_object_behind_a_pointer_row(make_cache, backend, redi
     data, object_key, _ = l3_row(cache, "big")
     assert data is None
     assert object_key == kernel_object_key("big")
-    assert cache._l3.get("big") is IN_OBJECT_STORE
+    assert cache.tier("l3").get("big") is IN_OBJECT_STORE
     assert decode(cache, raw_object(cache, "big")) == big
-    if cache._l2 is not None:
-        assert cache._l2.get("big") is None
-    cache._l1.clear()
+    if "l2" in cache.tiers:
+        assert cache.tier("l2").get("big") is None
+    cache.tier("l1").clear()
     assert cache.get("big") == big
-    if cache._l2 is not None:
-        assert cache._l2.get("big") is None  # reads don't promote large values into Redis
+    if "l2" in cache.tiers:
+        assert cache.tier("l2").get("big") is None  # reads don't promote large values into Redis
     assert cache.get_entry("big").in_object_store is True
 
     # at the threshold exactly: still inline
@@ -477,8 +452,8 @@ def test_compression(make_cache, backend, compression, enabled, codec):
     assert compressed is (codec is not Codec.NONE)
     if codec is not Codec.NONE:
         assert len(data) < len(text) // 4
-    if cache._l2 is not None:
-        assert framing.unpack(cache._l2.get("text")).codec is codec
+    if "l2" in cache.tiers:
+        assert framing.unpack(cache.tier("l2").get("text")).codec is codec
     forget_fast(cache, ["text"])
     assert cache.get("text") == text
 
@@ -511,9 +486,9 @@ def test_corrupt_l2_frame_is_repaired_from_l3(make_cache, redis_client, damage):
     cache = make_cache("services")
     value = b"weights " * 300  # compressed: damage reaches a zstd payload
     cache.put("k", value)
-    key = cache._l2.prefix + "k"
+    key = cache.tier("l2").prefix + "k"
     redis_client.set(key, DAMAGE[damage](redis_client.get(key)), keepttl=True)
-    cache._l1.clear()
+    cache.tier("l1").clear()
 
     assert cache.get("k") == value
 
@@ -521,7 +496,7 @@ def test_corrupt_l2_frame_is_repaired_from_l3(make_cache, redis_client, damage):
     assert stats["l2"]["corruptions"] == 1
     assert stats["l3"]["hits"] == 1
     assert decode(cache, redis_client.get(key)) == value  # L2 holds a good frame again
-    cache._l1.clear()
+    cache.tier("l1").clear()
     assert cache.get("k") == value
     stats = tier_stats(cache)
     assert (stats["l2"]["corruptions"], stats["l2"]["hits"], stats["l3"]["hits"]) == (1, 1, 1)
@@ -543,7 +518,7 @@ def test_corrupt_l3_frame_is_repaired_from_l4(make_cache, backend):
     assert stats["l3"]["corruptions"] == 1
     assert stats["l4"]["hits"] == 1
     assert decode(cache, l3_row(cache, "k")[0]) == value  # L3 holds a good frame again
-    if cache._l2 is not None:
+    if "l2" in cache.tiers:
         assert l2_value(cache, "k") == value
 
 
@@ -570,14 +545,14 @@ def test_corrupt_l4_objects_are_detected(make_cache, backend):
     cache.put("big", big)
     for kernel_id in ("small", "big"):
         write_raw_object(cache, kernel_id, flip(raw_object(cache, kernel_id), 60))
-    cache._l1.clear()
+    cache.tier("l1").clear()
 
     assert cache.get("small") == small  # L3's copy is good; the archive is not consulted
     assert cache.get("big") is None  # its only copy is damaged
     assert tier_stats(cache)["l4"]["corruptions"] == 1
 
     cache.put("big", big)  # a fresh put replaces the damaged object
-    cache._l1.clear()
+    cache.tier("l1").clear()
     assert cache.get("big") == big
     assert decode(cache, raw_object(cache, "big")) == big
 
@@ -588,7 +563,7 @@ def test_concurrent_misses_share_one_load(make_cache, backend):
     cache = make_cache(backend)
     value = noise(5000, 23)
     cache.put("k", value)
-    cache._l1.clear()
+    cache.tier("l1").clear()
     barrier = threading.Barrier(20)
     loads_before = cache.loads
 
@@ -612,19 +587,19 @@ def test_warm_cache_reports_each_id_in_order(make_cache, backend):
     for kernel_id, value in values.items():
         cache.put(kernel_id, value)
     forget_fast(cache, ["in_l3", "in_l4"])
-    cache._l3.delete_many(["in_l4"])
-    cache._l1.delete("in_l2")
-    cache._l3.delete_many(["in_l2"])
+    cache.tier("l3").delete_many(["in_l4"])
+    cache.tier("l1").delete("in_l2")
+    cache.tier("l3").delete_many(["in_l2"])
     order = ["in_l4", "nope", "hot", "in_l3", "in_l2"]
 
     report = cache.warm_cache(order)
 
     expected = [("in_l4", "l4"), ("nope", "missing"), ("hot", "l1"), ("in_l3", "l3")]
     # without L2 the L3 row was the only copy besides the archive
-    expected.append(("in_l2", "l2" if cache._l2 is not None else "l4"))
+    expected.append(("in_l2", "l2" if "l2" in cache.tiers else "l4"))
     assert list(report.items()) == expected
     for kernel_id, value in values.items():
-        assert cache._l1.get(kernel_id) == value
+        assert cache.tier("l1").get(kernel_id) == value
     again = cache.warm_cache(order)
     assert list(again.items()) == [(k, "missing" if k == "nope" else "l1") for k in order]
 
@@ -652,7 +627,7 @@ def test_get_stats_fields(make_cache, backend):
         for field in ("hits", "misses", "errors", "corruptions", "p50_us", "p99_us"):
             assert field in tier, (name, field)
         assert (tier["errors"], tier["corruptions"], tier["breaker"]) == (0, 0, "closed")
-    below = "l2" if cache._l2 is not None else "l3"
+    below = "l2" if "l2" in cache.tiers else "l3"
     assert (stats["tiers"][below]["hits"], stats["tiers"][below]["misses"]) == (0, 1)
     assert stats["tiers"][below]["p50_us"] > 0
     assert stats["tiers"]["l3"]["writes"] == 1
@@ -673,9 +648,9 @@ def test_invalidate_removes_from_every_tier(make_cache, backend):
     cache.invalidate("big")
 
     for kernel_id in ("small", "big"):
-        assert kernel_id not in cache._l1
-        if cache._l2 is not None:
-            assert cache._l2.get(kernel_id) is None
+        assert kernel_id not in cache.tier("l1")
+        if "l2" in cache.tiers:
+            assert cache.tier("l2").get(kernel_id) is None
         assert l3_row(cache, kernel_id) is None
         assert raw_object(cache, kernel_id) is None
         assert cache.get(kernel_id) is None
@@ -699,9 +674,9 @@ BAD_METADATA = [
 
 
 def assert_nothing_stored(cache: PersistentKernelCache) -> None:
-    assert cache._l1.stats()["entries"] == 0
-    for tier in cache._remote:
-        assert tier.size()["entries"] == 0, tier.name
+    assert cache.tier("l1").stats()["entries"] == 0
+    for level in cache.tiers[1:]:
+        assert cache.tier(level).size()["entries"] == 0, level
     assert cache.get_stats()["write_back"]["dirty"] == 0
 
 
@@ -745,7 +720,7 @@ def test_boundary_inputs_are_accepted(make_cache, backend):
     cache.put("buf", bytearray(b"from a bytearray"))
     cache.put("view", memoryview(b"from a memoryview"))
     cache.put("meta", b"m", {"nested": {"list": [1, 2.5, None, "s"]}})
-    cache._l1.clear()
+    cache.tier("l1").clear()
     assert cache.get(longest) == b"v" * 1000
     assert cache.get("buf") == b"from a bytearray"
     assert cache.get("view") == b"from a memoryview"
@@ -759,10 +734,12 @@ def test_an_invalidated_id_is_not_refilled_into_l3_from_l4_within_the_fence(make
     cache = make_cache(backend, archive_to_l4=True)
     value = noise(2000, 31)
     cache.put("k", value)
-    late_copy = cache._row(cache._prepare("k", value, None))  # what the reader holds
+    frame = framing.unpack(cache.tier("l4").get("k"))
+    found = Pending.found("k", value, frame, large=False)
+    late_copy = cache.slot("l3").row(found)  # what the reader holds
     cache.invalidate("k")
 
-    cache._l3.put_many([late_copy], fence_s=cache.config.invalidation_fence_s)
+    cache.tier("l3").put_many([late_copy], fence_s=cache.config.invalidation_fence_s)
     assert l3_row(cache, "k") is None
-    cache._l3.put_many([late_copy], fence_s=0)  # once the fence has passed, it may
+    cache.tier("l3").put_many([late_copy], fence_s=0)  # once the fence has passed, it may
     assert l3_row(cache, "k") is not None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import random
 import signal
 import threading
 import time
@@ -21,12 +20,9 @@ import pytest
 from esper_assets.errors import InvalidKernelId
 from esper_assets.storage import CacheConfig, PersistentKernelCache
 from esper_assets_tests.conftest import wait_until
+from esper_assets_tests.storage.cache.conftest import noise, sql
 
 POLL_S, POLL_LIMIT_S = 0.05, 5.0
-
-
-def noise(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
 
 
 def _other_process(config: dict, commands, replies) -> None:
@@ -42,9 +38,11 @@ def _other_process(config: dict, commands, replies) -> None:
     ("stop",)                -> closes the cache and returns
     """
     cache = PersistentKernelCache(CacheConfig(**config))
+    l1 = cache.tier("l1")
     spinner: Spinner | None = None
     try:
-        if cache._listener is not None and not cache._listener.wait_subscribed(10):
+        listens = l1 is not None and "l2" in cache.tiers  # pub/sub reaches L1 only
+        if listens and not cache.wait_subscribed(10):
             replies.put(("error", "the invalidation listener never subscribed"))
             return
         replies.put(("ready",))
@@ -52,7 +50,7 @@ def _other_process(config: dict, commands, replies) -> None:
             command = commands.get(timeout=60)
             if command[0] == "read":
                 value = cache.get(command[1])
-                replies.put(("read", value, cache._l1 is not None and command[1] in cache._l1))
+                replies.put(("read", value, l1 is not None and command[1] in l1))
             elif command[0] == "spin":
                 spinner = Spinner(cache, command[1])
                 replies.put(("spin",))
@@ -60,9 +58,9 @@ def _other_process(config: dict, commands, replies) -> None:
                 replies.put(("halt", spinner.stop()))
             elif command[0] == "l1_gone":
                 deadline = time.monotonic() + POLL_LIMIT_S
-                while command[1] in cache._l1 and time.monotonic() < deadline:
+                while command[1] in l1 and time.monotonic() < deadline:
                     time.sleep(0.001)
-                replies.put(("l1_gone", command[1] not in cache._l1))
+                replies.put(("l1_gone", command[1] not in l1))
             elif command[0] == "await":
                 _, kernel_id, expected = command
                 deadline = time.monotonic() + POLL_LIMIT_S
@@ -84,18 +82,18 @@ class Spinner:
 
     def __init__(self, cache: PersistentKernelCache, kernel_id: str) -> None:
         self.reads = 0
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(cache, kernel_id), daemon=True)
-        self._thread.start()
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self.run, args=(cache, kernel_id), daemon=True)
+        self.thread.start()
 
-    def _run(self, cache: PersistentKernelCache, kernel_id: str) -> None:
-        while not self._halt.is_set():
+    def run(self, cache: PersistentKernelCache, kernel_id: str) -> None:
+        while not self.halt.is_set():
             cache.get(kernel_id)
             self.reads += 1
 
     def stop(self) -> int:
-        self._halt.set()
-        self._thread.join(timeout=10)
+        self.halt.set()
+        self.thread.join(timeout=10)
         return self.reads
 
 
@@ -184,15 +182,15 @@ def test_own_announcements_do_not_evict_own_l1(make_cache, write_mode):
     mine.put("marker", marker)
     mine.invalidate("never-mine")  # also announced, also ignored
     other.invalidate("marker")  # published after ours: pub/sub keeps the order
-    wait_until(lambda: "marker" not in mine._l1, "the other cache's invalidation of marker")
+    wait_until(lambda: "marker" not in mine.tier("l1"), "the other cache's invalidation of marker")
 
     # By now our listener has read our own announcements too, and ignored them.
-    assert "X" in mine._l1
-    assert mine._l1.get("X") == value
+    assert "X" in mine.tier("l1")
+    assert mine.tier("l1").get("X") == value
 
     # The same announcement from another sender does evict (the control case).
     other.put("X", noise(700, 6))
-    wait_until(lambda: "X" not in mine._l1, "the other cache's put of X")
+    wait_until(lambda: "X" not in mine.tier("l1"), "the other cache's put of X")
 
 
 @pytest.mark.parametrize("redis_down", ["at construction", "after construction"])
@@ -209,10 +207,10 @@ def test_invalidation_missed_while_redis_was_down_drops_l1(
         "embedded", postgres_url=pg_url, redis_url=private_redis.url, breaker_reset_s=0.2
     )
     if redis_down == "after construction":
-        assert reader._listener.wait_subscribed(5)
+        assert reader.wait_subscribed(5)
         private_redis.stop()
     assert reader.get("X") == b"old"
-    assert "X" in reader._l1
+    assert "X" in reader.tier("l1")
 
     writer.invalidate("X")  # nobody is listening: the message cannot reach the reader
     private_redis.start()
@@ -319,7 +317,6 @@ def test_a_bad_id_does_not_cost_the_access_counts_of_the_others(make_cache, back
     with pytest.raises(InvalidKernelId):
         cache.get("bad\x00id")  # PostgreSQL refuses NUL in text: it must not reach the flush
     assert cache.hottest(2) == ["b", "a"]
-    assert cache._l3.metadata("b") is not None
-    with cache._l3._connection() as conn:
-        counts = dict(conn.execute("SELECT id, access_count FROM kernel_cache").fetchall())
+    assert cache.tier("l3").metadata("b") is not None
+    counts = dict(sql(cache, "SELECT id, access_count FROM kernel_cache"))
     assert counts == {"a": 1, "b": 3}

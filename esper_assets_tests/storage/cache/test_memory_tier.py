@@ -55,6 +55,22 @@ def test_put_get_delete_clear():
     assert tier.stats()["entries"] == 0
 
 
+def test_snapshot_shows_entries_expiry_and_charges(l1_clock):
+    tier = MemoryTier(max_bytes=1 << 20, ttl_seconds=10)
+    tier.put("a", b"one")
+    tier.put("b", b"two", ttl_seconds=5)
+
+    entries, used = tier.snapshot()
+
+    assert entries == {
+        "a": (b"one", l1_clock.now + 10, entry_charge("a", b"one")),
+        "b": (b"two", l1_clock.now + 5, entry_charge("b", b"two")),
+    }
+    assert used == tier.used_bytes == sum(charge for _, _, charge in entries.values())
+    l1_clock.advance(6)
+    assert "b" in tier.snapshot().entries  # expired entries too, until a read or cleanup
+
+
 def test_get_stores_and_returns_the_same_object_without_copying():
     value = bytes(4096)
     tier = MemoryTier(max_bytes=1 << 20)

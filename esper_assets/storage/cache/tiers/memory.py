@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from esper_assets.errors import ConfigError
 
@@ -122,6 +123,14 @@ class _LeastFrequent:
 
 
 POLICIES = ("lru", "lfu", "fifo")
+
+
+class Snapshot(NamedTuple):
+    """What L1 held at one instant: key -> (value, expiry on ``time.monotonic``'s
+    clock, bytes charged), and the bytes charged in all."""
+
+    entries: dict[str, tuple[bytes, float, int]]
+    used_bytes: int
 
 
 class MemoryTier:
@@ -232,6 +241,11 @@ class MemoryTier:
                 "policy": self.policy,
                 "admission": "tinylfu" if self._window is not None else "off",
             }
+
+    def snapshot(self) -> Snapshot:
+        """Every entry (expired ones too) and the byte count, taken under the lock."""
+        with self._lock:
+            return Snapshot(dict(self._entries), self.used_bytes)
 
     # -- internals (lock held) ----------------------------------------------
     def _remove(self, key: str) -> None:

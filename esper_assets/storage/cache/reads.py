@@ -1,0 +1,208 @@
+"""The read path below L1: write-back's pending values, single-flight loads, and the
+waterfall L2 -> L3 -> L4 that promotes what it finds into the tiers that missed it.
+
+A corrupt copy is a miss plus a counted corruption, repaired from a lower tier by
+the same promotion. What a read loads goes into L1 unless an invalidation arrived
+while it was loading (:meth:`TierSlots.fill_l1`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+
+from esper_assets.errors import CorruptValue
+from esper_assets.storage.cache import framing
+from esper_assets.storage.cache.config import CacheConfig, check_kernel_id
+from esper_assets.storage.cache.framing import Codecs
+from esper_assets.storage.cache.slots import UNAVAILABLE, Pending, TierSlot, TierSlots
+from esper_assets.storage.cache.tiers.sql import IN_OBJECT_STORE
+from esper_assets.storage.cache.write_back import WriteBack
+
+log = logging.getLogger("esper_assets.storage.cache")
+
+
+class Flight:
+    """One in-progress load; followers block on ``done`` (held by the leader until it ends)."""
+
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.value: bytes | None = None
+        self.error: BaseException | None = None
+
+    def wait(self) -> bytes | None:
+        with self.done:
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Reader:
+    """Reads that L1 could not answer. Counts them (``requests``), the ids found
+    nowhere (``not_found``) and the lower-tier loads ``get`` started (``loads``)."""
+
+    def __init__(
+        self, config: CacheConfig, codecs: Codecs, slots: TierSlots, write_back: WriteBack
+    ) -> None:
+        self._config = config
+        self._codecs = codecs
+        self._slots = slots
+        self._write_back = write_back
+        self._inflight: dict[str, Flight] = {}
+        self._inflight_lock = threading.Lock()
+        self.loads = 0  # lower-tier loads started by get(): single-flight keeps this low
+        self.requests = 0
+        self.not_found = 0
+
+    def get(self, kernel_id: str) -> bytes | None:
+        self.requests += 1
+        pending = self._write_back.value(kernel_id)
+        if pending is not None:
+            return pending
+        value = self._load_once(kernel_id)
+        if value is None:
+            self.not_found += 1
+        return value
+
+    def _load_once(self, kernel_id: str) -> bytes | None:
+        """Single-flight: concurrent misses on one id share one lower-tier load."""
+        with self._inflight_lock:
+            flight = self._inflight.get(kernel_id)
+            leader = flight is None
+            if leader:
+                flight = self._inflight[kernel_id] = Flight()
+                self.loads += 1
+        if not leader:
+            return flight.wait()
+        try:
+            flight.value = self.read_through([kernel_id]).get(kernel_id)
+            return flight.value
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._inflight_lock:
+                del self._inflight[kernel_id]
+            flight.done.release()
+
+    def get_many(self, missing: list[str], found: dict[str, bytes]) -> dict[str, bytes]:
+        """Add to ``found`` the values of the ``missing`` ids (L1 missed them)."""
+        self.requests += len(missing)
+        for kernel_id in missing:
+            pending = self._write_back.value(kernel_id)
+            if pending is not None:
+                found[kernel_id] = pending
+        missing = [k for k in missing if k not in found]
+        if missing:
+            loaded = self.read_through(missing)
+            self.not_found += len(missing) - len(loaded)
+            found.update(loaded)
+        return found
+
+    def warm(self, kernel_ids: Iterable[str]) -> dict[str, str]:
+        report: dict[str, str] = {}
+        l1 = self._slots.l1
+        for kernel_id in kernel_ids:
+            kernel_id = check_kernel_id(kernel_id)
+            if l1 is not None and kernel_id in l1:
+                report[kernel_id] = "l1"
+                continue
+            self.read_through([kernel_id], report)
+            report.setdefault(kernel_id, "missing")
+        return report
+
+    def read_through(
+        self, ids: Sequence[str], report: dict[str, str] | None = None
+    ) -> dict[str, bytes]:
+        """Walk L2 -> L3 -> L4 for ``ids``, promoting hits into the tiers above."""
+        slots = self._slots
+        epoch = slots.l1_epoch
+        found: dict[str, bytes] = {}
+        missing = list(ids)
+        pointers: set[str] = set()  # ids whose L3 row says "the value is in L4"
+        look_lower: set[str] = set()  # pointers, and ids whose L3 copy was corrupt
+        answered: list[TierSlot] = []  # slots that answered (and missed): promotion targets
+        for slot in slots.remote:
+            want = (
+                self._l4_candidates(missing, look_lower, answered) if slot is slots.l4 else missing
+            )
+            if not want:
+                continue
+            answer = slot.fetch(want)
+            if answer is UNAVAILABLE:
+                continue
+            hits, nbytes = {}, 0
+            for key, blob in answer.items():
+                if blob is IN_OBJECT_STORE:
+                    pointers.add(key)
+                    look_lower.add(key)
+                    continue
+                nbytes += len(blob)
+                if (decoded := self._decode(slot, key, blob)) is not None:
+                    hits[key] = decoded
+                elif slot is slots.l3:
+                    look_lower.add(key)
+                elif slot is slots.l2:
+                    slot.call(slot.tier.discard, key, blob)
+            slot.stats.add_lookup(len(hits), len(want) - len(hits), nbytes)
+            self._promote(hits, answered, pointers)
+            for key, (value, _) in hits.items():
+                found[key] = value
+                if report is not None:
+                    report[key] = slot.level
+            answered.append(slot)
+            missing = [k for k in missing if k not in hits]
+        slots.fill_l1(found, epoch)
+        return found
+
+    def _l4_candidates(
+        self, missing: list[str], look_lower: set[str], answered: list[TierSlot]
+    ) -> list[str]:
+        # When L3 answered, L4 holds only the large values L3 pointed at (unless archiving),
+        # so a plain miss costs no object-store round trip.
+        l3 = self._slots.l3
+        if self._config.archive_to_l4 or l3 is None or l3 not in answered:
+            return missing
+        return [k for k in missing if k in look_lower]
+
+    def _decode(
+        self, slot: TierSlot, key: str, blob: bytes
+    ) -> tuple[bytes, framing.Frame] | None:
+        try:
+            frame = framing.unpack(blob)
+            if frame.expired(framing.now_ms()):
+                return None
+            return self._codecs.decode(frame), frame
+        except CorruptValue as exc:
+            slot.stats.add("corruptions")
+            log.warning(
+                "corrupt value for kernel %r in %s (%s); repairing from a lower tier",
+                key,
+                slot.level,
+                exc,
+            )
+            return None
+
+    def _promote(
+        self,
+        hits: dict[str, tuple[bytes, framing.Frame]],
+        upper: list[TierSlot],
+        pointers: set[str],
+    ) -> None:
+        """Copy hits into the faster tiers that missed them (this also repairs corrupt copies)."""
+        if not hits or not upper:
+            return
+        entries = [
+            Pending.found(key, value, frame, self._slots.is_large(len(value)))
+            for key, (value, frame) in hits.items()
+        ]
+        l3 = self._slots.l3
+        for slot in upper:
+            batch = [e for e in entries if slot.takes(e) and not (slot is l3 and e.key in pointers)]
+            if batch:
+                slot.promote(batch)
