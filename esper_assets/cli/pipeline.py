@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from esper_assets.cli.render import console, emit, self_check, stats_table, status
+from esper_assets.settings import Settings
 
 RUN_LOGS = (
     "Each run's full event log, Dagster's stack traces included, is in the Dagster UI: "
@@ -133,9 +134,10 @@ def lineage(name: str, as_json: bool) -> None:
     from esper_assets.flows.kernels import describe, lineage_chain
     from esper_assets.runner import dagster_lineage
 
-    with open_repository() as repo:
+    settings = Settings.from_env()
+    with open_repository(settings) as repo:
         chain = [describe(m) for m in lineage_chain(repo, name)]
-    from_dagster = dagster_lineage(local_instance(), name)
+    from_dagster = dagster_lineage(local_instance(settings), name)
     data = {"repository": chain, "dagster": from_dagster,
             "agree": _lineages_agree(chain, from_dagster)}  # fmt: skip
 

@@ -15,12 +15,12 @@ from esper_assets.cli.render import console, emit
 from esper_assets.settings import Settings
 
 
-def open_repository():
-    """The asset repository the environment configures, built by the wiring (a
-    context manager). Imported when used: ``esper --help`` stays fast."""
+def open_repository(settings: Settings | None = None):
+    """The asset repository ``settings`` (default: the environment's) configure, built
+    by the wiring (a context manager). Imported when used: ``esper --help`` stays fast."""
     from esper_assets.flows import wiring
 
-    return wiring.open_repository(Settings.from_env())
+    return wiring.open_repository(settings or Settings.from_env())
 
 
 @click.group()
