@@ -59,9 +59,8 @@ class Pending:
     @classmethod
     def found(cls, key: str, value: bytes, frame: framing.Frame, large: bool) -> Pending:
         """A copy read from a lower tier, to promote as it was stored (codec, creation time)."""
-        return cls(
-            key, value, Payload.of(frame.codec, frame.payload, len(value)), {}, frame.created_ms, large
-        )
+        payload = Payload.of(frame.codec, frame.payload, len(value))
+        return cls(key, value, payload, {}, frame.created_ms, large)
 
 
 class TierSlot:
@@ -118,6 +117,8 @@ class TierSlot:
         written: list[Pending] | None = None,
         timed: bool = False,
     ) -> Any:
+        """The one way in to a remote tier but :meth:`store_durably` (which raises):
+        breaker, L2 debt, stats; ``op`` names the call in log messages."""
         name = self.level
         breaker = self.breaker
         if not breaker.allow():
@@ -397,7 +398,9 @@ def build_slots(
 def _build_l1(c: CacheConfig) -> MemoryTier | None:
     if not c.l1_enabled or c.l1_size_mb <= 0:
         return None
-    return MemoryTier(int(c.l1_size_mb * (1 << 20)), c.l1_ttl_seconds, c.eviction_policy, c.admission)
+    return MemoryTier(
+        int(c.l1_size_mb * (1 << 20)), c.l1_ttl_seconds, c.eviction_policy, c.admission
+    )
 
 
 def _build_l2(c: CacheConfig) -> RedisTier | None:
