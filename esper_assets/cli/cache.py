@@ -50,7 +50,7 @@ def _walk_the_tiers(kernels) -> tuple[list[dict[str, Any]], dict, dict]:
     first = next(iter(small))
     self_check(kernels.get(first) == small[first], "L1 hit returned the wrong bytes")
     steps.append({"step": "get", "id": first, "served_by": "l1"})
-    kernels._drop_all_local()  # forget L1, as a fresh training process would start
+    kernels.clear_l1()  # forget L1, as a fresh training process would start
     report = kernels.warm_cache([first, large_id, "demo-kernel-missing"])
     for kernel_id, tier in report.items():
         steps.append({"step": "get after L1 loss", "id": kernel_id, "served_by": tier})
