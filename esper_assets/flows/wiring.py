@@ -54,10 +54,8 @@ def open_repository(
 ) -> Iterator[AssetRepository]:
     """The asset repository on ``ESPER_DATABASE_URL`` (or the SQLite file under
     ``ESPER_HOME``), its large objects in ``store`` (default: :func:`object_store`)."""
-    repo = AssetRepository(
-        postgres_url=settings.database_url,
-        sqlite_path=None if settings.database_url else str(settings.sqlite_path),
-        object_store=store if store is not None else object_store(settings),
+    repo = AssetRepository.from_settings(
+        settings, object_store=store if store is not None else object_store(settings)
     )
     try:
         yield repo

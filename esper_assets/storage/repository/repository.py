@@ -84,12 +84,18 @@ class AssetRepository(AssetLifecycle):
     def from_env(
         cls, environ: Mapping[str, str] | None = None, **overrides: Any
     ) -> AssetRepository:
-        settings = Settings.from_env(environ)
+        return cls.from_settings(Settings.from_env(environ), **overrides)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> AssetRepository:
+        """On ``ESPER_DATABASE_URL`` (else the SQLite file under ``ESPER_HOME``), large
+        objects in the store the settings name; ``overrides`` are constructor arguments."""
         options: dict[str, Any] = {
             "postgres_url": settings.database_url,
             "sqlite_path": None if settings.database_url else str(settings.sqlite_path),
-            "object_store": object_store_from_settings(settings),
         }
+        if "object_store" not in overrides:
+            options["object_store"] = object_store_from_settings(settings)
         return cls(**(options | overrides))
 
     @property
