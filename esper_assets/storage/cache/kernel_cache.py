@@ -222,7 +222,6 @@ class PersistentKernelCache:
         """Forget this process's L1, as a fresh process starts (the other tiers keep it all)."""
         self._slots.drop_all_local()
 
-
     def warm_cache(self, kernel_ids: Iterable[str]) -> dict[str, str]:
         """Load ids into the fast tiers, in the order given (highest priority first).
 
