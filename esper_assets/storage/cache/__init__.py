@@ -31,13 +31,13 @@ May import: ``esper_assets.errors``, ``esper_assets.settings``, ``storage.db``,
 ``storage.objects``. Never the repository, never Dagster.
 """
 
-from esper_assets.storage.cache.kernel_cache import (
+from esper_assets.storage.cache.config import (
     CacheConfig,
     CacheEntry,
-    PersistentKernelCache,
     cache_config_from_settings,
     check_kernel_id,
 )
+from esper_assets.storage.cache.kernel_cache import PersistentKernelCache
 
 __all__ = [
     "CacheConfig",

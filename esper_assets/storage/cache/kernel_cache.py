@@ -46,15 +46,6 @@ from esper_assets.storage.cache.tiers.redis import InvalidationListener
 from esper_assets.storage.cache.writes import Writer
 from esper_assets.storage.objects import ObjectStore
 
-# Importable from here as before; the package (esper_assets.storage.cache) is the contract.
-__all__ = [
-    "CacheConfig",
-    "CacheEntry",
-    "PersistentKernelCache",
-    "cache_config_from_settings",
-    "check_kernel_id",
-]
-
 log = logging.getLogger("esper_assets.storage.cache")
 
 

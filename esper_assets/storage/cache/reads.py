@@ -170,9 +170,7 @@ class Reader:
             return missing
         return [k for k in missing if k in look_lower]
 
-    def _decode(
-        self, slot: TierSlot, key: str, blob: bytes
-    ) -> tuple[bytes, framing.Frame] | None:
+    def _decode(self, slot: TierSlot, key: str, blob: bytes) -> tuple[bytes, framing.Frame] | None:
         try:
             frame = framing.unpack(blob)
             if frame.expired(framing.now_ms()):
