@@ -15,20 +15,52 @@ from esper_assets.errors import DurableWriteError, StorageError, TierUnavailable
 from esper_assets.storage.db import Refine, raise_refined
 
 
-@contextmanager
-def sqlite_errors(what: str, write: bool, refine: Refine | None = None) -> Iterator[None]:
+def _ours(exc: sqlite3.Error, what: str, write: bool, refine: Refine | None) -> Exception:
+    raise_refined(exc, refine)
+    if isinstance(exc, sqlite3.OperationalError):
+        return TierUnavailable(f"{what}: {exc}")
+    kind = DurableWriteError if write else StorageError
+    return kind(f"{what} refused the request: {exc}")
+
+
+class sqlite_errors:  # noqa: N801 - used like contextlib.suppress, so named like it
     """Turn sqlite3 errors into ours: OperationalError (locked past the busy timeout,
     file gone, disk I/O) -> TierUnavailable; any other refusal -> DurableWriteError for
     writes (nothing was stored), StorageError for reads. ``refine`` sees each error
-    first and may name a more precise one (a unique violation -> a conflict, say)."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise_refined(exc, refine)
-        if isinstance(exc, sqlite3.OperationalError):
-            raise TierUnavailable(f"{what}: {exc}") from exc
-        kind = DurableWriteError if write else StorageError
-        raise kind(f"{what} refused the request: {exc}") from exc
+    first and may name a more precise one (a unique violation -> a conflict, say).
+
+    A class, not ``@contextmanager``: it wraps every L3 read, and a generator-based
+    context manager costs about a microsecond more per use (measured: the embedded
+    L3 hit went from 19 to 22 us when this was one nested inside another)."""
+
+    __slots__ = ("refine", "what", "write")
+
+    def __init__(self, what: str, write: bool, refine: Refine | None = None) -> None:
+        self.what, self.write, self.refine = what, write, refine
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if isinstance(exc, sqlite3.Error):
+            raise _ours(exc, self.what, self.write, self.refine) from exc
+        return False
+
+
+class _Session(sqlite_errors):
+    """``with file.session(...) as conn``: this thread's connection, errors mapped."""
+
+    __slots__ = ("file",)
+
+    def __init__(self, file: SqliteFile, what: str, write: bool, refine: Refine | None) -> None:
+        super().__init__(what, write, refine)
+        self.file = file
+
+    def __enter__(self) -> sqlite3.Connection:  # type: ignore[override]
+        try:
+            return self.file.thread_connection()
+        except sqlite3.Error as exc:  # opening the file is part of the request
+            raise _ours(exc, self.what, self.write, self.refine) from exc
 
 
 @contextmanager
@@ -67,6 +99,11 @@ class SqliteFile:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+
+    def session(self, what: str, write: bool = False, refine: Refine | None = None) -> _Session:
+        """This thread's connection for ``with``, sqlite3 errors mapped as by
+        :class:`sqlite_errors` (``what`` names the database in messages)."""
+        return _Session(self, what, write, refine)
 
     def thread_connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use."""

@@ -316,10 +316,8 @@ class SqliteAssets:
             return AssetConflict(f"asset repository: {exc}")
         return DurableWriteError(f"{self._what} refused the write: {exc}")
 
-    @contextmanager
-    def read(self, slow: bool = False) -> Iterator[sqlite3.Connection]:
-        with sqlite_errors(self._what, False, self._refine):
-            yield self._file.thread_connection()
+    def read(self, slow: bool = False):
+        return self._file.session(self._what, False, self._refine)
 
     @contextmanager
     def transaction(self, slow: bool = False) -> Iterator[sqlite3.Connection]:

@@ -19,7 +19,7 @@ from typing import Any
 from esper_assets.errors import redact_url
 from esper_assets.storage.db.migrations import migrate_postgres, migrate_sqlite
 from esper_assets.storage.db.postgres import ConnectionPool
-from esper_assets.storage.db.sqlite import SqliteFile, sqlite_errors, write_transaction
+from esper_assets.storage.db.sqlite import SqliteFile, write_transaction
 
 
 class InObjectStore:
@@ -370,6 +370,7 @@ class SqliteTier(SqlTier):
         self._file = SqliteFile(path, timeout_s)
         self.path = self._file.path
         self.location = self._file.location
+        self._what = f"L3 SQLite at {self.path}"
         self.ttl_seconds = ttl_seconds
         self.timeout_s = timeout_s
         with self._connection(write=True) as conn:
@@ -379,12 +380,9 @@ class SqliteTier(SqlTier):
         """This thread's connection (SQLite connections are cheap; sharing one needs a lock)."""
         return self._file.thread_connection()
 
-    @contextmanager
-    def _connection(
-        self, write: bool = False, slow: bool = False
-    ) -> Iterator[sqlite3.Connection]:  # slow: SQLite's busy timeout already covers it
-        with sqlite_errors(f"L3 SQLite at {self.path}", write):
-            yield self._file.thread_connection()
+    def _connection(self, write: bool = False, slow: bool = False):
+        # slow: SQLite's busy timeout already covers it
+        return self._file.session(self._what, write)
 
     @staticmethod
     def _transaction(conn):
