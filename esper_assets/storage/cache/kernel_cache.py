@@ -139,7 +139,8 @@ class PersistentKernelCache:
         found = self._l1.get_many(ids) if self._l1 is not None else {}
         for kernel_id in ids:
             self._access[kernel_id] = self._access.get(kernel_id, 0) + 1
-        return self._reads.get_many([k for k in ids if k not in found], found)
+        missing = [k for k in ids if k not in found]
+        return self._reads.get_many(missing, found) if missing else found  # all in L1: done
 
     def get_entry(self, kernel_id: str) -> CacheEntry | None:
         value = self.get(kernel_id)
