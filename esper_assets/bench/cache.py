@@ -223,10 +223,10 @@ def bench_hot_gets(env: BenchEnv, repeats: int) -> dict[str, Any]:
                 cache.get_many(ids if i % 2 else ids[::-1])
 
         def cold() -> None:
-            cache._l1.clear()
+            cache.clear_l1()
             for _ in range(10):
                 cache.get_many(ids)
-                cache._l1.clear()
+                cache.clear_l1()
 
         result = {
             "threads_4_ms": wall_ms(threaded, repeats),

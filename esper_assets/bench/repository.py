@@ -48,7 +48,7 @@ def _raw_rows(items: list[tuple[AssetMetadata, bytes]], repo: AssetRepository) -
     """The rows bulk_create writes, built the way a hand-written loader would."""
     import hashlib
 
-    db = repo._db
+    db = repo.backend
     now = db.now()
     versions: dict[str, tuple[int, str | None]] = {}
     rows = []
@@ -76,7 +76,7 @@ def _raw_bulk(repo: AssetRepository, rows: list[tuple], foreign_keys: bool = Tru
     same columns, checks, unique constraints and indexes (GIN included) and, unless
     ``foreign_keys`` is False, the same foreign keys (pointing into the twin), since
     the real table makes every writer pay for them."""
-    db = repo._db
+    db = repo.backend
     with db.transaction() as conn:
         if db.dialect == "postgres":
             conn.execute("CREATE TABLE raw_assets (LIKE assets INCLUDING ALL)")
