@@ -90,6 +90,32 @@ class MigrationError(StorageError):
     """A schema migration failed or the migration files are inconsistent."""
 
 
+class MissingChunk(StorageError, LookupError):
+    """A checkpoint chunk its manifest names is not in the chunk store."""
+
+
+class CorruptChunk(CorruptValue):
+    """A stored checkpoint chunk does not decompress or does not hash to its address."""
+
+
+class CheckpointNotFound(EsperError, LookupError):
+    """No checkpoint for that run (or that step of it)."""
+
+
+class CheckpointExists(EsperError):
+    """A checkpoint for that (run, step) is already saved; steps are written once."""
+
+
+class InvalidCheckpoint(InvalidInput):
+    """A component or manifest is malformed (a truncated or lying safetensors header,
+    a manifest naming a component or chunk that is not there, a component that changed
+    while it was being saved)."""
+
+
+class RestoreRefused(EsperError):
+    """A restore would overwrite something (a non-empty destination without force)."""
+
+
 _SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 _SECRET_KEYS = r"(?:password|sslpassword|passwd|pass|pwd|secret|token)"
 # libpq, psycopg and redis-py also take secrets as query parameters. The value runs to
