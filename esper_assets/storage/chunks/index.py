@@ -1,0 +1,157 @@
+"""The chunk index: which addresses the object store holds, with their raw and
+stored sizes (table ``checkpoint_chunks``, migration 005), on PostgreSQL or SQLite.
+
+Both backends answer the same four questions in one statement per batch:
+``touch`` (which of these are stored; mark them as just used), ``listed`` (the
+same, read-only), ``add`` (record new chunks; which rows this call inserted) and
+``totals``. Rows are locked and inserted in address order on PostgreSQL, so two
+savers of overlapping batches wait for each other instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+from esper_assets.errors import redact_url
+from esper_assets.storage.db.migrations import migrate_postgres, migrate_sqlite
+from esper_assets.storage.db.postgres import ConnectionPool
+from esper_assets.storage.db.sqlite import SqliteFile, write_transaction
+
+
+class Row(NamedTuple):
+    address: str
+    size: int
+    stored_size: int
+
+
+class ChunkIndex(Protocol):
+    location: str
+
+    def touch(self, addresses: Sequence[str]) -> dict[str, int]:
+        """{address: stored_size} of those listed; their touched_at becomes now."""
+        ...
+
+    def listed(self, addresses: Sequence[str]) -> dict[str, int]: ...
+    def add(self, rows: Sequence[Row]) -> set[str]:
+        """Insert rows not listed yet; return the addresses this call inserted."""
+        ...
+
+    def totals(self) -> tuple[int, int, int]:
+        """(chunks, raw bytes, stored bytes)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PostgresChunkIndex:
+    def __init__(self, url: str, timeout_s: float, pool_size: int = 8) -> None:
+        self.location = redact_url(url)
+        self._what = f"chunk index at {self.location}"
+        self._pool = ConnectionPool(url, pool_size, timeout_s=timeout_s)
+        with self._pool.session(self._what, write=True, slow=True) as conn:
+            migrate_postgres(conn)
+
+    def touch(self, addresses: Sequence[str]) -> dict[str, int]:
+        if not addresses:
+            return {}
+        # The subquery locks the rows in address order (see the module docstring).
+        sql = """
+            UPDATE checkpoint_chunks c SET touched_at = now()
+            FROM (SELECT address FROM checkpoint_chunks WHERE address = ANY(%s)
+                  ORDER BY address FOR UPDATE) s
+            WHERE c.address = s.address
+            RETURNING c.address, c.stored_size"""
+        with self._pool.session(self._what, write=True) as conn:
+            return dict(conn.execute(sql, (list(addresses),)).fetchall())
+
+    def listed(self, addresses: Sequence[str]) -> dict[str, int]:
+        if not addresses:
+            return {}
+        sql = "SELECT address, stored_size FROM checkpoint_chunks WHERE address = ANY(%s)"
+        with self._pool.session(self._what) as conn:
+            return dict(conn.execute(sql, (list(addresses),)).fetchall())
+
+    def add(self, rows: Sequence[Row]) -> set[str]:
+        if not rows:
+            return set()
+        rows = sorted(rows)
+        sql = """
+            INSERT INTO checkpoint_chunks (address, size, stored_size)
+            SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) ORDER BY 1
+            ON CONFLICT (address) DO NOTHING
+            RETURNING address"""
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        with self._pool.session(self._what, write=True) as conn:
+            return {r[0] for r in conn.execute(sql, columns).fetchall()}
+
+    def totals(self) -> tuple[int, int, int]:
+        sql = """SELECT count(*), coalesce(sum(size), 0), coalesce(sum(stored_size), 0)
+                 FROM checkpoint_chunks"""
+        with self._pool.session(self._what) as conn:
+            count, size, stored = conn.execute(sql).fetchone()
+        return int(count), int(size), int(stored)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+# SQLite allows at most 32766 parameters per statement; batches are far smaller.
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+class SqliteChunkIndex:
+    def __init__(self, path: Path | str, timeout_s: float) -> None:
+        self._file = SqliteFile(path, timeout_s)
+        self.location = self._file.location
+        self._what = f"chunk index at {self.location}"
+        with self._file.session(self._what, write=True) as conn:
+            migrate_sqlite(conn)
+
+    @staticmethod
+    def _marks(n: int) -> str:
+        return ",".join("?" * n)
+
+    def touch(self, addresses: Sequence[str]) -> dict[str, int]:
+        if not addresses:
+            return {}
+        sql = (
+            f"UPDATE checkpoint_chunks SET touched_at = {_NOW} "
+            f"WHERE address IN ({self._marks(len(addresses))}) RETURNING address, stored_size"
+        )
+        with self._file.session(self._what, write=True) as conn, write_transaction(conn):
+            return dict(conn.execute(sql, list(addresses)).fetchall())
+
+    def listed(self, addresses: Sequence[str]) -> dict[str, int]:
+        if not addresses:
+            return {}
+        sql = (
+            "SELECT address, stored_size FROM checkpoint_chunks "
+            f"WHERE address IN ({self._marks(len(addresses))})"
+        )
+        with self._file.session(self._what) as conn:
+            return dict(conn.execute(sql, list(addresses)).fetchall())
+
+    def add(self, rows: Sequence[Row]) -> set[str]:
+        if not rows:
+            return set()
+        sql = (
+            "INSERT INTO checkpoint_chunks (address, size, stored_size) VALUES (?, ?, ?) "
+            "ON CONFLICT (address) DO NOTHING RETURNING address"
+        )
+        inserted = set()
+        with self._file.session(self._what, write=True) as conn, write_transaction(conn):
+            for row in sorted(rows):
+                inserted.update(r[0] for r in conn.execute(sql, row).fetchall())
+        return inserted
+
+    def totals(self) -> tuple[int, int, int]:
+        sql = """SELECT count(*), coalesce(sum(size), 0), coalesce(sum(stored_size), 0)
+                 FROM checkpoint_chunks"""
+        with self._file.session(self._what) as conn:
+            count, size, stored = conn.execute(sql).fetchone()
+        return int(count), int(size), int(stored)
+
+    def close(self) -> None:
+        self._file.close()
