@@ -1,0 +1,27 @@
+"""Checkpoints as assets: incremental, deduplicated, verified, restored all or nothing.
+
+A training process imports this alone (no Dagster)::
+
+    from esper_assets.checkpoints import CheckpointStore
+    with CheckpointStore.from_env() as store:
+        store.save("run-1", 100, {"model": "model.safetensors", "optimizer": arrays})
+        store.restore("run-1", dest="restored/")
+
+Modules, each owning one thing (the package may import ``esper_assets.errors``,
+``settings`` and ``storage``):
+
+- ``store``: ``CheckpointStore`` (save, save_async, restore, load_tensors, list,
+  show, verify) and its registration in the asset repository.
+- ``checkpointer``: ``Checkpointer``, the "save when due" helper a loop calls.
+- ``manifest``: the versioned JSON manifest and the rules on names.
+- ``sources``: a component value as the segments of one file, snapshotted.
+- ``safetensors``: the format's header, parsed with bounds checks, and written.
+- ``save``: one file's segments into chunks, hashed on the way.
+- ``restore``: files written to temporary names and renamed, all or nothing.
+"""
+
+from esper_assets.checkpoints.checkpointer import Checkpointer
+from esper_assets.checkpoints.restore import RestoreReport
+from esper_assets.checkpoints.store import CheckpointInfo, CheckpointStore
+
+__all__ = ["CheckpointInfo", "CheckpointStore", "Checkpointer", "RestoreReport"]

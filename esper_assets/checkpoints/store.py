@@ -1,0 +1,318 @@
+"""CheckpointStore: save, restore, load, list, show and verify checkpoints.
+
+A checkpoint is a (run, step): its components' chunks in the :class:`ChunkStore`,
+then its manifest registered in the :class:`AssetRepository` as a ``checkpoint``
+asset (name = run id, version label ``step-<n>``, id ``checkpoint:<run>:<step>``,
+parent = the run's previous step, derived_from = the kernels it uses). Chunks go
+first and the manifest last, so no manifest ever names a chunk that is not stored;
+a save that fails leaves at most unreferenced chunks for garbage collection.
+
+No Dagster: a training process imports this alone (``CheckpointStore.from_env()``).
+May import: ``esper_assets.errors``, ``settings``, ``storage``, and this package.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esper_assets.checkpoints import manifest as mf
+from esper_assets.checkpoints.restore import (
+    Progress,
+    RestoreReport,
+    read_file,
+    refuse_non_empty,
+    restore_files,
+)
+from esper_assets.checkpoints.safetensors import array_from
+from esper_assets.checkpoints.save import store_source
+from esper_assets.checkpoints.sources import Source, snapshot
+from esper_assets.errors import (
+    AssetConflict,
+    AssetNotFound,
+    CheckpointExists,
+    CheckpointNotFound,
+    CorruptChunk,
+    InvalidCheckpoint,
+    MissingChunk,
+)
+from esper_assets.settings import Settings
+from esper_assets.storage.chunks import ChunkStore
+from esper_assets.storage.objects import object_store_from_settings
+from esper_assets.storage.repository import AssetMetadata, AssetQuery, AssetRepository
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a save stored: its asset id and the manifest's accounting."""
+
+    run_id: str
+    step: int
+    asset_id: str
+    logical_bytes: int
+    stored_bytes: int
+    chunk_count: int
+    new_chunks: int
+    parent_id: str | None
+    kernels: tuple[str, ...]
+
+
+def asset_id_for(run_id: str, step: int) -> str:
+    """Deterministic, so a second save of one (run, step) collides on the primary key."""
+    return f"checkpoint:{run_id}:{step}"
+
+
+class CheckpointStore:
+    """Thread-safe. ``close()`` closes the chunk store and repository only when this
+    object built them (``from_env`` / ``from_settings``)."""
+
+    def __init__(self, chunks: ChunkStore, repo: AssetRepository, *, owns: bool = False) -> None:
+        self.chunks, self.repo = chunks, repo
+        self._owns = owns
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="esper-checkpoint")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CheckpointStore:
+        return cls.from_settings(Settings.from_env(environ))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CheckpointStore:
+        """On the database and object store the settings name (one store for both)."""
+        store = object_store_from_settings(settings)
+        repo = AssetRepository.from_settings(settings, object_store=store)
+        try:
+            chunks = ChunkStore.from_settings(settings, store=store)
+        except BaseException:
+            repo.close()
+            raise
+        return cls(chunks, repo, owns=True)
+
+    # -- save ---------------------------------------------------------------------------
+    def save(
+        self,
+        run_id: str,
+        step: int,
+        components: Mapping[str, object],
+        kernels: Iterable[str] = (),
+        metrics: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Store ``components`` as step ``step`` of ``run_id`` (see the module)."""
+        run_id, step, kernels, metrics = self._checked(run_id, step, kernels, metrics)
+        return self._save(run_id, step, snapshot(components), kernels, metrics)
+
+    def save_async(
+        self,
+        run_id: str,
+        step: int,
+        components: Mapping[str, object],
+        kernels: Iterable[str] = (),
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Future[CheckpointInfo]:
+        """Like :meth:`save`, in one background worker. Arrays and bytearrays are
+        copied before this returns (the caller may change them at once); files are
+        read in the background and must not change meanwhile (InvalidCheckpoint)."""
+        run_id, step, kernels, metrics = self._checked(run_id, step, kernels, metrics)
+        sources = snapshot(components)
+        return self._background.submit(self._save, run_id, step, sources, kernels, metrics)
+
+    def _checked(self, run_id, step, kernels, metrics) -> tuple[str, int, list[str], dict]:
+        if isinstance(kernels, str):
+            kernels = [kernels]
+        kernels = [mf.check_name("kernel id", k) for k in kernels]
+        metrics = dict(metrics or {})
+        mf.encode(metrics)  # refuse what JSON cannot hold now, not after the chunks
+        return mf.check_name("run id", run_id), mf.check_step(step), kernels, metrics
+
+    def _save(
+        self, run_id: str, step: int, sources: list[Source], kernels: list[str], metrics: dict
+    ) -> CheckpointInfo:
+        asset_id = asset_id_for(run_id, step)
+        if self._exists(asset_id):
+            raise CheckpointExists(f"run {run_id!r} already has a checkpoint at step {step}")
+        components: dict[str, dict] = {}
+        for source in sources:
+            entry = store_source(self.chunks, source)
+            components[source.component] = {"kind": source.kind, "files": [entry]}
+        manifest = mf.new_manifest(run_id, step, components, kernels, metrics)
+        meta = self._metadata(asset_id, manifest)
+        try:
+            self.repo.create_asset(meta, mf.encode(manifest))
+        except AssetConflict:
+            if self._exists(asset_id):  # saved meanwhile by another process
+                raise CheckpointExists(
+                    f"run {run_id!r} already has a checkpoint at step {step}"
+                ) from None
+            raise
+        return CheckpointInfo(
+            run_id, step, asset_id, manifest["logical_bytes"], manifest["stored_bytes"],
+            manifest["chunk_count"], manifest["new_chunks"], meta.parent_id, tuple(kernels),
+        )  # fmt: skip
+
+    def _metadata(self, asset_id: str, manifest: dict[str, Any]) -> AssetMetadata:
+        run_id, step = manifest["run"], manifest["step"]
+        earlier = [m for m in self._run_assets(run_id) if m.properties.get("step", -1) < step]
+        parent = max(earlier, key=lambda m: m.properties["step"]) if earlier else None
+        logical, stored = manifest["logical_bytes"], manifest["stored_bytes"]
+        return AssetMetadata(
+            asset_type=CHECKPOINT,
+            name=run_id,
+            version=mf.version_label(step),
+            asset_id=asset_id,
+            parent_id=parent.asset_id if parent else None,
+            derived_from=[k for k in manifest["kernels"] if self._is_kernel(k)],
+            properties={
+                "run": run_id,
+                "step": step,
+                "logical_bytes": logical,
+                "stored_bytes": stored,
+                "stored_fraction": round(stored / logical, 4) if logical else 0.0,
+                "dedup_ratio": round(logical / stored, 2) if stored else None,
+                "chunk_count": manifest["chunk_count"],
+                "new_chunks": manifest["new_chunks"],
+                "components": sorted(manifest["components"]),
+                "kernels": manifest["kernels"],
+                "metrics": manifest["metrics"],
+            },
+        )
+
+    def _is_kernel(self, kernel_id: str) -> bool:
+        """Kernels are registered under their kernel id (flows.kernels)."""
+        try:
+            return self.repo.get_metadata(kernel_id).asset_type == "kernel"
+        except AssetNotFound:
+            return False
+
+    def _exists(self, asset_id: str) -> bool:
+        try:
+            self.repo.get_metadata(asset_id)
+        except AssetNotFound:
+            return False
+        return True
+
+    # -- find ---------------------------------------------------------------------------
+    def _run_assets(self, run_id: str) -> list[AssetMetadata]:
+        return self.repo.search_assets(AssetQuery().with_type(CHECKPOINT).with_name(run_id))
+
+    def _find(self, run_id: str, step: int | None) -> AssetMetadata:
+        mf.check_name("run id", run_id)
+        if step is None:
+            found = self._run_assets(run_id)
+            if not found:
+                raise CheckpointNotFound(f"no checkpoint for run {run_id!r}")
+            return max(found, key=lambda m: m.properties.get("step", -1))
+        try:
+            return self.repo.get_metadata(asset_id_for(run_id, mf.check_step(step)))
+        except AssetNotFound:
+            raise CheckpointNotFound(f"run {run_id!r} has no checkpoint at step {step}") from None
+
+    def show(self, run_id: str, step: int | None = None) -> dict[str, Any]:
+        """The manifest of ``run_id`` at ``step`` (default: its latest step)."""
+        meta, data = self.repo.get_asset(self._find(run_id, step).asset_id)
+        return mf.decode(data, f"checkpoint {meta.asset_id}")
+
+    def list(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Every checkpoint (of ``run_id``), by run then step: properties, no chunks."""
+        if run_id is not None:
+            found = self._run_assets(mf.check_name("run id", run_id))
+        else:
+            found = self.repo.search_assets(AssetQuery().with_type(CHECKPOINT))
+        rows = [
+            {"asset_id": m.asset_id, "created_at": m.created_at, "state": m.state,
+             "parent_id": m.parent_id, **m.properties}
+            for m in found
+        ]  # fmt: skip
+        return sorted(rows, key=lambda r: (r.get("run", ""), r.get("step", -1)))
+
+    # -- restore ------------------------------------------------------------------------
+    def restore(
+        self,
+        run_id: str,
+        step: int | None = None,
+        components: Iterable[str] | None = None,
+        dest: Path | str = ".",
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> RestoreReport:
+        """Write the checkpoint's files to ``dest/<component>/<file>``, all or nothing."""
+        dest = Path(dest)
+        refuse_non_empty(dest, force)
+        manifest = self.show(run_id, step)
+        files = [(name, f) for name in self._chosen(manifest, components)
+                 for f in manifest["components"][name]["files"]]  # fmt: skip
+        report = RestoreReport(manifest["run"], manifest["step"], dest)
+        return restore_files(self.chunks, files, report, progress)
+
+    @staticmethod
+    def _chosen(manifest: dict[str, Any], components: Iterable[str] | None) -> list[str]:
+        if components is None:
+            return list(manifest["components"])
+        chosen = [components] if isinstance(components, str) else list(components)
+        unknown = [c for c in chosen if c not in manifest["components"]]
+        if unknown:
+            raise CheckpointNotFound(
+                f"checkpoint {manifest['run']}@{manifest['step']} has no component(s) "
+                f"{unknown}; it has {sorted(manifest['components'])}"
+            )
+        return chosen
+
+    def load_tensors(
+        self, run_id: str, step: int | None = None, component: str = "model"
+    ) -> dict[str, np.ndarray]:
+        """The tensors of a safetensors or arrays component, as numpy arrays."""
+        manifest = self.show(run_id, step)
+        (name,) = self._chosen(manifest, [component])
+        entry = manifest["components"][name]["files"][0]
+        if not entry.get("tensors") and manifest["components"][name]["kind"] not in (
+            "safetensors",
+            "arrays",
+        ):
+            raise InvalidCheckpoint(f"component {name!r} holds no tensors")
+        data = memoryview(read_file(self.chunks, entry, f"{name}/{entry['path']}"))
+        return {
+            t["name"]: array_from(t["dtype"], t["shape"], data[t["start"] : t["end"]])
+            for t in entry["tensors"]
+        }
+
+    # -- verify -------------------------------------------------------------------------
+    def verify(
+        self, run_id: str, step: int | None = None, sample: float | None = None
+    ) -> dict[str, Any]:
+        """Manifest readable and complete, every chunk listed in the store, and the
+        chunks re-read and re-hashed (all, or a ``sample`` fraction of them)."""
+        manifest = self.show(run_id, step)
+        addresses = sorted({a for c in manifest["components"].values()
+                            for f in c["files"] for a, _ in f["chunks"]})  # fmt: skip
+        missing = sorted(self.chunks.missing(addresses))
+        present = [a for a in addresses if a not in set(missing)]
+        count = len(present) if sample is None else math.ceil(len(present) * float(sample))
+        corrupt = []
+        for address in random.sample(present, min(count, len(present))):
+            try:
+                self.chunks.verify(address)
+            except (CorruptChunk, MissingChunk) as exc:
+                corrupt.append({"address": address, "error": str(exc)})
+        return {"run": manifest["run"], "step": manifest["step"], "chunks": len(addresses),
+                "missing": missing, "verified": min(count, len(present)), "corrupt": corrupt,
+                "ok": not missing and not corrupt}  # fmt: skip
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        self._background.shutdown(wait=True)
+        if self._owns:
+            self.chunks.close()
+            self.repo.close()
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
