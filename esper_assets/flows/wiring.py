@@ -5,7 +5,7 @@ cache, the asset repository, the object store and the landing zone through these
 functions, so a setting means the same thing wherever it is read. Nothing here
 reads the environment: pass ``Settings.from_env()`` (or any other ``Settings``).
 
-``open_cache`` and ``open_repository`` are context managers: both own threads and
+``open_cache``, ``open_repository`` and ``open_checkpoints`` are context managers: both own threads and
 connections that must be closed. ``object_store`` and ``landing_zone`` return
 plain objects (nothing to close). Each takes an S3 client or an object store
 built elsewhere (the Dagster resources pass dagster-aws's), else builds its own
@@ -18,13 +18,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from esper_assets.checkpoints import CheckpointStore
 from esper_assets.flows.landing import LandingZone, landing_from_location
 from esper_assets.settings import Settings
 from esper_assets.storage.cache import PersistentKernelCache, cache_config_from_settings
+from esper_assets.storage.chunks import ChunkStore
 from esper_assets.storage.objects import ObjectStore, make_s3_client, object_store_from_settings
 from esper_assets.storage.repository import AssetRepository
 
-__all__ = ["landing_zone", "object_store", "open_cache", "open_repository", "s3_client"]
+__all__ = [
+    "landing_zone",
+    "object_store",
+    "open_cache",
+    "open_checkpoints",
+    "open_repository",
+    "s3_client",
+]
 
 
 def s3_client(settings: Settings, timeout_s: float = 2.0):
@@ -78,3 +87,19 @@ def open_cache(
         yield cache
     finally:
         cache.close()
+
+
+@contextmanager
+def open_checkpoints(
+    settings: Settings, store: ObjectStore | None = None
+) -> Iterator[CheckpointStore]:
+    """Checkpoints: chunks and manifests on the settings' database, both in ``store``
+    (default: :func:`object_store`), built like :func:`open_repository`."""
+    store = store if store is not None else object_store(settings)
+    with open_repository(settings, store) as repo:
+        chunks = ChunkStore.from_settings(settings, store=store)
+        try:
+            with CheckpointStore(chunks, repo) as checkpoints:
+                yield checkpoints
+        finally:
+            chunks.close()
