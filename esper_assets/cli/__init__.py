@@ -4,6 +4,7 @@
 - ``cache``: ``cache demo|stats|health|cleanup|warm``
 - ``repository``: ``assets search|show|lineage|deprecate|analytics``
 - ``db``: ``migrate``
+- ``checkpoints``: ``checkpoints list|show|save|restore|verify``
 - ``bench``: ``bench cache|repository|pipeline`` (through ``esper_assets.bench``)
 - ``render``: how every command prints (JSON or tables) and the one way an
   ``EsperError`` is reported (one line on stderr, exit 2)
@@ -23,7 +24,7 @@ import logging
 
 import click
 
-from esper_assets.cli import bench, cache, db, pipeline, repository
+from esper_assets.cli import bench, cache, checkpoints, db, pipeline, repository
 from esper_assets.cli.render import EsperGroup
 
 __all__ = ["main"]
@@ -39,5 +40,12 @@ def main(verbose: bool) -> None:
     )
 
 
-for command in (*pipeline.COMMANDS, db.migrate, cache.cache, repository.assets, bench.bench):
+for command in (
+    *pipeline.COMMANDS,
+    db.migrate,
+    cache.cache,
+    repository.assets,
+    checkpoints.checkpoints,
+    bench.bench,
+):
     main.add_command(command)

@@ -7,7 +7,6 @@ import os
 from datetime import timedelta
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file, save_file
 
 from esper_assets.checkpoints import Checkpointer
@@ -152,7 +151,6 @@ def test_a_second_store_on_the_same_backend_restores_the_checkpoint(make_checkpo
     assert (tmp_path / "x" / "m" / "m.bin").read_bytes() == b"shared"
 
 
-@pytest.mark.slow
 def test_a_large_file_round_trips_in_many_chunks(checkpoints, tmp_path):
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(24 << 20))

@@ -1,0 +1,163 @@
+"""``esper checkpoints list|show|save|restore|verify``: the checkpoint store the
+``ESPER_*`` variables configure (retention's ``prune`` and ``gc`` come later)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from esper_assets.cli.render import console, emit, measurements_table
+from esper_assets.errors import EsperError, InvalidInput
+from esper_assets.settings import Settings
+
+
+def open_checkpoints(settings: Settings | None = None):
+    """The checkpoint store, built by the wiring (a context manager). Imported when
+    used: ``esper --help`` stays fast."""
+    from esper_assets.flows import wiring
+
+    return wiring.open_checkpoints(settings or Settings.from_env())
+
+
+@click.group()
+def checkpoints() -> None:
+    """Save, restore, list and verify training checkpoints."""
+
+
+def _table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="checkpoints")
+    for column in ("run", "step", "logical bytes", "stored bytes", "dedup", "parent", "created"):
+        table.add_column(column)
+    for r in rows:
+        cells = (r["run"], r["step"], r["logical_bytes"], r["stored_bytes"], r["dedup_ratio"],
+                 r["parent_id"] or "-", r["created_at"].isoformat(timespec="seconds"))  # fmt: skip
+        table.add_row(*(escape(str(c)) for c in cells))
+    return table
+
+
+@checkpoints.command("list")
+@click.option("--run", "run_id", help="Only this run's checkpoints.")
+@click.option("--json", "as_json", is_flag=True)
+def list_checkpoints(run_id: str | None, as_json: bool) -> None:
+    """Every checkpoint (of one run), by run and step."""
+    with open_checkpoints() as store:
+        rows = store.list(run_id)
+    emit(rows, as_json, lambda data: console.print(_table(data)))
+
+
+@checkpoints.command("show")
+@click.option("--run", "run_id", required=True)
+@click.option("--step", type=int, help="Default: the run's latest step.")
+@click.option("--chunks", "with_chunks", is_flag=True, help="Include the chunk lists.")
+@click.option("--json", "as_json", is_flag=True)
+def show(run_id: str, step: int | None, with_chunks: bool, as_json: bool) -> None:
+    """One checkpoint's manifest: components, files, tensors, sizes, kernels."""
+    from esper_assets.checkpoints.manifest import summary
+
+    with open_checkpoints() as store:
+        manifest = store.show(run_id, step)
+    data = manifest if with_chunks else summary(manifest)
+    emit(data, as_json, _render_manifest)
+
+
+def _render_manifest(data: dict[str, Any]) -> None:
+    rows = {k: data[k] for k in ("run", "step", "created_at", "logical_bytes", "stored_bytes",
+                                 "chunk_count", "new_chunks", "kernels", "metrics")}  # fmt: skip
+    console.print(measurements_table("checkpoint", rows))
+    table = Table(title="components")
+    for column in ("component", "kind", "file", "bytes", "tensors"):
+        table.add_column(column)
+    for name, component in data["components"].items():
+        for f in component["files"]:
+            tensors = f["tensors"] if isinstance(f["tensors"], int) else len(f["tensors"])
+            cells = (name, component["kind"], f["path"], f["size"], tensors)
+            table.add_row(*(escape(str(c)) for c in cells))
+    console.print(table)
+
+
+def _component(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise InvalidInput(f"components are NAME=PATH, got {text!r}")
+    return name, Path(path)
+
+
+@checkpoints.command("save")
+@click.option("--run", "run_id", required=True)
+@click.option("--step", type=int, required=True)
+@click.option("--kernel", "kernels", multiple=True, help="A kernel id the run uses (repeatable).")
+@click.argument("components", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def save(run_id: str, step: int, kernels: tuple[str, ...], components: tuple[str, ...],
+         as_json: bool) -> None:  # fmt: skip
+    """Save files as a checkpoint: NAME=PATH... (a .safetensors file is split per tensor)."""
+    parsed = dict(_component(c) for c in components)
+    if len(parsed) != len(components):
+        raise InvalidInput("each component name may be given once")
+    with open_checkpoints() as store:
+        info = store.save(run_id, step, parsed, kernels=kernels)
+    result = {"asset_id": info.asset_id, "run": info.run_id, "step": info.step,
+              "logical_bytes": info.logical_bytes, "stored_bytes": info.stored_bytes,
+              "chunks": info.chunk_count, "new_chunks": info.new_chunks,
+              "parent_id": info.parent_id}  # fmt: skip
+    emit(result, as_json, lambda data: console.print(measurements_table("saved", data)))
+
+
+@checkpoints.command("restore")
+@click.option("--run", "run_id", required=True)
+@click.option("--step", type=int, help="Default: the run's latest step.")
+@click.option("--component", "components", multiple=True, help="Only this one (repeatable).")
+@click.option("--dest", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="Restore into a non-empty directory.")
+@click.option("--json", "as_json", is_flag=True)
+def restore(run_id: str, step: int | None, components: tuple[str, ...], dest: Path,
+            force: bool, as_json: bool) -> None:  # fmt: skip
+    """Restore a checkpoint into DEST/<component>/<file>: all of it, or nothing."""
+    with open_checkpoints() as store, ProgressBar(as_json) as progress:
+        report = store.restore(run_id, step, components or None, dest, force, progress)
+    emit(report.as_dict(), as_json, lambda data: console.print(
+        f"restored {data['run']} step {data['step']}: {len(data['files'])} file(s), "
+        f"{data['bytes']} bytes into {escape(data['dest'])}"))  # fmt: skip
+
+
+class ProgressBar:
+    """A rich bar fed by restore's (done, total) callback; nothing under --json."""
+
+    def __init__(self, quiet: bool) -> None:
+        self._bar = None if quiet else Progress(
+            "restoring", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console
+        )  # fmt: skip
+        self._task = None
+
+    def __enter__(self):
+        if self._bar is None:
+            return None
+        self._bar.start()
+        self._task = self._bar.add_task("restore", total=None)
+        return lambda done, total: self._bar.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@checkpoints.command("verify")
+@click.option("--run", "run_id", required=True)
+@click.option("--step", type=int, help="Default: the run's latest step.")
+@click.option("--sample", type=float, help="Re-hash this fraction of the chunks (default all).")
+@click.option("--json", "as_json", is_flag=True)
+def verify(run_id: str, step: int | None, sample: float | None, as_json: bool) -> None:
+    """Check that a checkpoint is restorable: manifest, chunks present, hashes."""
+    with open_checkpoints() as store:
+        report = store.verify(run_id, step, sample)
+    emit(report, as_json, lambda data: console.print(measurements_table("verify", data)))
+    if not report["ok"]:
+        raise EsperError(
+            f"checkpoint {run_id} step {report['step']} is not restorable: "
+            f"{len(report['missing'])} missing, {len(report['corrupt'])} corrupt chunk(s)"
+        )
