@@ -5,7 +5,7 @@
 - ``codec``: one codec byte + zstd, or raw bytes when zstd saves < 5 %.
 - ``index``: the ``checkpoint_chunks`` table (migration 005) on PostgreSQL or SQLite.
 - ``store``: ``ChunkStore`` (put / put_many / get / get_many / missing / verify /
-  stats) and ``ChunkRef``.
+  discard / stats) and ``ChunkRef``.
 
 May import: ``esper_assets.errors``, ``esper_assets.settings``, ``storage.db``,
 ``storage.objects``. Never the cache, the repository, checkpoints or Dagster.

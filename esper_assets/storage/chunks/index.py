@@ -1,11 +1,11 @@
 """The chunk index: which addresses the object store holds, with their raw and
 stored sizes (table ``checkpoint_chunks``, migration 005), on PostgreSQL or SQLite.
 
-Both backends answer the same four questions in one statement per batch:
-``touch`` (which of these are stored; mark them as just used), ``listed`` (the
-same, read-only), ``add`` (record new chunks; which rows this call inserted) and
-``totals``. Rows are locked and inserted in address order on PostgreSQL, so two
-savers of overlapping batches wait for each other instead of deadlocking.
+Both backends answer in one statement per batch: ``touch`` (which of these are
+stored; mark them as just used), ``listed`` (the same, read-only), ``add`` (record
+new chunks; which rows this call inserted), ``remove`` and ``totals``. Rows are
+locked and inserted in address order on PostgreSQL, so two savers of overlapping
+batches wait for each other instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ class ChunkIndex(Protocol):
     def listed(self, addresses: Sequence[str]) -> dict[str, int]: ...
     def add(self, rows: Sequence[Row]) -> set[str]:
         """Insert rows not listed yet; return the addresses this call inserted."""
+        ...
+
+    def remove(self, address: str) -> bool:
+        """Delete the row; whether there was one."""
         ...
 
     def totals(self) -> tuple[int, int, int]:
@@ -86,6 +90,11 @@ class PostgresChunkIndex:
         with self._pool.session(self._what, write=True) as conn:
             return {r[0] for r in conn.execute(sql, columns).fetchall()}
 
+    def remove(self, address: str) -> bool:
+        sql = "DELETE FROM checkpoint_chunks WHERE address = %s"
+        with self._pool.session(self._what, write=True) as conn:
+            return conn.execute(sql, (address,)).rowcount > 0
+
     def totals(self) -> tuple[int, int, int]:
         sql = """SELECT count(*), coalesce(sum(size), 0), coalesce(sum(stored_size), 0)
                  FROM checkpoint_chunks"""
@@ -97,7 +106,7 @@ class PostgresChunkIndex:
         self._pool.close()
 
 
-# SQLite allows at most 32766 parameters per statement; batches are far smaller.
+# SQLite's "now" as Unix epoch seconds, like the column defaults of migration 005.
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
 
@@ -145,6 +154,11 @@ class SqliteChunkIndex:
             for row in sorted(rows):
                 inserted.update(r[0] for r in conn.execute(sql, row).fetchall())
         return inserted
+
+    def remove(self, address: str) -> bool:
+        sql = "DELETE FROM checkpoint_chunks WHERE address = ?"
+        with self._file.session(self._what, write=True) as conn:
+            return conn.execute(sql, (address,)).rowcount > 0
 
     def totals(self) -> tuple[int, int, int]:
         sql = """SELECT count(*), coalesce(sum(size), 0), coalesce(sum(stored_size), 0)

@@ -153,7 +153,8 @@ class ChunkStore:
         return CorruptChunk(
             f"chunk {address} in the object store {self.objects.location} (key {key}) is "
             f"corrupt: {what}. Nothing was restored from it; restore another checkpoint, "
-            "or delete the object and save again from the source to store it anew"
+            "or discard the chunk (ChunkStore.discard) and save again from the source to "
+            "store it anew"
         )
 
     def get_many(self, addresses: Iterable[str], workers: int = 4) -> Iterator[bytes]:
@@ -183,6 +184,14 @@ class ChunkStore:
             batch = wanted[start : start + _QUERY_BATCH]
             absent.update(set(batch) - self.index.listed(batch).keys())
         return absent
+
+    def discard(self, address: str) -> bool:
+        """Forget a chunk: its index row first, then its object (so the index never
+        names a missing object). For a damaged chunk: the next put of its bytes stores
+        it anew. Whether the index listed it."""
+        listed = self.index.remove(check_address(address))
+        self.objects.delete(object_key(address))
+        return listed
 
     def stats(self) -> dict:
         chunks, logical, stored = self.index.totals()

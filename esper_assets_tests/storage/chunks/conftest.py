@@ -10,7 +10,9 @@ look at, damage or delete objects.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,24 @@ def make_chunks(
 @pytest.fixture
 def chunks(make_chunks) -> ChunkStore:
     return make_chunks()
+
+
+@pytest.fixture
+def index_rows(request, backend: str, tmp_path: Path, chunks) -> Callable[[str], list[tuple]]:
+    """Run a query on the chunk index's database directly (after ``chunks`` migrated it)."""
+
+    def query(sql: str) -> list[tuple]:
+        if backend == "sqlite":
+            with closing(sqlite3.connect(tmp_path / "chunks.sqlite3")) as conn, conn:
+                cursor = conn.execute(sql)
+                return cursor.fetchall() if cursor.description else []
+        import psycopg
+
+        with psycopg.connect(request.getfixturevalue("pg_url")) as conn:
+            cursor = conn.execute(sql)
+            return cursor.fetchall() if cursor.description else []
+
+    return query
 
 
 def stored_keys(store: ObjectStore) -> list[str]:

@@ -326,3 +326,52 @@ def test_from_settings_uses_the_embedded_default(esper_home):
         assert store.get(ref.address) == b"from settings"
         assert settings.sqlite_path.exists()
     assert (settings.objects_dir / object_key(ref.address)).is_file()
+
+
+# -- repair, races between batches, early stops, touch ------------------------------------------
+def test_discard_lets_the_next_put_store_a_damaged_chunk_anew(chunks, raw_store):
+    data = compressible(30_000, seed=8)
+    ref = chunks.put(data)
+    raw_store.put(object_key(ref.address), b"\x01garbage")
+    with pytest.raises(CorruptChunk, match="ChunkStore.discard"):
+        chunks.get(ref.address)
+    assert not chunks.put(data).new  # still listed: put trusts the index
+    assert chunks.discard(ref.address) is True
+    assert chunks.missing([ref.address]) == {ref.address}
+    assert chunks.put(data).new and chunks.get(ref.address) == data
+    assert chunks.discard(address_of(b"never stored")) is False
+    with pytest.raises(InvalidInput):
+        chunks.discard("nope")
+
+
+def test_overlapping_batches_in_opposite_orders_do_not_deadlock(make_chunks):
+    pieces = [random_bytes(200, seed=i) for i in range(60)]
+    stores = [make_chunks(), make_chunks()]
+    orders = [pieces, pieces[::-1]]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: stores[i].put_many(orders[i], workers=8), range(2)))
+    assert [r.address for r in results[0]] == [address_of(p) for p in pieces]
+    new = sum(r.new for refs in results for r in refs)
+    assert new == 60  # each chunk recorded once, by one of the two
+    assert stores[0].stats()["chunks"] == 60
+
+
+def test_get_many_can_be_abandoned_early(chunks):
+    refs = chunks.put_many([random_bytes(100, seed=i) for i in range(20)])
+    results = chunks.get_many((r.address for r in refs), workers=2)
+    assert next(results) == random_bytes(100, seed=0)
+    results.close()  # waits for the few fetches in flight, starts no more
+
+
+def test_reusing_a_chunk_touches_it(chunks, index_rows, backend):
+    """Garbage collection spares chunks touched within its grace period: a put that
+    finds its chunk already stored must mark it as just used."""
+    day = "86400" if backend == "sqlite" else "interval '1 day'"
+    ref = chunks.put(b"used twice")
+    index_rows(f"UPDATE checkpoint_chunks SET touched_at = created_at - {day}")
+    assert not chunks.put(b"used twice").new and ref.new
+    assert chunks.put_many([b"used twice"])[0].new is False
+    assert [
+        bool(r[0])
+        for r in index_rows(f"SELECT touched_at > created_at - {day} FROM checkpoint_chunks")
+    ] == [True]
