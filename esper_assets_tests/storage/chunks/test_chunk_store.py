@@ -29,6 +29,8 @@ from esper_assets.storage.chunks import (
     object_key,
     split_content,
 )
+from esper_assets.storage.objects import DirectoryObjectStore
+from esper_assets_tests.conftest import closed_port
 from esper_assets_tests.storage.chunks.conftest import stored_keys
 
 
@@ -319,13 +321,26 @@ def test_stats_count_logical_and_stored_bytes(chunks):
     }
 
 
-def test_from_settings_uses_the_embedded_default(esper_home):
+def test_from_settings_opens_what_esper_variables_name(
+    request, backend, esper_home, monkeypatch, raw_store
+):
+    """Embedded: the SQLite file and objects directory under ESPER_HOME. Services:
+    ESPER_DATABASE_URL and the ESPER_S3_BUCKET bucket (prefix ``esper``, like
+    ``raw_store``)."""
+    if backend == "postgres":
+        monkeypatch.setenv("ESPER_DATABASE_URL", request.getfixturevalue("pg_url"))
+        monkeypatch.setenv("ESPER_S3_BUCKET", request.getfixturevalue("s3_bucket"))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
     settings = Settings.from_env()
     with ChunkStore.from_settings(settings) as store:
         ref = store.put(b"from settings")
         assert store.get(ref.address) == b"from settings"
-        assert settings.sqlite_path.exists()
-    assert (settings.objects_dir / object_key(ref.address)).is_file()
+        assert "password" not in store.location
+    assert settings.sqlite_path.exists() == (backend == "sqlite")
+    if backend == "sqlite":
+        assert (settings.objects_dir / object_key(ref.address)).is_file()
+    else:
+        assert raw_store.get(object_key(ref.address)) is not None
 
 
 # -- repair, races between batches, early stops, touch ------------------------------------------
@@ -375,3 +390,10 @@ def test_reusing_a_chunk_touches_it(chunks, index_rows, backend):
         bool(r[0])
         for r in index_rows(f"SELECT touched_at > created_at - {day} FROM checkpoint_chunks")
     ] == [True]
+
+
+def test_an_unreachable_database_is_tier_unavailable_without_the_password(tmp_path):
+    url = f"postgresql://esper:s3cret-pw@127.0.0.1:{closed_port()}/nowhere"
+    with pytest.raises(TierUnavailable) as caught:
+        ChunkStore(DirectoryObjectStore(tmp_path), postgres_url=url, timeout_s=1.0)
+    assert "s3cret-pw" not in str(caught.value) and "chunk index" in str(caught.value)
