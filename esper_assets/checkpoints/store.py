@@ -41,6 +41,7 @@ from esper_assets.errors import (
     CheckpointNotFound,
     CorruptChunk,
     InvalidCheckpoint,
+    InvalidInput,
     MissingChunk,
 )
 from esper_assets.settings import Settings
@@ -270,12 +271,11 @@ class CheckpointStore:
         """The tensors of a safetensors or arrays component, as numpy arrays."""
         manifest = self.show(run_id, step)
         (name,) = self._chosen(manifest, [component])
-        entry = manifest["components"][name]["files"][0]
-        if not entry.get("tensors") and manifest["components"][name]["kind"] not in (
-            "safetensors",
-            "arrays",
-        ):
-            raise InvalidCheckpoint(f"component {name!r} holds no tensors")
+        kind, entry = manifest["components"][name]["kind"], manifest["components"][name]["files"][0]
+        if kind not in ("safetensors", "arrays"):
+            raise InvalidCheckpoint(
+                f"component {name!r} is {kind}, not tensors; restore it instead"
+            )
         data = memoryview(read_file(self.chunks, entry, f"{name}/{entry['path']}"))
         return {
             t["name"]: array_from(t["dtype"], t["shape"], data[t["start"] : t["end"]])
@@ -288,6 +288,8 @@ class CheckpointStore:
     ) -> dict[str, Any]:
         """Manifest readable and complete, every chunk listed in the store, and the
         chunks re-read and re-hashed (all, or a ``sample`` fraction of them)."""
+        if sample is not None and not 0 < sample <= 1:
+            raise InvalidInput(f"sample must be a fraction in (0, 1], got {sample!r}")
         manifest = self.show(run_id, step)
         addresses = sorted({a for c in manifest["components"].values()
                             for f in c["files"] for a, _ in f["chunks"]})  # fmt: skip

@@ -168,3 +168,11 @@ def test_the_object_store_going_away_mid_save_leaves_no_manifest(checkpoints, tm
         store.save("run-o", 0, {"model": weights(20, size=256 * 1024)})
     store.close()
     assert checkpoints.list() == []
+
+
+def test_load_tensors_of_bytes_and_a_bad_sample_are_refused(checkpoints):
+    checkpoints.save("run-b", 0, {"state": b"not tensors"})
+    with pytest.raises(InvalidCheckpoint, match="not tensors"):
+        checkpoints.load_tensors("run-b", component="state")
+    with pytest.raises(InvalidInput, match="sample"):
+        checkpoints.verify("run-b", sample=1.5)
