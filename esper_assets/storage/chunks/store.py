@@ -52,6 +52,8 @@ class ChunkStore:
     ) -> None:
         if (postgres_url is None) == (sqlite_path is None):
             raise InvalidInput("ChunkStore takes exactly one of postgres_url and sqlite_path")
+        if not isinstance(level, int) or isinstance(level, bool) or not -7 <= level <= 22:
+            raise InvalidInput(f"zstd level must be an int in [-7, 22], not {level!r}")
         self.objects = store
         self.level = level
         self.index: ChunkIndex = (
@@ -91,6 +93,8 @@ class ChunkStore:
         return refs
 
     def _put_window(self, window: list, executor: ThreadPoolExecutor | None) -> list[ChunkRef]:
+        """Hash the window's chunks, ask the index once which it lists, write the
+        others' objects, then (only then) record them in the index."""
         run = executor.map if executor is not None else map
         addresses = list(run(address_of, window))
         known = self.index.touch(sorted(set(addresses)))

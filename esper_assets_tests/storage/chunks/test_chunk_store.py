@@ -294,6 +294,18 @@ def test_bad_worker_counts_are_invalid_input(chunks, workers):
         list(chunks.get_many([address_of(b"a")], workers=workers))
 
 
+@pytest.mark.parametrize("level", [23, -8, 3.0, "3", True])
+def test_bad_zstd_levels_are_invalid_input(raw_store, tmp_path, level):
+    with pytest.raises(InvalidInput, match="zstd level"):
+        ChunkStore(raw_store, sqlite_path=str(tmp_path / "x.sqlite3"), level=level)
+
+
+def test_other_levels_store_the_same_addresses(make_chunks):
+    data = compressible(50_000)
+    fast, strong = make_chunks(level=1).put(data), make_chunks(level=19).put(data)
+    assert fast.address == strong.address and not strong.new
+
+
 def test_exactly_one_database(raw_store, tmp_path):
     with pytest.raises(InvalidInput, match="exactly one"):
         ChunkStore(raw_store)
