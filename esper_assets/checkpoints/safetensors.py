@@ -151,7 +151,7 @@ def encode_header(
     for name, array in arrays.items():
         if not isinstance(name, str) or not name:
             raise InvalidCheckpoint(f"tensor names must be non-empty strings, got {name!r}")
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         dtype = _FROM_NUMPY.get(array.dtype.str)

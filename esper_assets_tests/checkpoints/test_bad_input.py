@@ -176,3 +176,20 @@ def test_load_tensors_of_bytes_and_a_bad_sample_are_refused(checkpoints):
         checkpoints.load_tensors("run-b", component="state")
     with pytest.raises(InvalidInput, match="sample"):
         checkpoints.verify("run-b", sample=1.5)
+
+
+def test_a_save_racing_another_for_the_same_step(checkpoints, make_checkpoints):
+    """The other store committed between our existence check and our manifest: the
+    repository's primary key refuses the second, reported as CheckpointExists."""
+    other = make_checkpoints()
+    checks = []
+
+    def exists_after_the_first_check(asset_id: str) -> bool:
+        checks.append(asset_id)
+        return len(checks) > 1
+
+    checkpoints.save("run-race", 1, {"m": b"theirs"})
+    other._exists = exists_after_the_first_check
+    with pytest.raises(CheckpointExists):
+        other.save("run-race", 1, {"m": b"ours"})
+    assert checkpoints.show("run-race", 1)["components"]["m"]["files"][0]["size"] == 6
