@@ -3,6 +3,8 @@ manifest naming a missing chunk, nothing in the restore destination)."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -193,3 +195,35 @@ def test_a_save_racing_another_for_the_same_step(checkpoints, make_checkpoints):
     with pytest.raises(CheckpointExists):
         other.save("run-race", 1, {"m": b"ours"})
     assert checkpoints.show("run-race", 1)["components"]["m"]["files"][0]["size"] == 6
+
+
+class Blocking:
+    """A chunk store whose first put_many waits until the test releases it."""
+
+    def __init__(self, chunks) -> None:
+        self._chunks, self.release, self._first = chunks, threading.Event(), True
+
+    def put_many(self, chunks, workers=4):
+        if self._first:
+            self._first = False
+            assert self.release.wait(30)
+        return self._chunks.put_many(chunks, workers=workers)
+
+    def __getattr__(self, name):
+        return getattr(self._chunks, name)
+
+
+def test_save_async_refuses_a_file_changed_before_it_was_read(checkpoints, tmp_path):
+    path = tmp_path / "policy.bin"
+    path.write_bytes(b"policy v1")
+    blocking = Blocking(checkpoints.chunks)
+    store = CheckpointStore(blocking, checkpoints.repo)
+    first = store.save_async("run-a", 0, {"m": b"holds the worker"})
+    second = store.save_async("run-a", 1, {"policy": path})
+    path.write_bytes(b"policy v2, longer")  # after save_async returned, before the read
+    blocking.release.set()
+    assert first.result(timeout=30).step == 0
+    with pytest.raises(InvalidCheckpoint, match="changed while it was being saved"):
+        second.result(timeout=30)
+    store.close()
+    assert [row["step"] for row in checkpoints.list("run-a")] == [0]

@@ -163,3 +163,10 @@ def test_a_large_file_round_trips_in_many_chunks(checkpoints, tmp_path):
     checkpoints.restore("run-big", dest=tmp_path / "o", progress=lambda d, t: seen.append((d, t)))
     assert (tmp_path / "o" / "big" / "big.bin").read_bytes() == path.read_bytes()
     assert seen[-1] == (24 << 20, 24 << 20)
+
+
+def test_an_empty_component_round_trips(checkpoints, tmp_path):
+    checkpoints.save("run-e", 0, {"empty": b"", "no_tensors": {}})
+    checkpoints.restore("run-e", dest=tmp_path / "o")
+    assert (tmp_path / "o" / "empty" / "empty.bin").read_bytes() == b""
+    assert checkpoints.load_tensors("run-e", component="no_tensors") == {}
