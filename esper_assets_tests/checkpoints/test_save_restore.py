@@ -170,3 +170,13 @@ def test_an_empty_component_round_trips(checkpoints, tmp_path):
     checkpoints.restore("run-e", dest=tmp_path / "o")
     assert (tmp_path / "o" / "empty" / "empty.bin").read_bytes() == b""
     assert checkpoints.load_tensors("run-e", component="no_tensors") == {}
+
+
+def test_from_env_uses_the_embedded_default(esper_home, tmp_path):
+    from esper_assets.checkpoints import CheckpointStore
+
+    with CheckpointStore.from_env() as store:
+        store.save("run-env", 0, {"m": b"embedded"})
+    with CheckpointStore.from_env() as store:  # a new process's view
+        assert store.show("run-env")["step"] == 0
+    assert (esper_home / "esper.sqlite3").exists()
