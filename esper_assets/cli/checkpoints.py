@@ -126,20 +126,24 @@ def restore(run_id: str, step: int | None, components: tuple[str, ...], dest: Pa
 
 
 class ProgressBar:
-    """A rich bar fed by restore's (done, total) callback; nothing under --json."""
+    """A rich bar fed by restore's (done, total) callback, shown from the first chunk
+    (so a refused restore prints only its error); nothing under --json."""
 
     def __init__(self, quiet: bool) -> None:
-        self._bar = None if quiet else Progress(
-            "restoring", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console
-        )  # fmt: skip
-        self._task = None
+        self._quiet = quiet
+        self._bar: Progress | None = None
 
     def __enter__(self):
+        return None if self._quiet else self._update
+
+    def _update(self, done: int, total: int) -> None:
         if self._bar is None:
-            return None
-        self._bar.start()
-        self._task = self._bar.add_task("restore", total=None)
-        return lambda done, total: self._bar.update(self._task, completed=done, total=total)
+            self._bar = Progress(
+                "restoring", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("restore", total=total)
+        self._bar.update(self._task, completed=done)
 
     def __exit__(self, *exc_info) -> None:
         if self._bar is not None:
