@@ -37,6 +37,8 @@ def demo(as_json: bool) -> None:
                "a registered kernel is missing from the cache")  # fmt: skip
     self_check(_lineages_agree(result["lineage"], result["dagster_lineage"]),
                "the repository and the Dagster event log disagree about lineage")  # fmt: skip
+    self_check(result["checkpoint"]["restored_equal"],
+               "the demo checkpoint did not restore to the tensors it saved")  # fmt: skip
 
 
 def _lineages_agree(repository: list[dict], dagster: list[dict]) -> bool:
@@ -67,6 +69,16 @@ def _render_demo(data: dict[str, Any]) -> None:
         console.print(
             f"  Dagster event log tells the same story: {'yes' if agrees else '[red]NO[/]'}"
         )
+    _print_checkpoint(data["checkpoint"])
+
+
+def _print_checkpoint(c: dict[str, Any]) -> None:
+    console.print(
+        f"checkpoint {c['run']} step {c['step']}: {c['logical_bytes'] / 1024:.0f} KiB, "
+        f"{c['stored_bytes'] / 1024:.0f} KiB of it new (unchanged tensors are stored once), "
+        f"uses {c['kernels']} kernels; restored {c['restored_files']} file(s), "
+        f"tensors equal: {'yes' if c['restored_equal'] else '[red]NO[/]'}"
+    )
 
 
 # -- ingest ------------------------------------------------------------------------------

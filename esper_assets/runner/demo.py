@@ -6,12 +6,20 @@ cache's stats and one kernel's lineage from both the repository and Dagster."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from tempfile import TemporaryDirectory
+
+import numpy as np
 
 from esper_assets.blueprints import example_blueprint_files
 from esper_assets.defs import build_definitions, local_instance
 from esper_assets.flows.kernels import describe, lineage_chain, registered_kernels
 from esper_assets.flows.landing import LandingZone
-from esper_assets.flows.wiring import landing_zone, open_cache, open_repository
+from esper_assets.flows.wiring import (
+    landing_zone,
+    open_cache,
+    open_checkpoints,
+    open_repository,
+)
 from esper_assets.runner.driver import tick_and_run
 from esper_assets.runner.lineage import dagster_lineage
 from esper_assets.settings import Settings
@@ -73,4 +81,39 @@ def run_demo(settings: Settings | None = None) -> dict:
         "lineage": chain,
         "dagster_lineage": dagster_lineage(instance, longest[0].name) if longest else [],
         "stats": stats,
+        "checkpoint": checkpoint_round_trip(settings, [m.asset_id for m in kernels]),
+    }
+
+
+DEMO_RUN = "demo"
+
+
+def checkpoint_round_trip(settings: Settings, kernel_ids: list[str]) -> dict:
+    """Save the next step of the ``demo`` run (a small model whose second layer stays
+    as it was, and the kernels the run uses), restore it into a temporary folder and
+    compare: the checkpoint part of ``make demo``."""
+    with open_checkpoints(settings) as store:
+        steps = [row["step"] for row in store.list(DEMO_RUN)]
+        step = max(steps, default=-1) + 1
+        rng = np.random.default_rng(step)  # layer 0 changes each step, layer 1 never
+        model = {
+            "layer0.weight": rng.standard_normal((256, 256), dtype=np.float32),
+            "layer1.weight": np.random.default_rng(-1 % 2**32).standard_normal(
+                (256, 256), np.float32
+            ),
+        }
+        info = store.save(DEMO_RUN, step, {"model": model}, kernels=kernel_ids)
+        with TemporaryDirectory() as folder:
+            report = store.restore(DEMO_RUN, step, dest=folder)
+            restored = store.load_tensors(DEMO_RUN, step, component="model")
+        same = all(np.array_equal(restored[name], model[name]) for name in model)
+    return {
+        "run": DEMO_RUN,
+        "step": step,
+        "logical_bytes": info.logical_bytes,
+        "stored_bytes": info.stored_bytes,
+        "kernels": len(info.kernels),
+        "parent_id": info.parent_id,
+        "restored_files": len(report.files),
+        "restored_equal": same,
     }

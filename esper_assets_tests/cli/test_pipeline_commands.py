@@ -55,6 +55,10 @@ def test_demo_runs_the_pipeline_and_reports_it_as_json(demo_report, esper_home):
     assert (esper_home / "esper.sqlite3").is_file()
     assert (esper_home / "dagster" / "dagster.yaml").is_file()
     assert report["stats"]["tiers"]["l3"]["entries"] == 12
+    checkpoint = report["checkpoint"]  # step 0 of the demo run, using the 12 kernels
+    assert (checkpoint["run"], checkpoint["step"], checkpoint["kernels"]) == ("demo", 0, 12)
+    assert checkpoint["restored_files"] == 1 and checkpoint["restored_equal"]
+    assert checkpoint["parent_id"] is None
 
 
 def test_demo_a_second_time_runs_nothing_new(demo_report, esper_home):
@@ -65,6 +69,12 @@ def test_demo_a_second_time_runs_nothing_new(demo_report, esper_home):
     first_ids = [s["asset_id"] for s in demo_report["lineage"]]
     assert [s["asset_id"] for s in again["lineage"]] == first_ids
     assert [s["repository_id"] for s in again["dagster_lineage"]] == first_ids
+    # the next step of the demo run: its parent is step 0, and the layer that did not
+    # change is not stored again
+    checkpoint = again["checkpoint"]
+    assert (checkpoint["step"], checkpoint["parent_id"]) == (1, "checkpoint:demo:0")
+    assert checkpoint["stored_bytes"] < 0.6 * demo_report["checkpoint"]["stored_bytes"]
+    assert checkpoint["restored_equal"]
 
 
 def test_lineage_command_agrees_with_the_dagster_event_log(demo_report):
