@@ -1,0 +1,303 @@
+"""``esper bench checkpoints``: saving and restoring a synthetic model, step after step.
+
+A model of fp32 tensors (256 MB quick, 1 GB full) is written as a safetensors file
+and saved as step 0 of one run; then each scenario writes the next step's file and
+saves it: every tensor new, 80 % of the layers frozen, a LoRA-like update (only the
+small adapter tensors change), nothing changed, and a bf16 copy. Per scenario:
+
+- stored bytes of the new checkpoint / its logical size (what dedup saved);
+- save and restore throughput against ``shutil.copyfile`` of the same file on the
+  same filesystem, measured in the same run;
+- peak RSS of the save and of the restore, each in a fresh child process (spawned,
+  so the parent's copy of the model does not count);
+
+and the training overhead of ``save_async``: a loop of matmuls timed alone and with
+a save in flight.
+
+Embedded default: Settings of its own on a fresh temporary ESPER_HOME. With
+ESPER_DATABASE_URL / ESPER_S3_BUCKET in the environment: a fresh PostgreSQL schema
+and a fresh S3 prefix on those services. Nothing is written to the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import numpy as np
+
+from esper_assets.checkpoints import CheckpointStore
+from esper_assets.settings import Settings
+
+MB = 1 << 20
+RUN = "bench"
+STORED_TARGETS = {"frozen_80": 0.25, "lora_1": 0.03, "unchanged": 0.005}
+RSS_TARGET_MB = 256
+RESTORE_S_PER_GB_TARGET = 3.0
+OVERHEAD_TARGET_PCT = 5.0
+
+
+# -- where it runs ----------------------------------------------------------------------
+@contextmanager
+def bench_environ(environ: Mapping[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """The backend label and the variables its Settings are built from (children get
+    the same mapping): a temporary home, and the services' fresh namespaces if set."""
+    from esper_assets.bench.scratch import postgres_schema
+
+    with ExitStack() as stack:
+        tmp = stack.enter_context(TemporaryDirectory(prefix="esper-bench-checkpoints-"))
+        env = {"ESPER_HOME": str(Path(tmp) / "home")}
+        services = [k for k in ("ESPER_DATABASE_URL", "ESPER_S3_BUCKET") if environ.get(k)]
+        for key in ("ESPER_S3_BUCKET", "AWS_ENDPOINT_URL"):
+            if environ.get(key):
+                env[key] = environ[key]
+        if environ.get("ESPER_S3_BUCKET"):
+            # A prefix of its own; its objects are left behind (no bulk delete here).
+            env["ESPER_S3_PREFIX"] = f"esper-bench-{uuid.uuid4().hex[:8]}"
+        if environ.get("ESPER_DATABASE_URL"):
+            env["ESPER_DATABASE_URL"] = stack.enter_context(
+                postgres_schema(environ["ESPER_DATABASE_URL"])
+            )
+        yield ("services" if services else "embedded"), env
+
+
+# -- the synthetic model ----------------------------------------------------------------
+def model_layout(total_bytes: int) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, about ``total_bytes`` of fp32 in layers of varied shapes:
+    a weight, its bias and a rank-r adapter pair (lora_a, lora_b) of ~0.8 % of it."""
+    d = max(64, int((total_bytes / 4 / 48) ** 0.5) // 32 * 32)
+    r = max(1, d // 256)
+    shapes = [(d, d), (d, d // 2), (d // 2, d), (d, 3 * d // 2)]
+    layout: dict[str, tuple[int, ...]] = {}
+    size, i = 0, 0
+    while size < total_bytes:
+        rows, cols = shapes[i % len(shapes)]
+        layer = {"weight": (rows, cols), "bias": (rows,), "lora_a": (r, cols), "lora_b": (rows, r)}
+        for part, shape in layer.items():
+            layout[f"layers.{i:03d}.{part}"] = shape
+            size += 4 * int(np.prod(shape))
+        i += 1
+    return layout
+
+
+def random_tensors(layout: Mapping[str, tuple[int, ...]], names, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(layout[n], dtype=np.float32) for n in names}
+
+
+def scenarios(layout: Mapping[str, tuple[int, ...]]) -> list[tuple[str, Callable]]:
+    """(name, step function): each maps the previous model to the next one."""
+    names = list(layout)
+    layers = sorted({n.split(".")[1] for n in names})
+    frozen_out = {layers[i] for i in range(0, len(layers), 5)}  # 1 layer in 5 trains
+    return [
+        ("full_fp32", lambda m: random_tensors(layout, names, 1)),
+        ("frozen_80", lambda m: {**m, **random_tensors(
+            layout, [n for n in names if n.split(".")[1] in frozen_out], 2)}),
+        ("lora_1", lambda m: {**m, **random_tensors(
+            layout, [n for n in names if ".lora_" in n], 3)}),
+        ("unchanged", lambda m: m),
+        ("bf16", lambda m: m),  # written as bf16 below
+    ]  # fmt: skip
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], bf16: bool = False) -> int:
+    """Write ``tensors`` (fp32, or their bf16 truncation) as a safetensors file."""
+    header, offset = {}, 0
+    for name, a in tensors.items():
+        nbytes = a.size * (2 if bf16 else 4)
+        header[name] = {"dtype": "BF16" if bf16 else "F32", "shape": list(a.shape),
+                        "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)) + text)
+        for a in tensors.values():
+            # bf16 is the upper half of the fp32 bits (truncation, not rounding)
+            fh.write((a.view(np.uint32) >> 16).astype(np.uint16) if bf16 else a)
+    return path.stat().st_size
+
+
+# -- measurements in a child process ----------------------------------------------------
+def _child(env: dict[str, str], action: str, args: tuple) -> dict[str, Any]:
+    """Runs in a spawned process: open the store, note the RSS, do ``action``."""
+    with CheckpointStore.from_settings(Settings.from_env(env)) as store:
+        before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        if action == "save":
+            info = store.save(RUN, args[0], {"model": args[1]})
+            extra = {"logical_bytes": info.logical_bytes, "stored_bytes": info.stored_bytes}
+        else:
+            report = store.restore(RUN, args[0], dest=args[1])
+            extra = {"restored_bytes": report.bytes}
+        seconds = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"seconds": seconds, "peak_rss_mb": round(peak_kb / 1024, 1),
+            "baseline_rss_mb": round(before_kb / 1024, 1), **extra}  # fmt: skip
+
+
+def in_child(env: dict[str, str], action: str, *args) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_child, (env, action, args))
+
+
+def raw_copy_s(src: Path, dst: Path) -> float:
+    start = time.perf_counter()
+    shutil.copyfile(src, dst)
+    seconds = time.perf_counter() - start
+    dst.unlink()
+    return seconds
+
+
+def measure_step(env: dict, work: Path, step: int, path: Path) -> dict[str, Any]:
+    """Save ``path`` as ``step``, restore it, each against a raw copy of the file."""
+    size = path.stat().st_size
+    raw_s = raw_copy_s(path, work / "raw-copy")
+    save = in_child(env, "save", step, str(path))
+    dest = work / f"restored-{step}"
+    restore = in_child(env, "restore", step, str(dest))
+    restored = dest / "model" / path.name
+    ok_bytes = restored.stat().st_size == size
+    shutil.rmtree(dest)
+    mb = size / MB
+    return {
+        "logical_bytes": save["logical_bytes"],
+        "stored_bytes": save["stored_bytes"],
+        "stored_fraction": round(save["stored_bytes"] / save["logical_bytes"], 4),
+        "raw_copy_mb_s": round(mb / raw_s, 1),
+        "save_mb_s": round(mb / save["seconds"], 1),
+        "save_vs_raw": round(raw_s / save["seconds"], 3),
+        "restore_mb_s": round(mb / restore["seconds"], 1),
+        "restore_vs_raw": round(raw_s / restore["seconds"], 3),
+        "restore_s_per_gb": round(restore["seconds"] / (size / (1 << 30)), 2),
+        "save_peak_rss_mb": save["peak_rss_mb"],
+        "restore_peak_rss_mb": restore["peak_rss_mb"],
+        "child_baseline_rss_mb": save["baseline_rss_mb"],
+        "restored_size_ok": ok_bytes,
+    }
+
+
+def judge(name: str, r: dict[str, Any], embedded: bool) -> dict[str, bool | None]:
+    """The targets this scenario is held to: met (True), NOT met (False)."""
+    targets: dict[str, bool | None] = {}
+    if name in STORED_TARGETS:
+        targets[f"stored <= {STORED_TARGETS[name]:.1%}"] = (
+            r["stored_fraction"] <= STORED_TARGETS[name]
+        )
+    targets["save >= 0.5x raw copy"] = r["save_vs_raw"] >= 0.5
+    targets["restore >= 0.5x raw copy"] = r["restore_vs_raw"] >= 0.5
+    if embedded:
+        targets[f"restore <= {RESTORE_S_PER_GB_TARGET} s/GB"] = (
+            r["restore_s_per_gb"] <= RESTORE_S_PER_GB_TARGET
+        )
+    peak = max(r["save_peak_rss_mb"], r["restore_peak_rss_mb"])
+    targets[f"peak RSS <= {RSS_TARGET_MB} MB"] = peak <= RSS_TARGET_MB
+    return targets
+
+
+# -- save_async overhead ----------------------------------------------------------------
+def _train_step(a: np.ndarray, b: np.ndarray) -> None:
+    np.tanh(a @ b, out=a)
+
+
+def loop_s_per_iter(iterations: int, until: Callable[[], bool] | None = None) -> float:
+    """Mean seconds per iteration of a small matmul loop (runs at least ``iterations``,
+    and while ``until`` says the save is not done)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 384, 384), dtype=np.float32)
+    b /= 20  # keeps tanh out of saturation
+    n, start = 0, time.perf_counter()
+    while n < iterations or (until is not None and not until()):
+        _train_step(a, b)
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def bench_save_async(env: dict, step: int, path: Path, iterations: int) -> dict[str, Any]:
+    """The loop alone (before and after, averaged), then while a save_async runs."""
+    with CheckpointStore.from_settings(Settings.from_env(env)) as store:
+        alone_before = loop_s_per_iter(iterations)
+        start = time.perf_counter()
+        future = store.save_async(RUN, step, {"model": str(path)})
+        returned_ms = (time.perf_counter() - start) * 1000
+        busy = loop_s_per_iter(1, until=future.done)
+        save_s = time.perf_counter() - start
+        future.result()
+        alone_after = loop_s_per_iter(iterations)
+    alone = (alone_before + alone_after) / 2
+    overhead = (busy - alone) / alone * 100
+    return {
+        "loop_ms_per_iter_alone": round(alone * 1000, 3),
+        "loop_ms_per_iter_with_save": round(busy * 1000, 3),
+        "save_async_returned_ms": round(returned_ms, 1),
+        "save_in_flight_s": round(save_s, 2),
+        "overhead_pct": round(overhead, 1),
+        "target": f"<= {OVERHEAD_TARGET_PCT} %",
+        "ok": overhead <= OVERHEAD_TARGET_PCT,
+    }
+
+
+# -- the run ----------------------------------------------------------------------------
+def run(
+    quick: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+    model_bytes: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The whole bench; ``model_bytes`` overrides the size (tests use a few MB)."""
+    model_bytes = model_bytes or (256 * MB if quick else 1024 * MB)
+    environ = os.environ if environ is None else environ
+    layout = model_layout(model_bytes)
+    with bench_environ(environ) as (backend, env), TemporaryDirectory(
+        prefix="esper-bench-work-"
+    ) as tmp:
+        work = Path(tmp)
+        settings = Settings.from_env(env)
+        progress(f"backend {backend}: a model of {len(layout)} tensors")
+        model = random_tensors(layout, list(layout), 0)
+        path = work / "model-0.safetensors"
+        write_safetensors(path, model)
+        results = {"initial": measure_step(env, work, 0, path)}
+        for step, (name, change) in enumerate(scenarios(layout), start=1):
+            progress(f"step {step}: {name}")
+            model = change(model)
+            path.unlink()
+            path = work / f"model-{step}.safetensors"
+            write_safetensors(path, model, bf16=name == "bf16")
+            results[name] = measure_step(env, work, step, path)
+        progress("save_async overhead on a training loop")
+        path.unlink()
+        path = work / "model-async.safetensors"
+        write_safetensors(path, random_tensors(layout, list(layout), 9))
+        del model
+        overhead = bench_save_async(env, len(results), path, 50 if quick else 100)
+    for name, r in results.items():
+        r["targets"] = judge(name, r, backend == "embedded")
+        r["ok"] = all(v for v in r["targets"].values() if v is not None)
+    return {
+        "bench": "checkpoints",
+        "quick": quick,
+        "backend": backend,
+        "settings": {k: v for k, v in settings.describe().items() if k != "home"},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},  # fmt: skip
+        "model": {"bytes": model_bytes, "tensors": len(layout), "dtype": "F32"},
+        "raw_baseline": "shutil.copyfile of the same safetensors file, same filesystem",
+        "scenarios": results,
+        "save_async": overhead,
+        "ok": all(r["ok"] for r in results.values()) and overhead["ok"],
+    }
