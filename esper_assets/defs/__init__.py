@@ -9,6 +9,9 @@ What each module owns:
 - ``kernels/``: the asset graph blueprints -> compiled_kernels (partitioned by
   blueprint name) with its checks, the ``new_blueprints`` sensor that feeds it from
   the landing zone, and the ``ingest_blueprints`` job.
+- ``checkpoints/``: the ``checkpoints`` asset (one partition per training run), its
+  ``checkpoint_restorable`` check and the ``new_checkpoints`` sensor that reports
+  saves made outside Dagster and ingests the landing path.
 - ``upkeep/``: the jobs and schedules that keep the cache clean and warm and
   re-validate every blueprint nightly.
 - ``resources.py``: the resources every domain shares, thin shells over
@@ -16,7 +19,7 @@ What each module owns:
 - ``instance.py``: the embedded Dagster instance (SQLite under ``ESPER_HOME/dagster``).
 - ``_compat.py``: every use of Dagster's private modules and names, tests included.
 
-Later domains (``checkpoints/``, ``analytics/``) go beside ``kernels/`` and
+Later domains (``analytics/``) go beside ``kernels/`` and
 ``upkeep/``, each with a resource-free ``definitions``, added to ``DOMAINS``.
 
 May import: Dagster, ``esper_assets.flows`` (the use cases), ``settings``, ``errors``,
@@ -31,7 +34,7 @@ the variable, and tests and the bench pass their own ``Settings``.
 
 import dagster as dg
 
-from esper_assets.defs import kernels, upkeep
+from esper_assets.defs import checkpoints, kernels, upkeep
 from esper_assets.defs._compat import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -68,7 +71,7 @@ __all__ = [
 ]
 
 # One resource-free Definitions per domain; merged, then bound to one set of resources.
-DOMAINS = (kernels.definitions, upkeep.definitions)
+DOMAINS = (kernels.definitions, upkeep.definitions, checkpoints.definitions)
 
 
 def build_definitions(

@@ -17,6 +17,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from esper_assets.blueprints import BlueprintLimits
+from esper_assets.checkpoints import CheckpointStore
 from esper_assets.flows import wiring
 from esper_assets.flows.landing import LandingZone
 from esper_assets.settings import Settings, variable_holds
@@ -143,6 +144,20 @@ class KernelCacheResource(dg.ConfigurableResource):
             yield cache
 
 
+class CheckpointsResource(dg.ConfigurableResource):
+    """The checkpoint store (chunks and manifests) over the database and object store,
+    and the landing directory other tools drop checkpoints into."""
+
+    database: DatabaseResource
+    object_store: ObjectStoreResource
+    landing: str = ""  # ESPER_LANDING; checkpoints land under its checkpoints/ folder
+
+    @contextmanager
+    def open(self) -> Iterator[CheckpointStore]:
+        with wiring.open_checkpoints(self.database.settings(), self.object_store.open()) as store:
+            yield store
+
+
 def _named(variable: str, value: str | None) -> str | dg.EnvVar:
     """``dg.EnvVar(variable)`` when the environment holds ``value`` there (resolved in
     the run, shown by name); else the value itself ("" for None)."""
@@ -170,5 +185,8 @@ def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "repository": AssetRepositoryResource(database=database, object_store=object_store),
         "kernel_cache": KernelCacheResource(
             database=database, redis=redis, object_store=object_store
+        ),
+        "checkpoints": CheckpointsResource(
+            database=database, object_store=object_store, landing=settings.landing
         ),
     }

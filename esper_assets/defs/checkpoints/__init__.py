@@ -1,0 +1,21 @@
+"""The checkpoints domain: the ``checkpoints`` asset (one partition per training run),
+its ``checkpoint_restorable`` check and the ``new_checkpoints`` sensor that reports
+saves made outside Dagster (logic in ``flows/checkpoints``)."""
+
+import dagster as dg
+
+from esper_assets.defs.checkpoints.assets import (
+    checkpoint_restorable,
+    checkpoint_runs,
+    checkpoints,
+)
+from esper_assets.defs.checkpoints.sensors import new_checkpoints
+
+__all__ = ["checkpoint_runs", "definitions", "new_checkpoints"]
+
+# Resources are bound once, for every domain, in ``esper_assets.defs.build_definitions``.
+definitions = dg.Definitions(
+    assets=[checkpoints],
+    asset_checks=[checkpoint_restorable],
+    sensors=[new_checkpoints],
+)

@@ -1,0 +1,59 @@
+"""The ``new_checkpoints`` sensor: saves made outside Dagster become materializations.
+
+Each tick ingests complete directories from ``ESPER_LANDING/checkpoints/``, then
+asks the repository for checkpoints registered since its cursor, adds the run
+partitions it has not seen and reports, per checkpoint, a materialization of its
+run's partition and a ``checkpoint_restorable`` evaluation. It starts no run: the
+events are the whole result (logic in ``flows/checkpoints``).
+"""
+
+from pathlib import Path
+
+import dagster as dg
+
+from esper_assets.defs.checkpoints.assets import (
+    SAMPLE,
+    checkpoint_runs,
+    materialization,
+    restorable_evaluation,
+)
+from esper_assets.defs.resources import CheckpointsResource
+from esper_assets.flows import checkpoints as flow
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Reports each checkpoint saved since the last tick as a materialization of "
+    "its run's partition, with its restorable check; ingests ESPER_LANDING/checkpoints/.",
+)
+def new_checkpoints(
+    context: dg.SensorEvaluationContext, checkpoints: CheckpointsResource
+) -> dg.SensorResult:
+    with checkpoints.open() as store:
+        if checkpoints.landing and "://" not in checkpoints.landing:
+            _ingest(context, store, Path(checkpoints.landing) / "checkpoints")
+        found, cursor = flow.find_new(store, flow.Cursor.load(context.cursor))
+        described = [flow.describe(m) for m in found]
+        verified = [flow.check_restorable(store, d["run"], d["step"], SAMPLE) for d in described]
+    runs = sorted({d["run"] for d in described})
+    has = context.instance.has_dynamic_partition
+    new_runs = [r for r in runs if not has(checkpoint_runs.name, r)]
+    events: list = []
+    for d, v in zip(described, verified, strict=True):
+        events += [materialization(d), restorable_evaluation(v)]
+    return dg.SensorResult(
+        asset_events=events,
+        dynamic_partitions_requests=[checkpoint_runs.build_add_request(new_runs)]
+        if new_runs
+        else [],
+        cursor=cursor.dump(),
+    )
+
+
+def _ingest(context: dg.SensorEvaluationContext, store, root: Path) -> None:
+    for landed in flow.ingest_landed(store, root):
+        if landed.error:
+            context.log.warning(f"refused {landed.path}: {landed.error}")
+        else:
+            context.log.info(f"ingested {landed.path} as {landed.asset_id}")

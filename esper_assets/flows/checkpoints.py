@@ -1,0 +1,213 @@
+"""What the ``new_checkpoints`` sensor does, without Dagster.
+
+Training processes save checkpoints straight into the :class:`CheckpointStore`;
+each save is a ``checkpoint`` asset in the repository. The sensor finds the ones
+registered since its last look (:func:`find_new`), describes each
+(:func:`describe`) and re-verifies a sample of its chunks (:func:`check_restorable`).
+Other tools drop checkpoints into the landing zone instead
+(:func:`ingest_landed`): ``<landing>/checkpoints/<run>/<step>/`` holding the
+component files and a ``manifest.json`` written last.
+
+The cursor is a high-water mark: the newest ``created_at`` seen plus the ids
+created within :data:`LOOKBACK` of it. Two processes' clocks and commits are not
+ordered, so a save may commit a little after a later-stamped one; the window
+catches it, and the cursor stays as small as the number of saves in one window.
+
+May import: ``esper_assets.errors``, ``checkpoints``, ``storage``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from esper_assets.checkpoints import CheckpointStore
+from esper_assets.checkpoints.manifest import check_name
+from esper_assets.checkpoints.store import CHECKPOINT
+from esper_assets.errors import CheckpointExists, EsperError, InvalidCheckpoint
+from esper_assets.storage.repository import AssetMetadata, AssetQuery
+
+LOOKBACK = timedelta(seconds=60)
+BATCH = 500  # checkpoints reported per tick at most; the next tick goes on
+
+LANDED_MANIFEST = "manifest.json"
+INGESTED_MARK = ".esper-ingested"  # holds the asset id; the directory is done
+REJECTED_MARK = ".esper-rejected.txt"  # holds the reason; delete it to try again
+
+
+@dataclass
+class Cursor:
+    newest: datetime | None = None
+    recent: set[str] = field(default_factory=set)  # ids created within LOOKBACK of newest
+
+    def dump(self) -> str:
+        stamp = self.newest.isoformat() if self.newest else None
+        return json.dumps({"t": stamp, "ids": sorted(self.recent)}, separators=(",", ":"))
+
+    @classmethod
+    def load(cls, text: str | None) -> Cursor:
+        """An unreadable cursor means: look at everything again (reporting a
+        checkpoint twice only adds an event)."""
+        if not text:
+            return cls()
+        try:
+            raw = json.loads(text)
+            newest = datetime.fromisoformat(raw["t"]) if raw["t"] else None
+            return cls(newest, {str(i) for i in raw["ids"]})
+        except (ValueError, KeyError, TypeError):
+            return cls()
+
+
+def find_new(store: CheckpointStore, cursor: Cursor) -> tuple[list[AssetMetadata], Cursor]:
+    """Checkpoints registered since ``cursor``, oldest first, and the cursor after them."""
+    query = AssetQuery().with_type(CHECKPOINT).order_by("created_at").limit(BATCH)
+    if cursor.newest is not None:
+        query = query.created_after(cursor.newest - LOOKBACK)
+    found = store.repo.search_assets(query)
+    new = [m for m in found if m.asset_id not in cursor.recent]
+    if not found:
+        return new, cursor
+    newest = max([m.created_at for m in found] + ([cursor.newest] if cursor.newest else []))
+    recent = {m.asset_id for m in found if m.created_at >= newest - LOOKBACK}
+    return new, Cursor(newest, recent)
+
+
+def describe(meta: AssetMetadata) -> dict[str, Any]:
+    """A checkpoint's accounting as plain values (the repository's properties)."""
+    p = meta.properties
+    logical, stored = p.get("logical_bytes", 0), p.get("stored_bytes", 0)
+    return {
+        "run": p.get("run", meta.name),
+        "step": p.get("step"),
+        "asset_id": meta.asset_id,
+        "checksum": meta.checksum or meta.asset_id,
+        "parent_id": meta.parent_id or "",
+        "logical_bytes": logical,
+        "stored_bytes": stored,
+        "stored_fraction": p.get("stored_fraction", round(stored / logical, 4) if logical else 0),
+        "dedup_ratio": p.get("dedup_ratio"),
+        "chunk_count": p.get("chunk_count", 0),
+        "new_chunks": p.get("new_chunks", 0),
+        "components": ", ".join(p.get("components", [])),
+        "kernels": ", ".join(p.get("kernels", [])),
+        "metrics": p.get("metrics", {}),
+        "state": meta.state,
+    }
+
+
+def check_restorable(
+    store: CheckpointStore, run_id: str, step: int | None, sample: float
+) -> dict[str, Any]:
+    """``CheckpointStore.verify`` on a sample of chunks, a refused read as a failure."""
+    try:
+        return store.verify(run_id, step, sample=sample)
+    except EsperError as exc:
+        return {"run": run_id, "step": step, "ok": False, "error": str(exc),
+                "missing": [], "corrupt": [], "chunks": 0, "verified": 0}  # fmt: skip
+
+
+# -- the landing path -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Landed:
+    """One step directory looked at: ``asset_id`` when saved, ``error`` when refused."""
+
+    path: Path
+    asset_id: str = ""
+    error: str = ""
+
+
+def ingest_landed(store: CheckpointStore, root: Path) -> list[Landed]:
+    """Save each complete, not yet handled ``root/<run>/<step>/`` once. A directory is
+    complete when its ``manifest.json`` exists (written last by the producer); a
+    malformed one gets a reason file and is not tried again until that is removed."""
+    if not root.is_dir():
+        return []
+    done = []
+    for step_dir in _step_dirs(root):
+        if (step_dir / INGESTED_MARK).exists() or (step_dir / REJECTED_MARK).exists():
+            continue
+        if not (step_dir / LANDED_MANIFEST).is_file():
+            continue  # still being written
+        done.append(_ingest_one(store, step_dir))
+    return done
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted(
+        step
+        for run in root.iterdir()
+        if run.is_dir() and not run.is_symlink()
+        for step in run.iterdir()
+        if step.is_dir() and not step.is_symlink()
+    )
+
+
+def _ingest_one(store: CheckpointStore, step_dir: Path) -> Landed:
+    try:
+        run_id, step, components, kernels, metrics = read_landed(step_dir)
+        info = store.save(run_id, step, components, kernels=kernels, metrics=metrics)
+    except CheckpointExists as exc:
+        return _mark(step_dir, REJECTED_MARK, f"{exc} (already saved; not ingested again)\n")
+    except EsperError as exc:
+        return _mark(step_dir, REJECTED_MARK, f"{exc}\n")
+    (step_dir / INGESTED_MARK).write_text(info.asset_id + "\n")
+    return Landed(step_dir, asset_id=info.asset_id)
+
+
+def _mark(step_dir: Path, mark: str, reason: str) -> Landed:
+    (step_dir / mark).write_text(reason)
+    return Landed(step_dir, error=reason.strip())
+
+
+def read_landed(step_dir: Path) -> tuple[str, int, dict[str, Path], list[str], dict]:
+    """The run, step, component files, kernels and metrics a landed directory names;
+    InvalidCheckpoint naming the directory and the problem otherwise."""
+    where = f"{step_dir.parent.name}/{step_dir.name}"
+    try:
+        run_id = check_name("run id", step_dir.parent.name)
+        step = int(step_dir.name)
+        if step < 0 or str(step) != step_dir.name:
+            raise ValueError
+    except (EsperError, ValueError):
+        raise InvalidCheckpoint(f"{where}: expected <run>/<step> with step a number") from None
+    doc = _manifest(step_dir, where)
+    components = _components(step_dir, doc.get("components"), where)
+    kernels, metrics = doc.get("kernels", []), doc.get("metrics", {})
+    if not isinstance(kernels, list) or not all(isinstance(k, str) for k in kernels):
+        raise InvalidCheckpoint(f"{where}: manifest.json 'kernels' must be a list of ids")
+    if not isinstance(metrics, dict):
+        raise InvalidCheckpoint(f"{where}: manifest.json 'metrics' must be an object")
+    return run_id, step, components, kernels, metrics
+
+
+def _manifest(step_dir: Path, where: str) -> dict:
+    try:
+        doc = json.loads((step_dir / LANDED_MANIFEST).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise InvalidCheckpoint(f"{where}: manifest.json is not readable JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InvalidCheckpoint(f"{where}: manifest.json must be an object")
+    return doc
+
+
+def _components(step_dir: Path, named: object, where: str) -> dict[str, Path]:
+    if not isinstance(named, dict) or not named:
+        raise InvalidCheckpoint(
+            f"{where}: manifest.json needs 'components': {{name: file in this directory}}"
+        )
+    components = {}
+    for name, filename in named.items():
+        check_name("component", name)
+        if not isinstance(filename, str):
+            raise InvalidCheckpoint(f"{where}: component {name!r} must name a file")
+        check_name(f"component {name!r}'s file", filename)
+        path = step_dir / filename
+        if path.is_symlink() or not path.is_file():
+            raise InvalidCheckpoint(
+                f"{where}: component {name!r} names {filename!r}, which is not a file here"
+            )
+        components[name] = path
+    return components
