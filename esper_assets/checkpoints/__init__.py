@@ -18,10 +18,29 @@ Modules, each owning one thing (the package may import ``esper_assets.errors``,
 - ``safetensors``: the format's header, parsed with bounds checks, and written.
 - ``save``: one file's segments into chunks, hashed on the way.
 - ``restore``: files written to temporary names and renamed, all or nothing.
+- ``retention``: ``RetentionPolicy``, ``apply_retention`` (keep, archive or delete)
+  and ``collect_garbage`` (chunks no live checkpoint references, after a grace).
 """
 
 from esper_assets.checkpoints.checkpointer import Checkpointer
 from esper_assets.checkpoints.restore import RestoreReport
+from esper_assets.checkpoints.retention import (
+    GcReport,
+    RetentionPolicy,
+    RetentionReport,
+    apply_retention,
+    collect_garbage,
+)
 from esper_assets.checkpoints.store import CheckpointInfo, CheckpointStore
 
-__all__ = ["CheckpointInfo", "CheckpointStore", "Checkpointer", "RestoreReport"]
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointStore",
+    "Checkpointer",
+    "GcReport",
+    "RestoreReport",
+    "RetentionPolicy",
+    "RetentionReport",
+    "apply_retention",
+    "collect_garbage",
+]

@@ -36,6 +36,7 @@ from esper_assets.checkpoints.save import store_source
 from esper_assets.checkpoints.sources import Source, snapshot
 from esper_assets.errors import (
     AssetConflict,
+    AssetExpired,
     AssetNotFound,
     CheckpointExists,
     CheckpointNotFound,
@@ -217,7 +218,13 @@ class CheckpointStore:
 
     def show(self, run_id: str, step: int | None = None) -> dict[str, Any]:
         """The manifest of ``run_id`` at ``step`` (default: its latest step)."""
-        meta, data = self.repo.get_asset(self._find(run_id, step).asset_id)
+        asset_id = self._find(run_id, step).asset_id
+        try:
+            meta, data = self.repo.get_asset(asset_id)
+        except AssetExpired:  # retention deleted it (see retention.delete_checkpoint)
+            raise CheckpointNotFound(
+                f"run {run_id!r} has no checkpoint at step {step}: retention deleted it"
+            ) from None
         return mf.decode(data, f"checkpoint {meta.asset_id}")
 
     def list(self, run_id: str | None = None) -> list[dict[str, Any]]:

@@ -5,7 +5,9 @@
 - ``codec``: one codec byte + zstd, or raw bytes when zstd saves < 5 %.
 - ``index``: the ``checkpoint_chunks`` table (migration 005) on PostgreSQL or SQLite.
 - ``store``: ``ChunkStore`` (put / put_many / get / get_many / missing / verify /
-  discard / stats) and ``ChunkRef``.
+  discard / collect_garbage / stats) and ``ChunkRef``.
+- ``gc``: garbage collection of chunks no live manifest references, with a grace
+  period (``collect_chunks``, ``ChunkGcResult``).
 
 May import: ``esper_assets.errors``, ``esper_assets.settings``, ``storage.db``,
 ``storage.objects``. Never the cache, the repository, checkpoints or Dagster.
@@ -18,11 +20,13 @@ from esper_assets.storage.chunks.content import (
     check_address,
     split_content,
 )
+from esper_assets.storage.chunks.gc import ChunkGcResult
 from esper_assets.storage.chunks.store import ChunkRef, ChunkStore, object_key
 
 __all__ = [
     "DEFAULT_AVG_SIZE",
     "MAX_CHUNK_BYTES",
+    "ChunkGcResult",
     "ChunkRef",
     "ChunkStore",
     "address_of",

@@ -3,14 +3,17 @@ stored sizes (table ``checkpoint_chunks``, migration 005), on PostgreSQL or SQLi
 
 Both backends answer in one statement per batch: ``touch`` (which of these are
 stored; mark them as just used), ``listed`` (the same, read-only), ``add`` (record
-new chunks; which rows this call inserted), ``remove`` and ``totals``. Rows are
+new chunks; which rows this call inserted), ``remove`` and ``totals``; garbage
+collection reads ``ages`` and deletes with ``remove_stale``, whose transaction stays
+open while the object is deleted: a save that touches or re-adds the chunk meanwhile
+waits for it, then finds the row gone and writes the object again. Rows are
 locked and inserted in address order on PostgreSQL, so two savers of overlapping
 batches wait for each other instead of deadlocking.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -44,6 +47,16 @@ class ChunkIndex(Protocol):
 
     def totals(self) -> tuple[int, int, int]:
         """(chunks, raw bytes, stored bytes)."""
+        ...
+
+    def ages(self, grace_s: float) -> list[tuple[str, int, bool]]:
+        """Every row as (address, stored_size, touched more than ``grace_s`` ago)."""
+        ...
+
+    def remove_stale(self, address: str, grace_s: float, then: Callable[[], None]) -> int | None:
+        """Delete the row if it was touched more than ``grace_s`` ago, call ``then`` (the
+        object's deletion) before committing, and return its stored size; None (and no
+        call) when the row is gone or was touched since."""
         ...
 
     def close(self) -> None: ...
@@ -101,6 +114,23 @@ class PostgresChunkIndex:
         with self._pool.session(self._what) as conn:
             count, size, stored = conn.execute(sql).fetchone()
         return int(count), int(size), int(stored)
+
+    def ages(self, grace_s: float) -> list[tuple[str, int, bool]]:
+        sql = """SELECT address, stored_size, touched_at < now() - make_interval(secs => %s)
+                 FROM checkpoint_chunks"""
+        with self._pool.session(self._what, slow=True) as conn:
+            return [(a, int(s), bool(old)) for a, s, old in conn.execute(sql, (grace_s,))]
+
+    def remove_stale(self, address: str, grace_s: float, then: Callable[[], None]) -> int | None:
+        # The condition is in the DELETE itself: a touch committed since ages() wins.
+        sql = """DELETE FROM checkpoint_chunks
+                 WHERE address = %s AND touched_at < now() - make_interval(secs => %s)
+                 RETURNING stored_size"""
+        with self._pool.session(self._what, write=True) as conn, conn.transaction():
+            rows = conn.execute(sql, (address, grace_s)).fetchall()  # all: ends the statement
+            if rows:
+                then()  # an error here rolls the DELETE back: row and object stay
+        return int(rows[0][0]) if rows else None
 
     def close(self) -> None:
         self._pool.close()
@@ -166,6 +196,23 @@ class SqliteChunkIndex:
         with self._file.session(self._what) as conn:
             count, size, stored = conn.execute(sql).fetchone()
         return int(count), int(size), int(stored)
+
+    def ages(self, grace_s: float) -> list[tuple[str, int, bool]]:
+        sql = f"SELECT address, stored_size, touched_at < {_NOW} - ? FROM checkpoint_chunks"
+        with self._file.session(self._what) as conn:
+            return [(a, int(s), bool(old)) for a, s, old in conn.execute(sql, (grace_s,))]
+
+    def remove_stale(self, address: str, grace_s: float, then: Callable[[], None]) -> int | None:
+        sql = (
+            "DELETE FROM checkpoint_chunks "
+            f"WHERE address = ? AND touched_at < {_NOW} - ? RETURNING stored_size"
+        )
+        # BEGIN IMMEDIATE holds the write lock until the object is gone (see the module).
+        with self._file.session(self._what, write=True) as conn, write_transaction(conn):
+            rows = conn.execute(sql, (address, grace_s)).fetchall()  # all: ends the statement
+            if rows:
+                then()
+        return int(rows[0][0]) if rows else None
 
     def close(self) -> None:
         self._file.close()

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import NamedTuple
 
 from esper_assets.errors import CorruptChunk, InvalidInput, MissingChunk
 from esper_assets.storage.chunks import codec
 from esper_assets.storage.chunks.content import address_of, byte_view, check_address
+from esper_assets.storage.chunks.gc import ChunkGcResult, collect_chunks
 from esper_assets.storage.chunks.index import (
     ChunkIndex,
     PostgresChunkIndex,
@@ -196,6 +198,12 @@ class ChunkStore:
         listed = self.index.remove(check_address(address))
         self.objects.delete(object_key(address))
         return listed
+
+    def collect_garbage(
+        self, live: Collection[str], grace: timedelta, dry_run: bool = False
+    ) -> ChunkGcResult:
+        """Delete the chunks not in ``live`` untouched for ``grace`` (see ``gc``)."""
+        return collect_chunks(self, live, grace, dry_run)
 
     def stats(self) -> dict:
         chunks, logical, stored = self.index.totals()
