@@ -1,4 +1,4 @@
-"""``esper bench cache|repository|pipeline``: run a benchmark of :mod:`esper_assets.bench`
+"""``esper bench cache|repository|pipeline|checkpoints``: run a benchmark of :mod:`esper_assets.bench`
 on the configured settings, write its JSON and print it as tables (or JSON)."""
 
 from __future__ import annotations
@@ -73,6 +73,63 @@ def bench_pipeline(quick: bool, out: Path, as_json: bool) -> None:
     with status("benchmarking the pipeline", as_json) as spinner:
         result = pipeline_bench.run(quick=quick, progress=progress(spinner))
     write_and_emit(result, out, as_json, _render_pipeline_bench)
+
+
+@bench.command("checkpoints")
+@click.option("--quick", is_flag=True, help="A 256 MB model instead of 1 GB.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None,
+    help="JSON file (default bench-results/checkpoints-<backend>.json).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def bench_checkpoints(quick: bool, out: Path | None, as_json: bool) -> None:
+    """Checkpoint save/restore vs a raw file copy: dedup, MB/s, peak RSS, save_async cost."""
+    from esper_assets.bench import checkpoints as checkpoints_bench
+
+    with status("benchmarking checkpoints", as_json) as spinner:
+        result = checkpoints_bench.run(quick=quick, progress=progress(spinner))
+    out = out or Path("bench-results") / f"checkpoints-{result['backend']}.json"
+    write_and_emit(result, out, as_json, _render_checkpoints_bench)
+
+
+_CHECKPOINT_COLUMNS = (
+    ("stored", "stored_fraction"), ("save MB/s", "save_mb_s"), ("raw copy MB/s", "raw_copy_mb_s"),
+    ("save/raw", "save_vs_raw"), ("restore MB/s", "restore_mb_s"),
+    ("restore/raw", "restore_vs_raw"), ("restore s/GB", "restore_s_per_gb"),
+    ("save RSS MB", "save_peak_rss_mb"), ("restore RSS MB", "restore_peak_rss_mb"),
+)  # fmt: skip
+
+
+def _render_checkpoints_bench(result: dict[str, Any]) -> None:
+    model = result["model"]
+    table = Table(
+        title=f"esper bench checkpoints - {result['backend']}, "
+        f"{model['bytes'] >> 20} MB in {model['tensors']} tensors "
+        f"({result['machine']['cpus']} CPUs)"
+    )
+    table.add_column("scenario")
+    for label, _ in _CHECKPOINT_COLUMNS:
+        table.add_column(label, justify="right")
+    table.add_column("targets NOT met")
+    for name, r in result["scenarios"].items():
+        missed = [short for short, t in r["targets"].items() if not t["met"]]
+        targets = f"[red]{', '.join(missed)}[/]" if missed else "[green]all met[/]"
+        row = [f"{r[key]:.2%}" if key == "stored_fraction" else str(r[key])
+               for _, key in _CHECKPOINT_COLUMNS]  # fmt: skip
+        table.add_row(name, *row, targets)
+    console.print(table)
+    a = result["save_async"]
+    console.print(
+        f"save_async: loop {a['loop_ms_per_iter_alone']} ms/iter alone, "
+        f"{a['loop_ms_per_iter_with_save']} with a save in flight ({a['save_in_flight_s']} s; "
+        f"returned in {a['save_async_returned_ms']} ms): overhead {a['overhead_pct']} % "
+        f"(target {a['target']}: {'[green]met[/]' if a['ok'] else '[red]NOT met[/]'})"
+    )
+    console.print(f"raw baseline: {result['raw_baseline']}")
+    defined = {short: t["target"] for r in result["scenarios"].values()
+               for short, t in r["targets"].items() if short != "stored"}  # fmt: skip
+    console.print("targets: " + "; ".join(f"{k} {v}" for k, v in defined.items())
+                  + "; stored: frozen_80 <= 25 %, lora_1 <= 3 %, unchanged <= 0.5 %")  # fmt: skip
 
 
 def _render_pipeline_bench(result: dict[str, Any]) -> None:
