@@ -276,9 +276,10 @@ def run(
     model_bytes = model_bytes or (256 * MB if quick else 1024 * MB)
     environ = os.environ if environ is None else environ
     layout = model_layout(model_bytes)
-    with bench_environ(environ) as (backend, env), TemporaryDirectory(
-        prefix="esper-bench-work-"
-    ) as tmp:
+    with (
+        bench_environ(environ) as (backend, env),
+        TemporaryDirectory(prefix="esper-bench-work-") as tmp,
+    ):
         work = Path(tmp)
         settings = Settings.from_env(env)
         progress(f"backend {backend}: a model of {len(layout)} tensors")
@@ -307,8 +308,11 @@ def run(
         "quick": quick,
         "backend": backend,
         "settings": {k: v for k, v in settings.describe().items() if k != "home"},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },  # fmt: skip
         "model": {"bytes": model_bytes, "tensors": len(layout), "dtype": "F32"},
         "raw_baseline": "shutil.copyfile of the same safetensors file, same filesystem",
         "scenarios": results,
