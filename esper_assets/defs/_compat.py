@@ -40,6 +40,7 @@ PRIVATE_NAMES: dict[str, str] = {
     "ASSET_PARTITION_RANGE_START_TAG": "dagster._core.storage.tags",
     "ASSET_PARTITION_RANGE_END_TAG": "dagster._core.storage.tags",
     "DATA_VERSION_TAG": "dagster._core.definitions.data_version",
+    "PARTITION_NAME_TAG": "dagster._core.storage.tags",
     # 3. the embedded event log's parent and busy timeout
     "ConsolidatedSqliteEventLogStorage": (
         "dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log"
@@ -81,6 +82,11 @@ SQLITE_BUSY_TIMEOUT_SECONDS = dagster_private("SQLITE_BUSY_TIMEOUT_SECONDS")
 #   file contents the driver already ran. Public fallback: none (without them the
 #   daemon runs every landed file again).
 # - the data-version tag on a materialization, read back for lineage.
+# - the partition tag on a ``verify_checkpoints`` run: a job of asset checks alone
+#   has no partitions definition in Dagster 1.13 (it is inferred from selected
+#   assets), so ``RunRequest(partition_key=...)`` is refused; the tag is how the
+#   run still evaluates ``checkpoint_restorable`` on one partition. Public
+#   fallback: an unpartitioned check (one outcome for all runs).
 #
 # Importing Dagster's constants instead would buy nothing: same strings, one more
 # private import. The test compares these with Dagster's constants and checks that
@@ -90,6 +96,7 @@ RUN_KEY_TAG = "dagster/run_key"
 ASSET_PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 ASSET_PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 DATA_VERSION_TAG = "dagster/data_version"
+PARTITION_NAME_TAG = "dagster/partition"
 
 
 # -- 2. per-partition metadata ------------------------------------------------------------

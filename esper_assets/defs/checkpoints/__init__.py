@@ -1,6 +1,6 @@
 """The checkpoints domain: the ``checkpoints`` asset (one partition per training run),
-its ``checkpoint_restorable`` check and the ``new_checkpoints`` sensor that reports
-saves made outside Dagster (logic in ``flows/checkpoints``)."""
+its ``checkpoint_restorable`` check (run by ``verify_checkpoints``) and the
+``new_checkpoints`` sensor that reports saves made outside Dagster (logic in ``flows/checkpoints``)."""
 
 import dagster as dg
 
@@ -8,14 +8,16 @@ from esper_assets.defs.checkpoints.assets import (
     checkpoint_restorable,
     checkpoint_runs,
     checkpoints,
+    verify_checkpoints_job,
 )
 from esper_assets.defs.checkpoints.sensors import new_checkpoints
 
-__all__ = ["checkpoint_runs", "definitions", "new_checkpoints"]
+__all__ = ["checkpoint_runs", "definitions", "new_checkpoints", "verify_checkpoints_job"]
 
 # Resources are bound once, for every domain, in ``esper_assets.defs.build_definitions``.
 definitions = dg.Definitions(
     assets=[checkpoints],
     asset_checks=[checkpoint_restorable],
+    jobs=[verify_checkpoints_job],
     sensors=[new_checkpoints],
 )

@@ -2,10 +2,13 @@
 
 Checkpoints are saved outside Dagster, by training processes, so the asset is an
 external ``AssetSpec``: the ``new_checkpoints`` sensor reports each save as a
-materialization of its run's partition (:func:`materialization`) and evaluates
-``checkpoint_restorable`` on it at once (:func:`restorable_evaluation`). The same
-check can be run on demand for any partition (``checkpoint_restorable`` below,
-which re-verifies the run's latest step).
+materialization of its run's partition (:func:`materialization`) and requests a
+``verify_checkpoints`` run of ``checkpoint_restorable`` for it, tagged with the step.
+
+Why a run and not an ``AssetCheckEvaluation`` in the sensor's result: Dagster 1.13
+stores a run-less evaluation under run id "" and its index is unique on (asset,
+check, run id, partition), so the second run-less evaluation of one partition (the
+run's next step) fails the tick. A run has its own id.
 """
 
 import warnings
@@ -25,6 +28,7 @@ warnings.filterwarnings(
 checkpoint_runs = dg.DynamicPartitionsDefinition(name="checkpoint_runs")
 
 RESTORABLE = "checkpoint_restorable"
+STEP_TAG = "esper/checkpoint_step"  # on a verify run: the step to verify
 SAMPLE = 0.1  # fraction of a checkpoint's chunks re-read and re-hashed by the check
 
 checkpoints = dg.AssetSpec(
@@ -50,29 +54,21 @@ def materialization(described: dict) -> dg.AssetMaterialization:
 
 def _metadata(d: dict) -> dict:
     ratio = d["dedup_ratio"]
-    return _present({
-        "step": dg.MetadataValue.int(d["step"]),
-        "repository_id": dg.MetadataValue.text(d["asset_id"]),
-        "parent_repository_id": dg.MetadataValue.text(d["parent_id"]),
-        "logical_bytes": dg.MetadataValue.int(d["logical_bytes"]),
-        "new_bytes_stored": dg.MetadataValue.int(d["stored_bytes"]),
-        "stored_fraction": dg.MetadataValue.float(float(d["stored_fraction"])),
-        "dedup_ratio": dg.MetadataValue.float(float(ratio)) if ratio is not None else None,
-        "chunks": dg.MetadataValue.int(d["chunk_count"]),
-        "new_chunks": dg.MetadataValue.int(d["new_chunks"]),
-        "components": dg.MetadataValue.text(d["components"]),
-        "kernels": dg.MetadataValue.text(d["kernels"]),
-        "metrics": dg.MetadataValue.json(d["metrics"]),
-    })
-
-
-def restorable_evaluation(verified: dict) -> dg.AssetCheckEvaluation:
-    """``checkpoint_restorable`` for one checkpoint, reported by the sensor."""
-    return dg.AssetCheckEvaluation(
-        asset_key=checkpoints.key,
-        check_name=RESTORABLE,
-        partition=verified["run"],
-        **_outcome(verified),
+    return _present(
+        {
+            "step": dg.MetadataValue.int(d["step"]),
+            "repository_id": dg.MetadataValue.text(d["asset_id"]),
+            "parent_repository_id": dg.MetadataValue.text(d["parent_id"]),
+            "logical_bytes": dg.MetadataValue.int(d["logical_bytes"]),
+            "new_bytes_stored": dg.MetadataValue.int(d["stored_bytes"]),
+            "stored_fraction": dg.MetadataValue.float(float(d["stored_fraction"])),
+            "dedup_ratio": dg.MetadataValue.float(float(ratio)) if ratio is not None else None,
+            "chunks": dg.MetadataValue.int(d["chunk_count"]),
+            "new_chunks": dg.MetadataValue.int(d["new_chunks"]),
+            "components": dg.MetadataValue.text(d["components"]),
+            "kernels": dg.MetadataValue.text(d["kernels"]),
+            "metrics": dg.MetadataValue.json(d["metrics"]),
+        }
     )
 
 
@@ -84,13 +80,15 @@ def _outcome(v: dict) -> dict:
     return {
         "passed": bool(v["ok"]),
         "description": problems[:4000] or None,
-        "metadata": _present({
-            "step": dg.MetadataValue.int(v["step"]) if v.get("step") is not None else None,
-            "chunks": v["chunks"],
-            "chunks_verified": v["verified"],
-            "missing": len(v["missing"]),
-            "corrupt": len(v["corrupt"]),
-        }),
+        "metadata": _present(
+            {
+                "step": dg.MetadataValue.int(v["step"]) if v.get("step") is not None else None,
+                "chunks": v["chunks"],
+                "chunks_verified": v["verified"],
+                "missing": len(v["missing"]),
+                "corrupt": len(v["corrupt"]),
+            }
+        ),
     }
 
 
@@ -103,13 +101,23 @@ def _present(metadata: dict) -> dict:
     asset=checkpoints.key,
     name=RESTORABLE,
     partitions_def=checkpoint_runs,
-    description=f"The run's latest checkpoint: manifest complete, every chunk present and "
+    description=f"The step the run is tagged with (else the latest): manifest complete, every chunk present and "
     f"{SAMPLE:.0%} of them re-read and re-hashed.",
 )
 def checkpoint_restorable(
     context: dg.AssetCheckExecutionContext, checkpoints: CheckpointsResource
 ) -> dg.AssetCheckResult:
-    run_id = context.partition_key
+    step = context.run.tags.get(STEP_TAG)
     with checkpoints.open() as store:
-        verified = flow.check_restorable(store, run_id, None, SAMPLE)
+        verified = flow.check_restorable(
+            store, context.partition_key, int(step) if step else None, SAMPLE
+        )
     return dg.AssetCheckResult(**_outcome(verified))
+
+
+verify_checkpoints_job = dg.define_asset_job(
+    "verify_checkpoints",
+    selection=dg.AssetSelection.checks(checkpoint_restorable),
+    description="Check that a run's checkpoint can be restored (the new_checkpoints sensor "
+    "requests one run per saved checkpoint).",
+)

@@ -3,29 +3,32 @@
 Each tick ingests complete directories from ``ESPER_LANDING/checkpoints/``, then
 asks the repository for checkpoints registered since its cursor, adds the run
 partitions it has not seen and reports, per checkpoint, a materialization of its
-run's partition and a ``checkpoint_restorable`` evaluation. It starts no run: the
-events are the whole result (logic in ``flows/checkpoints``).
+run's partition, and requests a ``verify_checkpoints`` run of the
+``checkpoint_restorable`` check for it (run key = the checkpoint's asset id; logic
+in ``flows/checkpoints``).
 """
 
 from pathlib import Path
 
 import dagster as dg
 
+from esper_assets.defs._compat import PARTITION_NAME_TAG
 from esper_assets.defs.checkpoints.assets import (
-    SAMPLE,
+    STEP_TAG,
     checkpoint_runs,
     materialization,
-    restorable_evaluation,
+    verify_checkpoints_job,
 )
 from esper_assets.defs.resources import CheckpointsResource
 from esper_assets.flows import checkpoints as flow
 
 
 @dg.sensor(
+    job=verify_checkpoints_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Reports each checkpoint saved since the last tick as a materialization of "
-    "its run's partition, with its restorable check; ingests ESPER_LANDING/checkpoints/.",
+    "its run's partition and checks it can be restored; ingests ESPER_LANDING/checkpoints/.",
 )
 def new_checkpoints(
     context: dg.SensorEvaluationContext, checkpoints: CheckpointsResource
@@ -34,16 +37,18 @@ def new_checkpoints(
         if checkpoints.landing and "://" not in checkpoints.landing:
             _ingest(context, store, Path(checkpoints.landing) / "checkpoints")
         found, cursor = flow.find_new(store, flow.Cursor.load(context.cursor))
-        described = [flow.describe(m) for m in found]
-        verified = [flow.check_restorable(store, d["run"], d["step"], SAMPLE) for d in described]
+    described = [flow.describe(m) for m in found]
     runs = sorted({d["run"] for d in described})
     has = context.instance.has_dynamic_partition
     new_runs = [r for r in runs if not has(checkpoint_runs.name, r)]
-    events: list = []
-    for d, v in zip(described, verified, strict=True):
-        events += [materialization(d), restorable_evaluation(v)]
     return dg.SensorResult(
-        asset_events=events,
+        asset_events=[materialization(d) for d in described],
+        run_requests=[
+            dg.RunRequest(  # the partition as a tag: see _compat (PARTITION_NAME_TAG)
+                run_key=d["asset_id"], tags={PARTITION_NAME_TAG: d["run"], STEP_TAG: str(d["step"])}
+            )
+            for d in described
+        ],
         dynamic_partitions_requests=[checkpoint_runs.build_add_request(new_runs)]
         if new_runs
         else [],
