@@ -138,9 +138,19 @@ def _failure_lines(files: list[dict[str, Any]]) -> list[str]:
 # -- lineage -----------------------------------------------------------------------------
 @click.command()
 @click.argument("name")
+@click.option(
+    "--checkpoint",
+    is_flag=True,
+    help="NAME is a training run: its checkpoint -> kernels -> blueprints.",
+)
+@click.option("--step", type=click.IntRange(min=0), help="With --checkpoint: this step.")
 @click.option("--json", "as_json", is_flag=True)
-def lineage(name: str, as_json: bool) -> None:
-    """The chain kernel -> blueprint version -> parent blueprints for blueprint NAME."""
+def lineage(name: str, checkpoint: bool, step: int | None, as_json: bool) -> None:
+    """The chain kernel -> blueprint version -> parent blueprints for blueprint NAME
+    (with --checkpoint: the chains of the kernels run NAME's checkpoint uses)."""
+    if checkpoint:
+        _checkpoint_lineage(name, step, as_json)
+        return
     from esper_assets.cli.repository import open_repository
     from esper_assets.defs import local_instance
     from esper_assets.flows.kernels import describe, lineage_chain
@@ -171,17 +181,38 @@ def lineage(name: str, as_json: bool) -> None:
         sys.exit(1)
 
 
-def _print_chain(chain: list[dict[str, Any]]) -> None:
+def _checkpoint_lineage(run_id: str, step: int | None, as_json: bool) -> None:
+    from esper_assets.cli.repository import open_repository
+    from esper_assets.flows.kernels import checkpoint_lineage, describe
+
+    with open_repository(Settings.from_env()) as repo:
+        checkpoint, chains = checkpoint_lineage(repo, run_id, step)
+    data = {
+        "checkpoint": {**describe(checkpoint), "step": checkpoint.properties.get("step")},
+        "kernels": [[describe(m) for m in chain] for chain in chains],
+    }
+
+    def render(_: Any) -> None:
+        console.print(_lineage_label(data["checkpoint"]))
+        for chain in data["kernels"]:
+            _print_chain(chain, indent=1)
+        if not chains:
+            console.print("  (this checkpoint names no registered kernel)")
+
+    emit(data, as_json, render)
+
+
+def _print_chain(chain: list[dict[str, Any]], indent: int = 0) -> None:
     """A kernel's chain, one step a line, each parent indented under its child."""
-    for depth, step in enumerate(chain):
+    for depth, step in enumerate(chain, start=indent):
         console.print("  " * depth + ("" if depth == 0 else "<- ") + _lineage_label(step))
 
 
 def _lineage_label(step: dict[str, Any]) -> str:
     extra = f" kernel {step['kernel_id'][:18]}..." if step.get("kernel_id") else ""
-    return escape(
-        f"{step['type']} {step['name']}@{step['version']} [{step['asset_id'][:12]}]{extra}"
-    )
+    # checkpoint ids read as run:step; the others are hashes, shown by their start
+    ident = step["asset_id"] if step["type"] == "checkpoint" else step["asset_id"][:12]
+    return escape(f"{step['type']} {step['name']}@{step['version']} [{ident}]{extra}")
 
 
 @click.command("dagster-home")

@@ -342,6 +342,24 @@ def lineage_chain(repo: AssetRepository, name: str, depth: int = 20) -> list[Ass
     return [kernel, *repo.get_lineage(kernel.asset_id, depth=depth)["ancestors"]]
 
 
+def checkpoint_lineage(
+    repo: AssetRepository, run_id: str, step: int | None = None, depth: int = 20
+) -> tuple[AssetMetadata, list[list[AssetMetadata]]]:
+    """The checkpoint of ``run_id`` at ``step`` (default: its newest), and for each
+    kernel it was derived from, that kernel's chain (kernel -> blueprint -> parents)."""
+    query = AssetQuery().with_type("checkpoint").with_name(run_id)
+    found = [m for m in repo.search_assets(query) if step in (None, m.properties.get("step"))]
+    if not found:
+        at = "" if step is None else f" at step {step}"
+        raise AssetNotFound(f"no checkpoint of run {run_id!r}{at} is registered")
+    checkpoint = max(found, key=lambda m: m.properties.get("step", -1))
+    chains = []
+    for kernel_id in checkpoint.derived_from:
+        kernel = repo.get_metadata(kernel_id)
+        chains.append([kernel, *repo.get_lineage(kernel_id, depth=depth)["ancestors"]])
+    return checkpoint, chains
+
+
 def describe(meta: AssetMetadata) -> dict[str, Any]:
     props = meta.properties
     return {

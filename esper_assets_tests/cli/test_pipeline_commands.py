@@ -95,6 +95,24 @@ def test_lineage_command_agrees_with_the_dagster_event_log(demo_report):
     assert names == ["conv_classifier", "conv_block", "conv_stem"]
 
 
+def test_lineage_of_a_checkpoint_walks_its_kernels_to_their_blueprints(demo_report):
+    data = invoke_json("lineage", "--checkpoint", "demo", "--json")
+    assert data["checkpoint"]["asset_id"].startswith("checkpoint:demo:")
+    chains = data["kernels"]
+    assert len(chains) == 12  # the demo checkpoint uses every registered kernel
+    for chain in chains:
+        assert chain[0]["type"] == "kernel" and chain[1]["type"] == "blueprint"
+        assert chain[1]["name"] == chain[0]["name"]  # a kernel's blueprint has its name
+        assert all(step["type"] == "blueprint" for step in chain[1:])
+    longest = max(chains, key=len)
+    assert [s["name"] for s in longest] == [
+        "residual_mlp_ln_wide", "residual_mlp_ln_wide", "residual_mlp_ln", "residual_mlp",
+        "mlp_base",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, ["lineage", "--checkpoint", "no-such-run"])
+    assert result.exit_code == 2 and "no checkpoint of run 'no-such-run'" in result.stderr
+
+
 def test_lineage_of_an_unknown_name_is_one_line_not_a_traceback(demo_report):
     result = CliRunner().invoke(main, ["lineage", "nosuch"])
     assert result.exit_code != 0
