@@ -1,8 +1,11 @@
-"""``esper checkpoints list|show|save|restore|verify``: the checkpoint store the
-``ESPER_*`` variables configure (retention's ``prune`` and ``gc`` come later)."""
+"""``esper checkpoints list|show|save|restore|verify|prune|gc``: the checkpoint store
+the ``ESPER_*`` variables configure; ``prune`` applies a retention policy (the
+configured one, changed by its options) and ``gc`` frees unreferenced chunks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +168,87 @@ def verify(run_id: str, step: int | None, sample: float | None, as_json: bool) -
             f"checkpoint {run_id} step {report['step']} is not restorable: "
             f"{len(report['missing'])} missing, {len(report['corrupt'])} corrupt chunk(s)"
         )
+
+
+# -- retention ------------------------------------------------------------------------
+def _at_least(option: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        raise InvalidInput(f"{option} must be >= {low:g}, got {value:g}")
+
+
+def _policy(settings: Settings, keep_last, keep_every, keep_days, keep_best, metric,
+            higher_is_better: bool, delete: bool):  # fmt: skip
+    """The configured policy with the options given on the command line instead."""
+    from esper_assets.checkpoints import RetentionPolicy
+
+    for option, value, low in (("--keep-last", keep_last, 0), ("--keep-every", keep_every, 1),
+                               ("--keep-days", keep_days, 0), ("--keep-best", keep_best, 0)):  # fmt: skip
+        _at_least(option, value, low)
+    if keep_best is not None and not metric:
+        raise InvalidInput("--keep-best needs --metric NAME (the manifest metric to rank by)")
+    if metric and keep_best is None:
+        raise InvalidInput("--metric is used only with --keep-best K")
+    changes = {"keep_last": keep_last, "keep_every": keep_every, "keep_best": keep_best,
+               "metric": metric,
+               "keep_newer_than": None if keep_days is None else timedelta(days=keep_days)}  # fmt: skip
+    policy = replace(
+        RetentionPolicy.from_settings(settings),
+        **{k: v for k, v in changes.items() if v is not None},
+    )
+    if higher_is_better:
+        policy = replace(policy, higher_is_better=True)
+    return replace(policy, action="delete") if delete else policy
+
+
+def _decisions(data: dict[str, Any]) -> None:
+    table = Table(title="retention" + (" (dry run: nothing changed)" if data["dry_run"] else ""))
+    for column in ("checkpoint", "decision", "reason"):
+        table.add_column(column)
+    decided = {**{a: "kept" for a in data["kept"]}, **{a: "archived" for a in data["archived"]},
+               **{a: "deleted" for a in data["deleted"]}}  # fmt: skip
+    for asset_id, reason in sorted(data["reasons"].items()):
+        table.add_row(escape(asset_id), decided.get(asset_id, "unchanged"), escape(reason))
+    console.print(table)
+    console.print(f"kept {len(data['kept'])}, archived {len(data['archived'])}, "
+                  f"deleted {len(data['deleted'])}")  # fmt: skip
+
+
+@checkpoints.command("prune")
+@click.option("--run", "run_id", help="Only this run (default: every run).")
+@click.option("--keep-last", type=int, help="Keep each run's newest N steps (default 5).")
+@click.option("--keep-every", type=int, help="Keep the steps divisible by N.")
+@click.option("--keep-days", type=float, help="Keep what is newer than D days (default 7).")
+@click.option("--keep-best", type=int, help="Keep the best K by --metric.")
+@click.option("--metric", help="The manifest metric --keep-best ranks by.")
+@click.option("--higher-is-better", is_flag=True, help="For --metric (default: lower).")
+@click.option("--delete", is_flag=True, help="Delete what falls out (default: archive).")
+@click.option("--dry-run", is_flag=True, help="Say what would happen; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+def prune(run_id, keep_last, keep_every, keep_days, keep_best, metric, higher_is_better,
+          delete, dry_run, as_json) -> None:  # fmt: skip
+    """Apply retention: a checkpoint any rule keeps stays (a run's newest always);
+    the rest are archived (still restorable) or, with --delete, deleted."""
+    from esper_assets.checkpoints import apply_retention
+
+    settings = Settings.from_env()
+    policy = _policy(settings, keep_last, keep_every, keep_days, keep_best, metric,
+                     higher_is_better, delete)  # fmt: skip
+    with open_checkpoints(settings) as store:
+        report = apply_retention(store, policy, run_id=run_id, dry_run=dry_run)
+    emit(report.as_dict(), as_json, _decisions)
+
+
+@checkpoints.command("gc")
+@click.option("--grace-hours", type=float, default=1.0, show_default=True,
+              help="Spare unreferenced chunks a save touched within this many hours.")  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="Count what would be freed; delete nothing.")
+@click.option("--json", "as_json", is_flag=True)
+def gc(grace_hours: float, dry_run: bool, as_json: bool) -> None:
+    """Delete the chunks no live (not deleted) checkpoint references."""
+    from esper_assets.checkpoints import collect_garbage
+
+    _at_least("--grace-hours", grace_hours, 0)
+    with open_checkpoints() as store:
+        report = collect_garbage(store, timedelta(hours=grace_hours), dry_run=dry_run)
+    title = "gc (dry run: nothing deleted)" if dry_run else "gc"
+    emit(report.as_dict(), as_json, lambda data: console.print(measurements_table(title, data)))
