@@ -6,7 +6,9 @@ registered since its last look (:func:`find_new`), describes each
 (:func:`describe`) and re-verifies a sample of its chunks (:func:`check_restorable`).
 Other tools drop checkpoints into the landing zone instead
 (:func:`ingest_landed`): ``<landing>/checkpoints/<run>/<step>/`` holding the
-component files and a ``manifest.json`` written last.
+component files and a ``manifest.json`` written last. The scheduled jobs apply
+retention and collect garbage (:func:`retain`) and checkpoint the platform's own
+state as the run ``platform`` (:func:`save_platform_state`).
 
 The cursor is a high-water mark: the newest ``created_at`` seen plus the ids
 created within :data:`LOOKBACK` of it. Two processes' clocks and commits are not
@@ -24,11 +26,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from esper_assets.checkpoints import CheckpointStore
+from esper_assets.checkpoints import CheckpointInfo, CheckpointStore
 from esper_assets.checkpoints.manifest import check_name
+from esper_assets.checkpoints.retention import RetentionPolicy, apply_retention, collect_garbage
 from esper_assets.checkpoints.store import CHECKPOINT
 from esper_assets.errors import CheckpointExists, EsperError, InvalidCheckpoint
+from esper_assets.storage.cache import PersistentKernelCache
 from esper_assets.storage.repository import AssetMetadata, AssetQuery
+
+PLATFORM_RUN = "platform"
+HOTTEST = 20  # kernels named in the platform state
 
 LOOKBACK = timedelta(seconds=60)
 BATCH = 500  # checkpoints reported per tick at most; the next tick goes on
@@ -211,3 +218,36 @@ def _components(step_dir: Path, named: object, where: str) -> dict[str, Path]:
             )
         components[name] = path
     return components
+
+
+# -- scheduled jobs ---------------------------------------------------------------------------
+def retain(
+    store: CheckpointStore, policy: RetentionPolicy, grace: timedelta, dry_run: bool = False
+) -> dict[str, Any]:
+    """Retention then garbage collection: what each did, as plain values."""
+    kept = apply_retention(store, policy, dry_run=dry_run)
+    freed = collect_garbage(store, grace=grace, dry_run=dry_run)
+    return {"policy": policy.describe(), "retention": kept.as_dict(), "gc": freed.as_dict()}
+
+
+def platform_state(
+    store: CheckpointStore, cache: PersistentKernelCache, cursors: dict[str, str | None]
+) -> dict[str, bytes]:
+    """The platform's own state as JSON components: repository counts by type and
+    state, cache stats and hottest kernels, the sensors' cursors."""
+
+    def as_json(value: object) -> bytes:
+        return json.dumps(value, sort_keys=True, default=str, indent=1).encode()
+
+    return {
+        "repository": as_json(store.repo.get_usage_analytics()),
+        "cache": as_json({"stats": cache.get_stats(), "hottest": cache.hottest(HOTTEST)}),
+        "sensors": as_json(cursors),
+    }
+
+
+def save_platform_state(store: CheckpointStore, components: dict[str, bytes]) -> CheckpointInfo:
+    """Save ``components`` as the next step of the ``platform`` run."""
+    steps = [row["step"] for row in store.list(PLATFORM_RUN)]
+    step = max(steps) + 1 if steps else 0
+    return store.save(PLATFORM_RUN, step, components)

@@ -1,6 +1,8 @@
 """The checkpoints domain: the ``checkpoints`` asset (one partition per training run),
 its ``checkpoint_restorable`` check (run by ``verify_checkpoints``) and the
-``new_checkpoints`` sensor that reports saves made outside Dagster (logic in ``flows/checkpoints``)."""
+``new_checkpoints`` sensor that reports saves made outside Dagster; the daily
+retention job and the platform-state job with their schedules (logic in
+``flows/checkpoints``)."""
 
 import dagster as dg
 
@@ -10,6 +12,11 @@ from esper_assets.defs.checkpoints.assets import (
     checkpoints,
     verify_checkpoints_job,
 )
+from esper_assets.defs.checkpoints.jobs import (
+    checkpoint_retention_job,
+    platform_state_job,
+    schedules,
+)
 from esper_assets.defs.checkpoints.sensors import new_checkpoints
 
 __all__ = ["checkpoint_runs", "definitions", "new_checkpoints", "verify_checkpoints_job"]
@@ -18,6 +25,7 @@ __all__ = ["checkpoint_runs", "definitions", "new_checkpoints", "verify_checkpoi
 definitions = dg.Definitions(
     assets=[checkpoints],
     asset_checks=[checkpoint_restorable],
-    jobs=[verify_checkpoints_job],
+    jobs=[verify_checkpoints_job, checkpoint_retention_job, platform_state_job],
+    schedules=schedules,
     sensors=[new_checkpoints],
 )
