@@ -167,12 +167,16 @@ def in_child(env: dict[str, str], action: str, *args) -> dict[str, Any]:
         return pool.apply(_child, (env, action, args))
 
 
-def raw_copy_s(src: Path, dst: Path, repeats: int = 3) -> float:
-    """Median seconds of ``shutil.copyfile`` (single copies swing 10x with writeback)."""
+def raw_copy_s(src: Path, dst: Path, fsync: bool = False, repeats: int = 3) -> float:
+    """Median seconds of ``shutil.copyfile`` (single copies swing 10x with writeback),
+    optionally with an fsync of the copy (restore fsyncs each file it writes)."""
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         shutil.copyfile(src, dst)
+        if fsync:
+            with open(dst, "rb+") as fh:
+                os.fsync(fh.fileno())
         samples.append(time.perf_counter() - start)
         dst.unlink()
     return statistics.median(samples)
@@ -182,6 +186,7 @@ def measure_step(env: dict, work: Path, step: int, path: Path) -> dict[str, Any]
     """Save ``path`` as ``step``, restore it, each against a raw copy of the file."""
     size = path.stat().st_size
     raw_s = raw_copy_s(path, work / "raw-copy")
+    raw_fsync_s = raw_copy_s(path, work / "raw-copy", fsync=True)
     save = in_child(env, "save", step, str(path))
     dest = work / f"restored-{step}"
     restore = in_child(env, "restore", step, str(dest))
@@ -194,6 +199,7 @@ def measure_step(env: dict, work: Path, step: int, path: Path) -> dict[str, Any]
         "stored_bytes": save["stored_bytes"],
         "stored_fraction": round(save["stored_bytes"] / save["logical_bytes"], 4),
         "raw_copy_mb_s": round(mb / raw_s, 1),
+        "raw_copy_fsync_mb_s": round(mb / raw_fsync_s, 1),  # not a target: context
         "save_mb_s": round(mb / save["seconds"], 1),
         "save_vs_raw": round(raw_s / save["seconds"], 3),
         "restore_mb_s": round(mb / restore["seconds"], 1),
@@ -314,7 +320,8 @@ def run(
             "platform": platform.platform(),
         },  # fmt: skip
         "model": {"bytes": model_bytes, "tensors": len(layout), "dtype": "F32"},
-        "raw_baseline": "shutil.copyfile of the same safetensors file, same filesystem",
+        "raw_baseline": "shutil.copyfile of the same safetensors file, same filesystem "
+        "(median of 3; raw_copy_fsync_mb_s adds an fsync, as restore does)",
         "scenarios": results,
         "save_async": overhead,
         "ok": all(r["ok"] for r in results.values()) and overhead["ok"],
