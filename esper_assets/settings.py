@@ -38,6 +38,13 @@ class Settings:
     s3_prefix: str
     aws_endpoint_url: str | None
     landing: str
+    # Checkpoint retention (ESPER_CHECKPOINT_*; "off" turns a keep rule off): see
+    # checkpoints.retention.RetentionPolicy.from_settings.
+    checkpoint_keep_last: int | None = 5
+    checkpoint_keep_every: int | None = None
+    checkpoint_keep_days: float | None = 7.0
+    checkpoint_retention_action: str = "archive"
+    checkpoint_gc_grace_hours: float = 1.0
 
     @property
     def sqlite_path(self) -> Path:
@@ -109,7 +116,43 @@ class Settings:
             s3_prefix=prefix,
             aws_endpoint_url=endpoint,
             landing=landing,
+            **_checkpoint_retention(get),
         )
+
+
+def _checkpoint_retention(get) -> dict:
+    """The ESPER_CHECKPOINT_* variables: unset keeps the default, "off" turns a keep
+    rule off, anything else must be a number in range (ConfigError naming it)."""
+
+    def number(name: str, kind: type, low: float, default, can_be_off: bool = True):
+        text = get(name)
+        if text is None:
+            return default
+        if can_be_off and text.lower() == "off":
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or value != value:
+            off = ', or "off"' if can_be_off else ""
+            raise ConfigError(f"{name}={text!r} must be a number >= {low:g}{off}; or unset it")
+        return value
+
+    action = (get("ESPER_CHECKPOINT_RETENTION_ACTION") or "archive").lower()
+    if action not in ("archive", "delete"):
+        raise ConfigError(
+            f"ESPER_CHECKPOINT_RETENTION_ACTION={action!r} must be archive or delete; or unset it"
+        )
+    return {
+        "checkpoint_keep_last": number("ESPER_CHECKPOINT_KEEP_LAST", int, 0, 5),
+        "checkpoint_keep_every": number("ESPER_CHECKPOINT_KEEP_EVERY", int, 1, None),
+        "checkpoint_keep_days": number("ESPER_CHECKPOINT_KEEP_DAYS", float, 0, 7.0),
+        "checkpoint_retention_action": action,
+        "checkpoint_gc_grace_hours": number(
+            "ESPER_CHECKPOINT_GC_GRACE_HOURS", float, 0, 1.0, can_be_off=False
+        ),
+    }
 
 
 def variable_holds(name: str, value: str | None) -> bool:

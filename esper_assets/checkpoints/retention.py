@@ -23,6 +23,7 @@ from typing import Any
 from esper_assets.checkpoints import manifest as mf
 from esper_assets.checkpoints.store import CHECKPOINT, CheckpointStore
 from esper_assets.errors import AssetNotFound, InvalidInput
+from esper_assets.settings import Settings
 from esper_assets.storage.chunks.gc import check_grace
 from esper_assets.storage.repository import AssetMetadata, AssetQuery
 
@@ -59,10 +60,18 @@ class RetentionPolicy:
             raise InvalidInput(f"action must be one of {list(ACTIONS)}, not {self.action!r}")
 
     @classmethod
-    def from_settings(cls, settings: Any) -> RetentionPolicy:
-        """The default policy (last 5, newer than 7 days, archive); no ESPER_CHECKPOINT_*
-        variable configures it yet, so ``settings`` is accepted for the callers' sake."""
-        return cls()
+    def from_settings(cls, settings: Settings | None) -> RetentionPolicy:
+        """The policy the ESPER_CHECKPOINT_* variables set (keep last 5, newer than 7
+        days, archive, unless they say otherwise); None: the defaults."""
+        if settings is None:
+            return cls()
+        days = settings.checkpoint_keep_days
+        return cls(
+            keep_last=settings.checkpoint_keep_last,
+            keep_every=settings.checkpoint_keep_every,
+            keep_newer_than=None if days is None else timedelta(days=days),
+            action=settings.checkpoint_retention_action,
+        )
 
     def describe(self) -> str:
         rules = {k: v for k, v in asdict(self).items() if v not in (None, False)}
@@ -221,6 +230,11 @@ def live_chunks(store: CheckpointStore) -> set[str]:
         live.update(a for c in manifest["components"].values()
                     for f in c["files"] for a, _ in f["chunks"])  # fmt: skip
     return live
+
+
+def grace_from_settings(settings: Settings | None) -> timedelta:
+    """ESPER_CHECKPOINT_GC_GRACE_HOURS (default 1 hour)."""
+    return timedelta(hours=settings.checkpoint_gc_grace_hours if settings else 1.0)
 
 
 def collect_garbage(

@@ -239,16 +239,19 @@ def prune(run_id, keep_last, keep_every, keep_days, keep_best, metric, higher_is
 
 
 @checkpoints.command("gc")
-@click.option("--grace-hours", type=float, default=1.0, show_default=True,
-              help="Spare unreferenced chunks a save touched within this many hours.")  # fmt: skip
+@click.option("--grace-hours", type=float,
+              help="Spare unreferenced chunks a save touched within this many hours "
+                   "(default: ESPER_CHECKPOINT_GC_GRACE_HOURS, else 1).")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Count what would be freed; delete nothing.")
 @click.option("--json", "as_json", is_flag=True)
 def gc(grace_hours: float, dry_run: bool, as_json: bool) -> None:
     """Delete the chunks no live (not deleted) checkpoint references."""
-    from esper_assets.checkpoints import collect_garbage
+    from esper_assets.checkpoints.retention import collect_garbage, grace_from_settings
 
     _at_least("--grace-hours", grace_hours, 0)
-    with open_checkpoints() as store:
-        report = collect_garbage(store, timedelta(hours=grace_hours), dry_run=dry_run)
+    settings = Settings.from_env()
+    grace = grace_from_settings(settings) if grace_hours is None else timedelta(hours=grace_hours)
+    with open_checkpoints(settings) as store:
+        report = collect_garbage(store, grace, dry_run=dry_run)
     title = "gc (dry run: nothing deleted)" if dry_run else "gc"
     emit(report.as_dict(), as_json, lambda data: console.print(measurements_table(title, data)))

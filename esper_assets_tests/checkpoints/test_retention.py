@@ -9,7 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from esper_assets.checkpoints import RetentionPolicy, apply_retention
-from esper_assets.errors import CheckpointNotFound, InvalidInput
+from esper_assets.checkpoints.retention import grace_from_settings
+from esper_assets.errors import CheckpointNotFound, ConfigError, InvalidInput
+from esper_assets.settings import Settings
 
 NOTHING = dict(keep_last=None, keep_newer_than=None)  # only the rule a test names
 LATER = datetime.now(UTC) + timedelta(days=30)  # every checkpoint is then 30 days old
@@ -153,5 +155,31 @@ def test_bad_policies_are_refused(options, message):
         RetentionPolicy(**options)
 
 
-def test_from_settings_is_the_default():
+def test_from_settings_defaults_and_variables(tmp_path):
     assert RetentionPolicy.from_settings(None) == RetentionPolicy()
+    home = {"ESPER_HOME": str(tmp_path)}
+    assert RetentionPolicy.from_settings(Settings.from_env(home)) == RetentionPolicy()
+    env = {**home, "ESPER_CHECKPOINT_KEEP_LAST": "3", "ESPER_CHECKPOINT_KEEP_EVERY": "100",
+           "ESPER_CHECKPOINT_KEEP_DAYS": "off", "ESPER_CHECKPOINT_RETENTION_ACTION": "Delete",
+           "ESPER_CHECKPOINT_GC_GRACE_HOURS": "0.5"}  # fmt: skip
+    settings = Settings.from_env(env)
+    assert RetentionPolicy.from_settings(settings) == RetentionPolicy(
+        keep_last=3, keep_every=100, keep_newer_than=None, action="delete"
+    )
+    assert grace_from_settings(settings) == timedelta(minutes=30)
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("ESPER_CHECKPOINT_KEEP_LAST", "-1"),
+        ("ESPER_CHECKPOINT_KEEP_LAST", "five"),
+        ("ESPER_CHECKPOINT_KEEP_EVERY", "0"),
+        ("ESPER_CHECKPOINT_KEEP_DAYS", "nan"),
+        ("ESPER_CHECKPOINT_RETENTION_ACTION", "shred"),
+        ("ESPER_CHECKPOINT_GC_GRACE_HOURS", "off"),
+    ],
+)
+def test_bad_policy_variables_are_config_errors(tmp_path, variable, value):
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({"ESPER_HOME": str(tmp_path), variable: value})

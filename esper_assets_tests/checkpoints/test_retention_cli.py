@@ -102,3 +102,21 @@ def test_bad_options_are_one_line_exit_2(cli_backend, args, message):
     result = esper(*args)
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prune_and_gc_follow_the_configured_policy(cli_backend, tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        save(tmp_path, "r", step)
+    monkeypatch.setenv("ESPER_CHECKPOINT_KEEP_LAST", "2")
+    monkeypatch.setenv("ESPER_CHECKPOINT_KEEP_DAYS", "off")
+    monkeypatch.setenv("ESPER_CHECKPOINT_RETENTION_ACTION", "delete")
+    pruned = esper("prune", "--json")
+    assert pruned.exit_code == 0, pruned.output
+    assert json.loads(pruned.stdout)["deleted"] == ["checkpoint:r:1"]
+    monkeypatch.setenv("ESPER_CHECKPOINT_GC_GRACE_HOURS", "0")
+    collected = json.loads(esper("gc", "--json").stdout)
+    assert collected["chunks_deleted"] == 1 and collected["chunks_in_grace"] == 0
+    assert esper("prune", "--keep-last", "3", "--json").exit_code == 0  # options win
+    monkeypatch.setenv("ESPER_CHECKPOINT_KEEP_LAST", "many")
+    bad = esper("prune")
+    assert bad.exit_code == 2 and "ESPER_CHECKPOINT_KEEP_LAST" in bad.stderr
