@@ -146,6 +146,7 @@ class CheckpointStore:
             components[source.component] = {"kind": source.kind, "files": [entry]}
         manifest = mf.new_manifest(run_id, step, components, kernels, metrics)
         meta = self._metadata(asset_id, manifest)
+        self._touch_all(run_id, step, components)
         try:
             self.repo.create_asset(meta, mf.encode(manifest))
         except AssetConflict:
@@ -158,6 +159,20 @@ class CheckpointStore:
             run_id, step, asset_id, manifest["logical_bytes"], manifest["stored_bytes"],
             manifest["chunk_count"], manifest["new_chunks"], meta.parent_id, tuple(kernels),
         )  # fmt: skip
+
+    def _touch_all(self, run_id: str, step: int, components: dict[str, dict]) -> None:
+        """Touch every chunk once more just before the manifest is registered: a save
+        that ran longer than garbage collection's grace period may have lost its first
+        chunks; then nothing is registered (a manifest never names a missing chunk)."""
+        gone = self.chunks.touch(
+            a for c in components.values() for f in c["files"] for a, _ in f["chunks"]
+        )
+        if gone:
+            raise MissingChunk(
+                f"saving run {run_id!r} step {step}: {len(gone)} of its chunks were "
+                "garbage-collected while it ran (it took longer than the gc grace period); "
+                "nothing was registered: save again, or raise ESPER_CHECKPOINT_GC_GRACE_HOURS"
+            )
 
     def _metadata(self, asset_id: str, manifest: dict[str, Any]) -> AssetMetadata:
         run_id, step = manifest["run"], manifest["step"]

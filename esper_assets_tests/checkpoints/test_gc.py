@@ -11,6 +11,7 @@ import pytest
 
 from esper_assets.checkpoints import RetentionPolicy, apply_retention, collect_garbage
 from esper_assets.checkpoints.retention import delete_checkpoint
+from esper_assets.errors import MissingChunk
 from esper_assets.storage.chunks import object_key
 
 FROZEN = b"frozen layers " * 4000  # shared by every step
@@ -130,3 +131,24 @@ def test_a_save_after_gc_stores_the_freed_chunks_again(three_steps, age_chunks, 
     info = three_steps.save("r", 4, {"frozen": FROZEN, "head": head(1)})
     assert info.new_chunks > 0  # head(1)'s chunks were freed, stored anew
     assert three_steps.verify("r", 4)["ok"]
+
+
+def test_a_save_whose_chunks_were_collected_meanwhile_registers_nothing(checkpoints, monkeypatch):
+    """A save longer than the grace period may lose its first chunks to gc: it touches
+    them all again before registering, and refuses when one is gone."""
+    from esper_assets.checkpoints import store as store_module
+
+    original = store_module.store_source
+
+    def collected_meanwhile(chunks, source, *args, **kwargs):
+        entry = original(chunks, source, *args, **kwargs)
+        chunks.discard(entry["chunks"][0][0])  # what gc does to an old unreferenced chunk
+        return entry
+
+    monkeypatch.setattr(store_module, "store_source", collected_meanwhile)
+    with pytest.raises(MissingChunk, match="garbage-collected while it ran"):
+        checkpoints.save("r", 1, {"head": head(1)})
+    assert checkpoints.list() == []
+    monkeypatch.undo()
+    assert checkpoints.save("r", 1, {"head": head(1)}).new_chunks == 1  # stored anew
+    assert checkpoints.verify("r", 1)["ok"]

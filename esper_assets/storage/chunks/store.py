@@ -25,7 +25,7 @@ from esper_assets.storage.chunks.index import (
 )
 from esper_assets.storage.objects import ObjectStore, object_store_from_settings
 
-# Addresses per index query in missing(): well under SQLite's parameter limit.
+# Addresses per index query in missing() and touch(): under SQLite's parameter limit.
 _QUERY_BATCH = 1000
 
 
@@ -190,6 +190,16 @@ class ChunkStore:
             batch = wanted[start : start + _QUERY_BATCH]
             absent.update(set(batch) - self.index.listed(batch).keys())
         return absent
+
+    def touch(self, addresses: Iterable[str]) -> set[str]:
+        """Mark the chunks as just used (garbage collection spares them for its grace
+        period); return those the index no longer lists."""
+        wanted = sorted({check_address(a) for a in addresses})
+        gone = set()
+        for start in range(0, len(wanted), _QUERY_BATCH):
+            batch = wanted[start : start + _QUERY_BATCH]
+            gone.update(set(batch) - self.index.touch(batch).keys())
+        return gone
 
     def discard(self, address: str) -> bool:
         """Forget a chunk: its index row first, then its object (so the index never
