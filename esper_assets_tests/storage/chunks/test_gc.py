@@ -4,6 +4,8 @@ a failed object delete leaves the row; dry runs and second runs change nothing."
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -97,3 +99,26 @@ def test_a_failed_object_delete_keeps_the_row(make_chunks, raw_store, age):
 def test_a_bad_grace_is_refused(chunks, grace):
     with pytest.raises(InvalidInput, match="grace"):
         chunks.collect_garbage(set(), grace)
+
+
+def test_a_put_racing_the_delete_ends_with_row_and_object(make_chunks, age):
+    """A save putting the chunk while gc deletes it waits for gc's transaction (row
+    lock on PostgreSQL, write lock on SQLite), then finds no row and writes the object
+    again: whatever the interleaving, the index never names a missing object."""
+    gc_side, saver = make_chunks(), make_chunks()
+    data = b"raced" * 100
+    ref = gc_side.put(data)
+    age(ref.address)
+    results = []
+    racing = threading.Thread(target=lambda: results.append(saver.put(data)))
+
+    def delete_object() -> None:
+        racing.start()
+        time.sleep(0.2)  # let the put reach the lock (the outcome holds either way)
+        gc_side.objects.delete(object_key(ref.address))
+
+    assert gc_side.index.remove_stale(ref.address, 3600, delete_object) is not None
+    racing.join()
+    assert results[0].new  # it started after the DELETE: it found no row, stored anew
+    assert saver.missing([ref.address]) == set()
+    assert saver.get(ref.address) == data
