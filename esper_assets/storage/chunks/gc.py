@@ -14,6 +14,7 @@ May import: ``esper_assets.errors`` and this package.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from datetime import timedelta
 from typing import TYPE_CHECKING, NamedTuple
@@ -22,6 +23,9 @@ from esper_assets.errors import InvalidInput
 
 if TYPE_CHECKING:
     from esper_assets.storage.chunks.store import ChunkStore
+
+# Chunks are not assets, so they have no audit rows: each deletion is logged instead.
+log = logging.getLogger(__name__)
 
 
 class ChunkGcResult(NamedTuple):
@@ -59,6 +63,8 @@ def collect_chunks(
         if size is None:  # touched since we listed it: a save is using it again
             in_grace += 1
             continue
+        log.info("chunk %s deleted: no live manifest references it, untouched for %s",
+                 address, grace)  # fmt: skip
         deleted.append(address)
         freed += size
     return ChunkGcResult(deleted, freed, len(rows) - len(deleted), in_grace)
