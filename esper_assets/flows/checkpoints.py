@@ -69,14 +69,20 @@ class Cursor:
 
 
 def find_new(store: CheckpointStore, cursor: Cursor) -> tuple[list[AssetMetadata], Cursor]:
-    """Checkpoints registered since ``cursor``, oldest first, and the cursor after them."""
+    """Checkpoints registered since ``cursor``, oldest first (at most :data:`BATCH`; the
+    next tick goes on), and the cursor after them."""
     query = AssetQuery().with_type(CHECKPOINT).order_by("created_at").limit(BATCH)
     if cursor.newest is not None:
         query = query.created_after(cursor.newest - LOOKBACK)
-    found = store.repo.search_assets(query)
-    new = [m for m in found if m.asset_id not in cursor.recent]
+    found: list[AssetMetadata] = []
+    while True:  # pages, so a window holding more than BATCH seen ids cannot stall us
+        page = store.repo.search_assets(query.offset(len(found)))
+        found += page
+        new = [m for m in found if m.asset_id not in cursor.recent]
+        if len(page) < BATCH or len(new) >= BATCH:
+            break
     if not found:
-        return new, cursor
+        return [], cursor
     newest = max([m.created_at for m in found] + ([cursor.newest] if cursor.newest else []))
     recent = {m.asset_id for m in found if m.created_at >= newest - LOOKBACK}
     return new, Cursor(newest, recent)

@@ -183,3 +183,18 @@ def test_the_sensor_on_postgres_and_s3(instance, tmp_path, pg_url, s3_bucket, s3
     assert [m.metadata["step"].value for m in split(result)[0]] == [1, 2]
     checked = record_and_run(instance, defs, result)
     assert [c.passed for c in checked] == [True, True]
+
+
+def test_more_saves_than_a_batch_are_reported_over_several_ticks(instance, esper_home, monkeypatch):
+    from esper_assets.flows import checkpoints as flow
+
+    monkeypatch.setattr(flow, "BATCH", 2)
+    settings, defs = Settings.from_env(), build_definitions()
+    for step in range(5):
+        save(settings, "many", step, payload=bytes([step]) * 64)
+    steps, cursor = [], None
+    for _ in range(4):
+        result = tick(instance, defs, cursor)
+        steps += [m.metadata["step"].value for m in split(result)[0]]
+        cursor = result.cursor
+    assert steps == [0, 1, 2, 3, 4]
