@@ -30,7 +30,7 @@ def test_the_schedules_are_stopped_by_default_and_request_their_jobs(esper_home)
         assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
 
 
-def test_retention_archives_what_falls_out_and_gc_runs(instance, esper_home):
+def test_retention_keeps_recent_checkpoints_and_gc_frees_no_live_chunk(instance, esper_home):
     settings = Settings.from_env()
     with wiring.open_checkpoints(settings) as store:
         for step in range(7):
