@@ -99,6 +99,7 @@ def instance():
         "ASSET_PARTITION_RANGE_START_TAG",
         "ASSET_PARTITION_RANGE_END_TAG",
         "DATA_VERSION_TAG",
+        "PARTITION_NAME_TAG",
     ],
 )
 def test_run_tags_are_dagsters(name):

@@ -93,14 +93,16 @@ def test_definitions_load_without_warnings(esper_home):
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
         "blueprints",
         "compiled_kernels",
+        "checkpoints",
     }
     assert graph.get(dg.AssetKey("compiled_kernels")).parent_keys == {dg.AssetKey("blueprints")}
     checks = {key.name for key in graph.asset_check_keys}
-    assert checks == {"blueprint_is_valid", "kernel_round_trip"}
+    assert checks == {"blueprint_is_valid", "kernel_round_trip", "checkpoint_restorable"}
     assert {s.name for s in defs.schedules} == {
         "hourly_cache_maintenance", "warm_cache_every_15_minutes", "nightly_blueprint_revalidation",
+        "daily_checkpoint_retention", "platform_state_every_30_minutes",
     }  # fmt: skip
-    assert [s.name for s in defs.sensors] == ["new_blueprints"]
+    assert {s.name for s in defs.sensors} == {"new_blueprints", "new_checkpoints"}
 
 
 @pytest.mark.slow

@@ -45,20 +45,29 @@ BIN = Path(sys.executable).parent
 COMMAND_TIMEOUT_S = 150
 SERVER_START_S = 90
 
-ASSETS = {"blueprints", "compiled_kernels"}
-CHECKS = {"blueprints:blueprint_is_valid", "compiled_kernels:kernel_round_trip"}
+ASSETS = {"blueprints", "compiled_kernels", "checkpoints"}
+CHECKS = {
+    "blueprints:blueprint_is_valid",
+    "compiled_kernels:kernel_round_trip",
+    "checkpoints:checkpoint_restorable",
+}
 JOBS = {
     "ingest_blueprints",
     "cache_maintenance_job",
     "warm_kernel_cache_job",
     "revalidate_blueprints_job",
+    "verify_checkpoints",
+    "checkpoint_retention_job",
+    "platform_state_job",
 }
 SCHEDULES = {
     "hourly_cache_maintenance",
     "warm_cache_every_15_minutes",
     "nightly_blueprint_revalidation",
+    "daily_checkpoint_retention",
+    "platform_state_every_30_minutes",
 }
-SENSORS = {"new_blueprints"}
+SENSORS = {"new_blueprints", "new_checkpoints"}
 
 
 @pytest.fixture
