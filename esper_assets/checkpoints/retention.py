@@ -113,6 +113,8 @@ def apply_retention(
     """Keep, archive or delete the checkpoints (of ``run_id``) as ``policy`` says.
     ``now`` (default: the clock) is what ``keep_newer_than`` counts back from."""
     now = now or datetime.now(UTC)
+    if now.tzinfo is None:
+        raise InvalidInput(f"now must be timezone-aware (e.g. datetime.now(UTC)), not {now}")
     report = RetentionReport(dry_run=dry_run)
     for metas in _by_run(store, run_id).values():
         keeps = _keep_reasons(metas, policy, now)

@@ -139,7 +139,7 @@ class CheckpointStore:
     ) -> CheckpointInfo:
         asset_id = asset_id_for(run_id, step)
         if self._exists(asset_id):
-            raise CheckpointExists(f"run {run_id!r} already has a checkpoint at step {step}")
+            raise self._taken(run_id, step, asset_id)
         components: dict[str, dict] = {}
         for source in sources:
             entry = store_source(self.chunks, source)
@@ -207,6 +207,15 @@ class CheckpointStore:
             return self.repo.get_metadata(kernel_id).asset_type == "kernel"
         except AssetNotFound:
             return False
+
+    def _taken(self, run_id: str, step: int, asset_id: str) -> CheckpointExists:
+        if self.repo.get_metadata(asset_id).expires_at is not None:
+            return CheckpointExists(
+                f"run {run_id!r} step {step} was deleted by retention and its id stays "
+                "taken (the repository keeps the deleted manifest for the audit trail); "
+                "save it under another step"
+            )
+        return CheckpointExists(f"run {run_id!r} already has a checkpoint at step {step}")
 
     def _exists(self, asset_id: str) -> bool:
         try:

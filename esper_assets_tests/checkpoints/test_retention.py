@@ -10,7 +10,7 @@ import pytest
 
 from esper_assets.checkpoints import RetentionPolicy, apply_retention
 from esper_assets.checkpoints.retention import grace_from_settings
-from esper_assets.errors import CheckpointNotFound, ConfigError, InvalidInput
+from esper_assets.errors import CheckpointExists, CheckpointNotFound, ConfigError, InvalidInput
 from esper_assets.settings import Settings
 
 NOTHING = dict(keep_last=None, keep_newer_than=None)  # only the rule a test names
@@ -129,6 +129,13 @@ def test_delete_is_a_tombstone_and_later_steps_restore(checkpoints, tmp_path):
     assert reason.startswith("deleted by retention: no rule keeps it")
     # Deleted ones are no longer candidates: a second pass changes nothing.
     assert apply_retention(checkpoints, policy).deleted == []
+    with pytest.raises(CheckpointExists, match="deleted by retention"):
+        checkpoints.save("r", 2, {"model": b"again"})
+
+
+def test_now_must_be_timezone_aware(checkpoints):
+    with pytest.raises(InvalidInput, match="timezone-aware"):
+        apply_retention(checkpoints, RetentionPolicy(), now=datetime(2026, 1, 1))
 
 
 def test_archive_then_delete_by_a_later_policy(checkpoints):
