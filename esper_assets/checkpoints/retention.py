@@ -3,7 +3,9 @@ of the chunks no live checkpoint references.
 
 A checkpoint is kept when any rule of the policy keeps it; a run's newest step is
 always kept. What falls out is archived (repository state ``archived``: still listed
-and restorable, its chunks stay live) or deleted. The repository has no way to remove
+and restorable; its chunks stay live, and those no other checkpoint that is not
+archived uses are moved under the object store's ``archive/`` prefix, where reads
+still find them) or deleted. The repository has no way to remove
 an asset, so a deleted checkpoint is a tombstone: deprecated with the reason, then
 expired (``expires_at`` = now), which hides it from every search and refuses reads
 of its manifest; its chunks are no longer live and ``collect_garbage`` frees them.
@@ -85,6 +87,8 @@ class RetentionReport:
     deleted: list[str] = field(default_factory=list)  # deleted by this call
     reasons: dict[str, str] = field(default_factory=dict)  # asset id -> why
     dry_run: bool = False
+    chunks_archived: int = 0  # moved under archive/: only archived checkpoints use them
+    bytes_archived: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +128,22 @@ def apply_retention(
                 report.reasons[meta.asset_id] = "kept: " + "; ".join(keeps[meta.asset_id])
             else:
                 _drop(store, meta, policy, report, f"no rule keeps it ({policy.describe()})")
+    if report.archived and not dry_run:
+        report.chunks_archived, report.bytes_archived = _archive_chunks(store, report.archived)
     return report
+
+
+def _archive_chunks(store: CheckpointStore, archived: list[str]) -> tuple[int, int]:
+    """Move under ``archive/`` the chunks of the newly archived checkpoints that no
+    other live, not archived checkpoint uses (those stay where saves and restores
+    of active runs read them first)."""
+    wanted: set[str] = set()
+    for asset_id in archived:
+        wanted |= _chunks_of(store, asset_id)
+    for meta in store.repo.search_assets(AssetQuery().with_type(CHECKPOINT)):
+        if meta.state != "archived" and wanted:
+            wanted -= _chunks_of(store, meta.asset_id)
+    return store.chunks.archive(wanted)
 
 
 def _by_run(store: CheckpointStore, run_id: str | None) -> dict[str, list[AssetMetadata]]:
@@ -224,14 +243,18 @@ def live_chunks(store: CheckpointStore) -> set[str]:
     deprecated ones too). A manifest that cannot be read stops the collection."""
     live: set[str] = set()
     for meta in store.repo.search_assets(AssetQuery().with_type(CHECKPOINT)):
-        try:
-            _, data = store.repo.get_asset(meta.asset_id)
-        except AssetNotFound:  # deleted (expired) since the search: not live
-            continue
-        manifest = mf.decode(data, f"checkpoint {meta.asset_id}")
-        live.update(a for c in manifest["components"].values()
-                    for f in c["files"] for a, _ in f["chunks"])  # fmt: skip
+        live |= _chunks_of(store, meta.asset_id)
     return live
+
+
+def _chunks_of(store: CheckpointStore, asset_id: str) -> set[str]:
+    """The chunk addresses a checkpoint's manifest names (none once it is deleted)."""
+    try:
+        _, data = store.repo.get_asset(asset_id)
+    except AssetNotFound:  # deleted (expired) meanwhile
+        return set()
+    manifest = mf.decode(data, f"checkpoint {asset_id}")
+    return {a for c in manifest["components"].values() for f in c["files"] for a, _ in f["chunks"]}
 
 
 def grace_from_settings(settings: Settings | None) -> timedelta:

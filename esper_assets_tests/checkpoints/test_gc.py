@@ -91,7 +91,14 @@ def test_a_deleted_middle_step_leaves_later_steps_restorable(three_steps, age_ch
 
 
 def test_archived_checkpoints_keep_their_chunks(three_steps, age_chunks):
-    apply_retention(three_steps, RetentionPolicy(keep_last=1, keep_newer_than=None))
+    only_old = (chunk_set(three_steps, "r", 1) | chunk_set(three_steps, "r", 2)) - chunk_set(
+        three_steps, "r", 3
+    )
+    report = apply_retention(three_steps, RetentionPolicy(keep_last=1, keep_newer_than=None))
+    # Only the chunks no active step uses move under archive/ (FROZEN's stay).
+    assert report.chunks_archived == len(only_old) > 0 and report.bytes_archived > 0
+    moved = {k.rsplit("/", 1)[1] for k, _, _ in three_steps.chunks.objects.list("archive/chunks/")}
+    assert moved == only_old
     age_chunks()
     report = collect_garbage(three_steps)
     assert report.chunks_deleted == 0 and report.bytes_freed == 0

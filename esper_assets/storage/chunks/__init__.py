@@ -5,7 +5,7 @@
 - ``codec``: one codec byte + zstd, or raw bytes when zstd saves < 5 %.
 - ``index``: the ``checkpoint_chunks`` table (migration 005) on PostgreSQL or SQLite.
 - ``store``: ``ChunkStore`` (put / put_many / get / get_many / missing / verify /
-  discard / collect_garbage / stats) and ``ChunkRef``.
+  discard / archive / collect_garbage / stats) and ``ChunkRef``.
 - ``gc``: garbage collection of chunks no live manifest references, with a grace
   period (``collect_chunks``, ``ChunkGcResult``).
 
@@ -21,7 +21,7 @@ from esper_assets.storage.chunks.content import (
     split_content,
 )
 from esper_assets.storage.chunks.gc import ChunkGcResult
-from esper_assets.storage.chunks.store import ChunkRef, ChunkStore, object_key
+from esper_assets.storage.chunks.store import ChunkRef, ChunkStore, archive_key, object_key
 
 __all__ = [
     "DEFAULT_AVG_SIZE",
@@ -30,6 +30,7 @@ __all__ = [
     "ChunkRef",
     "ChunkStore",
     "address_of",
+    "archive_key",
     "check_address",
     "object_key",
     "split_content",

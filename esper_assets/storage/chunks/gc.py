@@ -45,8 +45,6 @@ def collect_chunks(
     chunks: ChunkStore, live: Collection[str], grace: timedelta, dry_run: bool = False
 ) -> ChunkGcResult:
     """Delete every chunk not in ``live`` that was last touched before ``grace`` ago."""
-    from esper_assets.storage.chunks.store import object_key
-
     grace_s = check_grace(grace).total_seconds()
     rows = chunks.index.ages(grace_s)
     unreferenced = [(a, size, old) for a, size, old in rows if a not in live]
@@ -58,7 +56,7 @@ def collect_chunks(
     deleted, freed = [], 0
     for address, _ in stale:
         size = chunks.index.remove_stale(
-            address, grace_s, lambda a=address: chunks.objects.delete(object_key(a))
+            address, grace_s, lambda a=address: chunks.delete_objects(a)
         )
         if size is None:  # touched since we listed it: a save is using it again
             in_grace += 1

@@ -1,5 +1,6 @@
 """ChunkStore: content-addressed chunks written once to an object store
-(``chunks/<first 2 hex>/<address>``) and listed in a chunk index (PostgreSQL or
+(``chunks/<first 2 hex>/<address>``, or ``archive/chunks/...`` once moved to the
+archive prefix, where reads look second) and listed in a chunk index (PostgreSQL or
 SQLite). An index row is inserted only after its object is durable, so the index
 never names a missing object; a chunk the index lists is never written again.
 Reads re-hash every chunk: what comes back is what was put, or an error."""
@@ -38,6 +39,11 @@ class ChunkRef(NamedTuple):
 
 def object_key(address: str) -> str:
     return f"chunks/{address[:2]}/{address}"
+
+
+def archive_key(address: str) -> str:
+    """Where :meth:`ChunkStore.archive` moves a chunk (cold storage may serve the prefix)."""
+    return f"archive/{object_key(address)}"
 
 
 class ChunkStore:
@@ -141,6 +147,9 @@ class ChunkStore:
         """The raw bytes of a chunk, re-hashed. MissingChunk / CorruptChunk / InvalidInput."""
         key = object_key(check_address(address))
         blob = self.objects.get(key)
+        if blob is None:  # archived? (archive copies first, then deletes: one is there)
+            blob = self.objects.get(archive_key(address))
+            key = archive_key(address) if blob is not None else key
         if blob is None:
             raise MissingChunk(
                 f"chunk {address} is not in the object store {self.objects.location} "
@@ -206,8 +215,27 @@ class ChunkStore:
         names a missing object). For a damaged chunk: the next put of its bytes stores
         it anew. Whether the index listed it."""
         listed = self.index.remove(check_address(address))
-        self.objects.delete(object_key(address))
+        self.delete_objects(address)
         return listed
+
+    def delete_objects(self, address: str) -> None:
+        """Both places a chunk's object may be (garbage collection, discard)."""
+        self.objects.delete(object_key(address))
+        self.objects.delete(archive_key(address))
+
+    def archive(self, addresses: Iterable[str]) -> tuple[int, int]:
+        """Move the chunks' objects under ``archive/`` (copy, then delete the original,
+        so a read finds one or the other at every moment); they stay readable and the
+        index is unchanged. (chunks moved, stored bytes moved); idempotent."""
+        moved = moved_bytes = 0
+        for address in sorted({check_address(a) for a in addresses}):
+            blob = self.objects.get(object_key(address))
+            if blob is None:  # already archived (or gone)
+                continue
+            self.objects.put(archive_key(address), blob)
+            self.objects.delete(object_key(address))
+            moved, moved_bytes = moved + 1, moved_bytes + len(blob)
+        return moved, moved_bytes
 
     def collect_garbage(
         self, live: Collection[str], grace: timedelta, dry_run: bool = False

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from esper_assets.errors import InvalidInput, TierUnavailable
-from esper_assets.storage.chunks import object_key
+from esper_assets.storage.chunks import archive_key, object_key
 from esper_assets_tests.storage.chunks.conftest import stored_keys
 
 HOUR = timedelta(hours=1)
@@ -122,3 +122,15 @@ def test_a_put_racing_the_delete_ends_with_row_and_object(make_chunks, age):
     assert results[0].new  # it started after the DELETE: it found no row, stored anew
     assert saver.missing([ref.address]) == set()
     assert saver.get(ref.address) == data
+
+
+def test_archive_moves_objects_and_reads_still_find_them(chunks, raw_store, age):
+    cold, hot = chunks.put(b"cold" * 100), chunks.put(b"hot" * 100)
+    assert chunks.archive([cold.address]) == (1, cold.stored_size)
+    assert chunks.archive([cold.address]) == (0, 0)  # idempotent
+    assert stored_keys(raw_store) == [object_key(hot.address)]
+    assert [k for k, _, _ in raw_store.list("archive/")] == [archive_key(cold.address)]
+    assert chunks.get(cold.address) == b"cold" * 100 and not chunks.put(b"cold" * 100).new
+    age(cold.address)
+    assert chunks.collect_garbage({hot.address}, HOUR).deleted == [cold.address]
+    assert list(raw_store.list("archive/")) == []
