@@ -210,7 +210,8 @@ def _decisions(data: dict[str, Any]) -> None:
         table.add_row(escape(asset_id), decided.get(asset_id, "unchanged"), escape(reason))
     console.print(table)
     console.print(f"kept {len(data['kept'])}, archived {len(data['archived'])}, "
-                  f"deleted {len(data['deleted'])}")  # fmt: skip
+                  f"deleted {len(data['deleted'])}; {data['chunks_archived']} chunk(s), "
+                  f"{data['bytes_archived']} bytes moved under archive/")  # fmt: skip
 
 
 @checkpoints.command("prune")
