@@ -14,7 +14,10 @@ What each module owns:
   lineage queries.
 - ``upkeep``: cache cleanup, cache warming (restoring a kernel every tier lost from
   the repository) and nightly re-validation.
+- ``checkpoints``: what the ``new_checkpoints`` sensor finds (checkpoints saved since
+  its cursor, landed checkpoint folders) and the platform's own state as a checkpoint.
 
-May import: ``esper_assets.errors``, ``settings``, ``blueprints``, ``storage``.
+May import: ``esper_assets.errors``, ``settings``, ``blueprints``, ``storage``,
+``checkpoints``.
 Never Dagster, never ``defs``, ``runner``, ``cli`` or ``bench`` (they import this).
 """
