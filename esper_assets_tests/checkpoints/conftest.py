@@ -21,6 +21,16 @@ def backend(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.s3)])
+def cli_backend(request, esper_home, monkeypatch) -> str:
+    """The ESPER_* variables on the embedded default, or this test's PostgreSQL + S3."""
+    if request.param == "postgres":
+        monkeypatch.setenv("ESPER_DATABASE_URL", request.getfixturevalue("pg_url"))
+        monkeypatch.setenv("ESPER_S3_BUCKET", request.getfixturevalue("s3_bucket"))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
+    return request.param
+
+
 @pytest.fixture
 def make_checkpoints(
     request, backend: str, make_repo, tmp_path: Path, open_things

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from esper_assets.cli import main
 from esper_assets_tests.checkpoints.conftest import weights
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.s3)])
-def cli_backend(request, esper_home, monkeypatch) -> str:
-    if request.param == "postgres":
-        monkeypatch.setenv("ESPER_DATABASE_URL", request.getfixturevalue("pg_url"))
-        monkeypatch.setenv("ESPER_S3_BUCKET", request.getfixturevalue("s3_bucket"))
-        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
-    return request.param
 
 
 def esper(*args: str):

@@ -10,16 +10,6 @@ import pytest
 from esper_assets_tests.checkpoints.test_cli import esper
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.s3)])
-def cli_backend(request, esper_home, monkeypatch) -> str:
-    """The ESPER_* variables on the embedded default, or this test's PostgreSQL + S3."""
-    if request.param == "postgres":
-        monkeypatch.setenv("ESPER_DATABASE_URL", request.getfixturevalue("pg_url"))
-        monkeypatch.setenv("ESPER_S3_BUCKET", request.getfixturevalue("s3_bucket"))
-        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
-    return request.param
-
-
 def save(tmp_path, run: str, step: int, loss: float | None = None) -> None:
     path = tmp_path / f"{run}-{step}.bin"
     path.write_bytes(f"state of {run} at {step} ".encode() * 200)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import NamedTuple
@@ -193,22 +193,23 @@ class ChunkStore:
 
     def missing(self, addresses: Iterable[str]) -> set[str]:
         """Those of ``addresses`` the index does not list."""
-        wanted = sorted({check_address(a) for a in addresses})
-        absent = set()
-        for start in range(0, len(wanted), _QUERY_BATCH):
-            batch = wanted[start : start + _QUERY_BATCH]
-            absent.update(set(batch) - self.index.listed(batch).keys())
-        return absent
+        return self._not_answered(addresses, self.index.listed)
 
     def touch(self, addresses: Iterable[str]) -> set[str]:
         """Mark the chunks as just used (garbage collection spares them for its grace
         period); return those the index no longer lists."""
+        return self._not_answered(addresses, self.index.touch)
+
+    @staticmethod
+    def _not_answered(addresses: Iterable[str], ask: Callable[[list[str]], dict]) -> set[str]:
+        """Those of ``addresses`` that ``ask`` (an index query, one batch at a time:
+        databases bound a statement's parameters) leaves out of its answer."""
         wanted = sorted({check_address(a) for a in addresses})
-        gone = set()
+        absent: set[str] = set()
         for start in range(0, len(wanted), _QUERY_BATCH):
             batch = wanted[start : start + _QUERY_BATCH]
-            gone.update(set(batch) - self.index.touch(batch).keys())
-        return gone
+            absent.update(set(batch) - ask(batch).keys())
+        return absent
 
     def discard(self, address: str) -> bool:
         """Forget a chunk: its index row first, then its object (so the index never
