@@ -225,6 +225,15 @@ class CheckpointStore:
         return True
 
     # -- find ---------------------------------------------------------------------------
+    def next_step(self, run_id: str) -> int:
+        """One past the run's highest step, deleted steps included (their ids stay
+        taken); 0 for a new run. For callers that number their saves themselves."""
+        query = AssetQuery().with_type(CHECKPOINT).with_name(mf.check_name("run id", run_id))
+        steps = [
+            m.properties.get("step", -1) for m in self.repo.search_assets(query.include_expired())
+        ]
+        return max(steps, default=-1) + 1
+
     def _run_assets(self, run_id: str) -> list[AssetMetadata]:
         return self.repo.search_assets(AssetQuery().with_type(CHECKPOINT).with_name(run_id))
 

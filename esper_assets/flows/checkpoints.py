@@ -254,6 +254,4 @@ def platform_state(
 
 def save_platform_state(store: CheckpointStore, components: dict[str, bytes]) -> CheckpointInfo:
     """Save ``components`` as the next step of the ``platform`` run."""
-    steps = [row["step"] for row in store.list(PLATFORM_RUN)]
-    step = max(steps) + 1 if steps else 0
-    return store.save(PLATFORM_RUN, step, components)
+    return store.save(PLATFORM_RUN, store.next_step(PLATFORM_RUN), components)

@@ -93,8 +93,7 @@ def checkpoint_round_trip(settings: Settings, kernel_ids: list[str]) -> dict:
     as it was, and the kernels the run uses), restore it into a temporary folder and
     compare: the checkpoint part of ``make demo``."""
     with open_checkpoints(settings) as store:
-        steps = [row["step"] for row in store.list(DEMO_RUN)]
-        step = max(steps, default=-1) + 1
+        step = store.next_step(DEMO_RUN)
         rng = np.random.default_rng(step)  # layer 0 changes each step, layer 1 never
         model = {
             "layer0.weight": rng.standard_normal((256, 256), dtype=np.float32),

@@ -133,6 +133,17 @@ def test_delete_is_a_tombstone_and_later_steps_restore(checkpoints, tmp_path):
         checkpoints.save("r", 2, {"model": b"again"})
 
 
+def test_next_step_counts_deleted_steps_whose_ids_stay_taken(checkpoints):
+    from esper_assets.checkpoints.retention import delete_checkpoint
+
+    assert checkpoints.next_step("r") == 0
+    save_steps(checkpoints, [0, 1, 2])
+    delete_checkpoint(checkpoints, "checkpoint:r:2", "a test")
+    assert listed(checkpoints) == [(0, "active"), (1, "active")]
+    assert checkpoints.next_step("r") == 3  # not 2: that id is the tombstone's
+    checkpoints.save("r", checkpoints.next_step("r"), {"model": b"next"})
+
+
 def test_now_must_be_timezone_aware(checkpoints):
     with pytest.raises(InvalidInput, match="timezone-aware"):
         apply_retention(checkpoints, RetentionPolicy(), now=datetime(2026, 1, 1))
