@@ -4,6 +4,10 @@
   a file of the instance's folder) and executes the runs it requests, in process,
   as the daemon would; ``backfill`` runs many partitions as one run. Outcomes per
   run and per landed file (``RunOutcome``, ``FileOutcome``, ``TickReport``).
+- ``checkpoints``: ``tick_checkpoints`` evaluates the new_checkpoints sensor (its
+  cursor beside new_blueprints') and records what it returns as the daemon would:
+  run partitions, a materialization per saved checkpoint, the verify runs;
+  ``dagster_checkpoint`` reads one step's materialization back.
 - ``lineage``: ``dagster_lineage``, a kernel's chain read from the event log alone.
 - ``demo``: ``run_ingest`` (``esper ingest``), ``run_demo`` (``make demo``) and
   ``land_examples``; each takes ``Settings`` (default: the environment's).
@@ -15,6 +19,11 @@ built by ``flows.wiring``), and ``esper_assets.defs`` through the package's publ
 names only. Imported by ``cli/``, ``bench/`` and tests; never by ``defs/``.
 """
 
+from esper_assets.runner.checkpoints import (
+    CheckpointTickReport,
+    dagster_checkpoint,
+    tick_checkpoints,
+)
 from esper_assets.runner.demo import land_examples, run_demo, run_ingest
 from esper_assets.runner.driver import (
     FileOutcome,
@@ -26,13 +35,16 @@ from esper_assets.runner.driver import (
 from esper_assets.runner.lineage import dagster_lineage
 
 __all__ = [
+    "CheckpointTickReport",
     "FileOutcome",
     "RunOutcome",
     "TickReport",
     "backfill",
+    "dagster_checkpoint",
     "dagster_lineage",
     "land_examples",
     "run_demo",
     "run_ingest",
     "tick_and_run",
+    "tick_checkpoints",
 ]

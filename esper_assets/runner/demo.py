@@ -1,13 +1,16 @@
 """``esper ingest`` and ``make demo`` (``esper demo``) as functions returning their
 report: both tick the new_blueprints sensor and run what it asks for (``driver``);
 the demo first lands the example blueprints, then reads back the kernels, the
-cache's stats and one kernel's lineage from both the repository and Dagster."""
+cache's stats and one kernel's lineage from both the repository and Dagster, and
+saves a checkpoint that the new_checkpoints sensor reports to Dagster (read back
+from the event log at the saved step)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from tempfile import TemporaryDirectory
 
+import dagster as dg
 import numpy as np
 
 from esper_assets.blueprints import example_blueprint_files
@@ -20,6 +23,7 @@ from esper_assets.flows.wiring import (
     open_checkpoints,
     open_repository,
 )
+from esper_assets.runner.checkpoints import dagster_checkpoint, tick_checkpoints
 from esper_assets.runner.driver import tick_and_run
 from esper_assets.runner.lineage import dagster_lineage
 from esper_assets.settings import Settings
@@ -81,11 +85,28 @@ def run_demo(settings: Settings | None = None) -> dict:
         "lineage": chain,
         "dagster_lineage": dagster_lineage(instance, longest[0].name) if longest else [],
         "stats": stats,
-        "checkpoint": checkpoint_round_trip(settings, [m.asset_id for m in kernels]),
+        "checkpoint": checkpoint_in_dagster(
+            defs, instance, checkpoint_round_trip(settings, [m.asset_id for m in kernels])
+        ),
     }
 
 
 DEMO_RUN = "demo"
+
+
+def checkpoint_in_dagster(defs: dg.Definitions, instance: dg.DagsterInstance, saved: dict) -> dict:
+    """Tick new_checkpoints so Dagster records the checkpoint just saved (and runs its
+    restorable check), then read it back from the event log: ``saved`` plus what
+    Dagster holds for that step (``dagster``, None if nothing) and whether it agrees."""
+    ticked = tick_checkpoints(defs, instance)
+    recorded = dagster_checkpoint(instance, saved["run"], saved["asset_id"])
+    return {
+        **saved,
+        "reported_to_dagster": len(ticked.reported),
+        "restorable_checks": {run.partitions[0]: run.ok for run in ticked.runs},
+        "dagster": recorded,
+        "dagster_agrees": recorded is not None and recorded.get("step") == saved["step"],
+    }
 
 
 def checkpoint_round_trip(settings: Settings, kernel_ids: list[str]) -> dict:
@@ -109,6 +130,7 @@ def checkpoint_round_trip(settings: Settings, kernel_ids: list[str]) -> dict:
     return {
         "run": DEMO_RUN,
         "step": step,
+        "asset_id": info.asset_id,
         "logical_bytes": info.logical_bytes,
         "stored_bytes": info.stored_bytes,
         "kernels": len(info.kernels),

@@ -108,8 +108,25 @@ def one_line(text: str) -> str:
     return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _cursor_file(instance: dg.DagsterInstance) -> Path:
-    return Path(instance.root_directory) / "new_blueprints.cursor"
+def read_cursor(instance: dg.DagsterInstance, sensor_name: str) -> str | None:
+    """``sensor_name``'s cursor as the runner keeps it: ``<name>.cursor`` in the
+    instance's folder (Dagster's own sensor state belongs to the daemon)."""
+    path = _cursor_path(instance, sensor_name)
+    return path.read_text() if path.exists() else None
+
+
+def write_cursor(instance: dg.DagsterInstance, sensor_name: str, cursor: str | None) -> None:
+    _cursor_path(instance, sensor_name).write_text(cursor or "")
+
+
+def _cursor_path(instance: dg.DagsterInstance, sensor_name: str) -> Path:
+    return Path(instance.root_directory) / f"{sensor_name}.cursor"
+
+
+def add_partitions(instance: dg.DagsterInstance, result: dg.SensorResult) -> None:
+    """The dynamic partitions a sensor's result asks for, added as the daemon would."""
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
 
 
 def tick_and_run(
@@ -118,22 +135,20 @@ def tick_and_run(
     """Tick the sensor and execute what it requests, until a tick requests nothing new
     and no child waits for its parent."""
     report = TickReport()
-    cursor_file = _cursor_file(instance)
     for _ in range(max_ticks):
-        cursor = cursor_file.read_text() if cursor_file.exists() else None
-        result, scan = _tick(defs, instance, cursor)
+        result, scan = _tick(defs, instance, read_cursor(instance, new_blueprints.name))
         report.ticks += 1
         report.rejected += [
             FileOutcome(key, "rejected", problem=one_line(f"{reason} (moved to {moved_to})"))
             for key, reason, moved_to in scan.rejected
         ]
         report.waiting = list(scan.waiting)
-        for request in result.dynamic_partitions_requests or []:
-            instance.add_dynamic_partitions(
-                request.partitions_def_name, list(request.partition_keys)
-            )
-        cursor_file.write_text(result.cursor or "")
-        requests = [r for r in result.run_requests or [] if not _already_ran(instance, r.run_key)]
+        add_partitions(instance, result)
+        write_cursor(instance, new_blueprints.name, result.cursor)
+        requests = [
+            r for r in result.run_requests or []
+            if not already_ran(instance, new_blueprints.name, r.run_key)
+        ]  # fmt: skip
         report.runs += [_run_requested(defs, instance, request) for request in requests]
         if not requests and not scan.waiting:
             break
@@ -159,16 +174,23 @@ def _run_requested(
     defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest
 ) -> RunOutcome:
     """Execute one of the sensor's run requests, tagged as the daemon would tag it."""
-    tags = {**request.tags, SENSOR_NAME_TAG: new_blueprints.name, RUN_KEY_TAG: request.run_key}
+    tags = daemon_tags(new_blueprints.name, request)
     outcome = _execute(defs, instance, [request.partition_key], tags)
     outcome.file = request.tags.get(FILE_TAG, "")
     return outcome
 
 
-def _already_ran(instance: dg.DagsterInstance, run_key: str | None) -> bool:
+def daemon_tags(sensor_name: str, request: dg.RunRequest) -> dict[str, str]:
+    """A requested run's tags plus the sensor's name and the run key, as the daemon
+    adds them (so a daemon started later skips what already ran)."""
+    return {**request.tags, SENSOR_NAME_TAG: sensor_name, RUN_KEY_TAG: request.run_key}
+
+
+def already_ran(instance: dg.DagsterInstance, sensor_name: str, run_key: str | None) -> bool:
+    """Whether a run of ``sensor_name`` with ``run_key`` is in the instance already."""
     if not run_key:
         return False
-    tags = {SENSOR_NAME_TAG: new_blueprints.name, RUN_KEY_TAG: run_key}
+    tags = {SENSOR_NAME_TAG: sensor_name, RUN_KEY_TAG: run_key}
     return bool(instance.get_run_ids(dg.RunsFilter(tags=tags), limit=1))
 
 
@@ -194,8 +216,19 @@ def _execute(
 ) -> RunOutcome:
     job = defs.resolve_job_def(ingest_blueprints_job.name)
     single = partitions[0] if len(partitions) == 1 else None
+    return run_job(job, instance, partitions, tags, partition_key=single)
+
+
+def run_job(
+    job: dg.JobDefinition,
+    instance: dg.DagsterInstance,
+    partitions: list[str],
+    tags: dict,
+    partition_key: str | None = None,
+) -> RunOutcome:
+    """Execute ``job`` in process, quietly, and report its outcome and check results."""
     result = job.execute_in_process(
-        run_config=QUIET, instance=instance, partition_key=single, tags=tags,
+        run_config=QUIET, instance=instance, partition_key=partition_key, tags=tags,
         raise_on_error=False,
     )  # fmt: skip
     evaluations = result.get_asset_check_evaluations()

@@ -12,14 +12,14 @@ def dagster_lineage(instance: dg.DagsterInstance, name: str, depth: int = 20) ->
     """The chain kernel -> blueprint version -> parent blueprints, read from Dagster's
     event log alone: each step is the materialization whose recorded repository id the
     previous step names."""
-    kernel = _materialization(instance, "compiled_kernels", name)
+    kernel = materialization_of(instance, "compiled_kernels", name)
     if kernel is None:
         return []
     chain = [{"type": "kernel", **kernel}]
     partition, wanted = kernel["blueprint_partition"], kernel["blueprint_repository_id"]
     storage_id = kernel.get("blueprint_event_storage_id")  # the exact event, when recorded
     while partition and len(chain) <= depth:
-        found = _materialization(instance, "blueprints", partition, wanted, storage_id)
+        found = materialization_of(instance, "blueprints", partition, wanted, storage_id)
         if found is None:
             break
         chain.append({"type": "blueprint", **found})
@@ -33,7 +33,7 @@ def dagster_lineage(instance: dg.DagsterInstance, name: str, depth: int = 20) ->
 _PAGE = 100
 
 
-def _materialization(
+def materialization_of(
     instance: dg.DagsterInstance,
     asset: str,
     partition: str,
