@@ -248,9 +248,11 @@ def live_chunks(store: CheckpointStore) -> set[str]:
 
 
 def _chunks_of(store: CheckpointStore, asset_id: str) -> set[str]:
-    """The chunk addresses a checkpoint's manifest names (none once it is deleted)."""
+    """The chunk addresses a checkpoint's manifest names (none once it is deleted).
+    Not an access: retention and gc read manifests for bookkeeping only, and counting
+    that as use would keep every checkpoint looking hot to warming and analytics."""
     try:
-        _, data = store.repo.get_asset(asset_id)
+        _, data = store.repo.get_asset(asset_id, record_access=False)
     except AssetNotFound:  # deleted (expired) meanwhile
         return set()
     manifest = mf.decode(data, f"checkpoint {asset_id}")

@@ -159,3 +159,22 @@ def test_a_save_whose_chunks_were_collected_meanwhile_registers_nothing(checkpoi
     monkeypatch.undo()
     assert checkpoints.save("r", 1, {"head": head(1)}).new_chunks == 1  # stored anew
     assert checkpoints.verify("r", 1)["ok"]
+
+
+def access_counts(store) -> dict[str, int]:
+    store.repo.flush_access()
+    return {r["asset_id"]: store.repo.get_metadata(r["asset_id"]).access_count
+            for r in store.list("r")}  # fmt: skip
+
+
+def test_retention_and_gc_do_not_count_as_use(three_steps, age_chunks):
+    """Their manifest reads are bookkeeping: access counts feed cache warming,
+    deprecate_unused and the usage analytics, so they must not move."""
+    three_steps.show("r", 3)  # a real use: counted
+    before = access_counts(three_steps)
+    assert before == {"checkpoint:r:1": 0, "checkpoint:r:2": 0, "checkpoint:r:3": 1}
+    report = apply_retention(three_steps, RetentionPolicy(keep_last=2, keep_newer_than=None))
+    assert report.archived == ["checkpoint:r:1"] and report.chunks_archived > 0
+    age_chunks()
+    assert collect_garbage(three_steps).chunks_kept > 0  # it read every live manifest
+    assert access_counts(three_steps) == before

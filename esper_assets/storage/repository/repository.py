@@ -144,9 +144,14 @@ class AssetRepository(AssetLifecycle):
             raise AssetNotFound(f"no asset {asset_id!r}")
         return metadata_from_row(self._db, rows[0])
 
-    def get_asset(self, asset_id: str) -> tuple[AssetMetadata, bytes]:
+    def get_asset(
+        self, asset_id: str, *, record_access: bool = True
+    ) -> tuple[AssetMetadata, bytes]:
         """Metadata and content, the content verified against its checksum (CorruptValue
-        if it does not match); the read counts as an access (see note_access)."""
+        if it does not match). The read counts as an access (see note_access) unless
+        ``record_access=False``: for bookkeeping reads (garbage collection, retention)
+        that must not make an asset look used to cache warming, ``deprecate_unused``
+        or the usage analytics."""
         check_id("asset_id", asset_id)
         # Two tries: archiving may move the object between our row read and our object
         # read; the row read again then names the new place.
@@ -160,7 +165,8 @@ class AssetRepository(AssetLifecycle):
             if data is not None:
                 data = bytes(data)
                 self._guard.verify(asset_id, meta.checksum, data, where)
-                self.note_access(asset_id)
+                if record_access:
+                    self.note_access(asset_id)
                 return meta, data
         raise StorageError(
             f"asset {asset_id!r}: its data {meta.object_key!r} is missing from the object store"
