@@ -21,7 +21,7 @@ May import: ``esper_assets.errors``, ``checkpoints``, ``storage``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from esper_assets.checkpoints import CheckpointInfo, CheckpointStore
 from esper_assets.checkpoints.manifest import check_name
 from esper_assets.checkpoints.retention import RetentionPolicy, apply_retention, collect_garbage
 from esper_assets.checkpoints.store import CHECKPOINT
-from esper_assets.errors import CheckpointExists, EsperError, InvalidCheckpoint
+from esper_assets.errors import CheckpointExists, EsperError, InvalidCheckpoint, InvalidInput
 from esper_assets.storage.cache import PersistentKernelCache
 from esper_assets.storage.repository import AssetMetadata, AssetQuery
 
@@ -227,6 +227,35 @@ def _components(step_dir: Path, named: object, where: str) -> dict[str, Path]:
 
 
 # -- scheduled jobs ---------------------------------------------------------------------------
+NO_RULES = RetentionPolicy(keep_last=None, keep_every=None, keep_newer_than=None)
+
+
+def policy_with(
+    base: RetentionPolicy,
+    *,
+    keep_last: int | None = None,
+    keep_every: int | None = None,
+    keep_newer_than_days: float | None = None,
+    keep_best: int | None = None,
+    metric: str | None = None,
+    higher_is_better: bool = False,
+    action: str | None = None,
+) -> RetentionPolicy:
+    """``base`` with the rules given here instead (None: as ``base`` has it). A bad
+    value raises InvalidInput naming the field (``RetentionPolicy`` checks most)."""
+    if keep_newer_than_days is not None and not keep_newer_than_days >= 0:  # NaN too
+        raise InvalidInput(
+            f"keep_newer_than_days must be a number of days >= 0, not {keep_newer_than_days!r}"
+        )
+    if metric is not None and keep_best is None and not base.keep_best:
+        raise InvalidInput("metric is used only with keep_best K (the best K steps by it)")
+    days = None if keep_newer_than_days is None else timedelta(days=keep_newer_than_days)
+    changes = {"keep_last": keep_last, "keep_every": keep_every, "keep_newer_than": days,
+               "keep_best": keep_best, "metric": metric, "action": action,
+               "higher_is_better": higher_is_better or None}  # fmt: skip
+    return replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
 def retain(
     store: CheckpointStore, policy: RetentionPolicy, grace: timedelta, dry_run: bool = False
 ) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 
 from esper_assets.defs import build_definitions
+from esper_assets.errors import InvalidInput
 from esper_assets.flows import wiring
 from esper_assets.flows.checkpoints import PLATFORM_RUN
 from esper_assets.settings import Settings
@@ -70,3 +71,104 @@ def test_platform_state_is_a_restorable_run_of_its_own(instance, esper_home, tmp
     assert set(files) == {"repository", "cache", "sensors"}
     assert files["repository"]["by_type"]["checkpoint"] >= 2  # train@3, platform@0
     assert "hottest" in files["cache"] and "stats" in files["cache"]
+
+
+# -- a policy of the run's own (run config), on the embedded default and PostgreSQL + S3 --
+@pytest.fixture(params=["embedded", pytest.param("postgres", marks=pytest.mark.s3)])
+def backend(request, esper_home, tmp_path) -> Settings:
+    if request.param == "embedded":
+        return Settings.from_env()
+    return Settings.from_env({
+        "ESPER_HOME": str(tmp_path / "pg-home"),
+        "ESPER_DATABASE_URL": request.getfixturevalue("pg_url"),
+        "ESPER_S3_BUCKET": request.getfixturevalue("s3_bucket"),
+        "AWS_ENDPOINT_URL": request.getfixturevalue("s3_endpoint"),
+    })  # fmt: skip
+
+
+def save_steps(settings: Settings, run: str, losses: list[float]) -> None:
+    with wiring.open_checkpoints(settings) as store:
+        for step, loss in enumerate(losses):
+            store.save(run, step, {"model": f"{run} {step} ".encode() * 200},
+                       metrics={"loss": loss})  # fmt: skip
+
+
+def retention_run(settings: Settings, instance, raise_on_error: bool = True, **config):
+    job = build_definitions(settings).resolve_job_def("checkpoint_retention_job")
+    run_config = {"ops": {"apply_checkpoint_retention": {"config": config}}}
+    return job.execute_in_process(
+        instance=instance, run_config=run_config, raise_on_error=raise_on_error
+    )
+
+
+def states(settings: Settings) -> dict[str, str]:
+    with wiring.open_checkpoints(settings) as store:
+        return {row["asset_id"]: row["state"] for row in store.list()}
+
+
+def ids(run: str, *steps: int) -> list[str]:
+    return [f"checkpoint:{run}:{step}" for step in steps]
+
+
+def test_a_runs_policy_archives_exactly_what_no_rule_keeps(backend, instance):
+    save_steps(backend, "a", [1.0] * 8)
+    save_steps(backend, "b", [1.0] * 5)
+    # Every checkpoint is minutes old: the configured 7 days would keep them all; this
+    # run keeps none for age, the last 2 and every third step.
+    done = retention_run(backend, instance, keep_newer_than_days=0, keep_last=2, keep_every=3)
+    report = done.output_for_node("apply_checkpoint_retention")["retention"]
+    archived = ids("a", 1, 2, 4, 5) + ids("b", 1, 2)
+    assert sorted(report["archived"]) == sorted(archived) and report["deleted"] == []
+    assert sorted(report["kept"]) == sorted(ids("a", 0, 3, 6, 7) + ids("b", 0, 3, 4))
+    after = states(backend)
+    assert sorted(a for a, state in after.items() if state == "archived") == sorted(archived)
+    with wiring.open_checkpoints(backend) as store:  # archived: still restorable
+        assert store.verify("a", 2)["ok"] and store.verify("a", 7)["ok"]
+
+
+def test_a_runs_policy_deletes_all_but_the_best_and_newest(backend, instance):
+    save_steps(backend, "c", [0.5, 0.1, 0.4, 0.3, 0.2])
+    done = retention_run(backend, instance, from_settings=False, keep_best=1, metric="loss",
+                         action="delete", grace_hours=0)  # fmt: skip
+    output = done.output_for_node("apply_checkpoint_retention")
+    assert sorted(output["retention"]["deleted"]) == ids("c", 0, 2, 3)
+    assert sorted(output["retention"]["kept"]) == ids("c", 1, 4)  # best loss, newest step
+    assert output["gc"]["chunks_deleted"] > 0  # the deleted steps' own chunks
+    with wiring.open_checkpoints(backend) as store:
+        assert [row["step"] for row in store.list("c")] == [1, 4]
+        assert store.verify("c", 1)["ok"] and store.verify("c", 4)["ok"]
+
+
+def test_a_dry_run_of_a_runs_policy_reports_and_changes_nothing(backend, instance):
+    save_steps(backend, "d", [1.0] * 4)
+    before = states(backend)
+    done = retention_run(backend, instance, from_settings=False, keep_last=1,
+                         action="delete", dry_run=True)  # fmt: skip
+    report = done.output_for_node("apply_checkpoint_retention")["retention"]
+    assert sorted(report["deleted"]) == ids("d", 0, 1, 2) and report["dry_run"]
+    assert states(backend) == before
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"keep_last": -1}, "keep_last must be an integer >= 0"),
+        ({"action": "shred"}, "action must be one of ['archive', 'delete'], not 'shred'"),
+        ({"keep_every": 0}, "keep_every must be an integer >= 1"),
+        ({"keep_newer_than_days": -2.0}, "keep_newer_than_days must be a number of days >= 0"),
+        ({"keep_best": 2}, "keep_best needs a metric"),
+        ({"metric": "loss"}, "metric is used only with keep_best"),
+        ({"grace_hours": -1.0}, "grace_hours must be a number of hours >= 0"),
+    ],
+)
+def test_bad_run_config_fails_naming_the_field_and_changes_nothing(instance, esper_home,
+                                                                   config, named):  # fmt: skip
+    settings = Settings.from_env()
+    save_steps(settings, "e", [1.0] * 7)
+    # The rest of the config alone would archive steps 0-5: the bad field stops it all.
+    bad = {"keep_last": 1, "keep_newer_than_days": 0, **config}
+    with pytest.raises(InvalidInput, match="op config apply_checkpoint_retention") as failed:
+        retention_run(settings, instance, **bad)
+    assert named in str(failed.value) and "nothing was changed" in str(failed.value)
+    assert set(states(settings).values()) == {"active"}
+    assert not retention_run(settings, instance, raise_on_error=False, **bad).success

@@ -8,12 +8,51 @@ import dagster as dg
 
 from esper_assets.checkpoints.retention import RetentionPolicy
 from esper_assets.defs.resources import CheckpointsResource, KernelCacheResource
+from esper_assets.errors import InvalidInput
 from esper_assets.flows import checkpoints as flow
+from esper_assets.settings import Settings
+
+# The config fields that change the policy (flow.policy_with's keywords).
+RULES = ("keep_last", "keep_every", "keep_newer_than_days", "keep_best", "metric",
+         "higher_is_better", "action")  # fmt: skip
 
 
 class RetentionConfig(dg.Config):
+    """One run's retention: the configured policy (``ESPER_CHECKPOINT_*``) with the
+    rules given here instead; ``from_settings: false`` starts from no rule at all
+    (a run's newest step is always kept)."""
+
     dry_run: bool = False
     grace_hours: float = 1.0  # must exceed the longest save: its chunks are touched first
+    from_settings: bool = True
+    keep_last: int | None = None  # each run's newest N steps (0: none by this rule)
+    keep_every: int | None = None  # steps divisible by N (N >= 1)
+    keep_newer_than_days: float | None = None  # 0: none by this rule
+    keep_best: int | None = None  # the best K by ``metric``
+    metric: str | None = None  # a manifest metric; lower is better unless higher_is_better
+    higher_is_better: bool = False
+    action: str | None = None  # what falls out: archive | delete
+
+    def policy(self, settings: Settings) -> RetentionPolicy:
+        base = RetentionPolicy.from_settings(settings) if self.from_settings else flow.NO_RULES
+        rules = self.model_dump(include=set(RULES))
+        return flow.policy_with(base, **rules)
+
+
+def _checked(config: RetentionConfig, settings: Settings) -> tuple[RetentionPolicy, timedelta]:
+    """The run's policy and grace, or InvalidInput saying which field is wrong; before
+    anything is changed."""
+    try:
+        if not config.grace_hours >= 0:
+            raise InvalidInput(
+                f"grace_hours must be a number of hours >= 0, not {config.grace_hours}"
+            )
+        return config.policy(settings), timedelta(hours=config.grace_hours)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            f"checkpoint_retention_job: op config apply_checkpoint_retention: {exc}; "
+            "fix it in the run config (nothing was changed)"
+        ) from None
 
 
 @dg.op(description="Keep, archive or delete checkpoints by the retention policy, then "
@@ -21,9 +60,9 @@ class RetentionConfig(dg.Config):
 def apply_checkpoint_retention(
     context: dg.OpExecutionContext, config: RetentionConfig, checkpoints: CheckpointsResource
 ) -> dict:
-    policy = RetentionPolicy.from_settings(checkpoints.database.settings())
+    policy, grace = _checked(config, checkpoints.database.settings())
     with checkpoints.open() as store:
-        done = flow.retain(store, policy, timedelta(hours=config.grace_hours), config.dry_run)
+        done = flow.retain(store, policy, grace, config.dry_run)
     retention, gc = done["retention"], done["gc"]
     context.log.info(
         f"{policy.describe()}: kept {len(retention['kept'])}, archived "
