@@ -13,7 +13,12 @@ from esper_assets.checkpoints import Checkpointer, RetentionPolicy
 from esper_assets.checkpoints import checkpointer as checkpointer_module
 from esper_assets.checkpoints import manifest as mf
 from esper_assets.checkpoints.store import CHECKPOINT
-from esper_assets.errors import CheckpointNotFound, EsperError, InvalidInput
+from esper_assets.errors import (
+    CheckpointExists,
+    CheckpointNotFound,
+    EsperError,
+    InvalidInput,
+)
 from esper_assets.storage.repository import AssetMetadata
 
 EVERY = timedelta(seconds=10)
@@ -123,6 +128,16 @@ def test_a_failed_retention_keeps_the_saves_and_is_raised_once_on_flush(checkpoi
     # The next save's retention went through (step 0 was archived before the failure).
     assert [r.archived for r in saver.retention_reports] == [["checkpoint:r:1"]]
     assert [info.step for info in saver.flush()] == [1, 2]  # reported once
+
+
+def test_a_failed_save_raises_its_own_error_and_retains_nothing(checkpoints):
+    checkpoints.save("r", 0, state("r", 0))  # the step the Checkpointer will try again
+    saver = Checkpointer(checkpoints, "r", retention=KEEP_2_DELETE, clock=Clock())
+    saver.maybe_save(0, state("r", 0))
+    with pytest.raises(CheckpointExists, match="already has a checkpoint at step 0"):
+        saver.flush()
+    assert saver.saved == [] and saver.retention_reports == []
+    assert saver.flush() == []  # raised once
 
 
 @pytest.mark.parametrize(
