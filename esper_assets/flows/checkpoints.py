@@ -6,7 +6,9 @@ registered since its last look (:func:`find_new`), describes each
 (:func:`describe`) and re-verifies a sample of its chunks (:func:`check_restorable`).
 Other tools drop checkpoints into the landing zone instead
 (:func:`ingest_landed`): ``<landing>/checkpoints/<run>/<step>/`` holding the
-component files and a ``manifest.json`` written last. The scheduled jobs apply
+component files and a ``manifest.json`` written last, in a directory or under an S3
+prefix (``flows.landing.checkpoint_folders``: storage only; what is ingested or
+rejected, and why, is decided here, once for both). The scheduled jobs apply
 retention and collect garbage (:func:`retain`) and checkpoint the platform's own
 state as the run ``platform`` (:func:`save_platform_state`).
 
@@ -15,7 +17,7 @@ created within :data:`LOOKBACK` of it. Two processes' clocks and commits are not
 ordered, so a save may commit a little after a later-stamped one; the window
 catches it, and the cursor stays as small as the number of saves in one window.
 
-May import: ``esper_assets.errors``, ``checkpoints``, ``storage``.
+May import: ``esper_assets.errors``, ``checkpoints``, ``storage``, ``flows.landing``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from esper_assets.checkpoints import CheckpointInfo, CheckpointStore
@@ -31,6 +32,7 @@ from esper_assets.checkpoints.manifest import check_name
 from esper_assets.checkpoints.retention import RetentionPolicy, apply_retention, collect_garbage
 from esper_assets.checkpoints.store import CHECKPOINT
 from esper_assets.errors import CheckpointExists, EsperError, InvalidCheckpoint, InvalidInput
+from esper_assets.flows.landing import CheckpointFolders
 from esper_assets.storage.cache import PersistentKernelCache
 from esper_assets.storage.repository import AssetMetadata, AssetQuery
 
@@ -123,107 +125,121 @@ def check_restorable(
 
 
 # -- the landing path -----------------------------------------------------------------------
+# One set of decisions for every landing zone; ``CheckpointFolders`` (a directory or an
+# S3 prefix, ``flows.landing``) only lists, reads, fetches and writes files.
 @dataclass(frozen=True)
 class Landed:
-    """One step directory looked at: ``asset_id`` when saved, ``error`` when refused."""
+    """One step folder looked at: ``asset_id`` when saved, ``error`` when refused."""
 
-    path: Path
+    location: str
     asset_id: str = ""
     error: str = ""
 
 
-def ingest_landed(store: CheckpointStore, root: Path) -> list[Landed]:
-    """Save each complete, not yet handled ``root/<run>/<step>/`` once. A directory is
+def ingest_landed(store: CheckpointStore, landing: CheckpointFolders) -> list[Landed]:
+    """Save each complete, not yet handled ``<run>/<step>/`` folder once. A folder is
     complete when its ``manifest.json`` exists (written last by the producer); a
     malformed one gets a reason file and is not tried again until that is removed."""
-    if not root.is_dir():
-        return []
-    done = []
-    for step_dir in _step_dirs(root):
-        if (step_dir / INGESTED_MARK).exists() or (step_dir / REJECTED_MARK).exists():
-            continue
-        if not (step_dir / LANDED_MANIFEST).is_file():
-            continue  # still being written
-        done.append(_ingest_one(store, step_dir))
-    return done
+    pending = {
+        folder: files
+        for folder, files in landing.folders().items()
+        if LANDED_MANIFEST in files and not files & {INGESTED_MARK, REJECTED_MARK}
+    }
+    return [
+        _ingest_one(store, landing, folder, pending[folder])
+        for folder in sorted(pending, key=_in_order)
+    ]
 
 
-def _step_dirs(root: Path) -> list[Path]:
-    return sorted(
-        step
-        for run in root.iterdir()
-        if run.is_dir() and not run.is_symlink()
-        for step in run.iterdir()
-        if step.is_dir() and not step.is_symlink()
-    )
+def _in_order(folder: str) -> tuple[str, int, str]:
+    """By run, then by step as a number (``9`` before ``10``)."""
+    run, _, step = folder.partition("/")
+    return run, len(step), step
 
 
-def _ingest_one(store: CheckpointStore, step_dir: Path) -> Landed:
+def _ingest_one(
+    store: CheckpointStore, landing: CheckpointFolders, folder: str, files: frozenset[str]
+) -> Landed:
     try:
-        run_id, step, components, kernels, metrics = read_landed(step_dir)
-        info = store.save(run_id, step, components, kernels=kernels, metrics=metrics)
+        landed = read_landed(landing, folder, files)
+        with landing.local_files(folder, list(landed.files.values())) as paths:
+            components = {name: paths[file] for name, file in landed.files.items()}
+            info = store.save(landed.run_id, landed.step, components,
+                              kernels=landed.kernels, metrics=landed.metrics)  # fmt: skip
     except CheckpointExists as exc:
-        return _mark(step_dir, REJECTED_MARK, f"{exc} (already saved; not ingested again)\n")
+        return _mark(landing, folder, REJECTED_MARK, f"{exc} (already saved; not ingested again)")
     except EsperError as exc:
-        return _mark(step_dir, REJECTED_MARK, f"{exc}\n")
-    (step_dir / INGESTED_MARK).write_text(info.asset_id + "\n")
-    return Landed(step_dir, asset_id=info.asset_id)
+        return _mark(landing, folder, REJECTED_MARK, str(exc))
+    landing.write(folder, INGESTED_MARK, info.asset_id + "\n")
+    return Landed(landing.where(folder), asset_id=info.asset_id)
 
 
-def _mark(step_dir: Path, mark: str, reason: str) -> Landed:
-    (step_dir / mark).write_text(reason)
-    return Landed(step_dir, error=reason.strip())
+def _mark(landing: CheckpointFolders, folder: str, mark: str, reason: str) -> Landed:
+    landing.write(folder, mark, reason + "\n")
+    return Landed(landing.where(folder), error=reason)
 
 
-def read_landed(step_dir: Path) -> tuple[str, int, dict[str, Path], list[str], dict]:
-    """The run, step, component files, kernels and metrics a landed directory names;
-    InvalidCheckpoint naming the directory and the problem otherwise."""
-    where = f"{step_dir.parent.name}/{step_dir.name}"
+@dataclass(frozen=True)
+class LandedCheckpoint:
+    """What a landed folder's name and manifest say: ``files`` maps each component
+    to its file in the folder."""
+
+    run_id: str
+    step: int
+    files: dict[str, str]
+    kernels: list[str]
+    metrics: dict
+
+
+def read_landed(landing: CheckpointFolders, folder: str, files: frozenset[str]) -> LandedCheckpoint:
+    """The run, step, component files, kernels and metrics a landed folder (holding
+    ``files``) names; InvalidCheckpoint naming ``<run>/<step>`` and the problem otherwise."""
+    run_name, _, step_name = folder.partition("/")
     try:
-        run_id = check_name("run id", step_dir.parent.name)
-        step = int(step_dir.name)
-        if step < 0 or str(step) != step_dir.name:
+        run_id = check_name("run id", run_name)
+        step = int(step_name)
+        if step < 0 or str(step) != step_name:
             raise ValueError
     except (EsperError, ValueError):
-        raise InvalidCheckpoint(f"{where}: expected <run>/<step> with step a number") from None
-    doc = _manifest(step_dir, where)
-    components = _components(step_dir, doc.get("components"), where)
+        raise InvalidCheckpoint(f"{folder}: expected <run>/<step> with step a number") from None
+    doc = _manifest(landing.read(folder, LANDED_MANIFEST), folder)
+    components = _component_files(doc.get("components"), files, folder)
     kernels, metrics = doc.get("kernels", []), doc.get("metrics", {})
     if not isinstance(kernels, list) or not all(isinstance(k, str) for k in kernels):
-        raise InvalidCheckpoint(f"{where}: manifest.json 'kernels' must be a list of ids")
+        raise InvalidCheckpoint(f"{folder}: manifest.json 'kernels' must be a list of ids")
     if not isinstance(metrics, dict):
-        raise InvalidCheckpoint(f"{where}: manifest.json 'metrics' must be an object")
-    return run_id, step, components, kernels, metrics
+        raise InvalidCheckpoint(f"{folder}: manifest.json 'metrics' must be an object")
+    return LandedCheckpoint(run_id, step, components, kernels, metrics)
 
 
-def _manifest(step_dir: Path, where: str) -> dict:
+def _manifest(data: bytes, where: str) -> dict:
     try:
-        doc = json.loads((step_dir / LANDED_MANIFEST).read_bytes())
-    except (OSError, ValueError) as exc:
+        doc = json.loads(data)
+    except ValueError as exc:
         raise InvalidCheckpoint(f"{where}: manifest.json is not readable JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise InvalidCheckpoint(f"{where}: manifest.json must be an object")
     return doc
 
 
-def _components(step_dir: Path, named: object, where: str) -> dict[str, Path]:
+def _component_files(named: object, present: frozenset[str], where: str) -> dict[str, str]:
+    """{component: file name}, each a plain name of a regular file in the folder."""
     if not isinstance(named, dict) or not named:
         raise InvalidCheckpoint(
             f"{where}: manifest.json needs 'components': {{name: file in this directory}}"
         )
-    components = {}
+    files = {}
     for name, filename in named.items():
         check_name("component", name)
         if not isinstance(filename, str):
             raise InvalidCheckpoint(f"{where}: component {name!r} must name a file")
         check_name(f"component {name!r}'s file", filename)
-        path = step_dir / filename
-        if path.is_symlink() or not path.is_file():
+        if filename not in present:
             raise InvalidCheckpoint(
                 f"{where}: component {name!r} names {filename!r}, which is not a file here"
             )
-        components[name] = path
-    return components
+        files[name] = filename
+    return files
 
 
 # -- scheduled jobs ---------------------------------------------------------------------------

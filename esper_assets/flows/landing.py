@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Protocol
 
 from esper_assets.errors import ConfigError, InvalidInput, StorageError, TierUnavailable
@@ -239,13 +241,7 @@ class S3Landing:
         self.location = f"s3://{bucket}/{self.folder}"
 
     def _call(self, what: str, fn, **kwargs):
-        try:
-            return fn(Bucket=self.bucket, **kwargs)
-        except boto_errors() as exc:
-            if s3_error_code(exc) in MISSING_KEY:
-                raise InvalidInput(f"{self.location}{kwargs.get('Key', '')} is gone") from None
-            where = f"landing zone {self.location}"
-            raise s3_failure(exc, where, what, refused=StorageError) from exc
+        return _s3_call(self.bucket, self.location, what, fn, **kwargs)
 
     def list_blueprints(self) -> list[LandedFile]:
         files, token = [], None
@@ -281,18 +277,169 @@ class S3Landing:
         return f"s3://{self.bucket}/{target}"
 
 
+def _s3_call(bucket: str, location: str, what: str, fn, **kwargs):
+    """``fn(Bucket=bucket, **kwargs)``; a missing key is InvalidInput naming it, any
+    other failure the one botocore map's error for the landing zone at ``location``."""
+    try:
+        return fn(Bucket=bucket, **kwargs)
+    except boto_errors() as exc:
+        if s3_error_code(exc) in MISSING_KEY:
+            raise InvalidInput(f"s3://{bucket}/{kwargs.get('Key', '')} is gone") from None
+        raise s3_failure(exc, f"landing zone {location}", what, refused=StorageError) from exc
+
+
+def _s3_location(location: str, s3_client) -> tuple[str, str]:
+    """``s3://bucket/prefix`` as (bucket, prefix); ConfigError if unusable or no client."""
+    bucket, _, prefix = location[len("s3://") :].partition("/")
+    if not bucket:
+        raise ConfigError(f"ESPER_LANDING={location!r} names no bucket; use s3://bucket/prefix")
+    if s3_client is None:
+        raise ConfigError(
+            f"landing zone {location}: no S3 client given; build it with "
+            "esper_assets.flows.wiring.landing_zone(settings)"
+        )
+    return bucket, prefix
+
+
 def landing_from_location(location: str, s3_client=None) -> LandingZone:
     """``s3://bucket/prefix`` (read through ``s3_client``, which it then needs) or a
     directory path. ``esper_assets.flows.wiring.landing_zone`` builds one from Settings,
     with the S3 client they configure."""
     if location.startswith("s3://"):
-        bucket, _, prefix = location[len("s3://") :].partition("/")
-        if not bucket:
-            raise ConfigError(f"ESPER_LANDING={location!r} names no bucket; use s3://bucket/prefix")
-        if s3_client is None:
-            raise ConfigError(
-                f"landing zone {location}: no S3 client given; build it with "
-                "esper_assets.flows.wiring.landing_zone(settings)"
-            )
-        return S3Landing(s3_client, bucket, prefix)
+        return S3Landing(s3_client, *_s3_location(location, s3_client))
     return DirectoryLanding(location)
+
+
+# -- checkpoint folders: <landing>/checkpoints/<run>/<step>/<files> --------------------------
+# Storage only: which folders hold which files, reading, fetching and writing one file.
+# What a folder's files mean (complete, ingested, rejected and why) is decided in
+# ``esper_assets.flows.checkpoints``, once for both.
+CHECKPOINTS = "checkpoints"
+_COPY_BUFFER = 1 << 20  # a component is streamed to disk through this much memory
+
+
+class CheckpointFolders(Protocol):
+    location: str  # the checkpoints/ folder
+
+    def folders(self) -> dict[str, frozenset[str]]:
+        """``"<run>/<step>"`` -> the names of the regular files directly in it."""
+        ...
+
+    def where(self, folder: str) -> str: ...
+    def read(self, folder: str, name: str) -> bytes: ...
+    def local_files(self, folder: str, names: list[str]) -> AbstractContextManager[dict[str, Path]]:
+        """The files ``names`` of ``folder`` as local paths, for as long as the block runs."""
+        ...
+
+    def write(self, folder: str, name: str, text: str) -> None: ...
+
+
+class DirectoryCheckpoints:
+    """``<landing>/checkpoints/`` on disk; symlinked run or step folders and symlinked
+    files are not listed (nothing outside the landing directory is read)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root) / CHECKPOINTS
+        self.location = str(self.root)
+
+    def folders(self) -> dict[str, frozenset[str]]:
+        found = {}
+        for run in _real_folders(self.root):
+            for step in _real_folders(run):
+                files = frozenset(f.name for f in step.iterdir() if _regular(f))
+                found[f"{run.name}/{step.name}"] = files
+        return found
+
+    def where(self, folder: str) -> str:
+        return str(self.root / folder)
+
+    def read(self, folder: str, name: str) -> bytes:
+        try:
+            return (self.root / folder / name).read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"{self.where(folder)}/{name} cannot be read: {exc}") from None
+
+    @contextmanager
+    def local_files(self, folder: str, names: list[str]) -> Iterator[dict[str, Path]]:
+        yield {name: self.root / folder / name for name in names}  # read where they are
+
+    def write(self, folder: str, name: str, text: str) -> None:
+        (self.root / folder / name).write_text(text)
+
+
+def _real_folders(path: Path) -> list[Path]:
+    if not path.is_dir() or path.is_symlink():
+        return []
+    return [p for p in path.iterdir() if p.is_dir() and not p.is_symlink()]
+
+
+def _regular(path: Path) -> bool:
+    return stat.S_ISREG(path.lstat().st_mode)
+
+
+class S3Checkpoints:
+    """``s3://bucket/prefix/checkpoints/``: a folder is the objects under
+    ``<run>/<step>/`` (deeper keys are not part of it). Components are streamed to a
+    temporary directory, never held in memory whole."""
+
+    def __init__(self, client, bucket: str, prefix: str = "") -> None:
+        self.client = client
+        self.bucket = bucket
+        base = prefix.strip("/")
+        self.folder = f"{base}/{CHECKPOINTS}/" if base else f"{CHECKPOINTS}/"
+        self.location = f"s3://{bucket}/{self.folder}"
+
+    def _call(self, what: str, fn, **kwargs):
+        return _s3_call(self.bucket, self.location, what, fn, **kwargs)
+
+    def folders(self) -> dict[str, frozenset[str]]:
+        found: dict[str, set[str]] = {}
+        token = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self._call("list", self.client.list_objects_v2, Prefix=self.folder, **extra)
+            for obj in page.get("Contents", []):
+                parts = obj["Key"][len(self.folder) :].split("/")
+                if len(parts) == 3 and all(parts):
+                    found.setdefault(f"{parts[0]}/{parts[1]}", set()).add(parts[2])
+            token = page.get("NextContinuationToken")
+            if not token:
+                return {folder: frozenset(names) for folder, names in found.items()}
+
+    def where(self, folder: str) -> str:
+        return f"{self.location}{folder}/"
+
+    def read(self, folder: str, name: str) -> bytes:
+        key = f"{self.folder}{folder}/{name}"
+        return self._call("read", self.client.get_object, Key=key)["Body"].read()
+
+    @contextmanager
+    def local_files(self, folder: str, names: list[str]) -> Iterator[dict[str, Path]]:
+        with TemporaryDirectory(prefix="esper-landed-") as tmp:
+            paths = {}
+            for name in names:
+                paths[name] = Path(tmp) / name
+                self._download(f"{self.folder}{folder}/{name}", paths[name])
+            yield paths
+
+    def _download(self, key: str, path: Path) -> None:
+        body = self._call("read", self.client.get_object, Key=key)["Body"]
+        try:
+            with open(path, "xb") as file:
+                shutil.copyfileobj(body, file, _COPY_BUFFER)
+        except boto_errors() as exc:  # the connection failed part-way through the body
+            raise s3_failure(exc, f"landing zone {self.location}", "read") from exc
+        finally:
+            body.close()
+
+    def write(self, folder: str, name: str, text: str) -> None:
+        key = f"{self.folder}{folder}/{name}"
+        self._call("write", self.client.put_object, Key=key, Body=text.encode())
+
+
+def checkpoint_folders(location: str, s3_client=None) -> CheckpointFolders:
+    """The checkpoints/ folder of the landing zone ``location`` (ESPER_LANDING): a
+    directory, or ``s3://bucket/prefix`` read through ``s3_client``."""
+    if location.startswith("s3://"):
+        return S3Checkpoints(s3_client, *_s3_location(location, s3_client))
+    return DirectoryCheckpoints(location)

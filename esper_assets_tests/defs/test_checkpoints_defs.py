@@ -19,6 +19,7 @@ from esper_assets.flows import wiring
 from esper_assets.flows.checkpoints import INGESTED_MARK, REJECTED_MARK, Cursor
 from esper_assets.settings import Settings
 from esper_assets.storage.chunks import object_key
+from esper_assets.storage.objects import make_s3_client
 
 
 @pytest.fixture
@@ -168,6 +169,26 @@ def test_landed_directories_are_ingested_once_and_bad_ones_refused(instance, esp
     (waiting / "manifest.json").write_text(json.dumps({"components": {"model": "m.bin"}}))
     done = tick(instance, defs, again.cursor)
     assert [m.metadata["step"].value for m in split(done)[0]] == [6]
+
+
+def test_folders_landed_on_s3_are_ingested_and_reported_once(instance, esper_home, s3_bucket,
+                                                             s3_endpoint):  # fmt: skip
+    settings = Settings.from_env({
+        "ESPER_HOME": str(esper_home), "ESPER_LANDING": f"s3://{s3_bucket}/drop",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+    })  # fmt: skip
+    client, folder = make_s3_client(s3_endpoint), "drop/checkpoints/remote/3/"
+    client.put_object(Bucket=s3_bucket, Key=folder + "m.bin", Body=b"remote" * 100)
+    manifest = json.dumps({"components": {"model": "m.bin"}, "metrics": {"loss": 0.1}})
+    client.put_object(Bucket=s3_bucket, Key=folder + "manifest.json", Body=manifest.encode())
+    client.put_object(Bucket=s3_bucket, Key="drop/checkpoints/remote/4/m.bin", Body=b"wait")
+    defs = build_definitions(settings)
+    first = tick(instance, defs)
+    (materialized,) = split(first)[0]
+    assert (materialized.partition, materialized.metadata["step"].value) == ("remote", 3)
+    mark = client.get_object(Bucket=s3_bucket, Key=folder + INGESTED_MARK)["Body"].read()
+    assert mark == b"checkpoint:remote:3\n"
+    assert tick(instance, defs, first.cursor).asset_events == []  # nothing twice; 4 waits
 
 
 # -- PostgreSQL + S3 ----------------------------------------------------------------------

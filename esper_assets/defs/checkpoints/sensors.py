@@ -1,14 +1,13 @@
 """The ``new_checkpoints`` sensor: saves made outside Dagster become materializations.
 
-Each tick ingests complete directories from ``ESPER_LANDING/checkpoints/``, then
+Each tick ingests complete folders from ``ESPER_LANDING/checkpoints/`` (a directory
+or an S3 prefix), then
 asks the repository for checkpoints registered since its cursor, adds the run
 partitions it has not seen and reports, per checkpoint, a materialization of its
 run's partition, and requests a ``verify_checkpoints`` run of the
 ``checkpoint_restorable`` check for it (run key = the checkpoint's asset id; logic
 in ``flows/checkpoints``).
 """
-
-from pathlib import Path
 
 import dagster as dg
 
@@ -21,6 +20,7 @@ from esper_assets.defs.checkpoints.assets import (
 )
 from esper_assets.defs.resources import CheckpointsResource
 from esper_assets.flows import checkpoints as flow
+from esper_assets.flows.landing import CheckpointFolders, checkpoint_folders
 
 
 @dg.sensor(
@@ -34,8 +34,8 @@ def new_checkpoints(
     context: dg.SensorEvaluationContext, checkpoints: CheckpointsResource
 ) -> dg.SensorResult:
     with checkpoints.open() as store:
-        if checkpoints.landing and "://" not in checkpoints.landing:
-            _ingest(context, store, Path(checkpoints.landing) / "checkpoints")
+        if checkpoints.landing:
+            _ingest(context, store, _landed_folders(checkpoints))
         found, cursor = flow.find_new(store, flow.Cursor.load(context.cursor))
     described = [flow.describe(m) for m in found]
     runs = sorted({d["run"] for d in described})
@@ -56,9 +56,17 @@ def new_checkpoints(
     )
 
 
-def _ingest(context: dg.SensorEvaluationContext, store, root: Path) -> None:
-    for landed in flow.ingest_landed(store, root):
+def _landed_folders(checkpoints: CheckpointsResource) -> CheckpointFolders:
+    """ESPER_LANDING's checkpoints/ folder; on S3 through the code location's bounded
+    client (the object store's)."""
+    on_s3 = checkpoints.landing.startswith("s3://")
+    client = checkpoints.object_store.s3.get_client() if on_s3 else None
+    return checkpoint_folders(checkpoints.landing, client)
+
+
+def _ingest(context: dg.SensorEvaluationContext, store, landing: CheckpointFolders) -> None:
+    for landed in flow.ingest_landed(store, landing):
         if landed.error:
-            context.log.warning(f"refused {landed.path}: {landed.error}")
+            context.log.warning(f"refused {landed.location}: {landed.error}")
         else:
-            context.log.info(f"ingested {landed.path} as {landed.asset_id}")
+            context.log.info(f"ingested {landed.location} as {landed.asset_id}")
