@@ -1,4 +1,6 @@
-"""The landing zone: where new blueprint files arrive (a directory or an S3 prefix).
+"""The landing zone: where new blueprint files arrive (a directory or an S3 prefix),
+and, under its ``checkpoints/`` folder, checkpoint folders (``CheckpointFolders``:
+storage only; ``flows.checkpoints`` decides what they mean).
 
 Both implementations show the same picture: the files directly under
 ``blueprints/``, each with a change stamp that grows when the file is written
@@ -416,10 +418,9 @@ class S3Checkpoints:
     @contextmanager
     def local_files(self, folder: str, names: list[str]) -> Iterator[dict[str, Path]]:
         with TemporaryDirectory(prefix="esper-landed-") as tmp:
-            paths = {}
-            for name in names:
-                paths[name] = Path(tmp) / name
-                self._download(f"{self.folder}{folder}/{name}", paths[name])
+            paths = {name: Path(tmp) / name for name in names}  # a file two components share: once
+            for name, path in paths.items():
+                self._download(f"{self.folder}{folder}/{name}", path)
             yield paths
 
     def _download(self, key: str, path: Path) -> None:

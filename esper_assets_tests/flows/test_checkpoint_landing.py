@@ -131,6 +131,14 @@ def test_a_bad_folder_is_rejected_once_with_its_reason(landing, store, step, man
     assert store.list("late") == []
 
 
+def test_two_components_may_share_one_file(landing, store):
+    manifest = {"components": {"model": "w.bin", "ema": "w.bin"}}
+    landing.land("twin", "0", manifest, {"w.bin": b"shared" * 100})
+    (landed,) = ingest_landed(store, landing.folders)
+    assert landed.error == ""
+    assert sorted(store.show("twin", 0)["components"]) == ["ema", "model"]
+
+
 def test_a_step_saved_already_is_rejected_saying_so(landing, store):
     store.save("dup", 0, {"model": b"original"})
     folder = landing.land("dup", "0", {"components": {"model": "m.bin"}}, {"m.bin": b"other"})
