@@ -1,9 +1,11 @@
 """Restoring manifest files into a directory, all or nothing.
 
-Each file is streamed chunk by chunk (fetched in parallel and verified by the chunk
-store) into a temporary name beside its target, hashed on the way and checked
-against the manifest's blake3. Only when every file is complete and matches are
-they renamed into place; on any error the temporaries (and the directories we
+Each file's chunks are fetched and verified in parallel by the chunk store's
+workers, each writing its chunk at its offset of a temporary file beside the target
+(a file is its chunks in order, and each chunk hashes to its address, so verifying
+every chunk verifies the file: its digest is the hash of that list, checked when the
+manifest is read). The file is flushed to disk; only when every file is complete
+are they renamed into place; on any error the temporaries (and the directories we
 made) are removed, so the destination never holds part of a checkpoint.
 
 May import: ``esper_assets.errors``, ``storage.chunks``, numpy.
@@ -12,9 +14,11 @@ May import: ``esper_assets.errors``, ``storage.chunks``, numpy.
 from __future__ import annotations
 
 import contextlib
+import io
+import itertools
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,13 +61,20 @@ def restore_files(
     files: list[tuple[str, dict[str, Any]]],
     report: RestoreReport,
     progress: Progress | None = None,
-    workers: int = 8,
+    workers: int = 4,
 ) -> RestoreReport:
     """Write each (component, file entry) to ``dest/component/path``; see the module."""
     total = sum(entry["size"] for _, entry in files)
     done = 0
     made_dirs: list[Path] = []
     written: list[tuple[Path, Path]] = []  # (temporary, target)
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
     try:
         _make_dir(report.dest, made_dirs)
         for component, entry in files:
@@ -71,10 +82,8 @@ def restore_files(
             _make_dir(target.parent, made_dirs)
             temporary = target.parent / f".{entry['path']}.{uuid.uuid4().hex[:8]}.partial"
             written.append((temporary, target))
-            for n in _write_file(chunks, entry, temporary, f"{component}/{entry['path']}", workers):
-                done += n
-                if progress is not None:
-                    progress(done, total)
+            what = f"{component}/{entry['path']}"
+            _write_file(chunks, entry, temporary, what, workers, advance)
         for temporary, target in written:
             os.replace(temporary, target)
     except BaseException:
@@ -87,41 +96,76 @@ def restore_files(
 
 
 def _write_file(
-    chunks: ChunkStore, entry: dict[str, Any], temporary: Path, what: str, workers: int
-) -> Iterable[int]:
-    """Stream ``entry``'s chunks into ``temporary``; yields the bytes of each chunk."""
-    hasher = blake3.blake3()
-    addresses = [address for address, _ in entry["chunks"]]
-    with open(temporary, "xb") as fh:
-        pieces = chunks.get_many(addresses, workers=workers)
-        for (address, size), data in zip(entry["chunks"], pieces, strict=True):
-            if len(data) != size:
-                raise InvalidCheckpoint(
-                    f"{what}: chunk {address} holds {len(data)} bytes, the manifest says {size}"
-                )
-            hasher.update(data)
-            fh.write(data)
-            yield size
-        fh.flush()
-        os.fsync(fh.fileno())
-    if hasher.hexdigest() != entry["blake3"]:
-        raise InvalidCheckpoint(f"{what}: the restored bytes do not match the manifest's blake3")
+    chunks: ChunkStore,
+    entry: dict[str, Any],
+    temporary: Path,
+    what: str,
+    workers: int,
+    advance: Callable[[int], None],
+) -> None:
+    """Fetch ``entry``'s chunks in parallel, each worker writing its chunk at its
+    offset of ``temporary``; then flush it to disk."""
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        offsets = _offsets(entry)
+
+        def deliver(i: int, data: bytes | memoryview) -> None:
+            _check_size(entry, i, data, what)
+            _pwrite_all(fd, data, offsets[i])
+
+        for i in chunks.read_many([a for a, _ in entry["chunks"]], deliver, workers):
+            advance(entry["chunks"][i][1])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if "digest" not in entry:  # a version 1 manifest: a hash of the whole file
+        with open(temporary, "rb") as fh:
+            _check_whole_file(entry, fh, what)
 
 
-def read_file(chunks: ChunkStore, entry: dict[str, Any], what: str, workers: int = 8) -> bytearray:
+def read_file(chunks: ChunkStore, entry: dict[str, Any], what: str, workers: int = 4) -> bytearray:
     """``entry``'s bytes in memory (for loading its tensors), verified like a restore."""
     buffer = bytearray(entry["size"])
-    hasher, position = blake3.blake3(), 0
-    pieces = chunks.get_many([a for a, _ in entry["chunks"]], workers=workers)
-    for (address, size), data in zip(entry["chunks"], pieces, strict=True):
-        if len(data) != size:
-            raise InvalidCheckpoint(f"{what}: chunk {address} has the wrong size")
-        buffer[position : position + size] = data
-        hasher.update(data)
-        position += size
-    if hasher.hexdigest() != entry["blake3"]:
-        raise InvalidCheckpoint(f"{what}: the bytes do not match the manifest's blake3")
+    offsets = _offsets(entry)
+
+    def deliver(i: int, data: bytes | memoryview) -> None:
+        _check_size(entry, i, data, what)
+        buffer[offsets[i] : offsets[i] + len(data)] = data
+
+    for _ in chunks.read_many([a for a, _ in entry["chunks"]], deliver, workers):
+        pass
+    if "digest" not in entry:
+        _check_whole_file(entry, io.BytesIO(buffer), what)
     return buffer
+
+
+def _offsets(entry: dict[str, Any]) -> list[int]:
+    """Where each chunk starts in its file."""
+    return list(itertools.accumulate((size for _, size in entry["chunks"]), initial=0))[:-1]
+
+
+def _check_size(entry: dict[str, Any], i: int, data: bytes | memoryview, what: str) -> None:
+    address, size = entry["chunks"][i]
+    if len(data) != size:
+        raise InvalidCheckpoint(
+            f"{what}: chunk {address} holds {len(data)} bytes, the manifest says {size}"
+        )
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _check_whole_file(entry: dict[str, Any], stream, what: str) -> None:
+    """Version 1 manifests hash the whole file: read it back and compare."""
+    hasher = blake3.blake3()
+    while block := stream.read(1 << 22):
+        hasher.update(block)
+    if hasher.hexdigest() != entry["blake3"]:
+        raise InvalidCheckpoint(f"{what}: the restored bytes do not match the manifest's blake3")
 
 
 def _make_dir(path: Path, made: list[Path]) -> None:

@@ -1,10 +1,14 @@
-"""What a component becomes before it is chunked: a :class:`Source`, one file's bytes
-in *segments* that are chunked separately (a safetensors header, then each tensor),
-with the checks that the file did not change while it was read.
+"""What a component becomes before it is stored: a :class:`Source`, one file's bytes
+as *pieces* (the chunks to store, in order), with the checks that the file did not
+change while it was read.
 
-A component value is a path to a ``.safetensors`` file (split per tensor), a
-``dict[str, numpy.ndarray]`` (laid out as a safetensors file, split the same way),
-or ``bytes`` / any other file path (one segment, content-defined chunks).
+A component value is a path to a ``.safetensors`` file, a ``dict[str, numpy.ndarray]``
+(laid out as a safetensors file), or ``bytes`` / any other file path. Tensors are cut
+per tensor into fixed pieces of :data:`TENSOR_CHUNK` bytes: a tensor's bytes never
+shift, so content-defined cuts would buy nothing, and an unchanged tensor gives the
+same chunks whatever changed around it. Other bytes get content-defined chunks
+(FastCDC), which survive insertions. Pieces of a file are ``FileRange`` objects that
+the chunk store's workers read themselves, in parallel, into buffers they reuse.
 :func:`snapshot` copies what a caller might mutate (arrays, bytearrays) and records
 each file's identity, so ``save_async`` may return before the bytes are read.
 
@@ -14,7 +18,7 @@ May import: ``esper_assets.errors``, ``checkpoints.safetensors``, ``checkpoints.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,9 @@ from esper_assets.checkpoints.safetensors import (
     parse_header,
 )
 from esper_assets.errors import InvalidCheckpoint, InvalidInput
+from esper_assets.storage.chunks import FileRange, cut_points, split_content
+
+TENSOR_CHUNK = 4 << 20
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Source:
     filename: str
     kind: str  # "safetensors", "arrays", "bytes" or "file"
     size: int
-    open_segments: Callable[[], Any]  # a context manager yielding the segments
+    open_pieces: Callable[[], Any]  # a context manager yielding the pieces, in order
     tensors: list[TensorSpan] = field(default_factory=list)
     metadata: dict[str, str] | None = None
     check: Callable[[], None] = lambda: None  # raises if the file changed since snapshot
@@ -49,7 +56,8 @@ class Source:
 
 class FileWindow:
     """``length`` bytes of an open file from ``start``, readable as a stream (the
-    chunker reads it with ``readinto``); reading past what the file holds yields less."""
+    content-defined chunker reads it with ``readinto`` to find its cut points);
+    reading past what the file holds yields less."""
 
     def __init__(self, fh, start: int, length: int) -> None:
         self._fh, self._pos, self._left = fh, start, length
@@ -77,7 +85,8 @@ def snapshot(components: Mapping[str, object]) -> list[Source]:
 def _source(name: str, value: object) -> Source:
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)  # a copy of a bytearray: the caller may change it afterwards
-        return Source(name, f"{name}.bin", "bytes", len(data), lambda: _segments([data]))
+        return Source(name, f"{name}.bin", "bytes", len(data),
+                      lambda: _given(split_content(data)))  # fmt: skip
     if isinstance(value, Mapping):
         return _arrays_source(name, value)
     if isinstance(value, (str, os.PathLike)):
@@ -92,8 +101,27 @@ def _source(name: str, value: object) -> Source:
 
 
 @contextmanager
-def _segments(items: list) -> Iterator[list]:
-    yield items
+def _given(pieces: Iterable) -> Iterator[Iterable]:
+    yield pieces
+
+
+def fixed_pieces(length: int, size: int = TENSOR_CHUNK) -> Iterator[tuple[int, int]]:
+    """(offset, length) of consecutive pieces of at most ``size`` bytes."""
+    for start in range(0, length, size):
+        yield start, min(size, length - start)
+
+
+def _buffer_pieces(parts: list[memoryview]) -> Iterator[memoryview]:
+    for part in parts:
+        for start, n in fixed_pieces(len(part)):
+            yield part[start : start + n]
+
+
+def _file_pieces(fd: int, spans: list[tuple[int, int]]) -> Iterator[FileRange]:
+    """Fixed pieces of each (start, length) span of the open file ``fd``."""
+    for start, length in spans:
+        for offset, n in fixed_pieces(length):
+            yield FileRange(fd, start + offset, n)
 
 
 def _arrays_source(name: str, arrays: Mapping[str, object]) -> Source:
@@ -102,10 +130,10 @@ def _arrays_source(name: str, arrays: Mapping[str, object]) -> Source:
     copies = {k: np.array(a, order="C", copy=True) for k, a in arrays.items()}
     header, laid_out = encode_header(copies)
     layout = parse_header(header, len(header) + sum(a.nbytes for a in laid_out), name)
-    parts = [header] + [memoryview(a.reshape(-1).view(np.uint8)) for a in laid_out]
+    parts = [memoryview(header)] + [memoryview(a.reshape(-1).view(np.uint8)) for a in laid_out]
     size = sum(len(p) for p in parts)
-    return Source(name, f"{name}.safetensors", "arrays", size, lambda: _segments(parts),
-                  layout.tensors)  # fmt: skip
+    return Source(name, f"{name}.safetensors", "arrays", size,
+                  lambda: _given(_buffer_pieces(parts)), layout.tensors)  # fmt: skip
 
 
 def _identity(path: Path, what: str) -> tuple[int, int, int]:
@@ -131,11 +159,12 @@ def _file_source(name: str, path: Path) -> Source:
     before = _identity(path, what)
 
     @contextmanager
-    def segments():
+    def pieces():
         with open(path, "rb") as fh:
-            yield [FileWindow(fh, 0, before[0])]
+            cuts = cut_points(FileWindow(fh, 0, before[0]))
+            yield (FileRange(fh.fileno(), offset, n) for offset, n in cuts)
 
-    return Source(name, check_name("file name", path.name), "file", before[0], segments,
+    return Source(name, check_name("file name", path.name), "file", before[0], pieces,
                   check=_unchanged_check(path, before, what))  # fmt: skip
 
 
@@ -148,12 +177,12 @@ def _safetensors_source(name: str, path: Path) -> Source:
         fh.seek(0)
         layout = parse_header(fh.read(8 + min(n, MAX_HEADER_BYTES)), size, what)
 
-    @contextmanager
-    def segments():
-        with open(path, "rb") as fh:
-            yield [FileWindow(fh, 0, layout.header_end)] + [
-                FileWindow(fh, t.start, t.end - t.start) for t in layout.tensors
-            ]
+    spans = [(0, layout.header_end)] + [(t.start, t.end - t.start) for t in layout.tensors]
 
-    return Source(name, check_name("file name", path.name), "safetensors", size, segments,
+    @contextmanager
+    def pieces():
+        with open(path, "rb") as fh:
+            yield _file_pieces(fh.fileno(), spans)
+
+    return Source(name, check_name("file name", path.name), "safetensors", size, pieces,
                   layout.tensors, layout.metadata, _unchanged_check(path, before, what))  # fmt: skip

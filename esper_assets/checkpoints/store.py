@@ -13,8 +13,11 @@ May import: ``esper_assets.errors``, ``settings``, ``storage``, and this package
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from esper_assets.checkpoints import manifest as mf
+from esper_assets.checkpoints.kasmina import mapped_kernels
 from esper_assets.checkpoints.restore import (
     Progress,
     RestoreReport,
@@ -68,6 +72,15 @@ class CheckpointInfo:
     kernels: tuple[str, ...]
 
 
+def _yield_to_training() -> None:
+    """Lower the background saver's CPU priority to the lowest (nice 19), so a
+    ``save_async`` takes the cycles training leaves idle instead of slowing it down.
+    Linux sets priority per thread, and the threads this one starts (the chunk
+    store's workers) inherit it; elsewhere this may not apply and is skipped."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 def asset_id_for(run_id: str, step: int) -> str:
     """Deterministic, so a second save of one (run, step) collides on the primary key."""
     return f"checkpoint:{run_id}:{step}"
@@ -80,7 +93,9 @@ class CheckpointStore:
     def __init__(self, chunks: ChunkStore, repo: AssetRepository, *, owns: bool = False) -> None:
         self.chunks, self.repo = chunks, repo
         self._owns = owns
-        self._background = ThreadPoolExecutor(1, thread_name_prefix="esper-checkpoint")
+        self._background = ThreadPoolExecutor(
+            1, thread_name_prefix="esper-checkpoint", initializer=_yield_to_training
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> CheckpointStore:
@@ -108,7 +123,7 @@ class CheckpointStore:
         metrics: Mapping[str, Any] | None = None,
     ) -> CheckpointInfo:
         """Store ``components`` as step ``step`` of ``run_id`` (see the module)."""
-        run_id, step, kernels, metrics = self._checked(run_id, step, kernels, metrics)
+        run_id, step, kernels, metrics = self._checked(run_id, step, components, kernels, metrics)
         return self._save(run_id, step, snapshot(components), kernels, metrics)
 
     def save_async(
@@ -122,14 +137,19 @@ class CheckpointStore:
         """Like :meth:`save`, in one background worker. Arrays and bytearrays are
         copied before this returns (the caller may change them at once); files are
         read in the background and must not change meanwhile (InvalidCheckpoint)."""
-        run_id, step, kernels, metrics = self._checked(run_id, step, kernels, metrics)
+        run_id, step, kernels, metrics = self._checked(run_id, step, components, kernels, metrics)
         sources = snapshot(components)
         return self._background.submit(self._save, run_id, step, sources, kernels, metrics)
 
-    def _checked(self, run_id, step, kernels, metrics) -> tuple[str, int, list[str], dict]:
+    def _checked(
+        self, run_id, step, components, kernels, metrics
+    ) -> tuple[str, int, list[str], dict]:
+        """The arguments checked before anything is stored; the kernels given and
+        those the kasmina component maps seeds to."""
         if isinstance(kernels, str):
             kernels = [kernels]
         kernels = [mf.check_name("kernel id", k) for k in kernels]
+        kernels = sorted(set(kernels) | set(mapped_kernels(components)))
         metrics = dict(metrics or {})
         mf.encode(metrics)  # refuse what JSON cannot hold now, not after the chunks
         return mf.check_name("run id", run_id), mf.check_step(step), kernels, metrics
@@ -251,9 +271,13 @@ class CheckpointStore:
 
     def show(self, run_id: str, step: int | None = None) -> dict[str, Any]:
         """The manifest of ``run_id`` at ``step`` (default: its latest step)."""
+        return self._manifest(run_id, step, record_access=True)
+
+    def _manifest(self, run_id: str, step: int | None, record_access: bool) -> dict[str, Any]:
+        """``record_access=False`` for checks (verify) that are not a use."""
         asset_id = self._find(run_id, step).asset_id
         try:
-            meta, data = self.repo.get_asset(asset_id)
+            meta, data = self.repo.get_asset(asset_id, record_access=record_access)
         except AssetExpired:  # retention deleted it (see retention.delete_checkpoint)
             raise CheckpointNotFound(
                 f"run {run_id!r} has no checkpoint at step {step}: retention deleted it"
@@ -330,21 +354,32 @@ class CheckpointStore:
         chunks re-read and re-hashed (all, or a ``sample`` fraction of them)."""
         if sample is not None and not 0 < sample <= 1:
             raise InvalidInput(f"sample must be a fraction in (0, 1], got {sample!r}")
-        manifest = self.show(run_id, step)
+        manifest = self._manifest(run_id, step, record_access=False)
         addresses = sorted({a for c in manifest["components"].values()
                             for f in c["files"] for a, _ in f["chunks"]})  # fmt: skip
         missing = sorted(self.chunks.missing(addresses))
         present = [a for a in addresses if a not in set(missing)]
         count = len(present) if sample is None else math.ceil(len(present) * float(sample))
-        corrupt = []
-        for address in random.sample(present, min(count, len(present))):
-            try:
-                self.chunks.verify(address)
-            except (CorruptChunk, MissingChunk) as exc:
-                corrupt.append({"address": address, "error": str(exc)})
+        chosen = random.sample(present, min(count, len(present)))
+        corrupt = [{"address": a, "error": str(exc)} for a, exc in self._unsound(chosen)]
         return {"run": manifest["run"], "step": manifest["step"], "chunks": len(addresses),
                 "missing": missing, "verified": min(count, len(present)), "corrupt": corrupt,
                 "ok": not missing and not corrupt}  # fmt: skip
+
+    def _unsound(self, addresses: list[str]) -> list[tuple[str, Exception]]:
+        """(address, error) of each chunk that fails to read back whole, checked in
+        parallel; a failure does not stop the others."""
+        failures: list[tuple[str, Exception]] = []
+
+        def check(address: str) -> None:
+            try:
+                self.chunks.verify(address)
+            except (CorruptChunk, MissingChunk) as exc:
+                failures.append((address, exc))
+
+        with ThreadPoolExecutor(4, thread_name_prefix="chunk-verify") as executor:
+            list(executor.map(check, addresses))
+        return sorted(failures, key=lambda f: f[0])
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:

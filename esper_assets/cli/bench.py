@@ -95,8 +95,9 @@ def bench_checkpoints(quick: bool, out: Path | None, as_json: bool) -> None:
 _CHECKPOINT_COLUMNS = (
     ("stored", "stored_fraction"), ("save MB/s", "save_mb_s"), ("raw copy MB/s", "raw_copy_mb_s"),
     ("+fsync MB/s", "raw_copy_fsync_mb_s"),
-    ("save/raw", "save_vs_raw"), ("restore MB/s", "restore_mb_s"),
-    ("restore/raw", "restore_vs_raw"), ("restore s/GB", "restore_s_per_gb"),
+    ("save/raw", "save_vs_raw"), ("save/+fsync", "save_vs_durable_copy"),
+    ("restore MB/s", "restore_mb_s"), ("restore/raw", "restore_vs_raw"),
+    ("restore/+fsync", "restore_vs_durable_copy"), ("restore s/GB", "restore_s_per_gb"),
     ("save RSS MB", "save_peak_rss_mb"), ("restore RSS MB", "restore_peak_rss_mb"),
 )  # fmt: skip
 

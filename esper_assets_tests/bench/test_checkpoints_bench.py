@@ -14,7 +14,8 @@ SCENARIOS = ["initial", "full_fp32", "frozen_80", "lora_1", "unchanged", "bf16"]
 FIGURES = {
     "logical_bytes", "stored_bytes", "stored_fraction", "raw_copy_mb_s", "raw_copy_fsync_mb_s",
     "save_mb_s",
-    "save_vs_raw", "restore_mb_s", "restore_vs_raw", "restore_s_per_gb", "save_peak_rss_mb",
+    "save_vs_raw", "save_vs_durable_copy", "restore_mb_s", "restore_vs_raw",
+    "restore_vs_durable_copy", "restore_s_per_gb", "save_peak_rss_mb",
     "restore_peak_rss_mb", "child_baseline_rss_mb", "restored_size_ok", "targets", "ok",
 }  # fmt: skip
 

@@ -130,17 +130,22 @@ def test_restore_into_a_non_empty_directory_needs_force(checkpoints, tmp_path):
 
 
 class Interfering:
-    """A chunk store whose put_many runs ``interfere`` once, before the second batch
-    (a writer touching the file, the object store going away)."""
+    """A chunk store that runs ``interfere`` once in the middle of a save: when
+    put_many has taken four chunks (a writer touching the file, the object store
+    going away)."""
 
     def __init__(self, chunks, interfere) -> None:
-        self._chunks, self._interfere, self._calls = chunks, interfere, 0
+        self._chunks, self._interfere, self.done = chunks, interfere, False
 
     def put_many(self, chunks, workers=4):
-        self._calls += 1
-        if self._calls == 2:
-            self._interfere()
-        return self._chunks.put_many(chunks, workers=workers)
+        def taken():
+            for n, chunk in enumerate(chunks):
+                if n == 4 and not self.done:
+                    self.done = True
+                    self._interfere()
+                yield chunk
+
+        return self._chunks.put_many(taken(), workers=workers)
 
     def __getattr__(self, name):
         return getattr(self._chunks, name)
@@ -154,10 +159,12 @@ def test_a_file_changing_while_it_is_saved(checkpoints, tmp_path):
         with open(path, "ab") as fh:
             fh.write(b"more")
 
-    store = CheckpointStore(Interfering(checkpoints.chunks, append), checkpoints.repo)
+    interfering = Interfering(checkpoints.chunks, append)
+    store = CheckpointStore(interfering, checkpoints.repo)
     with pytest.raises(InvalidCheckpoint, match="changed while it was being saved"):
         store.save("run-w", 0, {"data": path})
     store.close()
+    assert interfering.done
     assert checkpoints.list() == []
 
 
@@ -165,10 +172,12 @@ def test_the_object_store_going_away_mid_save_leaves_no_manifest(checkpoints, tm
     def fail() -> None:
         raise StorageError("object store unreachable")
 
-    store = CheckpointStore(Interfering(checkpoints.chunks, fail), checkpoints.repo)
+    interfering = Interfering(checkpoints.chunks, fail)
+    store = CheckpointStore(interfering, checkpoints.repo)
     with pytest.raises(StorageError, match="unreachable"):
         store.save("run-o", 0, {"model": weights(20, size=256 * 1024)})
     store.close()
+    assert interfering.done
     assert checkpoints.list() == []
 
 

@@ -5,14 +5,12 @@ one end-to-end save whose manifest lists them (skipped until the store is wired)
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 
 import numpy as np
 import pytest
 
-import esper_assets.checkpoints.store as store_module
 from esper_assets.checkpoints.kasmina import KASMINA, MAX_JSON_BYTES, mapped_kernels
 from esper_assets.checkpoints.safetensors import encode_header
 from esper_assets.errors import InvalidCheckpoint, InvalidInput
@@ -166,14 +164,6 @@ def test_unreadable_files_are_refused(tmp_path):
 
 
 # -- end to end ---------------------------------------------------------------------------------
-WIRED = "mapped_kernels" in inspect.getsource(store_module)
-
-
-@pytest.mark.skipif(
-    not WIRED,
-    reason="CheckpointStore.save does not read the kasmina mappings yet (the lead wires "
-    "mapped_kernels into store.py; remove this skip then)",
-)
 @pytest.mark.parametrize("how", ["save", "save_async"])
 def test_a_save_lists_the_mapped_kernels_with_the_given_ones(checkpoints, how):
     components = {"model": weights(2, 16), KASMINA: document(SEEDS)}

@@ -437,5 +437,7 @@ def _build_l4(c: CacheConfig, store: ObjectStore | None) -> ObjectTier | None:
         client = make_s3_client(c.s3_endpoint_url, c.object_store_timeout_s)
         return ObjectTier(S3ObjectStore(client, c.s3_bucket, c.s3_prefix), c.l4_ttl_seconds)
     if c.object_store_path:
-        return ObjectTier(DirectoryObjectStore(c.object_store_path), c.l4_ttl_seconds)
+        return ObjectTier(
+            DirectoryObjectStore(c.object_store_path, durable=False), c.l4_ttl_seconds
+        )
     return None

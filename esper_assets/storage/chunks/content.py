@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from esper_assets.errors import InvalidInput
 
@@ -15,6 +15,15 @@ _ADDRESS = re.compile(r"[0-9a-f]{64}")
 
 # pyfastcdc's bounds on min / avg / max chunk sizes.
 _MIN_AVG, _MAX_AVG = 256, 1 << 22
+
+
+class FileRange(NamedTuple):
+    """``length`` bytes of the open file ``fd`` from ``offset``: a chunk that the
+    worker storing it reads itself, into a buffer it reuses."""
+
+    fd: int
+    offset: int
+    length: int
 
 
 def address_of(data: bytes | memoryview) -> str:
@@ -75,3 +84,14 @@ def split_content(
         )
     for chunk in chunker.cut_stream(data):
         yield bytes(chunk.data)
+
+
+def cut_points(stream: BinaryIO, avg_size: int = DEFAULT_AVG_SIZE) -> Iterator[tuple[int, int]]:
+    """Where :func:`split_content` would cut ``stream``: (offset, length) of each chunk,
+    without copying any out (a caller that reads them again, in parallel, wants the
+    places, not the bytes)."""
+    from pyfastcdc import FastCDC
+
+    low, avg, high = chunk_sizes(avg_size)
+    for chunk in FastCDC(avg, min_size=low, max_size=high).cut_stream(stream):
+        yield chunk.offset, chunk.length

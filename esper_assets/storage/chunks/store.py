@@ -7,7 +7,10 @@ Reads re-hash every chunk: what comes back is what was put, or an error."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
+import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +19,7 @@ from typing import NamedTuple
 
 from esper_assets.errors import CorruptChunk, InvalidInput, MissingChunk
 from esper_assets.storage.chunks import codec
-from esper_assets.storage.chunks.content import address_of, byte_view, check_address
+from esper_assets.storage.chunks.content import FileRange, address_of, byte_view, check_address
 from esper_assets.storage.chunks.gc import ChunkGcResult, collect_chunks
 from esper_assets.storage.chunks.index import (
     ChunkIndex,
@@ -55,7 +58,7 @@ class ChunkStore:
         *,
         postgres_url: str | None = None,
         sqlite_path: str | None = None,
-        level: int = 3,
+        level: int = 1,
         timeout_s: float = 3.0,
     ) -> None:
         if (postgres_url is None) == (sqlite_path is None):
@@ -84,71 +87,85 @@ class ChunkStore:
         return f"{self.objects.location} (index {self.index.location})"
 
     # -- writes ---------------------------------------------------------------------------
-    def put(self, data: bytes | memoryview) -> ChunkRef:
+    def put(self, data: bytes | memoryview | FileRange) -> ChunkRef:
         """Store ``data`` once under its address; idempotent."""
-        return self._put_window([_as_bytes(data)], executor=None)[0]
+        return self.put_many([data], workers=1)[0]
 
-    def put_many(self, chunks: Iterable[bytes | memoryview], workers: int = 4) -> list[ChunkRef]:
-        """Store each chunk once; refs in input order. Works in windows of
-        2 * workers chunks (one index query each, objects written in parallel), so an
-        unbounded iterable is never held in memory at once."""
+    def put_many(
+        self, chunks: Iterable[bytes | memoryview | FileRange], workers: int = 4
+    ) -> list[ChunkRef]:
+        """Store each chunk once; refs in input order.
+
+        One of ``workers`` threads hashes, looks up and (if the index does not list
+        it) writes each chunk, at most 2 * workers at a time, so an unbounded iterable
+        is never held in memory at once. A chunk repeated in the input is written
+        once. The objects written are then made durable together (one flush, not one
+        per object: on a small VM disk a flush per 1 MiB object cost 5x the save) and
+        only then indexed, so the index never names an object a power cut could lose.
+        On a failure, what was written is still flushed and indexed, then the first
+        error is raised."""
         workers = _check_workers(workers)
-        refs: list[ChunkRef] = []
-        source = iter(chunks)
-        with ThreadPoolExecutor(workers, thread_name_prefix="chunk-put") as executor:
-            while window := [_as_bytes(c) for c in itertools.islice(source, 2 * workers)]:
-                refs.extend(self._put_window(window, executor))
-        return refs
+        checked = (_checked_chunk(c) for c in chunks)
+        batch = _Batch()
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="chunk-put") as executor:
+                put = functools.partial(self._put_one, batch=batch)
+                refs = list(_in_order(executor, put, checked, 2 * workers))
+        finally:
+            inserted = self._commit(batch.written)
+        return [ref._replace(new=ref.new and ref.address in inserted) for ref in refs]
 
-    def _put_window(self, window: list, executor: ThreadPoolExecutor | None) -> list[ChunkRef]:
-        """Hash the window's chunks, ask the index once which it lists, write the
-        others' objects, then (only then) record them in the index."""
-        run = executor.map if executor is not None else map
-        addresses = list(run(address_of, window))
-        known = self.index.touch(sorted(set(addresses)))
-        # The first occurrence of each unknown address is written; repeats reuse it.
-        todo = {a: data for a, data in zip(addresses, window, strict=True) if a not in known}
-        written, failure = self._write_objects(todo, executor)
-        inserted = self.index.add([Row(a, len(todo[a]), stored) for a, stored in written.items()])
-        if failure is not None:
-            raise failure  # after indexing what did land: nothing written is lost
-        sizes = known | written
-        refs, seen = [], set()
-        for address, data in zip(addresses, window, strict=True):
-            new = address in inserted and address not in seen
-            seen.add(address)
-            refs.append(ChunkRef(address, len(data), sizes[address], new))
-        return refs
+    def _put_one(self, chunk: bytes | memoryview | FileRange, batch: _Batch) -> ChunkRef:
+        """Hash, then ask the index; write the object only if it is not listed (its
+        ref says ``new``; :meth:`_commit` indexes it)."""
+        data = _read_range(chunk) if isinstance(chunk, FileRange) else chunk
+        address = address_of(data)
+        first = batch.claim(address)
+        if first is not None:  # the same bytes earlier in this call
+            return first.result()._replace(new=False)
+        try:
+            listed = self.index.touch([address])
+            if address in listed:
+                ref = ChunkRef(address, len(data), listed[address], False)
+            else:
+                stored = self._write_object(address, data)
+                batch.written.append(Row(address, len(data), stored))
+                ref = ChunkRef(address, len(data), stored, True)
+        except BaseException as exc:
+            batch.settle(address, exc)
+            raise
+        batch.settle(address, ref)
+        return ref
 
-    def _write_objects(
-        self, todo: dict, executor: ThreadPoolExecutor | None
-    ) -> tuple[dict[str, int], Exception | None]:
-        """Encode and write each chunk; ({address: stored size} of those written, the
-        first failure or None)."""
-        if executor is None:
-            futures = {a: _done(self._write_object, a, d) for a, d in todo.items()}
-        else:
-            futures = {a: executor.submit(self._write_object, a, d) for a, d in todo.items()}
-        written, failure = {}, None
-        for address, future in futures.items():
-            try:
-                written[address] = future.result()
-            except Exception as exc:
-                failure = failure or exc
-        return written, failure
+    def _commit(self, rows: list[Row]) -> set[str]:
+        """Flush the objects of ``rows`` to durable storage, then index them; the
+        addresses this call inserted (another process may have stored one meanwhile)."""
+        if not rows:
+            return set()
+        self.objects.sync([object_key(row.address) for row in rows])
+        inserted: set[str] = set()
+        for start in range(0, len(rows), _QUERY_BATCH):
+            inserted |= self.index.add(rows[start : start + _QUERY_BATCH])
+        return inserted
 
     def _write_object(self, address: str, data: bytes | memoryview) -> int:
-        blob = codec.encode(data, self.level)
-        self.objects.put(object_key(address), blob)
-        return len(blob)
+        parts = codec.encode(data, self.level)
+        self.objects.put(object_key(address), parts, durable=False)  # see _commit
+        return sum(len(p) for p in parts)
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, address: str) -> bytes:
         """The raw bytes of a chunk, re-hashed. MissingChunk / CorruptChunk / InvalidInput."""
+        data = self._fetch(address)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def _fetch(self, address: str) -> bytes | memoryview:
+        """The chunk's verified bytes, perhaps a view into this thread's read buffer
+        (valid until its next read)."""
         key = object_key(check_address(address))
-        blob = self.objects.get(key)
+        blob = self.objects.get_view(key)
         if blob is None:  # archived? (archive copies first, then deletes: one is there)
-            blob = self.objects.get(archive_key(address))
+            blob = self.objects.get_view(archive_key(address))
             key = archive_key(address) if blob is not None else key
         if blob is None:
             raise MissingChunk(
@@ -172,24 +189,39 @@ class ChunkStore:
             "store it anew"
         )
 
-    def get_many(self, addresses: Iterable[str], workers: int = 4) -> Iterator[bytes]:
-        """The chunks in order, fetched in parallel; at most 2 * workers in memory."""
+    def read_many(
+        self,
+        addresses: Iterable[str],
+        deliver: Callable[[int, bytes | memoryview], None],
+        workers: int = 4,
+    ) -> Iterator[int]:
+        """Fetch and verify the chunks in parallel; each worker hands the i-th chunk to
+        ``deliver(i, data)`` itself (``data`` is valid only during the call: write or
+        copy it there). Yields each i in order once delivered; at most 2 * workers
+        chunks are in flight. The first error stops the rest and is raised."""
         workers = _check_workers(workers)
-        source = iter(addresses)
+
+        def fetch_and_deliver(item: tuple[int, str]) -> int:
+            deliver(item[0], self._fetch(item[1]))
+            return item[0]
+
         with ThreadPoolExecutor(workers, thread_name_prefix="chunk-get") as executor:
-            pending: deque[Future] = deque()
-            for address in itertools.islice(source, 2 * workers):
-                pending.append(executor.submit(self.get, address))
-            while pending:
-                data = pending.popleft().result()
-                for address in itertools.islice(source, 1):
-                    pending.append(executor.submit(self.get, address))
-                yield data
-                # A consumer that stops early leaves the rest to the executor's exit.
+            yield from _in_order(executor, fetch_and_deliver, enumerate(addresses), 2 * workers)
+
+    def get_many(self, addresses: Iterable[str], workers: int = 4) -> Iterator[bytes]:
+        """The chunks' bytes in order, fetched in parallel (:meth:`read_many`, with a
+        copy of each chunk kept until its turn)."""
+        fetched: dict[int, bytes] = {}
+
+        def keep(i: int, data: bytes | memoryview) -> None:
+            fetched[i] = data if isinstance(data, bytes) else bytes(data)
+
+        for i in self.read_many(addresses, keep, workers):
+            yield fetched.pop(i)
 
     def verify(self, address: str) -> None:
         """Raise as :meth:`get` would; return nothing when the chunk is sound."""
-        self.get(address)
+        self._fetch(address)
 
     def missing(self, addresses: Iterable[str]) -> set[str]:
         """Those of ``addresses`` the index does not list."""
@@ -258,6 +290,78 @@ class ChunkStore:
         self.close()
 
 
+class _Batch:
+    """One put_many call's bookkeeping: the first chunk of each address stores it
+    (the repeats wait for its ref), and the rows of the objects it wrote."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._first: dict[str, Future] = {}
+        self.written: list[Row] = []  # list.append is atomic: workers append at once
+
+    def claim(self, address: str) -> Future | None:
+        """None for the first claim of ``address`` (store it, then settle); the first
+        claimant's future for the others."""
+        with self._lock:
+            if address in self._first:
+                return self._first[address]
+            self._first[address] = Future()
+            return None
+
+    def settle(self, address: str, outcome: ChunkRef | BaseException) -> None:
+        future = self._first[address]
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+_reads = threading.local()  # each worker's buffer for the file ranges it reads
+
+
+def _read_range(chunk: FileRange) -> memoryview:
+    """The range's bytes in this thread's reusable buffer (a fresh 4 MiB buffer per
+    chunk costs more in page faults than hashing it)."""
+    buffer = getattr(_reads, "buffer", None)
+    if buffer is None or len(buffer) < chunk.length:
+        buffer = _reads.buffer = bytearray(max(chunk.length, 1 << 20))
+    view = memoryview(buffer)[: chunk.length]
+    got = 0
+    while got < chunk.length and (n := os.preadv(chunk.fd, [view[got:]], chunk.offset + got)):
+        got += n
+    if got < chunk.length:
+        raise InvalidInput(
+            f"only {got} of {chunk.length} bytes could be read at offset {chunk.offset}: "
+            "the file is shorter than it was (it changed while it was read)"
+        )
+    return view
+
+
+def _checked_chunk(chunk: object) -> bytes | memoryview | FileRange:
+    if isinstance(chunk, FileRange):
+        if not 0 <= chunk.length <= codec.MAX_CHUNK_BYTES:
+            raise InvalidInput(
+                f"a chunk holds at most {codec.MAX_CHUNK_BYTES} bytes, not {chunk.length}"
+            )
+        return chunk
+    return _as_bytes(chunk)
+
+
+def _in_order(executor: ThreadPoolExecutor, fn: Callable, items: Iterable, depth: int) -> Iterator:
+    """``fn(item)`` for each item on ``executor``, at most ``depth`` at a time; the
+    results in input order. On an error, what has not started is cancelled."""
+    source = iter(items)
+    pending: deque[Future] = deque(executor.submit(fn, i) for i in itertools.islice(source, depth))
+    try:
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(executor.submit(fn, i) for i in itertools.islice(source, 1))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 def _as_bytes(data: object) -> bytes | memoryview:
     if isinstance(data, bytes):
         view = data
@@ -277,13 +381,3 @@ def _check_workers(workers: object) -> int:
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 64:
         raise InvalidInput(f"workers must be an int in [1, 64], not {workers!r}")
     return workers
-
-
-def _done(fn, *args) -> Future:
-    """``fn(*args)`` as a finished Future (its result or its exception)."""
-    future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except Exception as exc:
-        future.set_exception(exc)
-    return future

@@ -2,14 +2,17 @@
 
 Both stores speak in keys like ``kernels/abc``; the S3 store puts them under a
 prefix in a bucket, the directory store under a root folder, written atomically
-(temporary file + rename) so a crash never leaves half an object behind.
+(temporary file + rename) so a crash never leaves half an object behind, and (when
+``durable``) flushed to disk before the rename, so an object that a database row
+names survives a power cut too.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +20,10 @@ from esper_assets.errors import InvalidInput, StorageError, TierUnavailable
 
 # S3's answers for a key that does not exist (GetObject, HeadObject).
 MISSING_KEY = ("NoSuchKey", "404")
+
+# What ``put`` takes: the object's bytes, or its parts in order (written without
+# joining them: a 4 MiB chunk and its one-byte codec prefix are not copied together).
+Data = bytes | memoryview | Sequence[bytes | memoryview]
 
 
 def boto_errors() -> tuple[type[Exception], ...]:
@@ -54,8 +61,22 @@ class ObjectStore(Protocol):
     location: str
 
     def get(self, key: str) -> bytes | None: ...
+    def get_view(self, key: str) -> memoryview | None:
+        """The object's bytes, perhaps in a buffer this thread reuses: valid until the
+        same thread's next ``get_view`` (copy what you keep). For bulk reads, where a
+        fresh buffer per object costs more in page faults than the read itself."""
+        ...
+
     def head(self, key: str, n: int) -> bytes | None: ...
-    def put(self, key: str, data: bytes) -> None: ...
+    def put(self, key: str, data: Data, durable: bool | None = None) -> None:
+        """Write ``key``; ``durable=False`` leaves flushing to a later :meth:`sync`
+        (None: the store's own default)."""
+        ...
+
+    def sync(self, keys: Sequence[str]) -> None:
+        """Make the objects just put under ``keys`` durable (survive a power cut)."""
+        ...
+
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> Iterator[tuple[str, int, float]]:
         """(key, size in bytes, last modified as Unix time) under ``prefix``."""
@@ -73,11 +94,34 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _parts(data: Data) -> list[bytes | memoryview]:
+    return [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+
+
+def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    """``os.writev`` until every byte is written (it may write less than asked)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
+
+
 class DirectoryObjectStore:
-    def __init__(self, root: Path | str) -> None:
+    """Objects as files under ``root``. ``durable`` (the default) fsyncs each object
+    before renaming it into place; the cache's L4 turns it off (a lost L4 object is a
+    miss, and the cache verifies what it reads), stores that databases point into
+    (the repository) must keep it. A bulk writer (the chunk store) puts with
+    ``durable=False`` and calls :meth:`sync` on the batch instead."""
+
+    def __init__(self, root: Path | str, durable: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.location = str(self.root)
+        self.durable = durable
+        self._buffers = threading.local()
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
@@ -96,17 +140,42 @@ class DirectoryObjectStore:
     def get(self, key: str) -> bytes | None:
         return self._read(key, None)
 
+    def get_view(self, key: str) -> memoryview | None:
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                buffer = getattr(self._buffers, "buffer", None)
+                if buffer is None or len(buffer) < size + 1:
+                    buffer = self._buffers.buffer = bytearray(max(size + 1, 1 << 20))
+                view = memoryview(buffer)
+                got = f.readinto(view[: size + 1])  # one more: a file that grew shows
+                while got < size + 1 and (n := f.readinto(view[got : size + 1])):
+                    got += n
+                return view[:got]
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TierUnavailable(
+                f"object store {self.location}: cannot read {key}: {exc}"
+            ) from exc
+
     def head(self, key: str, n: int) -> bytes | None:
         return self._read(key, n)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Data, durable: bool | None = None) -> None:
+        """Write ``key`` atomically; ``durable`` (default: the store's) fsyncs it first."""
+        durable = self.durable if durable is None else durable
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
+                try:
+                    _write_all(fd, _parts(data))
+                    if durable:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.replace(tmp, path)
             except BaseException:
                 os.unlink(tmp)
@@ -115,6 +184,20 @@ class DirectoryObjectStore:
             raise TierUnavailable(
                 f"object store {self.location}: cannot write {key}: {exc}"
             ) from exc
+
+    def sync(self, keys: Sequence[str]) -> None:
+        """fsync each file, then each directory they are in (for the renames). Files
+        flushed together let the disk write them in one go."""
+        paths = [self._path(key) for key in keys]
+        try:
+            for path in [*paths, *sorted({p.parent for p in paths})]:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise TierUnavailable(f"object store {self.location}: cannot flush: {exc}") from exc
 
     def delete(self, key: str) -> None:
         try:
@@ -172,14 +255,23 @@ class S3ObjectStore:
     def get(self, key: str) -> bytes | None:
         return self._get(key)
 
+    def get_view(self, key: str) -> memoryview | None:
+        data = self._get(key)
+        return None if data is None else memoryview(data)
+
     def head(self, key: str, n: int) -> bytes | None:
         return self._get(key, Range=f"bytes=0-{n - 1}")
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Data, durable: bool | None = None) -> None:
+        parts = _parts(data)
+        body = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + _check_key(key), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + _check_key(key), Body=body)
         except boto_errors() as exc:
             raise self._fail("PUT", key, exc) from exc
+
+    def sync(self, keys: Sequence[str]) -> None:
+        """Nothing to do: S3 answers a PUT once the object is durable."""
 
     def delete(self, key: str) -> None:
         try:
