@@ -112,6 +112,10 @@ class InvalidCheckpoint(InvalidInput):
     while it was being saved)."""
 
 
+class RetentionFailed(EsperError):
+    """Retention after a Checkpointer's save failed; the save itself is stored."""
+
+
 class RestoreRefused(EsperError):
     """A restore would overwrite something (a non-empty destination without force)."""
 

@@ -14,10 +14,14 @@ Modules, each owning one thing (the package may import ``esper_assets.errors``,
   show, verify) and its registration in the asset repository.
 - ``checkpointer``: ``Checkpointer``, the "save when due" helper a loop calls.
 - ``manifest``: the versioned JSON manifest and the rules on names.
-- ``sources``: a component value as the segments of one file, snapshotted.
+- ``sources``: a component value as the pieces of one file (fixed pieces per tensor,
+  content-defined chunks otherwise), snapshotted.
 - ``safetensors``: the format's header, parsed with bounds checks, and written.
-- ``save``: one file's segments into chunks, hashed on the way.
-- ``restore``: files written to temporary names and renamed, all or nothing.
+- ``save``: one file's pieces stored by the chunk store's workers; its manifest entry.
+- ``restore``: chunks fetched and verified in parallel, each written at its offset of
+  a temporary file; files renamed into place all or nothing.
+- ``kasmina``: ``mapped_kernels``, the kernel ids the kasmina component's
+  ``kernel_mappings`` name (added to a save's kernels).
 - ``retention``: ``RetentionPolicy``, ``apply_retention`` (keep, archive or delete)
   and ``collect_garbage`` (chunks no live checkpoint references, after a grace).
 """

@@ -19,7 +19,7 @@ from typing import Any
 from esper_assets.checkpoints.manifest import check_name
 from esper_assets.checkpoints.retention import RetentionPolicy, RetentionReport, apply_retention
 from esper_assets.checkpoints.store import CheckpointInfo, CheckpointStore
-from esper_assets.errors import EsperError, InvalidInput
+from esper_assets.errors import InvalidInput, RetentionFailed
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Checkpointer:
     save is due (or on ``flush()``) and it has not finished, so saves and retention
     never overlap and never queue up. Its reports go to ``retention_reports``. A
     failed retention loses no save (its info is in ``saved``): it is logged, and
-    ``flush()`` raises an :class:`EsperError` naming the run and the steps after
+    ``flush()`` raises a :class:`RetentionFailed` naming the run and the steps after
     which it failed, once.
     """
 
@@ -86,7 +86,7 @@ class Checkpointer:
 
     def flush(self) -> list[CheckpointInfo]:
         """Wait for the save (and retention) in flight; everything saved so far. Raises
-        the save's error, else an EsperError if retention failed since the last flush."""
+        the save's error, else RetentionFailed if retention failed since the last flush."""
         try:
             self._collect()
         finally:
@@ -141,7 +141,7 @@ class Checkpointer:
         failures, self._retention_failures = self._retention_failures, []
         steps = [step for step, _ in failures]
         first = failures[0][1]
-        raise EsperError(
+        raise RetentionFailed(
             f"run {self.run_id!r}: retention ({self.retention.describe()}) failed after the "
             f"save of step(s) {steps}; those checkpoints are stored. First error: {first}. "
             "Fix the cause; the next save applies the policy to the whole run again (or "

@@ -16,8 +16,8 @@ from esper_assets.checkpoints.store import CHECKPOINT
 from esper_assets.errors import (
     CheckpointExists,
     CheckpointNotFound,
-    EsperError,
     InvalidInput,
+    RetentionFailed,
 )
 from esper_assets.storage.repository import AssetMetadata
 
@@ -120,7 +120,7 @@ def test_a_failed_retention_keeps_the_saves_and_is_raised_once_on_flush(checkpoi
     saver = Checkpointer(checkpoints, "r", every=EVERY, retention=policy, clock=clock)
     assert run_loop(saver, clock, range(1, 3), seconds_per_step=10) == [1, 2]
 
-    with pytest.raises(EsperError, match=r"run 'r': retention .* step\(s\) \[1\]") as caught:
+    with pytest.raises(RetentionFailed, match=r"run 'r': retention .* step\(s\) \[1\]") as caught:
         saver.flush()
     assert "upgrade esper_assets" in str(caught.value.__cause__)
     assert [info.step for info in saver.saved] == [1, 2]  # no save lost
