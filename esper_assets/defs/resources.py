@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from datetime import timedelta
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from esper_assets.blueprints import BlueprintLimits
 from esper_assets.checkpoints import CheckpointStore
+from esper_assets.checkpoints.retention import RetentionPolicy, grace_from_settings
+from esper_assets.errors import InvalidInput
 from esper_assets.flows import wiring
 from esper_assets.flows.landing import LandingZone
 from esper_assets.settings import Settings, variable_holds
@@ -144,18 +148,58 @@ class KernelCacheResource(dg.ConfigurableResource):
             yield cache
 
 
+# The CheckpointsResource fields that hold ESPER_CHECKPOINT_*: Settings.checkpoint_<name>.
+RETENTION_FIELDS = ("keep_last", "keep_every", "keep_days", "retention_action", "gc_grace_hours")
+
+
 class CheckpointsResource(dg.ConfigurableResource):
     """The checkpoint store (chunks and manifests) over the database and object store,
-    and the landing directory other tools drop checkpoints into."""
+    the landing directory other tools drop checkpoints into, and the configured
+    retention policy and garbage-collection grace (``ESPER_CHECKPOINT_*``; None turns a
+    keep rule off) the retention job starts from."""
 
     database: DatabaseResource
     object_store: ObjectStoreResource
     landing: str = ""  # ESPER_LANDING; checkpoints land under its checkpoints/ folder
+    keep_last: int | None = Settings.checkpoint_keep_last
+    keep_every: int | None = Settings.checkpoint_keep_every
+    keep_days: float | None = Settings.checkpoint_keep_days
+    retention_action: str = Settings.checkpoint_retention_action
+    gc_grace_hours: float = Settings.checkpoint_gc_grace_hours
 
     @contextmanager
     def open(self) -> Iterator[CheckpointStore]:
         with wiring.open_checkpoints(self.database.settings(), self.object_store.open()) as store:
             yield store
+
+    def settings(self) -> Settings:
+        """The database's settings with this resource's retention values in them."""
+        held = {f"checkpoint_{name}": getattr(self, name) for name in RETENTION_FIELDS}
+        return replace(self.database.settings(), **held)
+
+    def retention_policy(self) -> RetentionPolicy:
+        """The configured policy; InvalidInput naming the resource field if it is bad."""
+        if self.keep_days is not None and not self.keep_days >= 0:  # NaN too
+            raise self._bad("keep_days", "a number of days >= 0, or None (off)")
+        try:
+            return RetentionPolicy.from_settings(self.settings())
+        except InvalidInput as exc:
+            raise InvalidInput(
+                f"the checkpoints resource's retention policy is not valid: {exc}; "
+                "fix ESPER_CHECKPOINT_* (or the resource's config)"
+            ) from None
+
+    def gc_grace(self) -> timedelta:
+        """How long an unreferenced chunk a save touched is spared (ESPER_CHECKPOINT_GC_GRACE_HOURS)."""
+        if not self.gc_grace_hours >= 0:
+            raise self._bad("gc_grace_hours", "a number of hours >= 0")
+        return grace_from_settings(self.settings())
+
+    def _bad(self, field: str, expected: str) -> InvalidInput:
+        return InvalidInput(
+            f"the checkpoints resource's {field} must be {expected}, not {getattr(self, field)!r}; "
+            "fix ESPER_CHECKPOINT_* (or the resource's config)"
+        )
 
 
 def _named(variable: str, value: str | None) -> str | dg.EnvVar:
@@ -187,6 +231,9 @@ def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             database=database, redis=redis, object_store=object_store
         ),
         "checkpoints": CheckpointsResource(
-            database=database, object_store=object_store, landing=settings.landing
+            database=database,
+            object_store=object_store,
+            landing=settings.landing,
+            **{name: getattr(settings, f"checkpoint_{name}") for name in RETENTION_FIELDS},
         ),
     }

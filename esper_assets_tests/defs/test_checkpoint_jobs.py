@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 
 from esper_assets.defs import build_definitions
+from esper_assets.defs.resources import CheckpointsResource, resources_for
 from esper_assets.errors import InvalidInput
 from esper_assets.flows import wiring
 from esper_assets.flows.checkpoints import PLATFORM_RUN
@@ -172,3 +173,80 @@ def test_bad_run_config_fails_naming_the_field_and_changes_nothing(instance, esp
     assert named in str(failed.value) and "nothing was changed" in str(failed.value)
     assert set(states(settings).values()) == {"active"}
     assert not retention_run(settings, instance, raise_on_error=False, **bad).success
+
+
+# -- the configured policy (ESPER_CHECKPOINT_*) reaches the job through its resource ------
+def configured(esper_home, **variables: str) -> Settings:
+    """Settings as the environment would give them: ESPER_CHECKPOINT_<NAME>=value."""
+    env = {f"ESPER_CHECKPOINT_{name.upper()}": value for name, value in variables.items()}
+    return Settings.from_env({"ESPER_HOME": str(esper_home), **env})
+
+
+KEEP_NEWEST_DELETE_REST = {"keep_last": "1", "keep_days": "off", "retention_action": "delete",
+                           "gc_grace_hours": "0"}  # fmt: skip
+
+
+def test_the_configured_policy_is_what_a_run_with_empty_config_applies(instance, esper_home):
+    settings = configured(esper_home, **KEEP_NEWEST_DELETE_REST)
+    save_steps(settings, "cfg", [1.0] * 3)
+    done = retention_run(settings, instance)  # no config: the resource's policy
+    output = done.output_for_node("apply_checkpoint_retention")
+    assert sorted(output["retention"]["deleted"]) == ids("cfg", 0, 1)
+    assert output["retention"]["kept"] == ids("cfg", 2)
+    assert output["gc"]["chunks_deleted"] > 0 and output["gc"]["chunks_in_grace"] == 0
+    with wiring.open_checkpoints(settings) as store:
+        assert [row["step"] for row in store.list("cfg")] == [2]
+        assert store.verify("cfg", 2)["ok"]
+
+
+def test_a_runs_grace_overrides_the_configured_one(instance, esper_home):
+    settings = configured(esper_home, **KEEP_NEWEST_DELETE_REST)  # grace 0
+    save_steps(settings, "grace", [1.0] * 3)
+    output = retention_run(settings, instance, grace_hours=2.0).output_for_node(
+        "apply_checkpoint_retention"
+    )
+    assert sorted(output["retention"]["deleted"]) == ids("grace", 0, 1)
+    assert output["gc"]["chunks_deleted"] == 0 and output["gc"]["chunks_in_grace"] > 0
+
+
+def test_a_runs_config_still_overrides_the_configured_policy(instance, esper_home):
+    settings = configured(esper_home, **KEEP_NEWEST_DELETE_REST)
+    save_steps(settings, "over", [1.0] * 4)
+    # keep_last from the run, action (delete) still from the settings
+    output = retention_run(settings, instance, keep_last=3).output_for_node(
+        "apply_checkpoint_retention"
+    )
+    assert output["retention"]["deleted"] == ids("over", 0)
+    assert sorted(output["retention"]["kept"]) == ids("over", 1, 2, 3)
+    archived = retention_run(settings, instance, keep_last=1, action="archive")
+    report = archived.output_for_node("apply_checkpoint_retention")["retention"]
+    assert sorted(report["archived"]) == ids("over", 1, 2) and report["deleted"] == []
+    assert states(settings) == {"checkpoint:over:1": "archived", "checkpoint:over:2": "archived",
+                                "checkpoint:over:3": "active"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("keep_last", -1, "keep_last must be an integer >= 0"),
+        ("retention_action", "shred", "action must be one of ['archive', 'delete']"),
+        ("keep_days", float("nan"), "keep_days must be a number of days >= 0"),
+        ("gc_grace_hours", -1.0, "gc_grace_hours must be a number of hours >= 0"),
+    ],
+)
+def test_a_bad_configured_policy_fails_naming_the_resource_and_changes_nothing(
+    instance, esper_home, field, value, named
+):
+    settings = configured(esper_home, **KEEP_NEWEST_DELETE_REST)
+    save_steps(settings, "bad", [1.0] * 3)
+    held = resources_for(settings)
+    checkpoints = CheckpointsResource(
+        database=held["database"], object_store=held["object_store"], **{field: value}
+    )
+    job = build_definitions(settings, checkpoints=checkpoints).resolve_job_def(
+        "checkpoint_retention_job"
+    )
+    with pytest.raises(InvalidInput, match="the checkpoints resource's") as failed:
+        job.execute_in_process(instance=instance)
+    assert named in str(failed.value) and "ESPER_CHECKPOINT_" in str(failed.value)
+    assert set(states(settings).values()) == {"active"}

@@ -10,7 +10,6 @@ from esper_assets.checkpoints.retention import RetentionPolicy
 from esper_assets.defs.resources import CheckpointsResource, KernelCacheResource
 from esper_assets.errors import InvalidInput
 from esper_assets.flows import checkpoints as flow
-from esper_assets.settings import Settings
 
 # The config fields that change the policy (flow.policy_with's keywords).
 RULES = ("keep_last", "keep_every", "keep_newer_than_days", "keep_best", "metric",
@@ -18,12 +17,14 @@ RULES = ("keep_last", "keep_every", "keep_newer_than_days", "keep_best", "metric
 
 
 class RetentionConfig(dg.Config):
-    """One run's retention: the configured policy (``ESPER_CHECKPOINT_*``) with the
-    rules given here instead; ``from_settings: false`` starts from no rule at all
-    (a run's newest step is always kept)."""
+    """One run's retention: the checkpoints resource's policy and grace (filled from
+    ``ESPER_CHECKPOINT_*``) with the values given here instead; ``from_settings: false``
+    starts from no rule at all (a run's newest step is always kept)."""
 
     dry_run: bool = False
-    grace_hours: float = 1.0  # must exceed the longest save: its chunks are touched first
+    # None: the resource's (ESPER_CHECKPOINT_GC_GRACE_HOURS); must exceed the longest
+    # save, whose chunks are touched again just before its manifest is registered
+    grace_hours: float | None = None
     from_settings: bool = True
     keep_last: int | None = None  # each run's newest N steps (0: none by this rule)
     keep_every: int | None = None  # steps divisible by N (N >= 1)
@@ -33,21 +34,29 @@ class RetentionConfig(dg.Config):
     higher_is_better: bool = False
     action: str | None = None  # what falls out: archive | delete
 
-    def policy(self, settings: Settings) -> RetentionPolicy:
-        base = RetentionPolicy.from_settings(settings) if self.from_settings else flow.NO_RULES
+    def policy(self, configured: RetentionPolicy) -> RetentionPolicy:
+        base = configured if self.from_settings else flow.NO_RULES
         rules = self.model_dump(include=set(RULES))
         return flow.policy_with(base, **rules)
 
-
-def _checked(config: RetentionConfig, settings: Settings) -> tuple[RetentionPolicy, timedelta]:
-    """The run's policy and grace, or InvalidInput saying which field is wrong; before
-    anything is changed."""
-    try:
-        if not config.grace_hours >= 0:
+    def grace(self, configured: timedelta) -> timedelta:
+        if self.grace_hours is None:
+            return configured
+        if not self.grace_hours >= 0:  # NaN too
             raise InvalidInput(
-                f"grace_hours must be a number of hours >= 0, not {config.grace_hours}"
+                f"grace_hours must be a number of hours >= 0, not {self.grace_hours}"
             )
-        return config.policy(settings), timedelta(hours=config.grace_hours)
+        return timedelta(hours=self.grace_hours)
+
+
+def _checked(
+    config: RetentionConfig, checkpoints: CheckpointsResource
+) -> tuple[RetentionPolicy, timedelta]:
+    """The run's policy and grace, or InvalidInput saying which field is wrong (of the
+    resource, then of the run config); before anything is changed."""
+    configured, grace = checkpoints.retention_policy(), checkpoints.gc_grace()
+    try:
+        return config.policy(configured), config.grace(grace)
     except InvalidInput as exc:
         raise InvalidInput(
             f"checkpoint_retention_job: op config apply_checkpoint_retention: {exc}; "
@@ -60,7 +69,7 @@ def _checked(config: RetentionConfig, settings: Settings) -> tuple[RetentionPoli
 def apply_checkpoint_retention(
     context: dg.OpExecutionContext, config: RetentionConfig, checkpoints: CheckpointsResource
 ) -> dict:
-    policy, grace = _checked(config, checkpoints.database.settings())
+    policy, grace = _checked(config, checkpoints)
     with checkpoints.open() as store:
         done = flow.retain(store, policy, grace, config.dry_run)
     retention, gc = done["retention"], done["gc"]
@@ -77,6 +86,7 @@ def apply_checkpoint_retention(
         "chunks_deleted": gc["chunks_deleted"],
         "bytes_freed": gc["bytes_freed"],
         "chunks_in_grace": gc["chunks_in_grace"],
+        "grace_hours": grace.total_seconds() / 3600,
         "dry_run": config.dry_run,
     })  # fmt: skip
     return done
