@@ -4,7 +4,6 @@ configured one, changed by its options) and ``gc`` frees unreferenced chunks."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -173,31 +172,27 @@ def verify(run_id: str, step: int | None, sample: float | None, as_json: bool) -
 # -- retention ------------------------------------------------------------------------
 def _at_least(option: str, value: float | None, low: float) -> None:
     if value is not None and value < low:
-        raise InvalidInput(f"{option} must be >= {low:g}, got {value:g}")
+        raise InvalidInput(f"{option} must be >= {low:g}, not {value:g}")
+
+
+# How prune spells flows.checkpoints.policy_with's keywords, for its error messages.
+PRUNE_OPTIONS = {"keep_last": "--keep-last", "keep_every": "--keep-every",
+                 "keep_newer_than_days": "--keep-days", "keep_best": "--keep-best",
+                 "metric": "--metric"}  # fmt: skip
 
 
 def _policy(settings: Settings, keep_last, keep_every, keep_days, keep_best, metric,
             higher_is_better: bool, delete: bool):  # fmt: skip
     """The configured policy with the options given on the command line instead."""
     from esper_assets.checkpoints import RetentionPolicy
+    from esper_assets.flows.checkpoints import policy_with
 
-    for option, value, low in (("--keep-last", keep_last, 0), ("--keep-every", keep_every, 1),
-                               ("--keep-days", keep_days, 0), ("--keep-best", keep_best, 0)):  # fmt: skip
-        _at_least(option, value, low)
-    if keep_best is not None and not metric:
-        raise InvalidInput("--keep-best needs --metric NAME (the manifest metric to rank by)")
-    if metric and keep_best is None:
-        raise InvalidInput("--metric is used only with --keep-best K")
-    changes = {"keep_last": keep_last, "keep_every": keep_every, "keep_best": keep_best,
-               "metric": metric,
-               "keep_newer_than": None if keep_days is None else timedelta(days=keep_days)}  # fmt: skip
-    policy = replace(
-        RetentionPolicy.from_settings(settings),
-        **{k: v for k, v in changes.items() if v is not None},
-    )
-    if higher_is_better:
-        policy = replace(policy, higher_is_better=True)
-    return replace(policy, action="delete") if delete else policy
+    return policy_with(
+        RetentionPolicy.from_settings(settings), keep_last=keep_last, keep_every=keep_every,
+        keep_newer_than_days=keep_days, keep_best=keep_best, metric=metric,
+        higher_is_better=higher_is_better, action="delete" if delete else None,
+        names=PRUNE_OPTIONS,
+    )  # fmt: skip
 
 
 def _decisions(data: dict[str, Any]) -> None:
@@ -216,13 +211,29 @@ def _decisions(data: dict[str, Any]) -> None:
 
 @checkpoints.command("prune")
 @click.option("--run", "run_id", help="Only this run (default: every run).")
-@click.option("--keep-last", type=int, help="Keep each run's newest N steps (default 5).")
-@click.option("--keep-every", type=int, help="Keep the steps divisible by N.")
-@click.option("--keep-days", type=float, help="Keep what is newer than D days (default 7).")
+@click.option(
+    "--keep-last",
+    type=int,
+    help="Keep each run's newest N steps (default: ESPER_CHECKPOINT_KEEP_LAST, else 5).",
+)
+@click.option(
+    "--keep-every",
+    type=int,
+    help="Keep the steps divisible by N (default: ESPER_CHECKPOINT_KEEP_EVERY, else off).",
+)
+@click.option(
+    "--keep-days",
+    type=float,
+    help="Keep what is newer than D days (default: ESPER_CHECKPOINT_KEEP_DAYS, else 7).",
+)
 @click.option("--keep-best", type=int, help="Keep the best K by --metric.")
 @click.option("--metric", help="The manifest metric --keep-best ranks by.")
 @click.option("--higher-is-better", is_flag=True, help="For --metric (default: lower).")
-@click.option("--delete", is_flag=True, help="Delete what falls out (default: archive).")
+@click.option(
+    "--delete",
+    is_flag=True,
+    help="Delete what falls out (default: ESPER_CHECKPOINT_RETENTION_ACTION, else archive).",
+)
 @click.option("--dry-run", is_flag=True, help="Say what would happen; change nothing.")
 @click.option("--json", "as_json", is_flag=True)
 def prune(run_id, keep_last, keep_every, keep_days, keep_best, metric, higher_is_better,

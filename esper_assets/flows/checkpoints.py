@@ -23,6 +23,7 @@ May import: ``esper_assets.errors``, ``checkpoints``, ``storage``, ``flows.landi
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -246,6 +247,10 @@ def _component_files(named: object, present: frozenset[str], where: str) -> dict
 NO_RULES = RetentionPolicy(keep_last=None, keep_every=None, keep_newer_than=None)
 
 
+# Each rule's lowest value (RetentionPolicy's bounds; days are a float).
+LOWEST = {"keep_last": 0, "keep_every": 1, "keep_newer_than_days": 0, "keep_best": 0}
+
+
 def policy_with(
     base: RetentionPolicy,
     *,
@@ -256,20 +261,37 @@ def policy_with(
     metric: str | None = None,
     higher_is_better: bool = False,
     action: str | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> RetentionPolicy:
     """``base`` with the rules given here instead (None: as ``base`` has it). A bad
-    value raises InvalidInput naming the field (``RetentionPolicy`` checks most)."""
-    if keep_newer_than_days is not None and not keep_newer_than_days >= 0:  # NaN too
-        raise InvalidInput(
-            f"keep_newer_than_days must be a number of days >= 0, not {keep_newer_than_days!r}"
-        )
-    if metric is not None and keep_best is None and not base.keep_best:
-        raise InvalidInput("metric is used only with keep_best K (the best K steps by it)")
+    value raises InvalidInput naming the field as the caller spells it: ``names`` maps
+    a keyword to that (the CLI's ``--keep-days`` for ``keep_newer_than_days``)."""
+    named = {k: (names or {}).get(k, k) for k in (*LOWEST, "metric")}
+    _check_rules(base, named, metric, keep_last=keep_last, keep_every=keep_every,
+                 keep_newer_than_days=keep_newer_than_days, keep_best=keep_best)  # fmt: skip
     days = None if keep_newer_than_days is None else timedelta(days=keep_newer_than_days)
     changes = {"keep_last": keep_last, "keep_every": keep_every, "keep_newer_than": days,
                "keep_best": keep_best, "metric": metric, "action": action,
                "higher_is_better": higher_is_better or None}  # fmt: skip
     return replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _check_rules(
+    base: RetentionPolicy, named: dict[str, str], metric: str | None, **given: float | None
+) -> None:
+    """InvalidInput for a rule below its bound or a keep_best/metric without the other;
+    before RetentionPolicy's own checks, which know only its field names."""
+    for rule, value in given.items():
+        if value is not None and not value >= LOWEST[rule]:  # NaN too
+            raise InvalidInput(f"{named[rule]} must be >= {LOWEST[rule]}, not {value!r}")
+    if given["keep_best"] and not (metric or base.metric):
+        raise InvalidInput(
+            f"{named['keep_best']} needs {named['metric']} NAME (the manifest metric to rank by)"
+        )
+    if metric is not None and given["keep_best"] is None and not base.keep_best:
+        raise InvalidInput(
+            f"{named['metric']} is used only with {named['keep_best']} K (the best K steps by it)"
+        )
 
 
 def retain(

@@ -153,12 +153,12 @@ def test_a_dry_run_of_a_runs_policy_reports_and_changes_nothing(backend, instanc
 @pytest.mark.parametrize(
     ("config", "named"),
     [
-        ({"keep_last": -1}, "keep_last must be an integer >= 0"),
+        ({"keep_last": -1}, "keep_last must be >= 0, not -1"),
         ({"action": "shred"}, "action must be one of ['archive', 'delete'], not 'shred'"),
-        ({"keep_every": 0}, "keep_every must be an integer >= 1"),
-        ({"keep_newer_than_days": -2.0}, "keep_newer_than_days must be a number of days >= 0"),
-        ({"keep_best": 2}, "keep_best needs a metric"),
-        ({"metric": "loss"}, "metric is used only with keep_best"),
+        ({"keep_every": 0}, "keep_every must be >= 1, not 0"),
+        ({"keep_newer_than_days": -2.0}, "keep_newer_than_days must be >= 0, not -2.0"),
+        ({"keep_best": 2}, "keep_best needs metric NAME"),
+        ({"metric": "loss"}, "metric is used only with keep_best K"),
         ({"grace_hours": -1.0}, "grace_hours must be a number of hours >= 0"),
     ],
 )
