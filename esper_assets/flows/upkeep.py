@@ -43,7 +43,8 @@ def warm_most_used(
     report = cache.warm_cache(cache.hottest(n))
     for kernel_id, outcome in report.items():
         if outcome == "missing" and (asset_id := find_kernel(repo, kernel_id)) is not None:
-            cache.put(kernel_id, repo.get_asset(asset_id)[1])
+            # Upkeep, not use: counting it would keep the kernels it warms looking hot.
+            cache.put(kernel_id, repo.get_asset(asset_id, record_access=False)[1])
             report[kernel_id] = "repository"
     return report
 

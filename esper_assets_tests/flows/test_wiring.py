@@ -70,18 +70,23 @@ def _registered_examples(settings: Settings) -> dict[str, str]:
         return {r.name: kernels.build_kernel(repo, cache, r.asset_id).kernel_id for r in ingested}
 
 
-def test_upkeep_cleans_warms_and_restores_a_kernel_every_tier_lost(settings: Settings):
+def _lose_the_hottest_kernel(settings: Settings, kernel_id: str) -> None:
+    """Make ``kernel_id`` the cache's hottest kernel, then lose it from every tier."""
     from esper_assets.storage.cache.tiers.objects import kernel_object_key
 
-    built = _registered_examples(settings)
-    some_id = next(iter(built.values()))
     # Over the 1 MiB large-object threshold, L3 keeps only a pointer row (with the
     # access counts) and the value lives in L4 alone: deleting L4's file loses it.
     with wiring.open_cache(settings) as cache:
-        cache.put(some_id, b"x" * (2 << 20))
+        cache.put(kernel_id, b"x" * (2 << 20))
         for _ in range(3):
-            assert cache.get(some_id) is not None  # the hottest kernel
-    (settings.objects_dir / kernel_object_key(some_id)).unlink()
+            assert cache.get(kernel_id) is not None
+    (settings.objects_dir / kernel_object_key(kernel_id)).unlink()
+
+
+def test_upkeep_cleans_warms_and_restores_a_kernel_every_tier_lost(settings: Settings):
+    built = _registered_examples(settings)
+    some_id = next(iter(built.values()))
+    _lose_the_hottest_kernel(settings, some_id)
     with wiring.open_cache(settings) as cache, wiring.open_repository(settings) as repo:
         report = upkeep.warm_most_used(cache, repo, n=1)
         assert report == {some_id: "repository"}
@@ -92,6 +97,18 @@ def test_upkeep_cleans_warms_and_restores_a_kernel_every_tier_lost(settings: Set
         done = upkeep.clean_cache(cache)
     assert done.removed == {"l1": 0, "l3": 0, "l4": 0} and done.flushed == 0
     assert done.entries["l3"] == len(built)
+
+
+def test_warming_from_the_repository_is_not_counted_as_a_use(settings: Settings):
+    some_id = next(iter(_registered_examples(settings).values()))
+    _lose_the_hottest_kernel(settings, some_id)
+    with wiring.open_repository(settings) as repo:
+        before = repo.get_metadata(some_id)
+    with wiring.open_cache(settings) as cache, wiring.open_repository(settings) as repo:
+        assert upkeep.warm_most_used(cache, repo, n=1) == {some_id: "repository"}
+        assert repo.flush_access() == 0  # the read it warmed from counted nothing
+        after = repo.get_metadata(some_id)
+    assert (after.access_count, after.last_accessed) == (before.access_count, before.last_accessed)
 
 
 def test_upkeep_revalidation_names_what_today_s_rules_refuse(settings: Settings):
