@@ -261,39 +261,46 @@ def _train_step(a: np.ndarray, b: np.ndarray) -> None:
     np.tanh(a @ b, out=a)
 
 
-def loop_s_per_iter(iterations: int, until: Callable[[], bool] | None = None) -> float:
-    """Mean seconds per iteration of a small matmul loop (runs at least ``iterations``,
-    and while ``until`` says the save is not done)."""
+def training_loop(min_s: float, until: Callable[[], bool] | None = None) -> tuple[float, int]:
+    """(mean seconds per iteration, iterations) of a small matmul loop that runs at
+    least ``min_s`` seconds, and on while ``until`` says the save is not done."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 384, 384), dtype=np.float32)
     b /= 20  # keeps tanh out of saturation
     n, start = 0, time.perf_counter()
-    while n < iterations or (until is not None and not until()):
+    while time.perf_counter() - start < min_s or (until is not None and not until()):
         _train_step(a, b)
         n += 1
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - start) / n, n
 
 
-def bench_save_async(env: dict, step: int, path: Path, iterations: int) -> dict[str, Any]:
-    """The loop alone (before and after, averaged), then while a save_async runs."""
+def bench_save_async(env: dict, step: int, path: Path, alone_s: float) -> dict[str, Any]:
+    """The loop alone (before and after, averaged), then while a save_async runs.
+
+    The target is held to the slowdown *while the save is in flight*, the strictest
+    reading. What training loses in all (the slowdown times the iterations run
+    meanwhile) is also given, and as a share of the default 30-minute interval."""
     with CheckpointStore.from_settings(Settings.from_env(env)) as store:
-        alone_before = loop_s_per_iter(iterations)
+        alone_before, _ = training_loop(alone_s)
         start = time.perf_counter()
         future = store.save_async(RUN, step, {"model": str(path)})
         returned_ms = (time.perf_counter() - start) * 1000
-        busy = loop_s_per_iter(1, until=future.done)
+        busy, busy_n = training_loop(0, until=future.done)
         save_s = time.perf_counter() - start
         future.result()
-        alone_after = loop_s_per_iter(iterations)
+        alone_after, _ = training_loop(alone_s)
     alone = (alone_before + alone_after) / 2
     overhead = (busy - alone) / alone * 100
+    lost_s = max(0.0, (busy - alone) * busy_n)
     return {
         "loop_ms_per_iter_alone": round(alone * 1000, 3),
         "loop_ms_per_iter_with_save": round(busy * 1000, 3),
         "save_async_returned_ms": round(returned_ms, 1),
         "save_in_flight_s": round(save_s, 2),
         "overhead_pct": round(overhead, 1),
-        "target": f"<= {OVERHEAD_TARGET_PCT} %",
+        "training_lost_s": round(lost_s, 3),
+        "lost_per_30_min_pct": round(lost_s / 1800 * 100, 4),
+        "target": f"<= {OVERHEAD_TARGET_PCT} % while the save is in flight",
         "ok": overhead <= OVERHEAD_TARGET_PCT,
     }
 
@@ -332,7 +339,7 @@ def run(
         path = work / "model-async.safetensors"
         write_safetensors(path, random_tensors(layout, list(layout), 9))
         del model
-        overhead = bench_save_async(env, len(results), path, 50 if quick else 100)
+        overhead = bench_save_async(env, len(results), path, 1.0 if quick else 2.0)
     for name, r in results.items():
         r["targets"] = judge(name, r, backend == "embedded")
         r["ok"] = all(t["met"] for t in r["targets"].values())

@@ -8,7 +8,7 @@ manifest is read). The file is flushed to disk; only when every file is complete
 are they renamed into place; on any error the temporaries (and the directories we
 made) are removed, so the destination never holds part of a checkpoint.
 
-May import: ``esper_assets.errors``, ``storage.chunks``, numpy.
+May import: ``esper_assets.errors``, ``storage.chunks``, ``storage.objects``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import blake3
 
 from esper_assets.errors import InvalidCheckpoint, RestoreRefused
 from esper_assets.storage.chunks import ChunkStore
+from esper_assets.storage.objects import start_writeback
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -112,6 +113,7 @@ def _write_file(
         def deliver(i: int, data: bytes | memoryview) -> None:
             _check_size(entry, i, data, what)
             _pwrite_all(fd, data, offsets[i])
+            start_writeback(fd, offsets[i], len(data))  # the fsync below waits less
 
         for i in chunks.read_many([a for a, _ in entry["chunks"]], deliver, workers):
             advance(entry["chunks"][i][1])

@@ -4,12 +4,17 @@ dedup accounting, selective restore, load_tensors, lineage, save_async, Checkpoi
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from datetime import timedelta
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file, save_file
 
-from esper_assets.checkpoints import Checkpointer
+from esper_assets.checkpoints import Checkpointer, CheckpointStore
+from esper_assets.storage.chunks import ChunkStore
+from esper_assets.storage.objects.stores import DirectoryObjectStore
 from esper_assets.storage.repository import AssetMetadata
 from esper_assets_tests.checkpoints.conftest import weights
 
@@ -180,3 +185,31 @@ def test_from_env_uses_the_embedded_default(esper_home, tmp_path):
     with CheckpointStore.from_env() as store:  # a new process's view
         assert store.show("run-env")["step"] == 0
     assert (esper_home / "esper.sqlite3").exists()
+
+
+class PriorityOfWriters:
+    """An object store that notes the CPU priority (nice) of each thread writing to it."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.nice = inner, set()
+
+    def put(self, key, data, durable=None) -> None:
+        self.nice.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        self.inner.put(key, data, durable)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_save_async_yields_the_cpu_to_training_and_save_does_not(checkpoints, tmp_path):
+    objects = PriorityOfWriters(DirectoryObjectStore(tmp_path / "objects"))
+    store = CheckpointStore(
+        ChunkStore(objects, sqlite_path=str(tmp_path / "i.db")), checkpoints.repo
+    )
+    store.save_async("run-nice", 0, {"model": weights(3)}).result(timeout=30)
+    assert objects.nice == {19}  # the chunk workers inherit the background thread's
+    objects.nice.clear()
+    store.save("run-nice", 1, {"model": weights(3, seed=1)})
+    assert objects.nice == {os.getpriority(os.PRIO_PROCESS, 0)}
+    store.close()

@@ -16,6 +16,7 @@ from esper_assets.storage.objects.stores import (
     s3_error_code,
     s3_failure,
     s3_status,
+    start_writeback,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "s3_error_code",
     "s3_failure",
     "s3_status",
+    "start_writeback",
 ]
