@@ -70,3 +70,18 @@ def test_bench_runs_end_to_end_and_writes_its_json(tmp_path):
     assert "stored" in s["frozen_80"]["targets"] and "s/GB" in s["initial"]["targets"]
     assert {"overhead_pct", "ok", "target"} <= set(data["save_async"])
     assert "password" not in json.dumps(data["settings"])
+
+
+def test_bench_on_postgres_and_s3_compares_with_boto3(pg_server_url, s3_endpoint, s3_bucket):
+    environ = {"ESPER_DATABASE_URL": pg_server_url, "ESPER_S3_BUCKET": s3_bucket,
+               "AWS_ENDPOINT_URL": s3_endpoint}  # fmt: skip
+    result = bench.run(model_bytes=2 << 20, environ=environ)
+    assert result["backend"] == "services"
+    assert result["settings"]["l3_and_metadata"].startswith("postgresql")
+    assert result["settings"]["object_store"].startswith("s3://")
+    for name, r in result["scenarios"].items():
+        assert r["restored_size_ok"], name
+        assert r["raw_s3_upload_mb_s"] > 0 and r["save_vs_raw_s3"] > 0
+        assert r["targets"]["save"]["target"] == ">= 0.5x boto3 upload/download"
+        assert "s/GB" not in r["targets"]  # the embedded default's target only
+    assert result["scenarios"]["unchanged"]["stored_bytes"] == 0
