@@ -37,8 +37,14 @@ def demo(as_json: bool) -> None:
                "a registered kernel is missing from the cache")  # fmt: skip
     self_check(_lineages_agree(result["lineage"], result["dagster_lineage"]),
                "the repository and the Dagster event log disagree about lineage")  # fmt: skip
-    self_check(result["checkpoint"]["restored_equal"],
+    checkpoint = result["checkpoint"]
+    self_check(checkpoint["restored_equal"],
                "the demo checkpoint did not restore to the tensors it saved")  # fmt: skip
+    self_check(checkpoint["dagster_agrees"],
+               f"Dagster's event log has no materialization of checkpoints[{checkpoint['run']}] "
+               f"at the saved step ({checkpoint['step']}); if the new_checkpoints sensor's "
+               f"cursor is ahead, delete new_checkpoints.cursor in {result['dagster_home']} "
+               "and run it again")  # fmt: skip
 
 
 def _lineages_agree(repository: list[dict], dagster: list[dict]) -> bool:
@@ -66,9 +72,7 @@ def _render_demo(data: dict[str, Any]) -> None:
         console.print("[bold]lineage[/] of the kernel with the longest chain (repository):")
         _print_chain(data["lineage"])
         agrees = _lineages_agree(data["lineage"], data["dagster_lineage"])
-        console.print(
-            f"  Dagster event log tells the same story: {'yes' if agrees else '[red]NO[/]'}"
-        )
+        console.print(f"  Dagster event log tells the same story: {_yes(agrees)}")
     _print_checkpoint(data["checkpoint"])
 
 
@@ -77,8 +81,12 @@ def _print_checkpoint(c: dict[str, Any]) -> None:
         f"checkpoint {c['run']} step {c['step']}: {c['logical_bytes'] / 1024:.0f} KiB, "
         f"{c['stored_bytes'] / 1024:.0f} KiB of it new (unchanged tensors are stored once), "
         f"uses {c['kernels']} kernels; restored {c['restored_files']} file(s), "
-        f"tensors equal: {'yes' if c['restored_equal'] else '[red]NO[/]'}"
+        f"tensors equal: {_yes(c['restored_equal'])}; in Dagster: {_yes(c['dagster_agrees'])}"
     )
+
+
+def _yes(condition: bool) -> str:
+    return "yes" if condition else "[red]NO[/]"
 
 
 # -- ingest ------------------------------------------------------------------------------
@@ -86,13 +94,15 @@ def _print_checkpoint(c: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def ingest(as_json: bool) -> None:
     """Ingest what landed in ESPER_LANDING: tick the new_blueprints sensor and run what it
-    asks for, until nothing new is left. One row per file; exits 1 if any file failed."""
+    asks for, until nothing new is left; then report the checkpoints saved or landed
+    (under checkpoints/) since the last ingest to Dagster and verify each. One row per
+    file; exits 1 if any file failed or a checkpoint is not restorable."""
     from esper_assets.runner import run_ingest
 
     with status("ingesting the landing zone", as_json):
         result = run_ingest()
     emit(result, as_json, _render_ingest)
-    if result["failed"]:
+    if result["failed"] or result["checkpoints"]["problems"]:
         sys.exit(1)
 
 
@@ -102,14 +112,32 @@ def _render_ingest(data: dict[str, Any]) -> None:
     )
     if not data["files"]:
         console.print("nothing new in the landing zone (unchanged content is not run again)")
-        return
-    console.print(_files_table(data["files"], "landed files"))
+    else:
+        console.print(_files_table(data["files"], "landed files"))
     if data["failed"]:
         console.print(
             f"[red]{data['failed']} of {len(data['files'])} file(s) failed.[/] {RUN_LOGS}"
         )
-    else:
+    elif data["files"]:
         console.print(f"all {len(data['files'])} file(s) ingested")
+    _print_reported_checkpoints(data["checkpoints"])
+
+
+def _print_reported_checkpoints(c: dict[str, Any]) -> None:
+    """One line for what new_checkpoints reported, one more per checkpoint not restorable."""
+    if not c["reported"]:
+        console.print("no new checkpoints (saved, or landed under checkpoints/) to report")
+        return
+    steps = ", ".join(f"{r['run']}@{r['step']}" for r in c["reported"])
+    restorable = sum(c["checks"].values())
+    console.print(
+        f"checkpoints reported to Dagster: {len(c['reported'])} ({escape(steps)}); "
+        f"restorable: {restorable} of {len(c['checks'])} verified"
+    )
+    for asset_id, problem in c["problems"].items():
+        console.print(f"  [red]{escape(asset_id)} is not restorable:[/] {escape(problem)}")
+    if c["problems"]:
+        console.print(RUN_LOGS)
 
 
 def _files_table(files: list[dict[str, Any]], title: str) -> Table:

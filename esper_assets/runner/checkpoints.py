@@ -47,6 +47,21 @@ class CheckpointTickReport:
     def ok(self) -> bool:
         return all(run.ok for run in self.runs)
 
+    @property
+    def checks(self) -> dict[str, bool]:
+        """Whether each verified checkpoint is restorable, by asset id (the partition
+        ``tick_checkpoints`` runs its verify job on)."""
+        return {run.partitions[0]: run.ok for run in self.runs}
+
+    def as_dict(self) -> dict:
+        """Plain values for a command's report; ``problems``: why a check failed."""
+        return {
+            "ticks": self.ticks,
+            "reported": self.reported,
+            "checks": self.checks,
+            "problems": {run.partitions[0]: run.error for run in self.runs if not run.ok},
+        }
+
 
 def tick_checkpoints(
     defs: dg.Definitions, instance: dg.DagsterInstance, max_ticks: int = 20

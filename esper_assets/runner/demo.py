@@ -1,9 +1,11 @@
 """``esper ingest`` and ``make demo`` (``esper demo``) as functions returning their
-report: both tick the new_blueprints sensor and run what it asks for (``driver``);
-the demo first lands the example blueprints, then reads back the kernels, the
+report: both tick the new_blueprints sensor and run what it asks for (``driver``),
+then the new_checkpoints sensor (``runner.checkpoints``: what landed under
+``checkpoints/`` and what training saved, each reported to Dagster and verified).
+The demo first lands the example blueprints, then reads back the kernels, the
 cache's stats and one kernel's lineage from both the repository and Dagster, and
-saves a checkpoint that the new_checkpoints sensor reports to Dagster (read back
-from the event log at the saved step)."""
+saves a checkpoint before ticking new_checkpoints, which it reads back from the
+event log at the saved step."""
 
 from __future__ import annotations
 
@@ -43,11 +45,15 @@ def land_examples(landing: LandingZone) -> list[str]:
 
 def run_ingest(settings: Settings | None = None) -> dict:
     """``esper ingest``: tick the new_blueprints sensor on ``ESPER_LANDING`` and run what
-    it asks for, until nothing new is left; one outcome per file."""
+    it asks for, until nothing new is left (one outcome per file); then tick
+    new_checkpoints, which ingests ``ESPER_LANDING/checkpoints/`` and reports every
+    checkpoint saved since its last tick (training's too), each with its verify run."""
     settings = settings or Settings.from_env()
     landing = landing_zone(settings)  # a landing zone we refuse stops here
+    defs = build_definitions(settings)
     with local_instance(settings) as instance:
-        report = tick_and_run(build_definitions(settings), instance)
+        report = tick_and_run(defs, instance)
+        checkpoints = tick_checkpoints(defs, instance)
         files = report.files()
         return {
             "landing": landing.location,
@@ -55,6 +61,7 @@ def run_ingest(settings: Settings | None = None) -> dict:
             "ticks": report.ticks,
             "files": [asdict(f) for f in files],
             "failed": sum(not f.ok for f in files),
+            "checkpoints": checkpoints.as_dict(),
         }
 
 
@@ -103,7 +110,7 @@ def checkpoint_in_dagster(defs: dg.Definitions, instance: dg.DagsterInstance, sa
     return {
         **saved,
         "reported_to_dagster": len(ticked.reported),
-        "restorable_checks": {run.partitions[0]: run.ok for run in ticked.runs},
+        "restorable_checks": ticked.checks,
         "dagster": recorded,
         "dagster_agrees": recorded is not None and recorded.get("step") == saved["step"],
     }

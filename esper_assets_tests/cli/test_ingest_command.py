@@ -8,14 +8,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 import pytest
 from click.testing import CliRunner
 
 from esper_assets.cli import main
+from esper_assets.flows import wiring
 from esper_assets.flows.wiring import landing_zone
+from esper_assets.runner import dagster_checkpoint
 from esper_assets.settings import SERVICE_VARIABLES, Settings
+from esper_assets.storage.chunks import object_key
 
 NEGATIVE_WIDTH = b"name: bad\nversion: 1.0.0\ninput_shape: [4]\nlayers:\n  - {op: linear, out_features: -3}\n"  # fmt: skip
 BAD_FILE_PROBLEM = "layers[0].out_features: must be a positive integer, got -3"
@@ -168,3 +172,57 @@ def test_demo_with_bad_files_lists_each_failed_file_in_one_line(landing):
     # The table on stdout has the same rows, with the example files beside them.
     flat = " ".join(result.stdout.replace("│", " ").split())
     assert BAD_FILE_PROBLEM in flat and "mlp_base.json" in flat
+
+
+# -- checkpoints: what training saved and what landed under checkpoints/ ------------------
+def save_checkpoint(settings: Settings, run: str, step: int) -> str:
+    with wiring.open_checkpoints(settings) as store:
+        return store.save(run, step, {"model": f"{run} {step} ".encode() * 100}).asset_id
+
+
+def land_checkpoint(settings: Settings, run: str, step: int) -> Path:
+    """A folder another tool dropped: its files, then manifest.json (written last)."""
+    folder = Path(settings.landing) / "checkpoints" / run / str(step)
+    folder.mkdir(parents=True)
+    (folder / "m.bin").write_bytes(b"external weights " * 64)
+    (folder / "manifest.json").write_text(json.dumps({"components": {"model": "m.bin"}}))
+    return folder
+
+
+def test_ingest_reports_saved_and_landed_checkpoints_once(esper_home):
+    settings = Settings.from_env()
+    saved = save_checkpoint(settings, "train", 0)
+    land_checkpoint(settings, "ext", 5)
+    report = ingest_json(expect_exit=0)["checkpoints"]
+    reported = {(r["run"], r["step"], r["asset_id"]) for r in report["reported"]}
+    assert reported == {("train", 0, saved), ("ext", 5, "checkpoint:ext:5")}
+    assert report["checks"] == {saved: True, "checkpoint:ext:5": True}
+    assert report["problems"] == {}
+    with dg.DagsterInstance.from_config(str(esper_home / "dagster")) as instance:
+        assert dagster_checkpoint(instance, "ext", "checkpoint:ext:5")["step"] == 5
+
+    assert ingest_json(expect_exit=0)["checkpoints"]["reported"] == []  # reported once
+    save_checkpoint(settings, "train", 1)
+    text = CliRunner().invoke(main, ["ingest"])
+    assert text.exit_code == 0, (text.stdout, text.stderr)
+    flat = " ".join(text.stdout.split())
+    assert "checkpoints reported to Dagster: 1 (train@1); restorable: 1 of 1 verified" in flat
+    quiet = CliRunner().invoke(main, ["ingest"])
+    assert "no new checkpoints" in quiet.stdout and quiet.exit_code == 0
+
+
+def test_ingest_exits_1_naming_a_checkpoint_that_is_not_restorable(esper_home):
+    settings = Settings.from_env()
+    saved = save_checkpoint(settings, "broken", 0)
+    with wiring.open_checkpoints(settings) as store:
+        address = store.show("broken")["components"]["model"]["files"][0]["chunks"][0][0]
+    objects = wiring.object_store(settings)
+    damaged = bytearray(objects.get(object_key(address)))
+    damaged[-1] ^= 0xFF
+    objects.put(object_key(address), bytes(damaged))
+
+    text = CliRunner().invoke(main, ["ingest"])
+    assert text.exit_code == 1, (text.stdout, text.stderr)
+    flat = " ".join(text.stdout.split())
+    assert "restorable: 0 of 1 verified" in flat
+    assert f"{saved} is not restorable:" in flat and address in flat and "make dev" in flat

@@ -6,12 +6,15 @@ go to stderr and must not get in the way of parsing it."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from esper_assets.blueprints.examples import example_blueprint_files
 from esper_assets.cli import main
+from esper_assets.flows.checkpoints import Cursor
 
 CHECKS = {"blueprint_is_valid": True, "kernel_round_trip": True}
 EXAMPLE_NAMES = sorted(path.name.split(".")[0] for path in example_blueprint_files())
@@ -59,6 +62,7 @@ def test_demo_runs_the_pipeline_and_reports_it_as_json(demo_report, esper_home):
     assert (checkpoint["run"], checkpoint["step"], checkpoint["kernels"]) == ("demo", 0, 12)
     assert checkpoint["restored_files"] == 1 and checkpoint["restored_equal"]
     assert checkpoint["parent_id"] is None
+    assert checkpoint["dagster_agrees"] and checkpoint["dagster"]["step"] == 0
 
 
 def test_demo_a_second_time_runs_nothing_new(demo_report, esper_home):
@@ -75,6 +79,25 @@ def test_demo_a_second_time_runs_nothing_new(demo_report, esper_home):
     assert (checkpoint["step"], checkpoint["parent_id"]) == (1, "checkpoint:demo:0")
     assert checkpoint["stored_bytes"] < 0.6 * demo_report["checkpoint"]["stored_bytes"]
     assert checkpoint["restored_equal"]
+
+
+def test_demo_says_dagster_holds_its_checkpoint_and_fails_when_it_does_not(demo_report):
+    shown = CliRunner().invoke(main, ["demo"])
+    assert shown.exit_code == 0, (shown.stdout, shown.stderr)
+    assert "checkpoint demo step 1:" in shown.stdout and "in Dagster: yes" in shown.stdout
+    # A new_checkpoints cursor ahead of every save: the sensor reports nothing, so
+    # Dagster's event log has no materialization of the step the demo saves next.
+    ahead = Cursor(datetime(2100, 1, 1, tzinfo=UTC)).dump()
+    (Path(demo_report["dagster_home"]) / "new_checkpoints.cursor").write_text(ahead)
+    missed = CliRunner().invoke(main, ["demo"])
+    assert missed.exit_code == 2, (missed.stdout, missed.stderr)
+    assert "in Dagster: NO" in missed.stdout
+    message = " ".join(missed.stderr.split())
+    assert (
+        "Dagster's event log has no materialization of checkpoints[demo] at the saved step (2)"
+        in message
+    )
+    assert "delete new_checkpoints.cursor in" in message
 
 
 def test_lineage_command_agrees_with_the_dagster_event_log(demo_report):
