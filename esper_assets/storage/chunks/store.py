@@ -96,14 +96,18 @@ class ChunkStore:
     ) -> list[ChunkRef]:
         """Store each chunk once; refs in input order.
 
-        One of ``workers`` threads hashes, looks up and (if the index does not list
-        it) writes each chunk, at most 2 * workers at a time, so an unbounded iterable
-        is never held in memory at once. A chunk repeated in the input is written
-        once. The objects written are then made durable together (one flush, not one
+        One of ``workers`` threads hashes, looks up (a read: workers do not queue for
+        the database's write lock) and, if the index does not list it, writes each
+        chunk, at most 2 * workers at a time, so an unbounded iterable is never held
+        in memory at once. A chunk repeated in the input is written once. Then, in
+        one go: the objects written are made durable together (one flush, not one
         per object: on a small VM disk a flush per 1 MiB object cost 5x the save) and
-        only then indexed, so the index never names an object a power cut could lose.
-        On a failure, what was written is still flushed and indexed, then the first
-        error is raised."""
+        only then indexed, so the index never names an object a power cut could
+        lose; and the chunks found listed are touched, so garbage collection spares
+        them for its grace period. One that it deleted in between (unreferenced and
+        untouched for the whole grace) is written again from its source, which the
+        caller still holds. On a failure, what was written is still flushed and
+        indexed, then the first error is raised."""
         workers = _check_workers(workers)
         checked = (_checked_chunk(c) for c in chunks)
         batch = _Batch()
@@ -112,8 +116,13 @@ class ChunkStore:
                 put = functools.partial(self._put_one, batch=batch)
                 refs = list(_in_order(executor, put, checked, 2 * workers))
         finally:
-            inserted = self._commit(batch.written)
-        return [ref._replace(new=ref.new and ref.address in inserted) for ref in refs]
+            inserted = self._commit(batch)
+        seen: set[str] = set()  # "new" goes to the first ref of each address inserted
+        marked = []
+        for ref in refs:
+            marked.append(ref._replace(new=ref.address in inserted and ref.address not in seen))
+            seen.add(ref.address)
+        return marked
 
     def _put_one(self, chunk: bytes | memoryview | FileRange, batch: _Batch) -> ChunkRef:
         """Hash, then ask the index; write the object only if it is not listed (its
@@ -124,8 +133,9 @@ class ChunkStore:
         if first is not None:  # the same bytes earlier in this call
             return first.result()._replace(new=False)
         try:
-            listed = self.index.touch([address])
+            listed = self.index.listed([address])
             if address in listed:
+                batch.found.append((address, chunk))
                 ref = ChunkRef(address, len(data), listed[address], False)
             else:
                 stored = self._write_object(address, data)
@@ -137,9 +147,19 @@ class ChunkStore:
         batch.settle(address, ref)
         return ref
 
-    def _commit(self, rows: list[Row]) -> set[str]:
-        """Flush the objects of ``rows`` to durable storage, then index them; the
-        addresses this call inserted (another process may have stored one meanwhile)."""
+    def _commit(self, batch: _Batch) -> set[str]:
+        """Flush and index the objects written; touch the chunks found listed, and
+        write again those garbage collection deleted meanwhile. The addresses this
+        call inserted (another process may have stored one first)."""
+        inserted = self._flush_and_index(batch.written)
+        gone = self.touch(address for address, _ in batch.found)
+        if gone:
+            again = {a: chunk for a, chunk in batch.found if a in gone}
+            rows = [self._write_again(a, chunk) for a, chunk in again.items()]
+            inserted |= self._flush_and_index(rows)
+        return inserted
+
+    def _flush_and_index(self, rows: list[Row]) -> set[str]:
         if not rows:
             return set()
         self.objects.sync([object_key(row.address) for row in rows])
@@ -147,6 +167,15 @@ class ChunkStore:
         for start in range(0, len(rows), _QUERY_BATCH):
             inserted |= self.index.add(rows[start : start + _QUERY_BATCH])
         return inserted
+
+    def _write_again(self, address: str, chunk: bytes | memoryview | FileRange) -> Row:
+        data = _read_range(chunk) if isinstance(chunk, FileRange) else chunk
+        if address_of(data) != address:
+            raise InvalidInput(
+                f"chunk {address} no longer reads the same from its source: it changed "
+                "while it was being stored"
+            )
+        return Row(address, len(data), self._write_object(address, data))
 
     def _write_object(self, address: str, data: bytes | memoryview) -> int:
         parts = codec.encode(data, self.level)
@@ -298,6 +327,7 @@ class _Batch:
         self._lock = threading.Lock()
         self._first: dict[str, Future] = {}
         self.written: list[Row] = []  # list.append is atomic: workers append at once
+        self.found: list[tuple[str, object]] = []  # (address, chunk) listed already
 
     def claim(self, address: str) -> Future | None:
         """None for the first claim of ``address`` (store it, then settle); the first
