@@ -128,6 +128,7 @@ def _render_checkpoints_bench(result: dict[str, Any]) -> None:
         f"save_async: loop {a['loop_ms_per_iter_alone']} ms/iter alone, "
         f"{a['loop_ms_per_iter_with_save']} with a save in flight ({a['save_in_flight_s']} s; "
         f"returned in {a['save_async_returned_ms']} ms): overhead {a['overhead_pct']} % "
+        f"(median of rounds {a['rounds_overhead_pct']}) "
         f"(target {a['target']}: {'[green]met[/]' if a['ok'] else '[red]NOT met[/]'}); "
         f"training lost {a['training_lost_s']} s in all, {a['lost_per_30_min_pct']} % "
         "of a 30-minute interval"

@@ -232,18 +232,27 @@ class DirectoryLanding:
             raise
 
 
-class S3Landing:
-    """``s3://bucket/prefix``: blueprints are the objects under ``prefix/blueprints/``."""
+class _S3Folder:
+    """The objects under ``prefix/<name>/`` of a bucket, and the one way to call S3
+    about them (errors named after the folder)."""
+
+    name = ""
 
     def __init__(self, client, bucket: str, prefix: str = "") -> None:
         self.client = client
         self.bucket = bucket
         base = prefix.strip("/")
-        self.folder = f"{base}/{BLUEPRINTS}/" if base else f"{BLUEPRINTS}/"
+        self.folder = f"{base}/{self.name}/" if base else f"{self.name}/"
         self.location = f"s3://{bucket}/{self.folder}"
 
     def _call(self, what: str, fn, **kwargs):
         return _s3_call(self.bucket, self.location, what, fn, **kwargs)
+
+
+class S3Landing(_S3Folder):
+    """``s3://bucket/prefix``: blueprints are the objects under ``prefix/blueprints/``."""
+
+    name = BLUEPRINTS
 
     def list_blueprints(self) -> list[LandedFile]:
         files, token = [], None
@@ -379,20 +388,12 @@ def _regular(path: Path) -> bool:
     return stat.S_ISREG(path.lstat().st_mode)
 
 
-class S3Checkpoints:
+class S3Checkpoints(_S3Folder):
     """``s3://bucket/prefix/checkpoints/``: a folder is the objects under
     ``<run>/<step>/`` (deeper keys are not part of it). Components are streamed to a
     temporary directory, never held in memory whole."""
 
-    def __init__(self, client, bucket: str, prefix: str = "") -> None:
-        self.client = client
-        self.bucket = bucket
-        base = prefix.strip("/")
-        self.folder = f"{base}/{CHECKPOINTS}/" if base else f"{CHECKPOINTS}/"
-        self.location = f"s3://{bucket}/{self.folder}"
-
-    def _call(self, what: str, fn, **kwargs):
-        return _s3_call(self.bucket, self.location, what, fn, **kwargs)
+    name = CHECKPOINTS
 
     def folders(self) -> dict[str, frozenset[str]]:
         found: dict[str, set[str]] = {}

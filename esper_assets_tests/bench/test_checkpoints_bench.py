@@ -68,7 +68,8 @@ def test_bench_runs_end_to_end_and_writes_its_json(tmp_path):
     assert s["lora_1"]["stored_fraction"] < s["frozen_80"]["stored_fraction"] < 1
     assert s["bf16"]["logical_bytes"] < s["unchanged"]["logical_bytes"]
     assert "stored" in s["frozen_80"]["targets"] and "s/GB" in s["initial"]["targets"]
-    assert {"overhead_pct", "ok", "target"} <= set(data["save_async"])
+    assert {"overhead_pct", "ok", "target", "training_lost_s"} <= set(data["save_async"])
+    assert len(data["save_async"]["rounds_overhead_pct"]) == 3
     assert "password" not in json.dumps(data["settings"])
 
 

@@ -13,11 +13,13 @@ import contextlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 from esper_assets.errors import InvalidInput, StorageError, TierUnavailable
+
+T = TypeVar("T")
 
 # S3's answers for a key that does not exist (GetObject, HeadObject).
 MISSING_KEY = ("NoSuchKey", "404")
@@ -137,10 +139,11 @@ class DirectoryObjectStore:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def _read(self, key: str, n: int | None) -> bytes | None:
+    def _read(self, key: str, read: Callable[[BinaryIO], T]) -> T | None:
+        """``read`` of the open object; None if there is no such object."""
         try:
             with open(self._path(key), "rb") as f:
-                return f.read() if n is None else f.read(n)
+                return read(f)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -149,29 +152,24 @@ class DirectoryObjectStore:
             ) from exc
 
     def get(self, key: str) -> bytes | None:
-        return self._read(key, None)
+        return self._read(key, lambda f: f.read())
 
     def get_view(self, key: str) -> memoryview | None:
-        try:
-            with open(self._path(key), "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                buffer = getattr(self._buffers, "buffer", None)
-                if buffer is None or len(buffer) < size + 1:
-                    buffer = self._buffers.buffer = bytearray(max(size + 1, 1 << 20))
-                view = memoryview(buffer)
-                got = f.readinto(view[: size + 1])  # one more: a file that grew shows
-                while got < size + 1 and (n := f.readinto(view[got : size + 1])):
-                    got += n
-                return view[:got]
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise TierUnavailable(
-                f"object store {self.location}: cannot read {key}: {exc}"
-            ) from exc
+        return self._read(key, self._into_buffer)
+
+    def _into_buffer(self, f: BinaryIO) -> memoryview:
+        size = os.fstat(f.fileno()).st_size
+        buffer = getattr(self._buffers, "buffer", None)
+        if buffer is None or len(buffer) < size + 1:
+            buffer = self._buffers.buffer = bytearray(max(size + 1, 1 << 20))
+        view = memoryview(buffer)
+        got = 0  # read one byte more than the size: a file that grew meanwhile shows
+        while got < size + 1 and (n := f.readinto(view[got : size + 1])):
+            got += n
+        return view[:got]
 
     def head(self, key: str, n: int) -> bytes | None:
-        return self._read(key, n)
+        return self._read(key, lambda f: f.read(n))
 
     def put(self, key: str, data: Data, durable: bool | None = None) -> None:
         """Write ``key`` atomically; ``durable`` (default: the store's) fsyncs it first."""
