@@ -1,0 +1,161 @@
+"""Reading the usage files back: every file under ``usage/events/`` (or one day's), each
+read on its own so a damaged one is skipped and named rather than failing the lot.
+
+Files come through the :class:`ObjectStore` (a directory or S3), never through a
+DuckDB extension: a machine may be offline. Each file is conformed to
+:data:`EVENT_SCHEMA` (extra columns dropped, a missing measurement filled with zeros)
+and gets the ``date`` and ``hour`` of its path, as a hive reader would add them.
+
+May import: ``esper_assets.errors``, ``storage``, ``analytics.schema``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esper_assets.analytics.schema import BUCKETS, EVENT_SCHEMA, EVENTS_PREFIX
+from esper_assets.errors import StorageError, TierUnavailable
+from esper_assets.storage.objects import ObjectStore
+
+__all__ = [
+    "READ_SCHEMA",
+    "EventsRead",
+    "event_keys",
+    "hive_partition",
+    "read_events",
+    "read_parquet_object",
+]
+
+# The path columns a hive reader adds to every row.
+READ_SCHEMA = EVENT_SCHEMA.append(pa.field("date", pa.string(), nullable=False)).append(
+    pa.field("hour", pa.int32(), nullable=False)
+)
+
+# Without these a row says nothing (whose use, of what); a file lacking one is skipped.
+IDENTITY_COLUMNS = ("window_start", "host", "pid", "source", "id", "op", "tier")
+
+_PARTITION = re.compile(r"/date=(\d{4}-\d{2}-\d{2})/(?:hour=(\d{2})/)?[^/]+$")
+
+
+class EventsRead(NamedTuple):
+    table: pa.Table  # READ_SCHEMA: EVENT_SCHEMA plus date (YYYY-MM-DD) and hour
+    files: int  # files read
+    bytes: int  # their stored size
+    skipped: list[tuple[str, str]]  # (object key, reason) of damaged or unreadable files
+
+
+class DamagedFile(Exception):
+    """One file cannot be read into the schema; the reason is the message."""
+
+
+def _day_prefix(base: str, day: date | None) -> str:
+    return f"{base}/" if day is None else f"{base}/date={day:%Y-%m-%d}/"
+
+
+def list_parquet(store: ObjectStore, base: str, day: date | None = None) -> list[tuple[str, int]]:
+    """(key, size) of the Parquet files under ``base`` (one day's or all), sorted."""
+    prefix = _day_prefix(base, day)
+    try:
+        found = [(key, size) for key, size, _ in store.list(prefix) if key.endswith(".parquet")]
+    except TierUnavailable as exc:
+        raise TierUnavailable(
+            f"cannot list {prefix} in {store.location}: {exc}; check that the object "
+            "store is up and that AWS_ENDPOINT_URL / ESPER_S3_BUCKET point at it"
+        ) from exc
+    return sorted(found)
+
+
+def event_keys(store: ObjectStore, day: date | None = None) -> list[tuple[str, int]]:
+    """(key, size) of the usage files under ``usage/events/`` (one day's or all), sorted."""
+    return list_parquet(store, EVENTS_PREFIX, day)
+
+
+def hive_partition(key: str) -> tuple[str, int | None]:
+    """The ``date`` (and ``hour``, None when the path has none) of a key at the layout."""
+    match = _PARTITION.search(key)
+    if match is None:
+        raise DamagedFile("not at the hive layout .../date=YYYY-MM-DD/[hour=HH/]NAME.parquet")
+    return match.group(1), None if match.group(2) is None else int(match.group(2))
+
+
+def read_parquet_object(store: ObjectStore, key: str) -> pa.Table:
+    """One Parquet object as a table; DamagedFile when it is gone or not Parquet.
+    An unreachable store raises TierUnavailable: that is no fault of the file."""
+    try:
+        data = store.get(key)
+    except TierUnavailable as exc:
+        raise TierUnavailable(
+            f"cannot read {key} from {store.location}: {exc}; check that the object store is up"
+        ) from exc
+    except StorageError as exc:  # an answer of no (e.g. AccessDenied) for this object alone
+        raise DamagedFile(f"cannot be read: {exc}") from exc
+    if data is None:
+        raise DamagedFile("deleted between listing and reading")
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise DamagedFile(f"not a readable Parquet file: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _zeros(field: pa.Field, rows: int) -> pa.Array:
+    """A missing measurement: zero requests, bytes, latency, an empty histogram."""
+    if pa.types.is_list(field.type):
+        return pa.array([[0] * BUCKETS] * rows, type=field.type)
+    return pa.array([0] * rows, type=field.type)
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` in EVENT_SCHEMA: columns in its order and types, extras dropped, a
+    missing measurement filled with zeros; DamagedFile when that cannot be done."""
+    columns = []
+    for field in EVENT_SCHEMA:
+        if field.name not in table.column_names:
+            if field.name in IDENTITY_COLUMNS:
+                raise DamagedFile(f"has no {field.name!r} column")
+            columns.append(_zeros(field, table.num_rows))
+            continue
+        column = table.column(field.name)
+        if column.null_count and field.name in IDENTITY_COLUMNS:
+            raise DamagedFile(f"has nulls in {field.name!r}")
+        try:
+            columns.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DamagedFile(
+                f"column {field.name!r} is {column.type}, not {field.type}: {_one_line(exc)}"
+            ) from exc
+    return pa.Table.from_arrays(columns, schema=EVENT_SCHEMA)
+
+
+def _read_event_file(store: ObjectStore, key: str) -> pa.Table:
+    day, hour = hive_partition(key)
+    if hour is None:
+        raise DamagedFile("has no hour=HH folder in its path")
+    table = conform(read_parquet_object(store, key))
+    rows = table.num_rows
+    table = table.append_column(READ_SCHEMA.field("date"), pa.array([day] * rows, pa.string()))
+    return table.append_column(READ_SCHEMA.field("hour"), pa.array([hour] * rows, pa.int32()))
+
+
+def read_events(store: ObjectStore, day: date | None = None) -> EventsRead:
+    """Every usage file (of ``day``) as one table in READ_SCHEMA; damaged files are
+    skipped and named in ``skipped``. An empty day is an empty table."""
+    tables, skipped, files, size = [], [], 0, 0
+    for key, stored in event_keys(store, day):
+        try:
+            tables.append(_read_event_file(store, key))
+        except DamagedFile as exc:
+            skipped.append((key, str(exc)))
+            continue
+        files += 1
+        size += stored
+    table = pa.concat_tables(tables) if tables else READ_SCHEMA.empty_table()
+    return EventsRead(table, files, size, skipped)
