@@ -1,0 +1,278 @@
+"""The daily rollups the Dagster assets materialize: each reads a day's usage files
+(``dataset.read_events``), runs one SQL file of ``sql/analytics/`` with an
+``AnalyticsSession`` and writes the answer as one zstd Parquet file through the object
+store, at ``usage/daily/<name>/date=YYYY-MM-DD/<name>.parquet``. Re-running a day
+writes the same key again, so a backfill replaces, never duplicates.
+
+- ``compact_day``: the day's small files as one file, sorted by (id, tier, window_start).
+- ``kernel_usage_daily``: per kernel and tier: requests, hit rate, bytes, p50/p95/p99.
+- ``cache_warm_list``: the top kernels by exponentially decayed requests.
+- ``retirement_candidates``: idle kernels and blueprints (deprecated when ``apply``).
+- ``asset_inventory``: the repository's counts and bytes by type and state.
+
+May import: ``esper_assets.errors``, ``storage``, ``analytics``. Never Dagster.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esper_assets.analytics.dataset import READ_SCHEMA, EventsRead, read_events
+from esper_assets.analytics.query import AnalyticsSession
+from esper_assets.analytics.schema import EVENT_SCHEMA, LATENCY_BOUNDS_US
+from esper_assets.errors import InvalidInput
+from esper_assets.storage import AssetRepository
+from esper_assets.storage.objects import ObjectStore
+from esper_assets.storage.repository import AssetQuery
+
+DAILY_PREFIX = "usage/daily"
+ACTOR = "esper-analytics"  # who the audit log says deprecated an idle asset
+PAGE = 10_000  # AssetQuery's largest limit
+NO_EVENTS = EventsRead(READ_SCHEMA.empty_table(), 0, 0, [])  # what the inventory reads
+
+# What each rollup's file holds; the assets' schema checks compare the file with these.
+KERNEL_USAGE_SCHEMA = pa.schema([
+    pa.field("kernel_id", pa.string(), nullable=False),
+    pa.field("tier", pa.string(), nullable=False),
+    pa.field("requests", pa.int64(), nullable=False),
+    pa.field("hit_rate", pa.float64()),
+    pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("p50_us", pa.float64()),
+    pa.field("p95_us", pa.float64()),
+    pa.field("p99_us", pa.float64()),
+])  # fmt: skip
+WARM_LIST_SCHEMA = pa.schema([
+    pa.field("rank", pa.int64(), nullable=False),
+    pa.field("kernel_id", pa.string(), nullable=False),
+    pa.field("score", pa.float64(), nullable=False),
+    pa.field("requests", pa.int64(), nullable=False),
+    pa.field("last_used", pa.date32(), nullable=False),
+])  # fmt: skip
+RETIREMENT_SCHEMA = pa.schema([
+    pa.field("asset_id", pa.string(), nullable=False),
+    pa.field("asset_type", pa.string(), nullable=False),
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("version", pa.string(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("deprecated", pa.bool_(), nullable=False),
+])  # fmt: skip
+INVENTORY_SCHEMA = pa.schema([
+    pa.field("asset_type", pa.string(), nullable=False),
+    pa.field("state", pa.string(), nullable=False),
+    pa.field("assets", pa.int64(), nullable=False),
+    pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("expired", pa.int64(), nullable=False),
+])  # fmt: skip
+OUTPUT_SCHEMAS = {
+    "events": EVENT_SCHEMA,
+    "kernel_usage": KERNEL_USAGE_SCHEMA,
+    "warm_list": WARM_LIST_SCHEMA,
+    "retirement_candidates": RETIREMENT_SCHEMA,
+    "inventory": INVENTORY_SCHEMA,
+}
+
+# The repository's rows as the retirement and inventory SQL see them.
+REPO_ASSETS_SCHEMA = pa.schema([
+    ("asset_id", pa.string()), ("asset_type", pa.string()), ("name", pa.string()),
+    ("version", pa.string()), ("state", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")), ("size_bytes", pa.int64()),
+    ("derived_from", pa.list_(pa.string())), ("expired", pa.bool_()),
+])  # fmt: skip
+
+
+class Rollup(NamedTuple):
+    """What one rollup wrote, and what it read to write it."""
+
+    key: str  # the object written
+    table: pa.Table  # its contents (in OUTPUT_SCHEMAS[name])
+    events: int  # usage rows read (0 for the inventory)
+    files: int  # usage files read
+    bytes_in: int  # their stored size
+    bytes_out: int  # the written file's size
+    skipped: list[tuple[str, str]]  # (key, reason) of usage files that could not be read
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+
+# -- the rollups ------------------------------------------------------------------------
+def compact_day(store: ObjectStore, day: date) -> Rollup:
+    """The day's usage files as one file, sorted by (id, tier, window_start)."""
+    read = read_events(store, _day(day))
+    table = _run_on_events("compact_day", store, read)
+    return _write(store, "events", day, table, read)
+
+
+def kernel_usage_daily(store: ObjectStore, day: date) -> Rollup:
+    """Per kernel and tier: requests, hit rate, bytes and p50/p95/p99 latency (us)."""
+    read = read_events(store, _day(day))
+    table = _run_on_events("kernel_usage", store, read, latency_bounds=_latency_bounds())
+    return _write(store, "kernel_usage", day, table, read)
+
+
+def cache_warm_list(
+    store: ObjectStore, day: date, top_n: int = 100, half_life_days: float = 7,
+    lookback_days: int = 30,
+) -> Rollup:  # fmt: skip
+    """The ``top_n`` kernels by cache reads over ``lookback_days`` days to ``day``, each
+    day's weighed by 0.5 ** (its age in days / ``half_life_days``)."""
+    _count("top_n", top_n)
+    _count("lookback_days", lookback_days)
+    if not _is_number(half_life_days) or not half_life_days > 0:
+        raise InvalidInput(f"half_life_days must be a number of days > 0, not {half_life_days!r}")
+    read = read_window(store, _day(day), lookback_days)
+    params = {"day": day, "top_n": top_n, "half_life_days": float(half_life_days),
+              "lookback_days": lookback_days}  # fmt: skip
+    table = _run_on_events("warm_list", store, read, "window_events", params=_one_row(params))
+    return _write(store, "warm_list", day, table, read)
+
+
+def retirement_candidates(
+    store: ObjectStore, repo: AssetRepository, day: date, unused_days: int = 30,
+    apply: bool = False,
+) -> Rollup:  # fmt: skip
+    """Active kernels and blueprints no usage row named in the ``unused_days`` days to
+    ``day`` (and older than that), except a kernel a live checkpoint names and a
+    blueprint a kernel that stays compiled from; with ``apply`` each is deprecated
+    through the repository's lifecycle API, the reason landing in its audit log."""
+    _count("unused_days", unused_days)
+    read = read_window(store, _day(day), unused_days)
+    window_start = datetime.combine(day - timedelta(days=unused_days - 1), time(), UTC)
+    tables = {
+        "params": _one_row({"cutoff": window_start}),
+        "repo_assets": _repo_assets(repo, AssetQuery().with_type("kernel", "blueprint")),
+        "checkpoint_kernels": _checkpoint_kernels(repo),
+    }
+    found = _run_on_events("retirement_candidates", store, read, "window_events", **tables)
+    reason = f"no use in the {unused_days} days to {day:%Y-%m-%d} (usage analytics)"
+    for asset_id in found.column("asset_id").to_pylist() if apply else []:
+        repo.deprecate_asset(asset_id, reason, actor=ACTOR)
+    found = found.append_column("reason", pa.array([reason] * found.num_rows, pa.string()))
+    found = found.append_column("deprecated", pa.array([apply] * found.num_rows, pa.bool_()))
+    return _write(store, "retirement_candidates", day, found, read)
+
+
+def asset_inventory(store: ObjectStore, repo: AssetRepository, day: date) -> Rollup:
+    """What the repository holds now, by asset type and state (count, bytes, expired),
+    filed under ``day``."""
+    assets = _repo_assets(repo, AssetQuery().include_expired())
+    with AnalyticsSession(store) as session:
+        session.register("repo_assets", assets)
+        table = session.query(sql_text("inventory"))
+    return _write(store, "inventory", _day(day), table, NO_EVENTS)
+
+
+# -- reading ----------------------------------------------------------------------------
+def read_window(store: ObjectStore, day: date, days: int) -> EventsRead:
+    """The usage rows of the ``days`` days ending with ``day``, one day's files at a time."""
+    reads = [read_events(store, day - timedelta(days=back)) for back in range(days)]
+    return EventsRead(
+        pa.concat_tables([r.table for r in reads]),
+        sum(r.files for r in reads),
+        sum(r.bytes for r in reads),
+        [skipped for r in reads for skipped in r.skipped],
+    )
+
+
+def sql_text(name: str) -> str:
+    """``sql/analytics/<name>.sql``: packaged inside the wheel, or the repository's own."""
+    here = Path(__file__).resolve()  # esper_assets/analytics/rollups.py
+    packaged = here.parents[1] / "sql"
+    root = packaged if packaged.is_dir() else here.parents[2] / "sql"
+    return (root / "analytics" / f"{name}.sql").read_text()
+
+
+def daily_key(name: str, day: date) -> str:
+    return f"{DAILY_PREFIX}/{name}/date={day:%Y-%m-%d}/{name}.parquet"
+
+
+def _run_on_events(
+    sql: str, store: ObjectStore, read: EventsRead, view: str = "day_events", **tables: pa.Table
+) -> pa.Table:
+    with AnalyticsSession(store) as session:
+        session.register(view, read.table)
+        for name, table in tables.items():
+            session.register(name, table)
+        return session.query(sql_text(sql))
+
+
+def _latency_bounds() -> pa.Table:
+    """Bucket number (1-based, as DuckDB counts list elements) -> its upper bound in us;
+    the overflow bucket's is +inf."""
+    bounds = [*LATENCY_BOUNDS_US, math.inf]
+    return pa.table({"bucket": pa.array(range(1, len(bounds) + 1), pa.int64()),
+                     "upper_us": pa.array(bounds, pa.float64())})  # fmt: skip
+
+
+def _one_row(values: dict) -> pa.Table:
+    return pa.table({name: [value] for name, value in values.items()})
+
+
+# -- the repository ----------------------------------------------------------------------
+def _search_all(repo: AssetRepository, query: AssetQuery) -> Iterator:
+    offset = 0
+    while batch := repo.search_assets(query.order_by("created_at").limit(PAGE).offset(offset)):
+        yield from batch
+        offset += len(batch)
+
+
+def _repo_assets(repo: AssetRepository, query: AssetQuery) -> pa.Table:
+    now = datetime.now(UTC)
+    rows = [
+        {"asset_id": m.asset_id, "asset_type": m.asset_type, "name": m.name,
+         "version": m.version, "state": m.state, "created_at": m.created_at,
+         "size_bytes": m.size_bytes, "derived_from": list(m.derived_from),
+         "expired": m.expires_at is not None and m.expires_at <= now}
+        for m in _search_all(repo, query)
+    ]  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=REPO_ASSETS_SCHEMA)
+
+
+def _checkpoint_kernels(repo: AssetRepository) -> pa.Table:
+    """Every kernel id a live checkpoint names: the kernels it was derived from and the
+    ones its manifest lists (a kernel registered after the save is only there). The
+    search leaves out expired rows, i.e. checkpoints retention deleted."""
+    named: set[str] = set()
+    for checkpoint in _search_all(repo, AssetQuery().with_type("checkpoint")):
+        named.update(checkpoint.derived_from, checkpoint.properties.get("kernels", []))
+    return pa.table({"kernel_id": pa.array(sorted(named), pa.string())})
+
+
+# -- writing ------------------------------------------------------------------------------
+def _write(store: ObjectStore, name: str, day: date, table: pa.Table, read: EventsRead) -> Rollup:
+    table = table.cast(OUTPUT_SCHEMAS[name])
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    key = daily_key(name, day)
+    store.put(key, sink.getvalue())
+    return Rollup(key, table, read.table.num_rows, read.files, read.bytes,
+                  sink.tell(), read.skipped)  # fmt: skip
+
+
+# -- arguments ------------------------------------------------------------------------------
+def _day(day: object) -> date:
+    if isinstance(day, datetime) or not isinstance(day, date):
+        raise InvalidInput(
+            f"day must be a datetime.date (the UTC day to roll up), not {type(day).__name__} "
+            f"{day!r:.40}; pass e.g. date(2026, 1, 31) or date.fromisoformat('2026-01-31')"
+        )
+    return day
+
+
+def _count(what: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidInput(f"{what} must be a whole number >= 1, not {value!r:.40}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
