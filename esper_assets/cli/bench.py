@@ -1,4 +1,4 @@
-"""``esper bench cache|repository|pipeline|checkpoints``: run a benchmark of :mod:`esper_assets.bench`
+"""``esper bench cache|repository|pipeline|checkpoints|analytics``: run a benchmark of :mod:`esper_assets.bench`
 on the configured settings, write its JSON and print it as tables (or JSON)."""
 
 from __future__ import annotations
@@ -203,3 +203,37 @@ def _comparisons_table(comparisons: list[dict[str, Any]], backend: str, cpus: in
             c["target"], met + (f" {c['note']}" if c["note"] else ""),
         )  # fmt: skip
     return table
+
+
+@bench.command("analytics")
+@click.option("--quick", is_flag=True, help="1 million usage rows instead of 10 million.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/analytics.json"),
+    show_default=True,
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def bench_analytics(quick: bool, out: Path, as_json: bool) -> None:
+    """Usage rollups over synthetic events vs DuckDB reading the same Parquet raw."""
+    from esper_assets.bench import analytics as analytics_bench
+
+    with status("benchmarking the usage analytics", as_json) as spinner:
+        result = analytics_bench.run(quick=quick, progress=progress(spinner))
+    write_and_emit(result, out, as_json, _render_analytics_bench)
+
+
+def _render_analytics_bench(result: dict[str, Any]) -> None:
+    def verdict(part: dict[str, Any]) -> str:
+        return "[green]met[/]" if part["ok"] else "[red]NOT met[/]"
+
+    rollup, top, compaction = result["rollup"], result["top_100_30_days"], result["compaction"]
+    console.print(f"esper bench analytics: {result['rows']:,} usage rows "
+                  f"({result['parquet_mb']} MB of Parquet) on the measured day")  # fmt: skip
+    console.print(f"compaction: {compaction['seconds']} s, {compaction['mb_s']} MB/s")
+    console.print(f"daily rollup: {rollup['seconds']} s (raw DuckDB sums: "
+                  f"{rollup['raw_duckdb_seconds']} s, {rollup['vs_raw']}x), target "
+                  f"{rollup['target']}: {verdict(rollup)}")  # fmt: skip
+    console.print(f"top 100 kernels over 30 days: {top['ms']} ms, target {top['target']}: "
+                  f"{verdict(top)}")  # fmt: skip
+    console.print(f"raw baseline: {result['raw_baseline']}")
