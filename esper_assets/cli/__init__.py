@@ -6,6 +6,7 @@
 - ``db``: ``migrate``
 - ``checkpoints``: ``checkpoints list|show|save|restore|verify``
 - ``bench``: ``bench cache|repository|pipeline`` (through ``esper_assets.bench``)
+- ``analytics``: ``analytics query|shell`` (SQL over the usage files, read only)
 - ``render``: how every command prints (JSON or tables) and the one way an
   ``EsperError`` is reported (one line on stderr, exit 2)
 
@@ -24,7 +25,7 @@ import logging
 
 import click
 
-from esper_assets.cli import bench, cache, checkpoints, db, pipeline, repository
+from esper_assets.cli import analytics, bench, cache, checkpoints, db, pipeline, repository
 from esper_assets.cli.render import EsperGroup
 
 __all__ = ["main"]
@@ -47,5 +48,6 @@ for command in (
     repository.assets,
     checkpoints.checkpoints,
     bench.bench,
+    analytics.analytics,
 ):
     main.add_command(command)
