@@ -12,6 +12,7 @@ modules (records, query, writes, lineage, lifecycle, access, integrity).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -64,7 +65,10 @@ class AssetRepository(AssetLifecycle):
         large_object_threshold: int = 1 << 20,
         max_asset_bytes: int = 512 << 20,
         access_flush_interval_s: float = 5.0,
+        usage: Any = None,
     ) -> None:
+        """``usage``: a UsageRecorder (esper_assets.analytics.events; not imported, the
+        repository sits below analytics) told of each read that counts as an access."""
         if postgres_url:
             self._db: PostgresAssets | SqliteAssets = PostgresAssets(postgres_url)
         elif sqlite_path:
@@ -79,6 +83,7 @@ class AssetRepository(AssetLifecycle):
         self.max_asset_bytes = max_asset_bytes
         self._access = AccessCounts(self._db, access_flush_interval_s)
         self._access.start()
+        self.usage = usage
 
     @classmethod
     def from_env(
@@ -153,6 +158,7 @@ class AssetRepository(AssetLifecycle):
         that must not make an asset look used to cache warming, ``deprecate_unused``
         or the usage analytics."""
         check_id("asset_id", asset_id)
+        start = time.perf_counter()
         # Two tries: archiving may move the object between our row read and our object
         # read; the row read again then names the new place.
         for _ in range(2):
@@ -167,10 +173,17 @@ class AssetRepository(AssetLifecycle):
                 self._guard.verify(asset_id, meta.checksum, data, where)
                 if record_access:
                     self.note_access(asset_id)
+                    self._record_usage(asset_id, len(data), start)
                 return meta, data
         raise StorageError(
             f"asset {asset_id!r}: its data {meta.object_key!r} is missing from the object store"
         )
+
+    def _record_usage(self, asset_id: str, nbytes: int, start: float) -> None:
+        usage = self.usage
+        if usage is not None:
+            latency_us = (time.perf_counter() - start) * 1e6
+            usage.record("repository", asset_id, "read", "repository", nbytes, latency_us)
 
     def _read_row(self, asset_id: str) -> tuple[AssetMetadata, bytes | None]:
         with self._db.read() as conn:
