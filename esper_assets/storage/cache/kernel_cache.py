@@ -36,10 +36,11 @@ from esper_assets.storage.cache.config import (
     CacheEntry,
     cache_config_from_settings,
     check_kernel_id,
+    is_valid_id,
 )
 from esper_assets.storage.cache.framing import Codecs
 from esper_assets.storage.cache.maintenance import Maintainer
-from esper_assets.storage.cache.reads import Reader
+from esper_assets.storage.cache.reads import Reader, UsageSink
 from esper_assets.storage.cache.resilience import LatencyWindow
 from esper_assets.storage.cache.slots import UNAVAILABLE, TierSlot, build_slots
 from esper_assets.storage.cache.tiers.redis import InvalidationListener
@@ -53,10 +54,14 @@ class PersistentKernelCache:
     """Multi-tier kernel cache; synchronous and thread-safe."""
 
     def __init__(
-        self, config: CacheConfig | None = None, object_store: ObjectStore | None = None
+        self,
+        config: CacheConfig | None = None,
+        object_store: ObjectStore | None = None,
+        usage: UsageSink | None = None,
     ) -> None:
         """``object_store``, when given, is L4 (and large-object home) instead of the one
-        the config names; Dagster passes the store its S3 resource built."""
+        the config names; Dagster passes the store its S3 resource built. ``usage``: a
+        UsageRecorder to tell what was read (see :meth:`attach_usage`)."""
         self.config = config = config or CacheConfig()
         self._codecs = Codecs(
             config.compression if config.enable_compression else "none",
@@ -68,6 +73,9 @@ class PersistentKernelCache:
         self._l1 = slots.l1  # the hot path reads it directly
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="esper-cache")
         self._access: dict[str, int] = {}
+        self._access_lock = threading.Lock()  # the maintainer and the usage recorder take counts
+        self._access_lent: dict[str, int] = {}  # shown to the recorder, not yet to L3
+        self._usage: UsageSink | None = None
         self._writes = Writer(config, self._codecs, slots, self._pool, self._check_open)
         self._write_back = self._writes.write_back
         self._reads = Reader(config, self._codecs, slots, self._write_back)
@@ -83,6 +91,8 @@ class PersistentKernelCache:
             # Pub/sub drops messages sent before we subscribe: wait (bounded) so that
             # invalidations published after this constructor returns reach our L1.
             self._listener.wait_subscribed(max(0.5, 4 * config.redis_timeout_s))
+        if usage is not None:
+            self.attach_usage(usage)
         self._maintainer = Maintainer(
             config, slots, self._write_back, self._take_access_counts, wake
         )
@@ -129,7 +139,10 @@ class PersistentKernelCache:
         start = time.perf_counter()
         value = self._l1.get(kernel_id)
         if value is not None:
-            self._l1_latency.record(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self._l1_latency.record(seconds)
+            if self._usage is not None:  # a latency sample; the hit itself is in _access
+                self._usage.record("cache", kernel_id, "get", "l1", 0, seconds * 1e6, requests=0)
             return value
         return self._reads.get(check_kernel_id(kernel_id))
 
@@ -249,8 +262,37 @@ class PersistentKernelCache:
                     slots.l4.call(slots.l4.tier.delete_many, orphans)
         return removed
 
-    def _take_access_counts(self) -> dict[str, int]:
+    # -- usage ------------------------------------------------------------------------
+    def attach_usage(self, usage: UsageSink) -> None:
+        """Tell ``usage`` (a UsageRecorder) what is read: the reads below L1 as they
+        happen, and before each of its flushes the reads counted per id (the L1 hit
+        path stays as it is: the recorder derives the hits from those counts)."""
+        self._usage = usage
+        self._reads.usage = usage
+        usage.pull_before_flush(self._lend_access_counts)
+
+    def _swap_access_counts(self) -> dict[str, int]:
+        """The reads counted since the last swap (lock held); the recorder sees each once."""
         counts, self._access = self._access, {}
+        if self._usage is not None and counts:
+            # get() counts before it checks the id: keep the bad ones out of the files.
+            self._usage.add_reads(
+                "cache", "get", {k: n for k, n in counts.items() if is_valid_id(k)}
+            )
+        return counts
+
+    def _lend_access_counts(self) -> None:
+        """The recorder's turn: it sees the counts now; L3 gets them on the next take."""
+        with self._access_lock:
+            lent = self._access_lent
+            for kernel_id, n in self._swap_access_counts().items():
+                lent[kernel_id] = lent.get(kernel_id, 0) + n
+
+    def _take_access_counts(self) -> dict[str, int]:
+        with self._access_lock:
+            counts, self._access_lent = self._access_lent, {}
+            for kernel_id, n in self._swap_access_counts().items():
+                counts[kernel_id] = counts.get(kernel_id, 0) + n
         return counts
 
     def _check_open(self) -> None:
@@ -375,6 +417,8 @@ class PersistentKernelCache:
                 maintainer.unshared_l2_debt,
             )
         self._closed = True
+        if self._usage is not None:
+            self._usage.forget_puller(self._lend_access_counts)
         if self._listener is not None:
             self._listener.close()
         self._pool.shutdown(wait=True)

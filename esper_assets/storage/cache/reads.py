@@ -4,13 +4,20 @@ waterfall L2 -> L3 -> L4 that promotes what it finds into the tiers that missed 
 A corrupt copy is a miss plus a counted corruption, repaired from a lower tier by
 the same promotion. What a read loads goes into L1 unless an invalidation arrived
 while it was loading (:meth:`TierSlots.fill_l1`).
+
+With a usage recorder attached (``Reader.usage``) each read below L1 is recorded with
+the tier that answered it ("miss" for none), its bytes and, for ``get``, its latency.
+A write-back value not yet flushed is in this process's memory: it is left to be
+counted with the L1 hits.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
 
 from esper_assets.errors import CorruptValue
 from esper_assets.storage.cache import framing
@@ -23,23 +30,46 @@ from esper_assets.storage.cache.write_back import WriteBack
 log = logging.getLogger("esper_assets.storage.cache")
 
 
+class UsageSink(Protocol):
+    """What the cache tells a usage recorder (esper_assets.analytics.events.UsageRecorder;
+    the cache may not import analytics, so it names only these methods)."""
+
+    def record(
+        self,
+        source: str,
+        id: str,
+        op: str,
+        tier: str,
+        nbytes: int,
+        latency_us: float | None = None,
+        requests: int = 1,
+    ) -> None: ...
+
+    def add_reads(self, source: str, op: str, counts: Mapping[str, int]) -> None: ...
+
+    def pull_before_flush(self, pull) -> None: ...
+
+    def forget_puller(self, pull) -> None: ...
+
+
 class Flight:
     """One in-progress load; followers block on ``done`` (held by the leader until it ends)."""
 
-    __slots__ = ("done", "value", "error")
+    __slots__ = ("done", "value", "error", "tier")
 
     def __init__(self) -> None:
         self.done = threading.Lock()
         self.done.acquire()
         self.value: bytes | None = None
         self.error: BaseException | None = None
+        self.tier = "miss"  # the level that answered, for usage
 
-    def wait(self) -> bytes | None:
+    def wait(self) -> tuple[bytes | None, str]:
         with self.done:
             pass
         if self.error is not None:
             raise self.error
-        return self.value
+        return self.value, self.tier
 
 
 class Reader:
@@ -58,18 +88,24 @@ class Reader:
         self.loads = 0  # lower-tier loads started by get(): single-flight keeps this low
         self.requests = 0
         self.not_found = 0
+        self.usage: UsageSink | None = None
 
     def get(self, kernel_id: str) -> bytes | None:
         self.requests += 1
         pending = self._write_back.value(kernel_id)
         if pending is not None:
             return pending
-        value = self._load_once(kernel_id)
+        start = time.perf_counter()
+        value, tier = self._load_once(kernel_id)
         if value is None:
             self.not_found += 1
+        usage = self.usage
+        if usage is not None:
+            latency_us = (time.perf_counter() - start) * 1e6
+            usage.record("cache", kernel_id, "get", tier, len(value or b""), latency_us)
         return value
 
-    def _load_once(self, kernel_id: str) -> bytes | None:
+    def _load_once(self, kernel_id: str) -> tuple[bytes | None, str]:
         """Single-flight: concurrent misses on one id share one lower-tier load."""
         with self._inflight_lock:
             flight = self._inflight.get(kernel_id)
@@ -80,8 +116,10 @@ class Reader:
         if not leader:
             return flight.wait()
         try:
-            flight.value = self.read_through([kernel_id]).get(kernel_id)
-            return flight.value
+            report: dict[str, str] = {}
+            flight.value = self.read_through([kernel_id], report).get(kernel_id)
+            flight.tier = report.get(kernel_id, "miss")
+            return flight.value, flight.tier
         except BaseException as exc:
             flight.error = exc
             raise
@@ -99,10 +137,23 @@ class Reader:
                 found[kernel_id] = pending
         missing = [k for k in missing if k not in found]
         if missing:
-            loaded = self.read_through(missing)
+            report: dict[str, str] = {}
+            loaded = self.read_through(missing, report)
             self.not_found += len(missing) - len(loaded)
             found.update(loaded)
+            self._record_many(missing, loaded, report)
         return found
+
+    def _record_many(
+        self, ids: list[str], loaded: dict[str, bytes], report: dict[str, str]
+    ) -> None:
+        """get_many's lower-tier reads, untimed: one round trip answered them all."""
+        usage = self.usage
+        if usage is None:
+            return
+        for kernel_id in ids:
+            nbytes = len(loaded.get(kernel_id, b""))
+            usage.record("cache", kernel_id, "get_many", report.get(kernel_id, "miss"), nbytes)
 
     def warm(self, kernel_ids: Iterable[str]) -> dict[str, str]:
         report: dict[str, str] = {}
