@@ -45,6 +45,9 @@ class Settings:
     checkpoint_keep_days: float | None = 7.0
     checkpoint_retention_action: str = "archive"
     checkpoint_gc_grace_hours: float = 1.0
+    # Usage events (ESPER_USAGE on|off, ESPER_USAGE_FLUSH_S): see analytics.events.
+    usage: bool = True
+    usage_flush_s: float = 60.0
 
     @property
     def sqlite_path(self) -> Path:
@@ -117,7 +120,25 @@ class Settings:
             aws_endpoint_url=endpoint,
             landing=landing,
             **_checkpoint_retention(get),
+            **_usage(get),
         )
+
+
+def _usage(get) -> dict:
+    """ESPER_USAGE (on|off, default on) and ESPER_USAGE_FLUSH_S (seconds > 0, default 60)."""
+    switch = (get("ESPER_USAGE") or "on").lower()
+    if switch not in ("on", "off"):
+        raise ConfigError(f"ESPER_USAGE={switch!r} must be on or off; or unset it (on)")
+    text = get("ESPER_USAGE_FLUSH_S")
+    try:
+        flush_s = 60.0 if text is None else float(text)
+    except ValueError:
+        flush_s = float("nan")
+    if not flush_s > 0 or flush_s == float("inf"):
+        raise ConfigError(
+            f"ESPER_USAGE_FLUSH_S={text!r} must be a number of seconds > 0; or unset it (60)"
+        )
+    return {"usage": switch == "on", "usage_flush_s": flush_s}
 
 
 def _checkpoint_retention(get) -> dict:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from esper_assets.analytics.events import UsageRecorder
 from esper_assets.checkpoints import CheckpointStore
 from esper_assets.flows.landing import LandingZone, landing_from_location
 from esper_assets.settings import Settings
@@ -33,6 +34,7 @@ __all__ = [
     "open_checkpoints",
     "open_repository",
     "s3_client",
+    "usage_recorder",
 ]
 
 
@@ -58,18 +60,38 @@ def landing_zone(settings: Settings, client=None) -> LandingZone:
 
 
 @contextmanager
+def usage_recorder(
+    settings: Settings, store: ObjectStore | None = None
+) -> Iterator[UsageRecorder | None]:
+    """A UsageRecorder flushing every ``ESPER_USAGE_FLUSH_S`` into ``store`` (default:
+    :func:`object_store`, where the repository's objects live), closed on exit; None
+    when ``ESPER_USAGE=off``."""
+    if not settings.usage:
+        yield None
+        return
+    recorder = UsageRecorder(
+        store if store is not None else object_store(settings), flush_s=settings.usage_flush_s
+    )
+    try:
+        yield recorder
+    finally:
+        recorder.close()
+
+
+@contextmanager
 def open_repository(
     settings: Settings, store: ObjectStore | None = None
 ) -> Iterator[AssetRepository]:
     """The asset repository on ``ESPER_DATABASE_URL`` (or the SQLite file under
-    ``ESPER_HOME``), its large objects in ``store`` (default: :func:`object_store`)."""
-    repo = AssetRepository.from_settings(
-        settings, object_store=store if store is not None else object_store(settings)
-    )
-    try:
-        yield repo
-    finally:
-        repo.close()
+    ``ESPER_HOME``), its large objects in ``store`` (default: :func:`object_store`); its
+    reads recorded by a :func:`usage_recorder` on that store."""
+    store = store if store is not None else object_store(settings)
+    with usage_recorder(settings, store) as usage:
+        repo = AssetRepository.from_settings(settings, object_store=store, usage=usage)
+        try:
+            yield repo
+        finally:
+            repo.close()
 
 
 @contextmanager
@@ -79,14 +101,16 @@ def open_cache(
     """The kernel cache over Redis (L2), the database (L3) and ``store`` (L4; default:
     the store the settings name, built by the cache from its config so that
     ``object_store_timeout_s`` and ``l4_enabled`` apply). ``config`` overrides
-    :class:`CacheConfig` fields (e.g. ``l1_size_mb=64``, ``write_mode="write_back"``)."""
-    cache = PersistentKernelCache(
-        cache_config_from_settings(settings, **config), object_store=store
-    )
-    try:
-        yield cache
-    finally:
-        cache.close()
+    :class:`CacheConfig` fields (e.g. ``l1_size_mb=64``, ``write_mode="write_back"``).
+    Its reads are recorded by a :func:`usage_recorder` on the repository's store."""
+    with usage_recorder(settings, store) as usage:
+        cache = PersistentKernelCache(
+            cache_config_from_settings(settings, **config), object_store=store, usage=usage
+        )
+        try:
+            yield cache
+        finally:
+            cache.close()
 
 
 @contextmanager
