@@ -229,3 +229,22 @@ def test_wiring_records_cache_reads_on_the_repositorys_store(esper_home):
         cache.get("k")
     rows = by_key(rows_of(wiring.object_store(settings)))
     assert rows["cache", "k", "get", "l1"]["requests"] == 2
+
+
+@pytest.mark.parametrize(
+    "env", [{"ESPER_USAGE": "maybe"}, {"ESPER_USAGE_FLUSH_S": "0"}, {"ESPER_USAGE_FLUSH_S": "soon"}]
+)
+def test_bad_usage_settings_name_the_variable(env):
+    from esper_assets.errors import ConfigError
+    from esper_assets.settings import Settings
+
+    with pytest.raises(ConfigError, match=next(iter(env))):
+        Settings.from_env(env)
+
+
+def test_usage_settings_default_on_every_minute():
+    from esper_assets.settings import Settings
+
+    assert (Settings.from_env({}).usage, Settings.from_env({}).usage_flush_s) == (True, 60.0)
+    off = Settings.from_env({"ESPER_USAGE": "OFF", "ESPER_USAGE_FLUSH_S": "2.5"})
+    assert (off.usage, off.usage_flush_s) == (False, 2.5)
