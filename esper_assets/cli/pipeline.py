@@ -45,6 +45,10 @@ def demo(as_json: bool) -> None:
                f"at the saved step ({checkpoint['step']}); if the new_checkpoints sensor's "
                f"cursor is ahead, delete new_checkpoints.cursor in {result['dagster_home']} "
                "and run it again")  # fmt: skip
+    usage = result["usage"]
+    self_check(usage["off"] or bool(usage["rows"]),
+               "the analytics query over the usage files found nothing, although the "
+               "demo's cache and repository just served reads: see esper analytics query")  # fmt: skip
 
 
 def _lineages_agree(repository: list[dict], dagster: list[dict]) -> bool:
@@ -74,6 +78,25 @@ def _render_demo(data: dict[str, Any]) -> None:
         agrees = _lineages_agree(data["lineage"], data["dagster_lineage"])
         console.print(f"  Dagster event log tells the same story: {_yes(agrees)}")
     _print_checkpoint(data["checkpoint"])
+    _print_usage(data["usage"])
+
+
+def _print_usage(usage: dict[str, Any]) -> None:
+    if usage["off"]:
+        console.print("usage analytics: off (ESPER_USAGE=off)")
+        return
+    flat = " ".join(usage["sql"].split())
+    console.print(
+        f'what the cache and the repository served: esper analytics query "{escape(flat)}"'
+    )
+    table = Table()
+    for column in ("source", "tier", "ids", "requests", "bytes"):
+        table.add_column(column, justify="left" if column in ("source", "tier") else "right")
+    for row in usage["rows"]:
+        table.add_row(*(str(row[c]) for c in ("source", "tier", "ids", "requests", "bytes")))
+    console.print(table)
+    for key, reason in usage["skipped"]:
+        console.print(f"[yellow]skipped damaged usage file {escape(key)}: {escape(reason)}[/]")
 
 
 def _print_checkpoint(c: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@ then the new_checkpoints sensor (``runner.checkpoints``: what landed under
 The demo first lands the example blueprints, then reads back the kernels, the
 cache's stats and one kernel's lineage from both the repository and Dagster, and
 saves a checkpoint before ticking new_checkpoints, which it reads back from the
-event log at the saved step."""
+event log at the saved step; it ends with an analytics query over the usage files
+its cache and repository wrote."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from tempfile import TemporaryDirectory
 import dagster as dg
 import numpy as np
 
+from esper_assets.analytics.query import AnalyticsSession
 from esper_assets.blueprints import example_blueprint_files
 from esper_assets.defs import build_definitions, local_instance
 from esper_assets.flows.kernels import describe, lineage_chain, registered_kernels
 from esper_assets.flows.landing import LandingZone
 from esper_assets.flows.wiring import (
     landing_zone,
+    object_store,
     open_cache,
     open_checkpoints,
     open_repository,
@@ -95,7 +98,25 @@ def run_demo(settings: Settings | None = None) -> dict:
         "checkpoint": checkpoint_in_dagster(
             defs, instance, checkpoint_round_trip(settings, [m.asset_id for m in kernels])
         ),
+        "usage": usage_query(settings),
     }
+
+
+# What the demo asks last, as `esper analytics query` would: the usage its cache and
+# repository just recorded (every demo run so far, as the files accumulate).
+USAGE_SQL = """SELECT source, tier, count(DISTINCT id) AS ids,
+       sum(requests)::BIGINT AS requests, sum(bytes)::BIGINT AS bytes
+FROM events GROUP BY source, tier ORDER BY source, tier"""
+
+
+def usage_query(settings: Settings) -> dict:
+    """Run :data:`USAGE_SQL` over the usage files (flushed when the demo's cache and
+    repository closed): the rows, and the damaged files skipped."""
+    if not settings.usage:
+        return {"sql": USAGE_SQL, "rows": [], "skipped": [], "off": True}
+    with AnalyticsSession(object_store(settings)) as session:
+        rows = session.query(USAGE_SQL).to_pylist()
+        return {"sql": USAGE_SQL, "rows": rows, "skipped": session.skipped, "off": False}
 
 
 DEMO_RUN = "demo"

@@ -81,6 +81,16 @@ def test_demo_a_second_time_runs_nothing_new(demo_report, esper_home):
     assert checkpoint["restored_equal"]
 
 
+def test_demo_ends_with_an_analytics_query_over_what_it_did(demo_report, esper_home):
+    usage = demo_report["usage"]
+    assert not usage["off"] and usage["skipped"] == []
+    rows = {(r["source"], r["tier"]): r for r in usage["rows"]}
+    # the demo read its 12 kernels back from the cache and its assets from the repository
+    cache_reads = sum(r["requests"] for (source, _), r in rows.items() if source == "cache")
+    assert cache_reads >= 12 and rows[("repository", "repository")]["requests"] > 0
+    assert (esper_home / "objects" / "usage" / "events").is_dir()  # the hive layout, on disk
+
+
 def test_demo_says_dagster_holds_its_checkpoint_and_fails_when_it_does_not(demo_report):
     shown = CliRunner().invoke(main, ["demo"])
     assert shown.exit_code == 0, (shown.stdout, shown.stderr)
