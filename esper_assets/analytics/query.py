@@ -156,12 +156,18 @@ class AnalyticsSession:
     ``kernel_usage_daily``: the views hold the rest.
     """
 
-    def __init__(self, store: ObjectStore, repo: AssetRepository | None = None) -> None:
+    def __init__(
+        self, store: ObjectStore, repo: AssetRepository | None = None, standard_views: bool = True
+    ) -> None:
+        """``standard_views=False``: none of the views above, only what the caller
+        registers (the rollups read one day; loading every day's files first cost them
+        most of their time)."""
         self.store = store
         self.skipped: list[tuple[str, str]] = []
         self._conn = duckdb.connect(":memory:")
         try:
-            self._register_views(repo)
+            if standard_views:
+                self._register_views(repo)
             # From here on DuckDB itself refuses files, ATTACH and INSTALL/LOAD, and no
             # query can SET them back: registering Arrow tables still works.
             self._conn.execute("SET enable_external_access = false")
