@@ -99,6 +99,7 @@ class Rollup(NamedTuple):
     bytes_in: int  # their stored size
     bytes_out: int  # the written file's size
     skipped: list[tuple[str, str]]  # (key, reason) of usage files that could not be read
+    day_files: int  # the usage files of ``day`` itself it saw (read or skipped)
 
     @property
     def rows(self) -> int:
@@ -130,11 +131,11 @@ def cache_warm_list(
     _count("lookback_days", lookback_days)
     if not _is_number(half_life_days) or not half_life_days > 0:
         raise InvalidInput(f"half_life_days must be a number of days > 0, not {half_life_days!r}")
-    read = read_window(store, _day(day), lookback_days)
+    read, day_files = read_window(store, _day(day), lookback_days)
     params = {"day": day, "top_n": top_n, "half_life_days": float(half_life_days),
               "lookback_days": lookback_days}  # fmt: skip
     table = _run_on_events("warm_list", store, read, "window_events", params=_one_row(params))
-    return _write(store, "warm_list", day, table, read)
+    return _write(store, "warm_list", day, table, read, day_files)
 
 
 def retirement_candidates(
@@ -146,7 +147,7 @@ def retirement_candidates(
     blueprint a kernel that stays compiled from; with ``apply`` each is deprecated
     through the repository's lifecycle API, the reason landing in its audit log."""
     _count("unused_days", unused_days)
-    read = read_window(store, _day(day), unused_days)
+    read, day_files = read_window(store, _day(day), unused_days)
     window_start = datetime.combine(day - timedelta(days=unused_days - 1), time(), UTC)
     tables = {
         "params": _one_row({"cutoff": window_start}),
@@ -159,7 +160,7 @@ def retirement_candidates(
         repo.deprecate_asset(asset_id, reason, actor=ACTOR)
     found = found.append_column("reason", pa.array([reason] * found.num_rows, pa.string()))
     found = found.append_column("deprecated", pa.array([apply] * found.num_rows, pa.bool_()))
-    return _write(store, "retirement_candidates", day, found, read)
+    return _write(store, "retirement_candidates", day, found, read, day_files)
 
 
 def asset_inventory(store: ObjectStore, repo: AssetRepository, day: date) -> Rollup:
@@ -173,15 +174,21 @@ def asset_inventory(store: ObjectStore, repo: AssetRepository, day: date) -> Rol
 
 
 # -- reading ----------------------------------------------------------------------------
-def read_window(store: ObjectStore, day: date, days: int) -> EventsRead:
-    """The usage rows of the ``days`` days ending with ``day``, one day's files at a time."""
+def read_window(store: ObjectStore, day: date, days: int) -> tuple[EventsRead, int]:
+    """The usage rows of the ``days`` days ending with ``day``, one day's files at a
+    time, and how many files ``day`` itself had."""
     reads = [read_events(store, day - timedelta(days=back)) for back in range(days)]
-    return EventsRead(
+    merged = EventsRead(
         pa.concat_tables([r.table for r in reads]),
         sum(r.files for r in reads),
         sum(r.bytes for r in reads),
         [skipped for r in reads for skipped in r.skipped],
     )
+    return merged, _files_seen(reads[0])
+
+
+def _files_seen(read: EventsRead) -> int:
+    return read.files + len(read.skipped)
 
 
 def sql_text(name: str) -> str:
@@ -249,14 +256,18 @@ def _checkpoint_kernels(repo: AssetRepository) -> pa.Table:
 
 
 # -- writing ------------------------------------------------------------------------------
-def _write(store: ObjectStore, name: str, day: date, table: pa.Table, read: EventsRead) -> Rollup:
+def _write(
+    store: ObjectStore, name: str, day: date, table: pa.Table, read: EventsRead,
+    day_files: int | None = None,
+) -> Rollup:  # fmt: skip
     table = table.cast(OUTPUT_SCHEMAS[name])
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     key = daily_key(name, day)
     store.put(key, sink.getvalue())
+    seen = _files_seen(read) if day_files is None else day_files
     return Rollup(key, table, read.table.num_rows, read.files, read.bytes,
-                  sink.tell(), read.skipped)  # fmt: skip
+                  sink.tell(), read.skipped, seen)  # fmt: skip
 
 
 # -- arguments ------------------------------------------------------------------------------

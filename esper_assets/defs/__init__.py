@@ -34,7 +34,7 @@ the variable, and tests and the bench pass their own ``Settings``.
 
 import dagster as dg
 
-from esper_assets.defs import checkpoints, kernels, upkeep
+from esper_assets.defs import analytics, checkpoints, kernels, upkeep
 from esper_assets.defs._compat import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 # One resource-free Definitions per domain; merged, then bound to one set of resources.
-DOMAINS = (kernels.definitions, upkeep.definitions, checkpoints.definitions)
+DOMAINS = (kernels.definitions, upkeep.definitions, checkpoints.definitions, analytics.definitions)
 
 
 def build_definitions(
