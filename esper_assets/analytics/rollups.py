@@ -167,7 +167,7 @@ def asset_inventory(store: ObjectStore, repo: AssetRepository, day: date) -> Rol
     """What the repository holds now, by asset type and state (count, bytes, expired),
     filed under ``day``."""
     assets = _repo_assets(repo, AssetQuery().include_expired())
-    with AnalyticsSession(store) as session:
+    with AnalyticsSession(store, standard_views=False) as session:
         session.register("repo_assets", assets)
         table = session.query(sql_text("inventory"))
     return _write(store, "inventory", _day(day), table, NO_EVENTS)
@@ -206,7 +206,8 @@ def daily_key(name: str, day: date) -> str:
 def _run_on_events(
     sql: str, store: ObjectStore, read: EventsRead, view: str = "day_events", **tables: pa.Table
 ) -> pa.Table:
-    with AnalyticsSession(store) as session:
+    # Without the standard views: they would read every day's files, the rollup needs one.
+    with AnalyticsSession(store, standard_views=False) as session:
         session.register(view, read.table)
         for name, table in tables.items():
             session.register(name, table)
