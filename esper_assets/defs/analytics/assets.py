@@ -163,8 +163,11 @@ def _result(
     asset = context.asset_key
     checks = [_schema_check(store, asset, name, done)]
     if non_empty is not None:
+        # Only compaction must keep every row; a day of repository reads alone rightly
+        # gives no kernel usage, so the others warn.
+        severity = dg.AssetCheckSeverity.ERROR if name == "events" else dg.AssetCheckSeverity.WARN
         checks.append(dg.AssetCheckResult(
-            check_name=NON_EMPTY, asset_key=asset, passed=non_empty,
+            check_name=NON_EMPTY, asset_key=asset, passed=non_empty, severity=severity,
             metadata={"rows": done.rows, "usage_rows": done.events},
         ))  # fmt: skip
     if name != "inventory":  # the inventory reads no usage files
