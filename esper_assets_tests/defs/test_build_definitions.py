@@ -57,10 +57,11 @@ def test_domains_merge_into_the_stored_names(esper_home):
     assert {j.name for j in defs.jobs} == {
         "ingest_blueprints", "cache_maintenance_job", "warm_kernel_cache_job",
         "revalidate_blueprints_job", "verify_checkpoints", "checkpoint_retention_job",
-        "platform_state_job",
+        "platform_state_job", "analytics_daily",
     }  # fmt: skip
     assert {a.key.to_user_string() for a in defs.assets} == {
-        "blueprints", "compiled_kernels", "checkpoints",
+        "blueprints", "compiled_kernels", "checkpoints", "usage_events_daily",
+        "kernel_usage_daily", "cache_warm_list", "retirement_candidates", "asset_inventory",
     }  # fmt: skip
     assert esper_assets.defs.blueprint_partitions.name == "blueprints"
     dg.Definitions.validate_loadable(defs)

@@ -94,13 +94,19 @@ def test_definitions_load_without_warnings(esper_home):
         "blueprints",
         "compiled_kernels",
         "checkpoints",
+        "usage_events_daily",
+        "kernel_usage_daily",
+        "cache_warm_list",
+        "retirement_candidates",
+        "asset_inventory",
     }
     assert graph.get(dg.AssetKey("compiled_kernels")).parent_keys == {dg.AssetKey("blueprints")}
     checks = {key.name for key in graph.asset_check_keys}
-    assert checks == {"blueprint_is_valid", "kernel_round_trip", "checkpoint_restorable"}
+    assert checks == {"blueprint_is_valid", "kernel_round_trip", "checkpoint_restorable",
+                      "schema", "non_empty", "fresh"}  # fmt: skip
     assert {s.name for s in defs.schedules} == {
         "hourly_cache_maintenance", "warm_cache_every_15_minutes", "nightly_blueprint_revalidation",
-        "daily_checkpoint_retention", "platform_state_every_30_minutes",
+        "daily_checkpoint_retention", "platform_state_every_30_minutes", "analytics_daily_at_0030",
     }  # fmt: skip
     assert {s.name for s in defs.sensors} == {"new_blueprints", "new_checkpoints"}
 

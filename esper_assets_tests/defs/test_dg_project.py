@@ -45,12 +45,20 @@ BIN = Path(sys.executable).parent
 COMMAND_TIMEOUT_S = 150
 SERVER_START_S = 90
 
-ASSETS = {"blueprints", "compiled_kernels", "checkpoints"}
+ANALYTICS = {"usage_events_daily", "kernel_usage_daily", "cache_warm_list",
+             "retirement_candidates", "asset_inventory"}  # fmt: skip
+ASSETS = {"blueprints", "compiled_kernels", "checkpoints"} | ANALYTICS
+ANALYTICS_CHECKS = {
+    "usage_events_daily:schema", "usage_events_daily:non_empty", "usage_events_daily:fresh",
+    "kernel_usage_daily:schema", "kernel_usage_daily:non_empty", "kernel_usage_daily:fresh",
+    "cache_warm_list:schema", "cache_warm_list:non_empty", "cache_warm_list:fresh",
+    "retirement_candidates:schema", "retirement_candidates:fresh", "asset_inventory:schema",
+}  # fmt: skip
 CHECKS = {
     "blueprints:blueprint_is_valid",
     "compiled_kernels:kernel_round_trip",
     "checkpoints:checkpoint_restorable",
-}
+} | ANALYTICS_CHECKS
 JOBS = {
     "ingest_blueprints",
     "cache_maintenance_job",
@@ -59,6 +67,7 @@ JOBS = {
     "verify_checkpoints",
     "checkpoint_retention_job",
     "platform_state_job",
+    "analytics_daily",
 }
 SCHEDULES = {
     "hourly_cache_maintenance",
@@ -66,6 +75,7 @@ SCHEDULES = {
     "nightly_blueprint_revalidation",
     "daily_checkpoint_retention",
     "platform_state_every_30_minutes",
+    "analytics_daily_at_0030",
 }
 SENSORS = {"new_blueprints", "new_checkpoints"}
 
