@@ -236,3 +236,12 @@ def test_a_new_asset_is_not_retired_before_its_window_passed(make_repo):
     register(repo, "blueprint", "bp-new")
     today = datetime.now(UTC).date()
     assert rollups.retirement_candidates(store, repo, today, unused_days=30).rows == 0
+
+
+def test_the_kernel_usage_sql_sums_every_histogram_bucket():
+    from esper_assets.analytics.rollups import sql_text
+    from esper_assets.analytics.schema import BUCKETS
+
+    text = sql_text("kernel_usage")
+    summed = [f"sum(latency_hist[{i}])" for i in range(1, BUCKETS + 1)]
+    assert all(s in text for s in summed) and f"latency_hist[{BUCKETS + 1}]" not in text

@@ -9,18 +9,34 @@ WITH reads AS (
     WHERE source = 'cache' AND op IN ('get', 'get_many')  -- puts answer no request
 ),
 per_tier AS (
-    SELECT id, tier, sum(requests) AS requests, sum(bytes) AS bytes
+    -- The histograms are summed bucket by bucket here, in the one pass over the day's
+    -- rows (unnesting every row's list first made 16 rows of each: 10x slower). One
+    -- sum per bucket of schema.BUCKETS (16; test_rollups holds the two equal).
+    SELECT id, tier, sum(requests) AS requests, sum(bytes) AS bytes,
+           [
+            sum(latency_hist[1]),
+            sum(latency_hist[2]),
+            sum(latency_hist[3]),
+            sum(latency_hist[4]),
+            sum(latency_hist[5]),
+            sum(latency_hist[6]),
+            sum(latency_hist[7]),
+            sum(latency_hist[8]),
+            sum(latency_hist[9]),
+            sum(latency_hist[10]),
+            sum(latency_hist[11]),
+            sum(latency_hist[12]),
+            sum(latency_hist[13]),
+            sum(latency_hist[14]),
+            sum(latency_hist[15]),
+            sum(latency_hist[16])
+           ] AS hist
     FROM reads
     GROUP BY id, tier
 ),
 buckets AS (
-    SELECT id, tier, bucket, sum(n) AS n
-    FROM (
-        SELECT id, tier, generate_subscripts(latency_hist, 1) AS bucket,
-               unnest(latency_hist) AS n
-        FROM reads
-    )
-    GROUP BY id, tier, bucket
+    SELECT id, tier, generate_subscripts(hist, 1) AS bucket, unnest(hist) AS n
+    FROM per_tier
 ),
 cumulative AS (
     SELECT id, tier, bucket,
