@@ -25,7 +25,15 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esper_assets.analytics.dataset import READ_SCHEMA, EventsRead, read_events
+from esper_assets.analytics.dataset import (
+    READ_SCHEMA,
+    DamagedFile,
+    EventsRead,
+    hive_partition,
+    list_parquet,
+    read_events,
+    read_parquet_object,
+)
 from esper_assets.analytics.query import AnalyticsSession
 from esper_assets.analytics.schema import EVENT_SCHEMA, LATENCY_BOUNDS_US
 from esper_assets.errors import InvalidInput
@@ -171,6 +179,22 @@ def asset_inventory(store: ObjectStore, repo: AssetRepository, day: date) -> Rol
         session.register("repo_assets", assets)
         table = session.query(sql_text("inventory"))
     return _write(store, "inventory", _day(day), table, NO_EVENTS)
+
+
+def latest_warm_list(store: ObjectStore, n: int) -> tuple[str, list[str]] | None:
+    """(day, the first ``n`` kernel ids by rank) of the newest warm list written, or
+    None when there is none yet (or the newest cannot be read: warming then falls back
+    to the cache's own access counts)."""
+    keys = list_parquet(store, f"{DAILY_PREFIX}/warm_list")
+    if not keys:
+        return None
+    key = keys[-1][0]  # sorted: the newest date= is last
+    try:
+        table = read_parquet_object(store, key)
+    except DamagedFile:
+        return None
+    ranked = table.sort_by("rank").column("kernel_id").to_pylist()[:n]
+    return hive_partition(key)[0], ranked
 
 
 # -- reading ----------------------------------------------------------------------------

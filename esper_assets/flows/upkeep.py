@@ -8,10 +8,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from esper_assets.analytics.rollups import latest_warm_list
 from esper_assets.blueprints import BlueprintInvalid, BlueprintLimits
 from esper_assets.errors import EsperError
 from esper_assets.flows.kernels import find_kernel, load_registered_blueprint, registered_blueprints
 from esper_assets.storage import AssetRepository, PersistentKernelCache
+from esper_assets.storage.objects import ObjectStore
 
 __all__ = ["Cleanup", "clean_cache", "outcome_counts", "revalidate_blueprints", "warm_most_used"]
 
@@ -36,11 +38,18 @@ def clean_cache(cache: PersistentKernelCache) -> Cleanup:
 
 
 def warm_most_used(
-    cache: PersistentKernelCache, repo: AssetRepository, n: int = 100
+    cache: PersistentKernelCache,
+    repo: AssetRepository,
+    n: int = 100,
+    store: ObjectStore | None = None,
 ) -> dict[str, str]:
     """Load the ``n`` most-used kernels into the fast tiers; a kernel every cache tier has
-    lost is put back from the repository. Returns per kernel id where it came from."""
-    report = cache.warm_cache(cache.hottest(n))
+    lost is put back from the repository. Returns per kernel id where it came from.
+
+    Most used means the newest ``cache_warm_list`` in ``store`` (decayed use over 30
+    days, every process's) when there is one, else this cache's own access counts."""
+    found = latest_warm_list(store, n) if store is not None else None
+    report = cache.warm_cache(found[1] if found else cache.hottest(n))
     for kernel_id, outcome in report.items():
         if outcome == "missing" and (asset_id := find_kernel(repo, kernel_id)) is not None:
             # Upkeep, not use: counting it would keep the kernels it warms looking hot.

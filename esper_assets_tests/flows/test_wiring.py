@@ -118,3 +118,29 @@ def test_upkeep_revalidation_names_what_today_s_rules_refuse(settings: Settings)
         tight = dataclasses.replace(BlueprintLimits(), max_layers=1)
         failed = upkeep.revalidate_blueprints(repo, tight)
     assert failed and all("layers" in why for why in failed.values()), failed
+
+
+def test_warming_follows_the_newest_warm_list_when_there_is_one(settings: Settings):
+    import io
+    from datetime import date
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from esper_assets.analytics.rollups import WARM_LIST_SCHEMA, daily_key
+
+    built = sorted(_registered_examples(settings).values())
+    hot, cold = built[0], built[-1]
+    with wiring.open_cache(settings) as cache:
+        for _ in range(5):
+            cache.get(hot)  # the cache's own counts say: hot
+    store = wiring.object_store(settings)
+    ranked = pa.table({"rank": [1], "kernel_id": [cold], "score": [9.0], "requests": [9],
+                       "last_used": [date(2026, 11, 2)]}, schema=WARM_LIST_SCHEMA)  # fmt: skip
+    for day, table in ((date(2026, 11, 1), ranked.slice(0, 0)), (date(2026, 11, 2), ranked)):
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        store.put(daily_key("warm_list", day), sink.getvalue())
+    with wiring.open_cache(settings) as cache, wiring.open_repository(settings) as repo:
+        assert list(upkeep.warm_most_used(cache, repo, n=1)) == [hot]  # no store: own counts
+        assert list(upkeep.warm_most_used(cache, repo, n=1, store=store)) == [cold]

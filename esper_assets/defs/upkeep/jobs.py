@@ -7,6 +7,7 @@ from esper_assets.defs.resources import (
     AssetRepositoryResource,
     BlueprintRulesResource,
     KernelCacheResource,
+    ObjectStoreResource,
 )
 from esper_assets.flows import upkeep
 
@@ -44,9 +45,10 @@ def warm_most_used_kernels(
     config: WarmConfig,
     kernel_cache: KernelCacheResource,
     repository: AssetRepositoryResource,
+    object_store: ObjectStoreResource,
 ) -> dict:
     with kernel_cache.open() as cache, repository.open() as repo:
-        report = upkeep.warm_most_used(cache, repo, config.count)
+        report = upkeep.warm_most_used(cache, repo, config.count, object_store.open())
     counts = upkeep.outcome_counts(report)
     context.log.info(f"warmed {len(report)} kernels: {counts}")
     context.add_output_metadata({"kernels": len(report), **counts})
