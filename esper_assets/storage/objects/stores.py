@@ -234,7 +234,8 @@ class DirectoryObjectStore:
 
 class S3ObjectStore:
     """S3 through a boto3 client. Build the client with short timeouts and no
-    retries (:func:`make_s3_client`) so a dead endpoint costs one timeout."""
+    retries (:func:`make_s3_client`) so a dead endpoint costs one timeout; a request
+    S3 answers with a 5xx is asked once more here (:meth:`_call`)."""
 
     def __init__(self, client, bucket: str, prefix: str = "") -> None:
         self.client = client
@@ -245,23 +246,31 @@ class S3ObjectStore:
     def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
         return s3_failure(exc, f"object store {self.location}", f"{what} {key}")
 
-    def _get(self, key: str, **extra) -> bytes | None:
+    def _call(self, what: str, key: str, request):
+        """Run ``request()``, once more if S3 answered 5xx: S3 asks clients to retry
+        an InternalError or SlowDown, and every request here is idempotent (a GET, a
+        DELETE, a PUT of the same key and bytes). The server answered, so the second
+        try costs no timeout; a frozen endpoint times out instead (no status) and is
+        never retried. A missing key is ``None``."""
         for attempt in (1, 2):
             try:
-                response = self.client.get_object(
-                    Bucket=self.bucket, Key=self.prefix + _check_key(key), **extra
-                )
-                return response["Body"].read()
+                return request()
             except boto_errors() as exc:
                 if s3_error_code(exc) in MISSING_KEY:
                     return None
-                # S3 asks clients to retry a 5xx (InternalError, SlowDown). The server
-                # answered, so a second GET costs no timeout; a frozen endpoint times
-                # out instead (no status) and is never retried.
                 if attempt == 1 and s3_status(exc) >= 500:
                     continue
-                raise self._fail("GET", key, exc) from exc
+                raise self._fail(what, key, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _get(self, key: str, **extra) -> bytes | None:
+        def request() -> bytes:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self.prefix + _check_key(key), **extra
+            )
+            return response["Body"].read()
+
+        return self._call("GET", key, request)
 
     def get(self, key: str) -> bytes | None:
         return self._get(key)
@@ -276,19 +285,19 @@ class S3ObjectStore:
     def put(self, key: str, data: Data, durable: bool | None = None) -> None:
         parts = _parts(data)
         body = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + _check_key(key), Body=body)
-        except boto_errors() as exc:
-            raise self._fail("PUT", key, exc) from exc
+        full_key = self.prefix + _check_key(key)
+        self._call(
+            "PUT", key, lambda: self.client.put_object(Bucket=self.bucket, Key=full_key, Body=body)
+        )
 
     def sync(self, keys: Sequence[str]) -> None:
         """Nothing to do: S3 answers a PUT once the object is durable."""
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + _check_key(key))
-        except boto_errors() as exc:
-            raise self._fail("DELETE", key, exc) from exc
+        full_key = self.prefix + _check_key(key)
+        self._call(
+            "DELETE", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=full_key)
+        )
 
     def list(self, prefix: str) -> Iterator[tuple[str, int, float]]:
         try:
