@@ -17,6 +17,7 @@ from datetime import date
 from typing import NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esper_assets.analytics.schema import BUCKETS, EVENT_SCHEMA, EVENTS_PREFIX
@@ -134,7 +135,16 @@ def conform(table: pa.Table) -> pa.Table:
             raise DamagedFile(
                 f"column {field.name!r} is {column.type}, not {field.type}: {_one_line(exc)}"
             ) from exc
+    _check_histograms(columns[EVENT_SCHEMA.get_field_index("latency_hist")])
     return pa.Table.from_arrays(columns, schema=EVENT_SCHEMA)
+
+
+def _check_histograms(column: pa.ChunkedArray) -> None:
+    """Every latency histogram has one count per bucket: the rollups read bucket i of
+    each (and compaction moves them as fixed-size lists)."""
+    lengths = pc.list_value_length(column)
+    if pc.any(pc.not_equal(pc.fill_null(lengths, 0), BUCKETS)).as_py():
+        raise DamagedFile(f"has latency_hist rows that are not {BUCKETS} counts long")
 
 
 def _read_event_file(store: ObjectStore, key: str) -> pa.Table:
@@ -143,8 +153,10 @@ def _read_event_file(store: ObjectStore, key: str) -> pa.Table:
         raise DamagedFile("has no hour=HH folder in its path")
     table = conform(read_parquet_object(store, key))
     rows = table.num_rows
-    table = table.append_column(READ_SCHEMA.field("date"), pa.array([day] * rows, pa.string()))
-    return table.append_column(READ_SCHEMA.field("hour"), pa.array([hour] * rows, pa.int32()))
+    table = table.append_column(READ_SCHEMA.field("date"), pa.repeat(day, rows))
+    return table.append_column(
+        READ_SCHEMA.field("hour"), pa.repeat(pa.scalar(hour, pa.int32()), rows)
+    )
 
 
 def read_events(store: ObjectStore, day: date | None = None) -> EventsRead:

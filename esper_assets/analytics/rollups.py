@@ -2,11 +2,14 @@
 (``dataset.read_events``), runs one SQL file of ``sql/analytics/`` with an
 ``AnalyticsSession`` and writes the answer as one zstd Parquet file through the object
 store, at ``usage/daily/<name>/date=YYYY-MM-DD/<name>.parquet``. Re-running a day
-writes the same key again, so a backfill replaces, never duplicates.
+writes the same key again, so a backfill replaces, never duplicates. Each file says in
+its Parquet key-value metadata (``esper.read``) what it was made from: usage rows,
+files, bytes, the damaged files skipped and how many files its day had.
 
 - ``compact_day``: the day's small files as one file, sorted by (id, tier, window_start).
 - ``kernel_usage_daily``: per kernel and tier: requests, hit rate, bytes, p50/p95/p99.
-- ``cache_warm_list``: the top kernels by exponentially decayed requests.
+- ``cache_warm_list``: the top kernels by exponentially decayed requests, summed from
+  each day's ``kernel_usage`` file (a day without one is rolled up in memory).
 - ``retirement_candidates``: idle kernels and blueprints (deprecated when ``apply``).
 - ``asset_inventory``: the repository's counts and bytes by type and state.
 
@@ -16,17 +19,21 @@ May import: ``esper_assets.errors``, ``storage``, ``analytics``. Never Dagster.
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esper_assets.analytics.dataset import (
     READ_SCHEMA,
+    READERS,
     DamagedFile,
     EventsRead,
     hive_partition,
@@ -35,7 +42,7 @@ from esper_assets.analytics.dataset import (
     read_parquet_object,
 )
 from esper_assets.analytics.query import AnalyticsSession
-from esper_assets.analytics.schema import EVENT_SCHEMA, LATENCY_BOUNDS_US
+from esper_assets.analytics.schema import BUCKETS, EVENT_SCHEMA, LATENCY_BOUNDS_US
 from esper_assets.errors import InvalidInput
 from esper_assets.storage import AssetRepository
 from esper_assets.storage.objects import ObjectStore
@@ -97,6 +104,44 @@ REPO_ASSETS_SCHEMA = pa.schema([
 ])  # fmt: skip
 
 
+class Provenance(NamedTuple):
+    """What a rollup was made from; kept in its file's metadata (``esper.read``)."""
+
+    events: int  # usage rows read
+    files: int  # usage files read
+    bytes_in: int  # their stored size
+    skipped: list[tuple[str, str]]  # (key, reason) of usage files that could not be read
+    day_files: int  # the usage files of the rollup's own day it saw (read or skipped)
+
+    @classmethod
+    def of(cls, read: EventsRead, day_files: int | None = None) -> Provenance:
+        seen = read.files + len(read.skipped) if day_files is None else day_files
+        return cls(read.table.num_rows, read.files, read.bytes, list(read.skipped), seen)
+
+    @classmethod
+    def merged(cls, parts: list[Provenance], day_files: int) -> Provenance:
+        return cls(sum(p.events for p in parts), sum(p.files for p in parts),
+                   sum(p.bytes_in for p in parts), [s for p in parts for s in p.skipped],
+                   day_files)  # fmt: skip
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._asdict()).encode()
+
+    @classmethod
+    def from_file(cls, table: pa.Table) -> Provenance | None:
+        """The provenance a rollup file carries; None when it has none (or not ours)."""
+        raw = (table.schema.metadata or {}).get(PROVENANCE_KEY)
+        try:
+            found = json.loads(raw)
+            return cls(found["events"], found["files"], found["bytes_in"],
+                       [tuple(s) for s in found["skipped"]], found["day_files"])  # fmt: skip
+        except (TypeError, ValueError, KeyError):
+            return None
+
+
+PROVENANCE_KEY = b"esper.read"
+
+
 class Rollup(NamedTuple):
     """What one rollup wrote, and what it read to write it."""
 
@@ -118,15 +163,18 @@ class Rollup(NamedTuple):
 def compact_day(store: ObjectStore, day: date) -> Rollup:
     """The day's usage files as one file, sorted by (id, tier, window_start)."""
     read = read_events(store, _day(day))
-    table = _run_on_events("compact_day", store, read)
-    return _write(store, "events", day, table, read)
+    rows = read.table.drop_columns(["date", "hour"])  # the daily file's path holds the date
+    numbered = rows.append_column("row", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
+    # DuckDB orders the row numbers only: sorting the rows themselves moved every
+    # histogram list through its sort, 3x slower than this order and a take.
+    order = _run_on_events("compact_order", store, read._replace(table=numbered))
+    return _write(store, "events", day, _take(rows, order.column("row")), Provenance.of(read))
 
 
 def kernel_usage_daily(store: ObjectStore, day: date) -> Rollup:
     """Per kernel and tier: requests, hit rate, bytes and p50/p95/p99 latency (us)."""
     read = read_events(store, _day(day))
-    table = _run_on_events("kernel_usage", store, read, latency_bounds=_latency_bounds())
-    return _write(store, "kernel_usage", day, table, read)
+    return _write(store, "kernel_usage", day, _kernel_usage(store, read), Provenance.of(read))
 
 
 def cache_warm_list(
@@ -134,16 +182,62 @@ def cache_warm_list(
     lookback_days: int = 30,
 ) -> Rollup:  # fmt: skip
     """The ``top_n`` kernels by cache reads over ``lookback_days`` days to ``day``, each
-    day's weighed by 0.5 ** (its age in days / ``half_life_days``)."""
+    day's weighed by 0.5 ** (its age in days / ``half_life_days``).
+
+    Each day's reads come from its ``kernel_usage`` file: a few rows per kernel, where
+    its usage files hold a row per process and flush window (30 days of those took 6 s
+    at 10 million rows a day; the rollups take 0.1 s). A day without one is rolled up
+    in memory from its files."""
     _count("top_n", top_n)
     _count("lookback_days", lookback_days)
     if not _is_number(half_life_days) or not half_life_days > 0:
         raise InvalidInput(f"half_life_days must be a number of days > 0, not {half_life_days!r}")
-    read, day_files = read_window(store, _day(day), lookback_days)
+    days = [_day(day) - timedelta(days=back) for back in range(lookback_days)]
+    written = {key for key, _ in list_parquet(store, f"{DAILY_PREFIX}/kernel_usage")}
+    with ThreadPoolExecutor(READERS, thread_name_prefix="usage-days") as pool:
+        usage = list(pool.map(lambda d: kernel_usage_of(store, d, written), days))
+    usage_days = pa.concat_tables([
+        table.append_column("day", pa.array([d] * table.num_rows, pa.date32()))
+        for d, (table, _) in zip(days, usage, strict=True)
+    ])  # fmt: skip
     params = {"day": day, "top_n": top_n, "half_life_days": float(half_life_days),
               "lookback_days": lookback_days}  # fmt: skip
-    table = _run_on_events("warm_list", store, read, "window_events", params=_one_row(params))
-    return _write(store, "warm_list", day, table, read, day_files)
+    with AnalyticsSession(store, standard_views=False) as session:
+        session.register("usage_days", usage_days)
+        session.register("params", _one_row(params))
+        table = session.query(sql_text("warm_list"))
+    read = Provenance.merged([p for _, p in usage], day_files=usage[0][1].day_files)
+    return _write(store, "warm_list", day, table, read)
+
+
+def kernel_usage_of(
+    store: ObjectStore, day: date, written: set[str] | None = None
+) -> tuple[pa.Table, Provenance]:
+    """``day``'s kernel usage and what it was made from: its ``kernel_usage`` file when
+    one was written (``written``: the keys there, when the caller listed them), else
+    rolled up from the day's usage files (not written: that is the
+    ``kernel_usage_daily`` partition's job). A damaged file is named in ``skipped`` and
+    the day rolled up from its files."""
+    key = daily_key("kernel_usage", day)
+    problem: list[tuple[str, str]] = []
+    if written is None or key in written:
+        try:
+            table = read_parquet_object(store, key)
+            found = Provenance.from_file(table)
+            if found is not None:
+                return table.replace_schema_metadata().cast(KERNEL_USAGE_SCHEMA), found
+            problem.append((key, "has no esper.read metadata: rolled up again from the day"))
+        except (DamagedFile, pa.ArrowInvalid) as exc:
+            if written is not None:  # listed, so it was there: say what was wrong
+                problem.append((key, f"{exc}: rolled up again from the day"))
+    read = read_events(store, day)
+    made = Provenance.of(read)
+    return _kernel_usage(store, read), made._replace(skipped=problem + made.skipped)
+
+
+def _kernel_usage(store: ObjectStore, read: EventsRead) -> pa.Table:
+    table = _run_on_events("kernel_usage", store, read, latency_bounds=_latency_bounds())
+    return table.cast(KERNEL_USAGE_SCHEMA)
 
 
 def retirement_candidates(
@@ -168,7 +262,7 @@ def retirement_candidates(
         repo.deprecate_asset(asset_id, reason, actor=ACTOR)
     found = found.append_column("reason", pa.array([reason] * found.num_rows, pa.string()))
     found = found.append_column("deprecated", pa.array([apply] * found.num_rows, pa.bool_()))
-    return _write(store, "retirement_candidates", day, found, read, day_files)
+    return _write(store, "retirement_candidates", day, found, Provenance.of(read, day_files))
 
 
 def asset_inventory(store: ObjectStore, repo: AssetRepository, day: date) -> Rollup:
@@ -178,7 +272,7 @@ def asset_inventory(store: ObjectStore, repo: AssetRepository, day: date) -> Rol
     with AnalyticsSession(store, standard_views=False) as session:
         session.register("repo_assets", assets)
         table = session.query(sql_text("inventory"))
-    return _write(store, "inventory", _day(day), table, NO_EVENTS)
+    return _write(store, "inventory", _day(day), table, Provenance.of(NO_EVENTS))
 
 
 def latest_warm_list(store: ObjectStore, n: int) -> tuple[str, list[str]] | None:
@@ -208,11 +302,7 @@ def read_window(store: ObjectStore, day: date, days: int) -> tuple[EventsRead, i
         sum(r.bytes for r in reads),
         [skipped for r in reads for skipped in r.skipped],
     )
-    return merged, _files_seen(reads[0])
-
-
-def _files_seen(read: EventsRead) -> int:
-    return read.files + len(read.skipped)
+    return merged, reads[0].files + len(reads[0].skipped)
 
 
 def sql_text(name: str) -> str:
@@ -236,6 +326,20 @@ def _run_on_events(
         for name, table in tables.items():
             session.register(name, table)
         return session.query(sql_text(sql))
+
+
+def _take(table: pa.Table, order: pa.ChunkedArray) -> pa.Table:
+    """``table``'s rows in ``order``. Each column is made one chunk first (Arrow's take
+    over many chunks is 4x slower), and a histogram (a list of BUCKETS counts: conform
+    checked) moves as a fixed-size list, which Arrow takes 15x faster than a list."""
+    order = order.combine_chunks()
+    fixed = pa.list_(pa.int64(), BUCKETS)
+    columns = [
+        column.cast(fixed).combine_chunks().take(order).cast(column.type)
+        if pa.types.is_list(column.type) else column.combine_chunks().take(order)
+        for column in table.columns
+    ]  # fmt: skip
+    return pa.Table.from_arrays(columns, schema=table.schema)
 
 
 def _latency_bounds() -> pa.Table:
@@ -281,18 +385,16 @@ def _checkpoint_kernels(repo: AssetRepository) -> pa.Table:
 
 
 # -- writing ------------------------------------------------------------------------------
-def _write(
-    store: ObjectStore, name: str, day: date, table: pa.Table, read: EventsRead,
-    day_files: int | None = None,
-) -> Rollup:  # fmt: skip
-    table = table.cast(OUTPUT_SCHEMAS[name])
+def _write(store: ObjectStore, name: str, day: date, table: pa.Table, read: Provenance) -> Rollup:
+    table = table.cast(OUTPUT_SCHEMAS[name]).replace_schema_metadata(
+        {PROVENANCE_KEY: read.to_json()}
+    )
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     key = daily_key(name, day)
     store.put(key, sink.getvalue())
-    seen = _files_seen(read) if day_files is None else day_files
-    return Rollup(key, table, read.table.num_rows, read.files, read.bytes,
-                  sink.tell(), read.skipped, seen)  # fmt: skip
+    return Rollup(key, table, read.events, read.files, read.bytes_in, sink.tell(),
+                  read.skipped, read.day_files)  # fmt: skip
 
 
 # -- arguments ------------------------------------------------------------------------------

@@ -163,6 +163,45 @@ def test_the_warm_list_ranks_by_decayed_requests(store):
     assert everything.table.column("kernel_id").to_pylist() == ["k-new", "k-old", "k-mid"]
 
 
+def test_the_warm_list_sums_past_days_from_their_kernel_usage_files(store):
+    write_file(store, DAY, 0, [row("k-today", "l1", 10)])
+    past = DAY - timedelta(days=1)
+    gone = write_file(store, past, 0, [row("k-past", "l1", 30), row("k-past", "miss", 2)])
+    rolled = rollups.kernel_usage_daily(store, past)
+    store.delete(gone)  # the day is now only in its rollup
+
+    done = rollups.cache_warm_list(store, DAY, top_n=5, half_life_days=1, lookback_days=2)
+
+    listed = {r["kernel_id"]: r for r in done.table.to_pylist()}
+    assert listed["k-past"]["requests"] == 32 and listed["k-past"]["score"] == pytest.approx(16)
+    assert listed["k-today"]["requests"] == 10 and listed["k-past"]["last_used"] == past
+    assert done.events == 1 + rolled.events and done.day_files == 1  # DAY rolled in memory
+    assert not store.get(rollups.daily_key("kernel_usage", DAY))  # and not written
+
+
+def test_a_damaged_kernel_usage_file_is_named_and_its_day_rolled_up_again(store):
+    past = DAY - timedelta(days=1)
+    write_file(store, past, 0, [row("k-past", "l1", 3)])
+    store.put(rollups.daily_key("kernel_usage", past), b"PAR1 torn")
+
+    done = rollups.cache_warm_list(store, DAY, lookback_days=2)
+
+    assert done.table.column("kernel_id").to_pylist() == ["k-past"]
+    ((key, reason),) = done.skipped
+    assert key == rollups.daily_key("kernel_usage", past) and "rolled up again" in reason
+
+
+def test_each_rollup_file_says_what_it_was_made_from(store):
+    a_day_of_use(store)
+    store.put("usage/events/date=2026-11-05/hour=04/h9-1-000000.parquet", b"not parquet")
+    done = rollups.kernel_usage_daily(store, DAY)
+    said = rollups.Provenance.from_file(read_back(store, done.key))
+    assert said is not None and (said.events, said.files, said.day_files) == (7, 2, 3)
+    assert [key for key, _ in said.skipped] == [
+        "usage/events/date=2026-11-05/hour=04/h9-1-000000.parquet"
+    ]
+
+
 @pytest.mark.parametrize(
     "arguments, named",
     [({"top_n": 0}, "top_n"), ({"half_life_days": -1}, "half_life_days"),

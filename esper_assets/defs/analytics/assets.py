@@ -84,10 +84,11 @@ class WarmListConfig(dg.Config):
 
 @dg.asset(
     partitions_def=analytics_days, group_name=GROUP, kinds={"parquet", "duckdb"},
-    deps=[usage_events_daily],
+    deps=[kernel_usage_daily],
     check_specs=_specs("cache_warm_list", SCHEMA, NON_EMPTY, FRESH),
     description="The kernels to warm the cache with first, by exponentially decayed "
-    "reads over the lookback window: usage/daily/warm_list/date=D/.",
+    "reads over the lookback window, summed from each day's kernel_usage_daily file: "
+    "usage/daily/warm_list/date=D/.",
 )  # fmt: skip
 def cache_warm_list(
     context: dg.AssetExecutionContext, config: WarmListConfig, object_store: ObjectStoreResource
