@@ -166,9 +166,8 @@ def test_an_unreachable_store_is_tier_unavailable():
 
 def test_a_histogram_of_the_wrong_length_is_named(tmp_path):
     store = DirectoryObjectStore(tmp_path)
-    good = put_events(store, MAY_1_13H, [event(MAY_1_13H, "k1", "l1", 1)], seq=1)
+    put_events(store, MAY_1_13H, [event(MAY_1_13H, "k1", "l1", 1)], seq=1)
     short = put_events(store, MAY_1_13H, [event(MAY_1_13H, "k2", "l1", 1, latency_hist=[1])], seq=2)
     read = read_events(store)
     assert read.files == 1 and read.table.column("id").to_pylist() == ["k1"]
     assert read.skipped == [(short, f"has latency_hist rows that are not {BUCKETS} counts long")]
-    assert good != short
