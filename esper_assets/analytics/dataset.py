@@ -11,6 +11,7 @@ May import: ``esper_assets.errors``, ``storage``, ``analytics.schema``.
 
 from __future__ import annotations
 
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from esper_assets.analytics.schema import BUCKETS, EVENT_SCHEMA, EVENTS_PREFIX
+from esper_assets.analytics.schema import BUCKETS, DAILY_PREFIX, EVENT_SCHEMA, EVENTS_PREFIX
 from esper_assets.errors import StorageError, TierUnavailable
 from esper_assets.storage.objects import ObjectStore
 
@@ -31,6 +32,7 @@ __all__ = [
     "hive_partition",
     "read_events",
     "read_parquet_object",
+    "read_usage",
 ]
 
 # The path columns a hive reader adds to every row.
@@ -41,6 +43,7 @@ READ_SCHEMA = EVENT_SCHEMA.append(pa.field("date", pa.string(), nullable=False))
 # Without these a row says nothing (whose use, of what); a file lacking one is skipped.
 IDENTITY_COLUMNS = ("window_start", "host", "pid", "source", "id", "op", "tier")
 READERS = 4  # files read at once
+PROVENANCE_KEY = b"esper.read"  # a rollup file's metadata: what it was made from
 
 _PARTITION = re.compile(r"/date=(\d{4}-\d{2}-\d{2})/(?:hour=(\d{2})/)?[^/]+$")
 
@@ -50,6 +53,41 @@ class EventsRead(NamedTuple):
     files: int  # files read
     bytes: int  # their stored size
     skipped: list[tuple[str, str]]  # (object key, reason) of damaged or unreadable files
+
+
+class Provenance(NamedTuple):
+    """What a rollup was made from; kept in its file's metadata (``esper.read``)."""
+
+    events: int  # usage rows read
+    files: int  # usage files read
+    bytes_in: int  # their stored size
+    skipped: list[tuple[str, str]]  # (key, reason) of usage files that could not be read
+    day_files: int  # the usage files of the rollup's own day it saw (read or skipped)
+
+    @classmethod
+    def of(cls, read: EventsRead, day_files: int | None = None) -> Provenance:
+        seen = read.files + len(read.skipped) if day_files is None else day_files
+        return cls(read.table.num_rows, read.files, read.bytes, list(read.skipped), seen)
+
+    @classmethod
+    def merged(cls, parts: list[Provenance], day_files: int) -> Provenance:
+        return cls(sum(p.events for p in parts), sum(p.files for p in parts),
+                   sum(p.bytes_in for p in parts), [s for p in parts for s in p.skipped],
+                   day_files)  # fmt: skip
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._asdict()).encode()
+
+    @classmethod
+    def from_file(cls, table: pa.Table) -> Provenance | None:
+        """The provenance a rollup file carries; None when it has none (or not ours)."""
+        raw = (table.schema.metadata or {}).get(PROVENANCE_KEY)
+        try:
+            found = json.loads(raw)
+            return cls(found["events"], found["files"], found["bytes_in"],
+                       [tuple(s) for s in found["skipped"]], found["day_files"])  # fmt: skip
+        except (TypeError, ValueError, KeyError):
+            return None
 
 
 class DamagedFile(Exception):
@@ -62,9 +100,13 @@ def _day_prefix(base: str, day: date | None) -> str:
 
 def list_parquet(store: ObjectStore, base: str, day: date | None = None) -> list[tuple[str, int]]:
     """(key, size) of the Parquet files under ``base`` (one day's or all), sorted."""
-    prefix = _day_prefix(base, day)
+    return [(key, size) for key, size, _ in _listing(store, _day_prefix(base, day))]
+
+
+def _listing(store: ObjectStore, prefix: str) -> list[tuple[str, int, float]]:
+    """(key, size, mtime) of the Parquet files under ``prefix``, sorted."""
     try:
-        found = [(key, size) for key, size, _ in store.list(prefix) if key.endswith(".parquet")]
+        found = [entry for entry in store.list(prefix) if entry[0].endswith(".parquet")]
     except TierUnavailable as exc:
         raise TierUnavailable(
             f"cannot list {prefix} in {store.location}: {exc}; check that the object "
@@ -161,9 +203,13 @@ def _read_event_file(store: ObjectStore, key: str) -> pa.Table:
 
 def read_events(store: ObjectStore, day: date | None = None) -> EventsRead:
     """Every usage file (of ``day``) as one table in READ_SCHEMA; damaged files are
-    skipped and named in ``skipped``. An empty day is an empty table. Files are read
-    four at a time (pyarrow decodes without the GIL: 2x on two cores)."""
-    keys = event_keys(store, day)
+    skipped and named in ``skipped``. An empty day is an empty table."""
+    return _read_files(store, event_keys(store, day))
+
+
+def _read_files(store: ObjectStore, keys: list[tuple[str, int]]) -> EventsRead:
+    """The usage files ``keys`` (key, size), four at a time (pyarrow decodes without
+    the GIL: 2x on two cores)."""
     with ThreadPoolExecutor(READERS, thread_name_prefix="usage-read") as pool:
         outcomes = list(pool.map(lambda key: _read_or_damaged(store, key), [k for k, _ in keys]))
     tables, skipped, files, size = [], [], 0, 0
@@ -183,3 +229,64 @@ def _read_or_damaged(store: ObjectStore, key: str) -> pa.Table | DamagedFile:
         return _read_event_file(store, key)
     except DamagedFile as exc:
         return exc
+
+
+# -- every day, the compacted ones from their one file ------------------------------------
+def read_usage(store: ObjectStore) -> EventsRead:
+    """Every day's usage rows. A day ``usage_events_daily`` compacted is read from its
+    one file (one GET, not one per flush) unless files landed after it: more than it
+    saw, or one written after it. Such a day is read from its usage files, as is a day
+    never compacted (or whose compacted file is damaged)."""
+    raw = _listing(store, f"{EVENTS_PREFIX}/")
+    landed: dict[str, tuple[int, float]] = {}  # day -> (its usage files, the newest's mtime)
+    for key, _, mtime in raw:
+        if (day := _day_of(key)) is not None:
+            count, newest = landed.get(day, (0, 0.0))
+            landed[day] = (count + 1, max(newest, mtime))
+    compacted: dict[str, tuple[pa.Table, Provenance]] = {}
+    for key, _, mtime in _listing(store, f"{DAILY_PREFIX}/events/"):
+        day = _day_of(key)
+        count, newest = landed.get(day, (0, 0.0))
+        if day is not None and newest <= mtime and (found := _compacted(store, key, count)):
+            compacted[day] = found
+    read = _read_files(
+        store, [(key, size) for key, size, _ in raw if _day_of(key) not in compacted]
+    )
+    parts = [made for _, made in compacted.values()]
+    return EventsRead(
+        pa.concat_tables(
+            [read.table] + [_with_path_columns(t, d) for d, (t, _) in compacted.items()]
+        ),
+        read.files + sum(p.files for p in parts),
+        read.bytes + sum(p.bytes_in for p in parts),
+        read.skipped + [s for p in parts for s in p.skipped],
+    )
+
+
+def _day_of(key: str) -> str | None:
+    match = _PARTITION.search(key)
+    return match.group(1) if match else None
+
+
+def _compacted(store: ObjectStore, key: str, day_files: int) -> tuple[pa.Table, Provenance] | None:
+    """A compacted day's rows and provenance if it saw at least the ``day_files`` usage
+    files the day has now; else None (then the day is read from those files: a damaged
+    compacted file loses nothing)."""
+    try:
+        table = read_parquet_object(store, key)
+    except DamagedFile:
+        return None
+    made = Provenance.from_file(table)
+    if made is None or day_files > made.day_files:
+        return None
+    try:
+        return conform(table), made
+    except DamagedFile:
+        return None
+
+
+def _with_path_columns(table: pa.Table, day: str) -> pa.Table:
+    """A compacted day's rows with the ``date`` and ``hour`` its usage files' paths had."""
+    hours = pc.hour(table.column("window_start")).cast(pa.int32())
+    table = table.append_column(READ_SCHEMA.field("date"), pa.repeat(day, table.num_rows))
+    return table.append_column(READ_SCHEMA.field("hour"), hours)

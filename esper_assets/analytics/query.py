@@ -16,6 +16,7 @@ May import: ``esper_assets.errors``, ``storage``, ``analytics``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from types import TracebackType
 
 import duckdb
@@ -25,9 +26,10 @@ from esper_assets.analytics.dataset import (
     DamagedFile,
     hive_partition,
     list_parquet,
-    read_events,
     read_parquet_object,
+    read_usage,
 )
+from esper_assets.analytics.schema import DAILY_PREFIX
 from esper_assets.errors import InvalidQuery
 from esper_assets.storage.objects import ObjectStore
 from esper_assets.storage.repository import AssetRepository
@@ -41,7 +43,7 @@ __all__ = [
     "AnalyticsSession",
 ]
 
-KERNEL_USAGE_DAILY_PREFIX = "usage/daily/kernel_usage"
+KERNEL_USAGE_DAILY_PREFIX = f"{DAILY_PREFIX}/kernel_usage"
 
 ASSETS_SCHEMA = pa.schema(
     [
@@ -161,13 +163,22 @@ class AnalyticsSession:
     ) -> None:
         """``standard_views=False``: none of the views above, only what the caller
         registers (the rollups read one day; loading every day's files first cost them
-        most of their time)."""
+        most of their time). The standard views are loaded when a query first names
+        one: counting assets reads no usage file."""
         self.store = store
         self.skipped: list[tuple[str, str]] = []
+        self._repo = repo
+        self._metas: list | None = None
+        self._unloaded: dict[str, Callable[[], pa.Table]] = {}
+        if standard_views:
+            self._unloaded = {
+                "events": self._events,
+                "assets": self._assets,
+                "checkpoints": self._checkpoints,
+                "kernel_usage_daily": self._kernel_usage_daily,
+            }
         self._conn = duckdb.connect(":memory:")
         try:
-            if standard_views:
-                self._register_views(repo)
             # From here on DuckDB itself refuses files, ATTACH and INSTALL/LOAD, and no
             # query can SET them back: registering Arrow tables still works.
             self._conn.execute("SET enable_external_access = false")
@@ -176,19 +187,34 @@ class AnalyticsSession:
             self._conn.close()
             raise
 
-    def _register_views(self, repo: AssetRepository | None) -> None:
-        events = read_events(self.store)
+    # -- the standard views, each read when first named --------------------------------
+    def _load_views_named_in(self, statement: str) -> None:
+        if not self._unloaded:
+            return
+        try:
+            named = {name.lower() for name in self._conn.get_table_names(statement)}
+        except duckdb.Error:  # cannot bind it yet: load them all, DuckDB then says why
+            named = set(self._unloaded)
+        for name in sorted(named & self._unloaded.keys()):
+            self.register(name, self._unloaded.pop(name)())
+
+    def _events(self) -> pa.Table:
+        events = read_usage(self.store)
         self.skipped.extend(events.skipped)
-        self.register("events", events.table)
-        metas = all_assets(repo) if repo is not None else []
-        checkpoints = [m for m in metas if m.asset_type == "checkpoint"]
-        rows = [_asset_row(m) for m in metas]
-        self.register("assets", pa.Table.from_pylist(rows, schema=ASSETS_SCHEMA))
-        checkpoint_rows = [_checkpoint_row(m) for m in checkpoints]
-        self.register(
-            "checkpoints", pa.Table.from_pylist(checkpoint_rows, schema=CHECKPOINTS_SCHEMA)
-        )
-        self.register("kernel_usage_daily", self._kernel_usage_daily())
+        return events.table
+
+    def _all_metas(self) -> list:
+        if self._metas is None:
+            self._metas = all_assets(self._repo) if self._repo is not None else []
+        return self._metas
+
+    def _assets(self) -> pa.Table:
+        rows = [_asset_row(m) for m in self._all_metas()]
+        return pa.Table.from_pylist(rows, schema=ASSETS_SCHEMA)
+
+    def _checkpoints(self) -> pa.Table:
+        rows = [_checkpoint_row(m) for m in self._all_metas() if m.asset_type == "checkpoint"]
+        return pa.Table.from_pylist(rows, schema=CHECKPOINTS_SCHEMA)
 
     def _kernel_usage_daily(self) -> pa.Table:
         tables = []
@@ -215,6 +241,7 @@ class AnalyticsSession:
         """The result of one read-only statement; InvalidQuery with DuckDB's message
         when it is malformed or refers to what is not there, or when it is refused."""
         statement = read_only_statement(sql)
+        self._load_views_named_in(statement)
         try:
             return self._conn.sql(statement).to_arrow_table()
         except duckdb.PermissionException as exc:
@@ -223,8 +250,9 @@ class AnalyticsSession:
             raise InvalidQuery(f"query failed: {_one_line(exc)}") from None
 
     def views(self) -> list[str]:
-        """The names a query can read, sorted."""
-        return sorted(self.query("SHOW TABLES").column("name").to_pylist())
+        """The names a query can read, sorted (loaded or not yet)."""
+        loaded = self.query("SHOW TABLES").column("name").to_pylist()
+        return sorted({*loaded, *self._unloaded})
 
     def close(self) -> None:
         self._conn.close()

@@ -19,7 +19,6 @@ May import: ``esper_assets.errors``, ``storage``, ``analytics``. Never Dagster.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,23 +31,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esper_assets.analytics.dataset import (
+    PROVENANCE_KEY,
     READ_SCHEMA,
     READERS,
     DamagedFile,
     EventsRead,
+    Provenance,
     hive_partition,
     list_parquet,
     read_events,
     read_parquet_object,
 )
 from esper_assets.analytics.query import AnalyticsSession
-from esper_assets.analytics.schema import BUCKETS, EVENT_SCHEMA, LATENCY_BOUNDS_US
+from esper_assets.analytics.schema import (
+    BUCKETS,
+    DAILY_PREFIX,
+    EVENT_SCHEMA,
+    LATENCY_BOUNDS_US,
+    daily_key,
+)
 from esper_assets.errors import InvalidInput
 from esper_assets.storage import AssetRepository
 from esper_assets.storage.objects import ObjectStore
 from esper_assets.storage.repository import AssetQuery
 
-DAILY_PREFIX = "usage/daily"
 ACTOR = "esper-analytics"  # who the audit log says deprecated an idle asset
 PAGE = 10_000  # AssetQuery's largest limit
 NO_EVENTS = EventsRead(READ_SCHEMA.empty_table(), 0, 0, [])  # what the inventory reads
@@ -102,44 +108,6 @@ REPO_ASSETS_SCHEMA = pa.schema([
     ("created_at", pa.timestamp("us", tz="UTC")), ("size_bytes", pa.int64()),
     ("derived_from", pa.list_(pa.string())), ("expired", pa.bool_()),
 ])  # fmt: skip
-
-
-class Provenance(NamedTuple):
-    """What a rollup was made from; kept in its file's metadata (``esper.read``)."""
-
-    events: int  # usage rows read
-    files: int  # usage files read
-    bytes_in: int  # their stored size
-    skipped: list[tuple[str, str]]  # (key, reason) of usage files that could not be read
-    day_files: int  # the usage files of the rollup's own day it saw (read or skipped)
-
-    @classmethod
-    def of(cls, read: EventsRead, day_files: int | None = None) -> Provenance:
-        seen = read.files + len(read.skipped) if day_files is None else day_files
-        return cls(read.table.num_rows, read.files, read.bytes, list(read.skipped), seen)
-
-    @classmethod
-    def merged(cls, parts: list[Provenance], day_files: int) -> Provenance:
-        return cls(sum(p.events for p in parts), sum(p.files for p in parts),
-                   sum(p.bytes_in for p in parts), [s for p in parts for s in p.skipped],
-                   day_files)  # fmt: skip
-
-    def to_json(self) -> bytes:
-        return json.dumps(self._asdict()).encode()
-
-    @classmethod
-    def from_file(cls, table: pa.Table) -> Provenance | None:
-        """The provenance a rollup file carries; None when it has none (or not ours)."""
-        raw = (table.schema.metadata or {}).get(PROVENANCE_KEY)
-        try:
-            found = json.loads(raw)
-            return cls(found["events"], found["files"], found["bytes_in"],
-                       [tuple(s) for s in found["skipped"]], found["day_files"])  # fmt: skip
-        except (TypeError, ValueError, KeyError):
-            return None
-
-
-PROVENANCE_KEY = b"esper.read"
 
 
 class Rollup(NamedTuple):
@@ -311,10 +279,6 @@ def sql_text(name: str) -> str:
     packaged = here.parents[1] / "sql"
     root = packaged if packaged.is_dir() else here.parents[2] / "sql"
     return (root / "analytics" / f"{name}.sql").read_text()
-
-
-def daily_key(name: str, day: date) -> str:
-    return f"{DAILY_PREFIX}/{name}/date={day:%Y-%m-%d}/{name}.parquet"
 
 
 def _run_on_events(

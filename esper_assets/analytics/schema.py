@@ -19,11 +19,12 @@ May import: pyarrow only.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
 import pyarrow as pa
 
 EVENTS_PREFIX = "usage/events"
+DAILY_PREFIX = "usage/daily"  # the rollups: usage/daily/<name>/date=YYYY-MM-DD/<name>.parquet
 
 # Upper bounds (microseconds) of the latency histogram's buckets; the last bucket
 # counts everything slower than the last bound.
@@ -61,6 +62,11 @@ def bucket_of(latency_us: float) -> int:
         if latency_us <= bound:
             return i
     return BUCKETS - 1
+
+
+def daily_key(name: str, day: date) -> str:
+    """The object key of one day's rollup ``name`` (``events`` is the compacted day)."""
+    return f"{DAILY_PREFIX}/{name}/date={day:%Y-%m-%d}/{name}.parquet"
 
 
 def events_key(window_start: datetime, host: str, pid: int, seq: int) -> str:

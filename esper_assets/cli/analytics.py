@@ -29,7 +29,11 @@ from esper_assets.settings import Settings
 
 FORMATS = ("table", "csv", "json", "parquet")
 PROMPT = "esper> "
-SHELL_HELP = "SQL on one line (one SELECT); .tables lists the views; .quit (or EOF) ends."
+CONTINUE_PROMPT = "  ...> "
+SHELL_HELP = (
+    "One SELECT at a time, over as many lines as you like: end it with ; or an empty "
+    "line. .tables lists the views; .quit (or EOF) ends."
+)
 
 
 def _warn(message: str) -> None:
@@ -46,9 +50,15 @@ def open_session() -> Iterator:
     settings = Settings.from_env()
     store = wiring.object_store(settings)
     with wiring.open_repository(settings, store) as repo, AnalyticsSession(store, repo) as session:
-        for key, reason in session.skipped:
-            _warn(f"skipped {key}: {reason}")
         yield session
+
+
+def _warn_skipped(session, already: int = 0) -> int:
+    """Warn of the damaged files the session met (after the first ``already``); how
+    many it has met. Views load when a query first names them, so this follows each."""
+    for key, reason in session.skipped[already:]:
+        _warn(f"skipped {key}: {reason}")
+    return len(session.skipped)
 
 
 @click.group()
@@ -140,28 +150,30 @@ def query(sql: str, fmt: str, out: Path | None) -> None:
             result = session.query(sql)
         except InvalidQuery as exc:
             _bad_query(exc)
+        _warn_skipped(session)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
     _write(result, fmt, out)
 
 
-def _shell_line(session, line: str) -> bool:
-    """Do one line of the shell; False when it asks to end."""
-    command = line.strip()
+def _dot_command(session, command: str) -> bool:
+    """Do one ``.command``; False when it asks to end."""
     if command in (".quit", ".exit"):
         return False
     if command == ".tables":
         click.echo("\n".join(session.views()))
     elif command == ".help":
         click.echo(SHELL_HELP)
-    elif command.startswith("."):
+    else:
         click.echo(f"unknown command {command!r}; {SHELL_HELP}", err=True)
-    elif command:
-        try:
-            console.print(rich_table(session.query(command)))
-        except InvalidQuery as exc:  # the shell goes on: the next line may be right
-            click.echo(f"error: {exc}", err=True)
     return True
+
+
+def _run_in_shell(session, sql: str) -> None:
+    try:
+        console.print(rich_table(session.query(sql)))
+    except InvalidQuery as exc:  # the shell goes on: the next statement may be right
+        click.echo(f"error: {exc}", err=True)
 
 
 @analytics.command("shell")
@@ -169,9 +181,23 @@ def shell() -> None:
     """A small SQL prompt over the same views as ``query``."""
     with open_session() as session:
         click.echo(SHELL_HELP)
+        lines: list[str] = []  # the statement typed so far
+        warned = 0
         while True:
-            click.echo(PROMPT, nl=False)
+            click.echo(CONTINUE_PROMPT if lines else PROMPT, nl=False)
             line = sys.stdin.readline()
-            if not line or not _shell_line(session, line):
-                click.echo()
-                return
+            text = line.strip()
+            if not lines and text.startswith("."):
+                if not _dot_command(session, text):
+                    break
+                continue
+            if text:
+                lines.append(line.rstrip("\n"))
+            # A statement ends with ";", an empty line or the end of input.
+            if lines and (not line or not text or text.endswith(";")):
+                _run_in_shell(session, "\n".join(lines))
+                lines = []
+                warned = _warn_skipped(session, warned)
+            if not line:
+                break
+        click.echo()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from esper_assets.analytics import rollups
 from esper_assets.analytics.query import KERNEL_USAGE_DAILY_SCHEMA, AnalyticsSession
 from esper_assets.errors import InvalidQuery
 from esper_assets.storage.objects import DirectoryObjectStore
@@ -48,6 +49,43 @@ def test_a_corrupt_file_is_skipped_named_and_the_rest_queried(local):
     with AnalyticsSession(local) as session:
         assert session.query("SELECT sum(requests) AS n FROM events").to_pylist() == [{"n": 5}]
         assert [key for key, _ in session.skipped] == [broken]
+
+
+def test_a_view_is_read_when_a_query_first_names_it(local):
+    broken = put_events(local, MAY_1_13H, [event(MAY_1_13H, "k1", "l1", 5)])
+    local.put(broken, b"not parquet")
+    with AnalyticsSession(local) as session:
+        assert session.views() == ["assets", "checkpoints", "events", "kernel_usage_daily"]
+        assert session.query("SELECT count(*) AS n FROM assets").to_pylist() == [{"n": 0}]
+        assert session.skipped == []  # no usage file was read for that
+        session.query("SELECT count(*) FROM Events")  # names are case-insensitive
+        assert [key for key, _ in session.skipped] == [broken]
+
+
+def test_a_compacted_day_is_read_from_its_one_file(store):  # noqa: F811
+    first = put_events(store, MAY_1_13H, [event(MAY_1_13H, "k1", "l1", 5)], seq=1)
+    second = put_events(store, MAY_1_14H, [event(MAY_1_14H, "k2", "l2", 4)], seq=2)
+    rollups.compact_day(store, MAY_1_13H.date())
+    store.delete(first)
+    store.delete(second)  # the day is now only in its compacted file
+    with AnalyticsSession(store) as session:
+        assert session.query(TIER_TOTALS).to_pylist() == [
+            {"tier": "l1", "requests": 5}, {"tier": "l2", "requests": 4},
+        ]  # fmt: skip
+        hours = session.query("SELECT id, date, hour FROM events ORDER BY id").to_pylist()
+    assert hours == [{"id": "k1", "date": "2024-05-01", "hour": 13},
+                     {"id": "k2", "date": "2024-05-01", "hour": 14}]  # fmt: skip
+
+
+def test_a_day_with_files_newer_than_its_compaction_is_read_from_its_files(store):  # noqa: F811
+    put_events(store, MAY_1_13H, [event(MAY_1_13H, "k1", "l1", 5)], seq=1)
+    compacted = rollups.compact_day(store, MAY_1_13H.date())
+    put_events(store, MAY_1_14H, [event(MAY_1_14H, "k1", "l1", 4)], seq=2)  # landed after
+    with AnalyticsSession(store) as session:
+        assert session.query("SELECT sum(requests) AS n FROM events").to_pylist() == [{"n": 9}]
+    store.put(compacted.key, b"PAR1 torn")  # a damaged compacted file: the files again
+    with AnalyticsSession(store) as session:
+        assert session.query("SELECT sum(requests) AS n FROM events").to_pylist() == [{"n": 9}]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

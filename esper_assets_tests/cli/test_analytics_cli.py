@@ -110,9 +110,9 @@ def test_query_reads_s3_when_a_bucket_is_configured(
 
 
 def test_the_shell_lists_views_answers_reports_errors_and_goes_on(home_store):
-    lines = [".tables", "SELECT sum(requests) AS total FROM events", "SELEC 1",
-             "DROP VIEW events", ".bogus", "SELECT count(*) AS files FROM events", ".quit",
-             "SELECT 'never run' AS late"]  # fmt: skip
+    lines = [".tables", "SELECT sum(requests) AS total FROM events;", "SELEC 1;",
+             "DROP VIEW events;", ".bogus", "SELECT count(*) AS files FROM events;", ".quit",
+             "SELECT 'never run' AS late;"]  # fmt: skip
     result = analytics("shell", input="\n".join(lines) + "\n")
     assert result.exit_code == 0, result.output
     out = result.stdout
@@ -125,7 +125,17 @@ def test_the_shell_lists_views_answers_reports_errors_and_goes_on(home_store):
     assert "never run" not in out
 
 
-def test_the_shell_ends_at_eof(home_store):
+def test_the_shell_runs_what_is_typed_when_input_ends(home_store):
     result = analytics("shell", input="SELECT 40 + 2 AS answer\n")
     assert result.exit_code == 0, result.output
-    assert "42" in result.stdout and result.stdout.count("esper> ") == 2
+    assert "42" in result.stdout and result.stdout.count("esper> ") == 1
+
+
+def test_a_statement_spans_lines_until_a_semicolon_or_an_empty_line(home_store):
+    lines = ["SELECT sum(requests)", "  AS total", "FROM events;",
+             "SELECT 6 * 7", "AS answer", "", ".quit"]  # fmt: skip
+    result = analytics("shell", input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    assert "total" in result.stdout and "11" in result.stdout
+    assert "answer" in result.stdout and "42" in result.stdout
+    assert result.stdout.count("  ...> ") == 4 and not result.stderr
