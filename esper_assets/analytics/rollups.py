@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -55,6 +55,7 @@ from esper_assets.storage import AssetRepository
 from esper_assets.storage.objects import ObjectStore
 from esper_assets.storage.repository import AssetQuery
 
+PIECE = 1 << 20  # rows taken and encoded at a time by compaction (one row group each)
 ACTOR = "esper-analytics"  # who the audit log says deprecated an idle asset
 PAGE = 10_000  # AssetQuery's largest limit
 NO_EVENTS = EventsRead(READ_SCHEMA.empty_table(), 0, 0, [])  # what the inventory reads
@@ -114,17 +115,14 @@ class Rollup(NamedTuple):
     """What one rollup wrote, and what it read to write it."""
 
     key: str  # the object written
-    table: pa.Table  # its contents (in OUTPUT_SCHEMAS[name])
+    rows: int  # rows written
+    table: pa.Table | None  # its contents (OUTPUT_SCHEMAS[name]); None for compaction
     events: int  # usage rows read (0 for the inventory)
     files: int  # usage files read
     bytes_in: int  # their stored size
     bytes_out: int  # the written file's size
     skipped: list[tuple[str, str]]  # (key, reason) of usage files that could not be read
     day_files: int  # the usage files of ``day`` itself it saw (read or skipped)
-
-    @property
-    def rows(self) -> int:
-        return self.table.num_rows
 
 
 # -- the rollups ------------------------------------------------------------------------
@@ -136,7 +134,8 @@ def compact_day(store: ObjectStore, day: date) -> Rollup:
     # DuckDB orders the row numbers only: sorting the rows themselves moved every
     # histogram list through its sort, 3x slower than this order and a take.
     order = _run_on_events("compact_order", store, read._replace(table=numbered))
-    return _write(store, "events", day, _take(rows, order.column("row")), Provenance.of(read))
+    pieces = _taken_in_pieces(rows, order.column("row"))
+    return _put(store, "events", day, pieces, Provenance.of(read), rows.num_rows)
 
 
 def kernel_usage_daily(store: ObjectStore, day: date) -> Rollup:
@@ -292,18 +291,26 @@ def _run_on_events(
         return session.query(sql_text(sql))
 
 
-def _take(table: pa.Table, order: pa.ChunkedArray) -> pa.Table:
-    """``table``'s rows in ``order``. Each column is made one chunk first (Arrow's take
-    over many chunks is 4x slower), and a histogram (a list of BUCKETS counts: conform
-    checked) moves as a fixed-size list, which Arrow takes 15x faster than a list."""
+def _taken_in_pieces(table: pa.Table, order: pa.ChunkedArray) -> Iterator[pa.Table]:
+    """``table``'s rows in ``order``, PIECE rows at a time: a piece is encoded while the
+    next is taken, and its buffers are reused for the one after (at 10 million rows the
+    whole sorted copy cost more in page faults than in copying). Each column is made one
+    chunk first (Arrow's take over many chunks is 4x slower), and a histogram (a list
+    of BUCKETS counts: conform checked) moves as a fixed-size list, which Arrow takes
+    15x faster than a list."""
     order = order.combine_chunks()
     fixed = pa.list_(pa.int64(), BUCKETS)
     columns = [
-        column.cast(fixed).combine_chunks().take(order).cast(column.type)
-        if pa.types.is_list(column.type) else column.combine_chunks().take(order)
+        (column.cast(fixed) if pa.types.is_list(column.type) else column).combine_chunks()
         for column in table.columns
-    ]  # fmt: skip
-    return pa.Table.from_arrays(columns, schema=table.schema)
+    ]
+    for start in range(0, len(order), PIECE):
+        rows = order.slice(start, PIECE)
+        taken = [column.take(rows) for column in columns]
+        yield pa.Table.from_arrays(
+            [t.cast(f.type) for t, f in zip(taken, table.schema, strict=True)],
+            schema=table.schema,
+        )
 
 
 def _latency_bounds() -> pa.Table:
@@ -350,14 +357,33 @@ def _checkpoint_kernels(repo: AssetRepository) -> pa.Table:
 
 # -- writing ------------------------------------------------------------------------------
 def _write(store: ObjectStore, name: str, day: date, table: pa.Table, read: Provenance) -> Rollup:
-    table = table.cast(OUTPUT_SCHEMAS[name]).replace_schema_metadata(
-        {PROVENANCE_KEY: read.to_json()}
-    )
+    table = table.cast(OUTPUT_SCHEMAS[name])
+    return _put(store, name, day, [table], read, table.num_rows)._replace(table=table)
+
+
+def _put(
+    store: ObjectStore, name: str, day: date, pieces: Iterable[pa.Table], read: Provenance,
+    rows: int,
+) -> Rollup:  # fmt: skip
+    """``pieces`` (in OUTPUT_SCHEMAS[name]) as one zstd Parquet file at the day's key,
+    with ``read`` in its metadata. A piece is encoded on another thread while the
+    next is made."""
+    schema = OUTPUT_SCHEMAS[name].with_metadata({PROVENANCE_KEY: read.to_json()})
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    with (
+        pq.ParquetWriter(sink, schema, compression="zstd") as writer,
+        ThreadPoolExecutor(1, thread_name_prefix="parquet-encode") as encoder,
+    ):
+        pending = None
+        for piece in pieces:
+            if pending is not None:
+                pending.result()
+            pending = encoder.submit(writer.write_table, piece)
+        if pending is not None:
+            pending.result()
     key = daily_key(name, day)
-    store.put(key, sink.getvalue())
-    return Rollup(key, table, read.events, read.files, read.bytes_in, sink.tell(),
+    store.put(key, sink.getbuffer())
+    return Rollup(key, rows, None, read.events, read.files, read.bytes_in, sink.tell(),
                   read.skipped, read.day_files)  # fmt: skip
 
 

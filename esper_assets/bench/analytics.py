@@ -7,6 +7,9 @@ to a temporary directory object store: ``rows`` of them on the measured day (10
 million full, 1 million ``--quick``), Zipf-distributed over 10,000 kernels, plus a
 smaller day for each of the 29 days before it. Then, each timed:
 
+- the cost of recording usage on an L1 hit: ``cache.get`` of a kernel in L1 with a
+  ``UsageRecorder`` attached, against the same cache without one, in alternating
+  rounds (target <= 0.2 us more per hit);
 - compaction of the day's files into one sorted file (MB/s of Parquet read);
 - the daily rollup ``kernel_usage_daily`` (target <= 5 s at 10 million rows);
 - the top 100 kernels over the 30 days' rollups (target <= 200 ms);
@@ -32,12 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esper_assets.analytics import schema
+from esper_assets.bench.timing import paired_medians
 from esper_assets.storage.objects import DirectoryObjectStore
 
 KERNELS = 10_000
 FILE_ROWS = 500_000  # rows per synthetic file: a busy process's day, in pieces
 DAYS = 30
 ROLLUP_TARGET_S = 5.0
+L1_OVERHEAD_TARGET_US = 0.2
 TOP_TARGET_MS = 200.0
 
 
@@ -90,6 +95,38 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+def l1_hit_overhead(root: Path, rounds: int = 41, batch: int = 20_000) -> dict[str, Any]:
+    """Microseconds per L1 hit with usage recorded and without, same cache build."""
+    from esper_assets.analytics.events import UsageRecorder
+    from esper_assets.storage.cache import CacheConfig, PersistentKernelCache
+
+    def cache(name: str) -> PersistentKernelCache:
+        config = CacheConfig(sqlite_path=str(root / f"{name}.sqlite3"), l4_enabled=False)
+        built = PersistentKernelCache(config)
+        built.put("k-hot", b"x" * 4096)
+        return built
+
+    plain, recorded = cache("plain"), cache("recorded")
+    store = DirectoryObjectStore(root / "usage", durable=False)
+    with UsageRecorder(store, flush_s=3600) as recorder:
+        recorded.attach_usage(recorder)
+        try:
+            ours, raw = paired_medians(
+                lambda: recorded.get("k-hot"), lambda: plain.get("k-hot"), rounds, batch
+            )
+        finally:
+            plain.close()
+            recorded.close()
+    overhead = round(ours - raw, 3)
+    return {
+        "recorded_us": ours,
+        "unrecorded_us": raw,
+        "overhead_us": overhead,
+        "target": f"<= {L1_OVERHEAD_TARGET_US} us",
+        "ok": overhead <= L1_OVERHEAD_TARGET_US,
+    }
+
+
 def raw_duckdb_rollup_s(root: Path, day: date) -> float:
     """DuckDB alone over the day's files: requests and bytes per kernel and tier."""
     import duckdb
@@ -112,11 +149,14 @@ def run(
     """The whole bench; ``rows`` overrides the measured day's size (tests)."""
     from esper_assets.analytics import rollups
 
+    short = quick or rows is not None
     rows = rows or (1_000_000 if quick else 10_000_000)
     day = date(2026, 11, 1)
     with TemporaryDirectory(prefix="esper-bench-analytics-") as tmp:
         root = Path(tmp) / "objects"
         store = DirectoryObjectStore(root, durable=False)
+        progress("usage recording on the L1 hit path")
+        l1 = l1_hit_overhead(Path(tmp), rounds=11 if short else 41)
         progress(f"writing {rows:,} synthetic usage rows for {day}, and 29 smaller days")
         parquet_bytes = write_day(store, day, rows, seed=1)
         for back in range(1, DAYS):
@@ -136,6 +176,7 @@ def run(
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "rows": rows,
         "parquet_mb": round(parquet_bytes / 2**20, 1),
+        "l1_hit_recording": l1,
         "compaction": {
             "seconds": round(compact_s, 3),
             "mb_s": round(parquet_bytes / 2**20 / compact_s, 1),

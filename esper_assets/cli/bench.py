@@ -230,6 +230,9 @@ def _render_analytics_bench(result: dict[str, Any]) -> None:
     rollup, top, compaction = result["rollup"], result["top_100_30_days"], result["compaction"]
     console.print(f"esper bench analytics: {result['rows']:,} usage rows "
                   f"({result['parquet_mb']} MB of Parquet) on the measured day")  # fmt: skip
+    l1 = result["l1_hit_recording"]
+    console.print(f"L1 hit: {l1['recorded_us']} us with usage recorded, {l1['unrecorded_us']} us "
+                  f"without: {l1['overhead_us']:+} us, target {l1['target']}: {verdict(l1)}")  # fmt: skip
     console.print(f"compaction: {compaction['seconds']} s, {compaction['mb_s']} MB/s")
     console.print(f"daily rollup: {rollup['seconds']} s (raw DuckDB sums: "
                   f"{rollup['raw_duckdb_seconds']} s, {rollup['vs_raw']}x), target "
