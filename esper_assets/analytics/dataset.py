@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from typing import NamedTuple
@@ -33,12 +34,16 @@ __all__ = [
     "read_events",
     "read_parquet_object",
     "read_usage",
+    "used_ids",
 ]
 
 # The path columns a hive reader adds to every row.
 READ_SCHEMA = EVENT_SCHEMA.append(pa.field("date", pa.string(), nullable=False)).append(
     pa.field("hour", pa.int32(), nullable=False)
 )
+
+# What ``used_ids`` reads: each id a file names, and in how many of its rows.
+USED_IDS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("rows", pa.int64())])
 
 # Without these a row says nothing (whose use, of what); a file lacking one is skipped.
 IDENTITY_COLUMNS = ("window_start", "host", "pid", "source", "id", "op", "tier")
@@ -49,7 +54,7 @@ _PARTITION = re.compile(r"/date=(\d{4}-\d{2}-\d{2})/(?:hour=(\d{2})/)?[^/]+$")
 
 
 class EventsRead(NamedTuple):
-    table: pa.Table  # READ_SCHEMA: EVENT_SCHEMA plus date (YYYY-MM-DD) and hour
+    table: pa.Table  # READ_SCHEMA: EVENT_SCHEMA plus date (YYYY-MM-DD) and hour (or as asked)
     files: int  # files read
     bytes: int  # their stored size
     skipped: list[tuple[str, str]]  # (object key, reason) of damaged or unreadable files
@@ -128,9 +133,10 @@ def hive_partition(key: str) -> tuple[str, int | None]:
     return match.group(1), None if match.group(2) is None else int(match.group(2))
 
 
-def read_parquet_object(store: ObjectStore, key: str) -> pa.Table:
-    """One Parquet object as a table; DamagedFile when it is gone or not Parquet.
-    An unreachable store raises TierUnavailable: that is no fault of the file."""
+def read_parquet_object(store: ObjectStore, key: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet object as a table (only ``columns``, when given); DamagedFile when it
+    is gone, not Parquet or lacks a column asked for. An unreachable store raises
+    TierUnavailable: that is no fault of the file."""
     try:
         data = store.get(key)
     except TierUnavailable as exc:
@@ -142,7 +148,7 @@ def read_parquet_object(store: ObjectStore, key: str) -> pa.Table:
     if data is None:
         raise DamagedFile("deleted between listing and reading")
     try:
-        return pq.read_table(pa.BufferReader(data))
+        return pq.read_table(pa.BufferReader(data), columns=columns)
     except (pa.ArrowException, OSError) as exc:
         raise DamagedFile(f"not a readable Parquet file: {_one_line(exc)}") from exc
 
@@ -189,10 +195,16 @@ def _check_histograms(column: pa.ChunkedArray) -> None:
         raise DamagedFile(f"has latency_hist rows that are not {BUCKETS} counts long")
 
 
-def _read_event_file(store: ObjectStore, key: str) -> pa.Table:
+def _usage_partition(key: str) -> tuple[str, int]:
+    """A usage file's (date, hour); DamagedFile when its path is off the layout."""
     day, hour = hive_partition(key)
     if hour is None:
         raise DamagedFile("has no hour=HH folder in its path")
+    return day, hour
+
+
+def _read_event_file(store: ObjectStore, key: str) -> pa.Table:
+    day, hour = _usage_partition(key)
     table = conform(read_parquet_object(store, key))
     rows = table.num_rows
     table = table.append_column(READ_SCHEMA.field("date"), pa.repeat(day, rows))
@@ -207,11 +219,41 @@ def read_events(store: ObjectStore, day: date | None = None) -> EventsRead:
     return _read_files(store, event_keys(store, day))
 
 
-def _read_files(store: ObjectStore, keys: list[tuple[str, int]]) -> EventsRead:
-    """The usage files ``keys`` (key, size), four at a time (pyarrow decodes without
-    the GIL: 2x on two cores)."""
+def used_ids(store: ObjectStore, day: date) -> EventsRead:
+    """The ids the day's usage files name, as a table of (id, rows): per file, how many
+    of its rows name the id. Only the ``id`` column is read (the histograms are most of
+    a file's bytes), so a month of days is cheap to ask what was used."""
+    return _read_files(store, event_keys(store, day), _read_ids, USED_IDS_SCHEMA)
+
+
+def _read_ids(store: ObjectStore, key: str) -> pa.Table:
+    _usage_partition(key)  # off the layout: skipped, as read_events skips it
+    ids = read_parquet_object(store, key, columns=["id"]).column("id")
+    if ids.null_count:
+        raise DamagedFile("has nulls in 'id'")
+    counts = pc.value_counts(ids.cast(pa.string()))
+    return pa.Table.from_arrays(
+        [counts.field("values"), counts.field("counts")], schema=USED_IDS_SCHEMA
+    )
+
+
+def _read_files(
+    store: ObjectStore,
+    keys: list[tuple[str, int]],
+    read_one: Callable[[ObjectStore, str], pa.Table] = _read_event_file,
+    schema: pa.Schema = READ_SCHEMA,
+) -> EventsRead:
+    """The usage files ``keys`` (key, size), each by ``read_one``, four at a time
+    (pyarrow decodes without the GIL: 2x on two cores)."""
+
+    def read_or_damaged(key: str) -> pa.Table | DamagedFile:
+        try:
+            return read_one(store, key)
+        except DamagedFile as exc:
+            return exc
+
     with ThreadPoolExecutor(READERS, thread_name_prefix="usage-read") as pool:
-        outcomes = list(pool.map(lambda key: _read_or_damaged(store, key), [k for k, _ in keys]))
+        outcomes = list(pool.map(read_or_damaged, [k for k, _ in keys]))
     tables, skipped, files, size = [], [], 0, 0
     for (key, stored), outcome in zip(keys, outcomes, strict=True):
         if isinstance(outcome, DamagedFile):
@@ -220,15 +262,8 @@ def _read_files(store: ObjectStore, keys: list[tuple[str, int]]) -> EventsRead:
         tables.append(outcome)
         files += 1
         size += stored
-    table = pa.concat_tables(tables) if tables else READ_SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     return EventsRead(table, files, size, skipped)
-
-
-def _read_or_damaged(store: ObjectStore, key: str) -> pa.Table | DamagedFile:
-    try:
-        return _read_event_file(store, key)
-    except DamagedFile as exc:
-        return exc
 
 
 # -- every day, the compacted ones from their one file ------------------------------------

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esper_assets.analytics.dataset import (
@@ -41,6 +42,7 @@ from esper_assets.analytics.dataset import (
     list_parquet,
     read_events,
     read_parquet_object,
+    used_ids,
 )
 from esper_assets.analytics.query import AnalyticsSession
 from esper_assets.analytics.schema import (
@@ -216,20 +218,33 @@ def retirement_candidates(
     blueprint a kernel that stays compiled from; with ``apply`` each is deprecated
     through the repository's lifecycle API, the reason landing in its audit log."""
     _count("unused_days", unused_days)
-    read, day_files = read_window(store, _day(day), unused_days)
-    window_start = datetime.combine(day - timedelta(days=unused_days - 1), time(), UTC)
-    tables = {
-        "params": _one_row({"cutoff": window_start}),
-        "repo_assets": _repo_assets(repo, AssetQuery().with_type("kernel", "blueprint")),
-        "checkpoint_kernels": _checkpoint_kernels(repo),
-    }
-    found = _run_on_events("retirement_candidates", store, read, "window_events", **tables)
+    days = [_day(day) - timedelta(days=back) for back in range(unused_days)]
+    with ThreadPoolExecutor(READERS, thread_name_prefix="usage-days") as pool:
+        reads = list(pool.map(lambda d: used_ids(store, d), days))
+    used = pa.concat_tables([r.table for r in reads])
+    window_start = datetime.combine(days[-1], time(), UTC)
+    with AnalyticsSession(store, standard_views=False) as session:
+        for name, table in {
+            "used_ids": used,
+            "params": _one_row({"cutoff": window_start}),
+            "repo_assets": _repo_assets(repo, AssetQuery().with_type("kernel", "blueprint")),
+            "checkpoint_kernels": _checkpoint_kernels(repo),
+        }.items():
+            session.register(name, table)
+        found = session.query(sql_text("retirement_candidates"))
     reason = f"no use in the {unused_days} days to {day:%Y-%m-%d} (usage analytics)"
     for asset_id in found.column("asset_id").to_pylist() if apply else []:
         repo.deprecate_asset(asset_id, reason, actor=ACTOR)
     found = found.append_column("reason", pa.array([reason] * found.num_rows, pa.string()))
     found = found.append_column("deprecated", pa.array([apply] * found.num_rows, pa.bool_()))
-    return _write(store, "retirement_candidates", day, found, Provenance.of(read, day_files))
+    read = Provenance(
+        events=pc.sum(used.column("rows")).as_py() or 0,
+        files=sum(r.files for r in reads),
+        bytes_in=sum(r.bytes for r in reads),
+        skipped=[s for r in reads for s in r.skipped],
+        day_files=reads[0].files + len(reads[0].skipped),
+    )
+    return _write(store, "retirement_candidates", day, found, read)
 
 
 def asset_inventory(store: ObjectStore, repo: AssetRepository, day: date) -> Rollup:
@@ -259,19 +274,6 @@ def latest_warm_list(store: ObjectStore, n: int) -> tuple[str, list[str]] | None
 
 
 # -- reading ----------------------------------------------------------------------------
-def read_window(store: ObjectStore, day: date, days: int) -> tuple[EventsRead, int]:
-    """The usage rows of the ``days`` days ending with ``day``, one day's files at a
-    time, and how many files ``day`` itself had."""
-    reads = [read_events(store, day - timedelta(days=back)) for back in range(days)]
-    merged = EventsRead(
-        pa.concat_tables([r.table for r in reads]),
-        sum(r.files for r in reads),
-        sum(r.bytes for r in reads),
-        [skipped for r in reads for skipped in r.skipped],
-    )
-    return merged, reads[0].files + len(reads[0].skipped)
-
-
 def sql_text(name: str) -> str:
     """``sql/analytics/<name>.sql``: packaged inside the wheel, or the repository's own."""
     here = Path(__file__).resolve()  # esper_assets/analytics/rollups.py

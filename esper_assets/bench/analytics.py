@@ -13,6 +13,7 @@ smaller day for each of the 29 days before it. Then, each timed:
 - compaction of the day's files into one sorted file (MB/s of Parquet read);
 - the daily rollup ``kernel_usage_daily`` (target <= 5 s at 10 million rows);
 - the top 100 kernels over the 30 days' rollups (target <= 200 ms);
+- retirement candidates over the 30 days (no target);
 
 and, as the raw client, DuckDB's own ``read_parquet`` over the same day's files
 computing the same per-kernel, per-tier request and byte sums (no percentiles), in
@@ -127,6 +128,17 @@ def l1_hit_overhead(root: Path, rounds: int = 41, batch: int = 20_000) -> dict[s
     }
 
 
+def retirement_s(root: Path, store: DirectoryObjectStore, day: date) -> float:
+    """Seconds to list retirement candidates over DAYS days (what it costs is reading
+    which ids the usage files name; the repository is empty)."""
+    from esper_assets.analytics import rollups
+    from esper_assets.storage import AssetRepository
+
+    with AssetRepository(sqlite_path=str(root / "assets.sqlite3"), object_store=store) as repo:
+        _, seconds = timed(lambda: rollups.retirement_candidates(store, repo, day, DAYS))
+    return seconds
+
+
 def raw_duckdb_rollup_s(root: Path, day: date) -> float:
     """DuckDB alone over the day's files: requests and bytes per kernel and tier."""
     import duckdb
@@ -170,6 +182,8 @@ def run(
             rollups.kernel_usage_daily(store, day - timedelta(days=back))
         progress("top 100 kernels over 30 days")
         _, top_s = timed(lambda: rollups.cache_warm_list(store, day, top_n=100, lookback_days=DAYS))
+        progress("retirement candidates over 30 days")
+        retire_s = retirement_s(Path(tmp), store, day)
     return {
         "bench": "analytics",
         "quick": quick,
@@ -194,6 +208,10 @@ def run(
             "target": f"<= {TOP_TARGET_MS} ms",
             "ok": top_s * 1000 <= TOP_TARGET_MS,
         },  # fmt: skip
+        "retirement_30_days": {
+            "seconds": round(retire_s, 3),
+            "note": "the ids the 30 days' usage files name, against an empty repository",
+        },
         "raw_baseline": "DuckDB read_parquet over the same day's files: requests and bytes "
         "per kernel and tier (no percentiles), same run",
     }

@@ -239,4 +239,6 @@ def _render_analytics_bench(result: dict[str, Any]) -> None:
                   f"{rollup['target']}: {verdict(rollup)}")  # fmt: skip
     console.print(f"top 100 kernels over 30 days: {top['ms']} ms, target {top['target']}: "
                   f"{verdict(top)}")  # fmt: skip
+    console.print(f"retirement candidates over 30 days: "
+                  f"{result['retirement_30_days']['seconds']} s")  # fmt: skip
     console.print(f"raw baseline: {result['raw_baseline']}")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from esper_assets.analytics.dataset import READ_SCHEMA, event_keys, read_events
+from esper_assets.analytics.dataset import READ_SCHEMA, event_keys, read_events, used_ids
 from esper_assets.analytics.schema import BUCKETS, EVENT_SCHEMA, events_key
 from esper_assets.errors import TierUnavailable
 from esper_assets.storage.objects import DirectoryObjectStore, S3ObjectStore, make_s3_client
@@ -171,3 +171,20 @@ def test_a_histogram_of_the_wrong_length_is_named(tmp_path):
     read = read_events(store)
     assert read.files == 1 and read.table.column("id").to_pylist() == ["k1"]
     assert read.skipped == [(short, f"has latency_hist rows that are not {BUCKETS} counts long")]
+
+
+def test_used_ids_counts_the_rows_naming_each_id_and_skips_damaged_files(store):
+    put_events(store, MAY_1_13H, [event(MAY_1_13H, "k1", "l1", 5), event(MAY_1_13H, "k1", "l2", 1),
+                                  event(MAY_1_13H, "bp", "repository", 1)], seq=1)  # fmt: skip
+    put_events(store, MAY_1_14H, [event(MAY_1_14H, "k1", "l1", 9)], seq=2)
+    broken = put_events(store, MAY_1_14H, [event(MAY_1_14H, "k9", "l1", 1)], seq=3)
+    store.put(broken, b"PAR1 torn")
+    put_events(store, MAY_2_09H, [event(MAY_2_09H, "k-other-day", "l1", 1)])
+
+    used = used_ids(store, MAY_1_13H.date())
+
+    counts: dict[str, int] = {}
+    for r in used.table.to_pylist():
+        counts[r["id"]] = counts.get(r["id"], 0) + r["rows"]
+    assert counts == {"k1": 3, "bp": 1}  # rows naming the id, not requests
+    assert used.files == 2 and [key for key, _ in used.skipped] == [broken]

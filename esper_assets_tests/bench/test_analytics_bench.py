@@ -37,5 +37,6 @@ def test_bench_runs_end_to_end_and_writes_its_json(tmp_path):
     assert data["compaction"]["mb_s"] > 0 and data["rollup"]["raw_duckdb_seconds"] > 0
     assert {"ok", "target", "seconds"} <= set(data["rollup"])
     assert {"ok", "target", "ms"} <= set(data["top_100_30_days"])
+    assert data["retirement_30_days"]["seconds"] > 0
     l1 = data["l1_hit_recording"]
     assert l1["recorded_us"] > 0 and l1["unrecorded_us"] > 0 and {"ok", "target"} <= set(l1)

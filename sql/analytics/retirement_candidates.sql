@@ -3,7 +3,7 @@
 -- (restoring it needs the kernel), never a blueprint a kernel that stays active was
 -- compiled from (its lineage must stay readable).
 WITH used AS (
-    SELECT DISTINCT id FROM window_events
+    SELECT DISTINCT id FROM used_ids  -- the ids the window's usage files name
 ),
 idle AS (
     SELECT a.*
