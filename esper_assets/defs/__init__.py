@@ -79,8 +79,9 @@ def build_definitions(
 ) -> dg.Definitions:
     """The code location over ``settings`` (default: ``Settings.from_env()``, read now),
     with any resource replaced by name (e.g. ``blueprint_rules=BlueprintRulesResource(
-    max_layers=2)``)."""
-    resources = resources_for(settings or Settings.from_env()) | resource_overrides
+    max_layers=2)``; the resources nesting a replaced ``database``, ``redis`` or
+    ``object_store`` are built on the replacement)."""
+    resources = resources_for(settings or Settings.from_env(), **resource_overrides)
     return dg.Definitions.merge(*DOMAINS, dg.Definitions(resources=resources))
 
 

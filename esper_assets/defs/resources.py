@@ -8,12 +8,14 @@ repository from the same values. A value that came from an environment variable
 run config show the variable's name, never its value.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Dagster reads the nested-resource fields'
+# annotations as classes when a resource class is made (so that ``redis`` may be given
+# configured at launch); as strings it would refuse them.
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
@@ -43,7 +45,10 @@ class DatabaseResource(dg.ConfigurableResource):
 
 
 class RedisResource(dg.ConfigurableResource):
-    """L2 and cross-process invalidation: a Redis URL, or empty to run without L2."""
+    """L2 and cross-process invalidation: a Redis URL, or empty to run without L2.
+
+    The code location holds it as :func:`shared_redis` (configured at launch), so the
+    cache nested on it is handed the run's one ``redis`` resource, config included."""
 
     url: str = ""
 
@@ -130,8 +135,20 @@ class AssetRepositoryResource(dg.ConfigurableResource):
             yield repo
 
 
+def shared_redis(url: str | dg.EnvVar = "") -> Any:  # a PartialResource: not a public name
+    """The ``redis`` resource as the code location holds it: configured at launch, so
+    a resource nesting it (``KernelCacheResource(redis=...)``) is given the run's
+    top-level ``redis`` resource, run config included, not a copy of its own (Dagster
+    builds a fully configured nested resource anew, from its definition-time values).
+    The same object must be the top-level ``redis``: Dagster refuses to load
+    otherwise ("partially configured, nested resources must be provided as a top level
+    resource"). ``url`` is its default; ``.data["url"]`` reads it back."""
+    return RedisResource.configure_at_launch(url=url)
+
+
 class KernelCacheResource(dg.ConfigurableResource):
-    """The multi-tier kernel cache over the database, Redis and object-store resources."""
+    """The multi-tier kernel cache over the database, Redis and object-store resources
+    (``redis``: the location's :func:`shared_redis`)."""
 
     database: DatabaseResource
     redis: RedisResource
@@ -208,21 +225,35 @@ def _named(variable: str, value: str | None) -> str | dg.EnvVar:
     return dg.EnvVar(variable) if variable_holds(variable, value) else (value or "")
 
 
-def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    """Every resource the code location needs, holding ``settings``."""
+# The resources others nest: resources_for builds those on an override.
+SHARED = ("database", "redis", "object_store")
+
+
+def resources_for(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Every resource the code location needs, holding ``settings``: ConfigurableResources,
+    and ``redis`` configured at launch (:func:`shared_redis`).
+
+    A resource in ``overrides`` replaces the one of its name, and the resources nesting
+    ``database``, ``redis`` or ``object_store`` (``repository``, ``kernel_cache``,
+    ``checkpoints``) are built on the replacement, so one configuration still serves
+    them all; a ``RedisResource`` given is held as :func:`shared_redis` of its url."""
     s3 = BoundedS3Resource(
         endpoint_url=_named("AWS_ENDPOINT_URL", settings.aws_endpoint_url) or None
     )
     home = str(settings.home)
-    database = DatabaseResource(url=_named("ESPER_DATABASE_URL", settings.database_url), home=home)
-    redis = RedisResource(url=_named("ESPER_REDIS_URL", settings.redis_url))
-    object_store = ObjectStoreResource(
+    database = overrides.get("database") or DatabaseResource(
+        url=_named("ESPER_DATABASE_URL", settings.database_url), home=home
+    )
+    redis = overrides.get("redis") or shared_redis(_named("ESPER_REDIS_URL", settings.redis_url))
+    if isinstance(redis, RedisResource):
+        redis = shared_redis(redis.url)
+    object_store = overrides.get("object_store") or ObjectStoreResource(
         bucket=_named("ESPER_S3_BUCKET", settings.s3_bucket), prefix=settings.s3_prefix,
         home=home, s3=s3,
     )  # fmt: skip
-    return {
+    built = {
         "database": database,
-        "redis": redis,  # the very resource the cache uses
+        "redis": redis,  # the one the cache is handed in the run
         "object_store": object_store,
         "landing": LandingZoneResource(location=settings.landing, s3=s3),
         "blueprint_rules": BlueprintRulesResource(),
@@ -237,3 +268,4 @@ def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             **{name: getattr(settings, f"checkpoint_{name}") for name in RETENTION_FIELDS},
         ),
     }
+    return built | {name: r for name, r in overrides.items() if name not in SHARED}

@@ -12,6 +12,7 @@ import pytest
 
 import esper_assets.defs
 from esper_assets.defs import build_definitions
+from esper_assets.defs.resources import RedisResource
 from esper_assets.errors import ConfigError
 from esper_assets.settings import Settings
 
@@ -31,11 +32,12 @@ def test_a_value_from_the_environment_is_named_never_held(esper_home, monkeypatc
     monkeypatch.setenv("ESPER_REDIS_URL", "redis://cache.invalid:6379/0")
     from_env = build_definitions().resources
     assert from_env["database"].url == dg.EnvVar("ESPER_DATABASE_URL")
-    assert from_env["redis"].url == dg.EnvVar("ESPER_REDIS_URL")
+    assert from_env["redis"].data["url"] == dg.EnvVar("ESPER_REDIS_URL")
     assert "s3cret" not in repr(from_env)
     # A value the caller chose (not the environment's) is held as given.
     other = dataclasses.replace(Settings.from_env(), redis_url="redis://other.invalid:6379/1")
-    assert build_definitions(other).resources["redis"].url == "redis://other.invalid:6379/1"
+    held = build_definitions(other).resources["redis"].data["url"]
+    assert held == "redis://other.invalid:6379/1"
 
 
 def test_one_redis_resource_serves_the_location_and_the_cache(esper_home):
@@ -43,6 +45,29 @@ def test_one_redis_resource_serves_the_location_and_the_cache(esper_home):
     assert resources["kernel_cache"].redis is resources["redis"]
     assert resources["kernel_cache"].database is resources["database"]
     assert resources["repository"].object_store is resources["object_store"]
+
+
+def _cache_tiers_in_a_run(defs: dg.Definitions, run_config: dict | None = None) -> set[str]:
+    """The tiers the cache of a cache_maintenance_job run cleaned (l2 when it had Redis)."""
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("cache_maintenance_job").execute_in_process(
+            instance=instance, run_config=run_config
+        )
+    assert result.success
+    return set(result.output_for_node("clean_kernel_cache"))
+
+
+def test_the_redis_a_run_is_given_is_the_one_its_cache_uses(esper_home, redis_server_url):
+    defs = build_definitions()
+    assert "l2" not in _cache_tiers_in_a_run(defs)  # nothing set: no Redis
+    # Run config for the location's ``redis`` (the UI's launchpad) reaches the cache:
+    # Dagster hands a resource nested at launch the run's own top-level one.
+    launchpad = {"resources": {"redis": {"config": {"url": redis_server_url}}}}
+    assert "l2" in _cache_tiers_in_a_run(defs, launchpad)
+    # So does a redis override: the cache is built on the replacement.
+    replaced = build_definitions(redis=RedisResource(url=redis_server_url))
+    assert replaced.resources["kernel_cache"].redis is replaced.resources["redis"]
+    assert "l2" in _cache_tiers_in_a_run(replaced)
 
 
 def test_resource_overrides_replace_by_name(esper_home):

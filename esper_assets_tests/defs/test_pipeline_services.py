@@ -365,7 +365,7 @@ def test_the_database_password_is_nowhere_in_what_dagster_stored(services_run: S
     assert secret in services_run.database_url  # the run really had a password to leak
     # The resources name the variable; its value is resolved inside the run only.
     assert defs.resources["database"].url == dg.EnvVar("ESPER_DATABASE_URL")
-    assert defs.resources["kernel_cache"].redis.url == dg.EnvVar("ESPER_REDIS_URL")
+    assert defs.resources["kernel_cache"].redis.data["url"] == dg.EnvVar("ESPER_REDIS_URL")
     assert secret not in repr(defs.resources)
 
     places: dict[str, str] = {}
