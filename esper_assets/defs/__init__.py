@@ -12,15 +12,17 @@ What each module owns:
 - ``checkpoints/``: the ``checkpoints`` asset (one partition per training run), its
   ``checkpoint_restorable`` check and the ``new_checkpoints`` sensor that reports
   saves made outside Dagster and ingests the landing path.
-- ``upkeep/``: the jobs and schedules that keep the cache clean and warm and
-  re-validate every blueprint nightly.
+- ``upkeep/``: the jobs and schedules that keep the cache clean and warm, and the
+  nightly ``registered_blueprints_still_valid`` check on ``compiled_kernels``.
 - ``resources.py``: the resources every domain shares, thin shells over
   ``esper_assets.flows.wiring``.
 - ``instance.py``: the embedded Dagster instance (SQLite under ``ESPER_HOME/dagster``).
 - ``_compat.py``: every use of Dagster's private modules and names, tests included.
 
 Later domains (``analytics/``) go beside ``kernels/`` and
-``upkeep/``, each with a resource-free ``definitions``, added to ``DOMAINS``.
+``upkeep/``, each with a resource-free ``definitions``, added to ``DOMAINS`` under
+its name. ``build_definitions`` gives every asset its owner (``OWNERS``) and the tag
+``domain: <name>`` there, once, so no domain repeats them.
 
 May import: Dagster, ``esper_assets.flows`` (the use cases), ``settings``, ``errors``,
 ``blueprints``, ``storage``. Nothing imports ``defs`` but Dagster itself and, through
@@ -70,8 +72,19 @@ __all__ = [
     "new_blueprints",
 ]
 
-# One resource-free Definitions per domain; merged, then bound to one set of resources.
-DOMAINS = (kernels.definitions, upkeep.definitions, checkpoints.definitions, analytics.definitions)
+# One resource-free Definitions per domain, by the name its assets are tagged with;
+# merged, then bound to one set of resources.
+DOMAINS = {
+    "kernels": kernels.definitions,
+    "upkeep": upkeep.definitions,
+    "checkpoints": checkpoints.definitions,
+    "analytics": analytics.definitions,
+}
+
+# Who answers for every asset of the location (Dagster's owner form: team:<name> or
+# an e-mail address), and the tag naming an asset's domain.
+OWNERS = ("team:esper",)
+DOMAIN_TAG = "domain"
 
 
 def build_definitions(
@@ -82,7 +95,31 @@ def build_definitions(
     max_layers=2)``; the resources nesting a replaced ``database``, ``redis`` or
     ``object_store`` are built on the replacement)."""
     resources = resources_for(settings or Settings.from_env(), **resource_overrides)
-    return dg.Definitions.merge(*DOMAINS, dg.Definitions(resources=resources))
+    owned = (_owned(name, defs) for name, defs in DOMAINS.items())
+    return dg.Definitions.merge(*owned, dg.Definitions(resources=resources))
+
+
+def _owned(domain: str, defs: dg.Definitions) -> dg.Definitions:
+    """``defs`` with every asset owned by ``OWNERS`` and tagged ``domain: <domain>``
+    (``dg.map_asset_specs``; an owner or tag the asset already has is kept)."""
+
+    def own(spec: dg.AssetSpec) -> dg.AssetSpec:
+        return spec.merge_attributes(
+            owners=[o for o in OWNERS if o not in spec.owners],
+            tags={} if DOMAIN_TAG in spec.tags else {DOMAIN_TAG: domain},
+        )
+
+    return dg.Definitions(
+        assets=dg.map_asset_specs(own, defs.assets or []),
+        asset_checks=defs.asset_checks,
+        jobs=defs.jobs,
+        schedules=defs.schedules,
+        sensors=defs.sensors,
+        resources=defs.resources,
+        executor=defs.executor,
+        loggers=defs.loggers,
+        metadata=defs.metadata,
+    )
 
 
 @dg.definitions

@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 import esper_assets.defs
-from esper_assets.defs import build_definitions
+from esper_assets.defs import DOMAINS, OWNERS, build_definitions
 from esper_assets.defs.resources import RedisResource
 from esper_assets.errors import ConfigError
 from esper_assets.settings import Settings
@@ -101,3 +101,42 @@ def test_a_bad_variable_fails_the_build_not_the_import(esper_home, monkeypatch):
 def test_the_package_exports_what_runner_cli_and_bench_use():
     for name in esper_assets.defs.__all__:
         assert hasattr(esper_assets.defs, name), name
+
+
+def test_every_asset_has_the_team_as_owner_and_its_domain_as_tag(esper_home):
+    defs = build_definitions()
+    domain_of = {  # a domain's assets: AssetsDefinitions (keys) or AssetSpecs (key)
+        key: name
+        for name, d in DOMAINS.items()
+        for a in d.assets or []
+        for key in getattr(a, "keys", None) or [a.key]
+    }
+    specs = defs.resolve_all_asset_specs()
+    assert {s.key for s in specs} == set(domain_of) and len(specs) >= 8
+    for spec in specs:
+        assert set(OWNERS) <= set(spec.owners), spec.key
+        assert spec.tags.get("domain") == domain_of[spec.key], spec.key
+    graph = defs.resolve_asset_graph()  # what the code location serves (the UI's view)
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert "team:esper" in node.owners and node.tags["domain"] == domain_of[key], key
+
+
+def test_owning_the_assets_keeps_everything_else_the_domains_define(esper_home):
+    plain = dg.Definitions.merge(
+        *DOMAINS.values(), dg.Definitions(resources=build_definitions().resources)
+    )
+    owned = build_definitions()
+    for what in ("jobs", "schedules", "sensors"):
+        assert {d.name for d in getattr(owned, what)} == {d.name for d in getattr(plain, what)}
+    assert (
+        owned.resolve_asset_graph().asset_check_keys == plain.resolve_asset_graph().asset_check_keys
+    )
+    for spec in plain.resolve_all_asset_specs():  # kinds, groups, partitions as they were
+        mine = owned.resolve_assets_def(spec.key).specs_by_key[spec.key]
+        assert (mine.kinds, mine.group_name, mine.partitions_def, mine.code_version) == (
+            spec.kinds,
+            spec.group_name,
+            spec.partitions_def,
+            spec.code_version,
+        )
