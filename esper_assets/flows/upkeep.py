@@ -15,7 +15,15 @@ from esper_assets.flows.kernels import find_kernel, load_registered_blueprint, r
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 from esper_assets.storage.objects import ObjectStore
 
-__all__ = ["Cleanup", "clean_cache", "outcome_counts", "revalidate_blueprints", "warm_most_used"]
+__all__ = [
+    "Cleanup",
+    "Revalidation",
+    "clean_cache",
+    "outcome_counts",
+    "revalidate",
+    "revalidate_blueprints",
+    "warm_most_used",
+]
 
 
 @dataclass(frozen=True)
@@ -63,13 +71,23 @@ def outcome_counts(report: dict[str, str]) -> dict[str, int]:
     return dict(Counter(report.values()))
 
 
-def revalidate_blueprints(
-    repo: AssetRepository, limits: BlueprintLimits | None = None
-) -> dict[str, str]:
-    """Parse every registered blueprint again under ``limits``; return what fails, by name@version."""
+@dataclass(frozen=True)
+class Revalidation:
+    """What one re-validation looked at: every registered blueprint version, by
+    name@version, and those that no longer pass, with why."""
+
+    checked: list[str]
+    failed: dict[str, str]
+
+
+def revalidate(repo: AssetRepository, limits: BlueprintLimits | None = None) -> Revalidation:
+    """Parse every registered blueprint again under ``limits`` and check that its parent
+    is not archived."""
+    checked: list[str] = []
     failed: dict[str, str] = {}
     for meta in registered_blueprints(repo):
         ref = f"{meta.name}@{meta.version}"
+        checked.append(ref)
         try:
             load_registered_blueprint(repo, meta.asset_id, limits)
             if meta.parent_id and repo.get_metadata(meta.parent_id).state == "archived":
@@ -78,4 +96,11 @@ def revalidate_blueprints(
             failed[ref] = "; ".join(str(p) for p in exc.problems)
         except EsperError as exc:
             failed[ref] = str(exc)
-    return failed
+    return Revalidation(checked, failed)
+
+
+def revalidate_blueprints(
+    repo: AssetRepository, limits: BlueprintLimits | None = None
+) -> dict[str, str]:
+    """Parse every registered blueprint again under ``limits``; return what fails, by name@version."""
+    return revalidate(repo, limits).failed

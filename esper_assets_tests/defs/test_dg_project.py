@@ -57,6 +57,7 @@ ANALYTICS_CHECKS = {
 CHECKS = {
     "blueprints:blueprint_is_valid",
     "compiled_kernels:kernel_round_trip",
+    "compiled_kernels:registered_blueprints_still_valid",
     "checkpoints:checkpoint_restorable",
 } | ANALYTICS_CHECKS
 JOBS = {
@@ -281,10 +282,30 @@ def test_the_commands_work_on_the_production_instance(project, clean_env, tmp_pa
 # -- dg dev --------------------------------------------------------------------------------
 GRAPHQL_QUERY = """
 {
-  assetNodes { assetKey { path } }
-  workspaceOrError { ... on Workspace { locationEntries { name } } }
+  assetNodes {
+    assetKey { path }
+    owners { ... on TeamAssetOwner { team } ... on UserAssetOwner { email } }
+    tags { key value }
+    assetChecksOrError { ... on AssetChecks { checks { name } } }
+  }
+  workspaceOrError { ... on Workspace { locationEntries {
+    name
+    locationOrLoadError { ... on RepositoryLocation { repositories {
+      schedules { name scheduleState { status } }
+      allTopLevelResourceDetails { name nestedResources { name type resource { name } } }
+    } } }
+  } } }
 }
 """
+# What the UI shows a schedule as before anyone turns it on or off (its default).
+SCHEDULE_STATUS = {
+    "hourly_cache_maintenance": "RUNNING",
+    "warm_cache_every_15_minutes": "RUNNING",
+    "nightly_blueprint_revalidation": "RUNNING",
+    "daily_checkpoint_retention": "STOPPED",
+    "platform_state_every_30_minutes": "STOPPED",
+    "analytics_daily_at_0030": "STOPPED",
+}
 
 
 def _graphql(port: int) -> dict | None:
@@ -354,6 +375,24 @@ def test_dg_dev_serves_the_asset_graph_from_the_root_with_nothing_set(project, c
         assert {"/".join(n["assetKey"]["path"]) for n in data["assetNodes"]} == ASSETS
         locations = data["workspaceOrError"]["locationEntries"]
         assert [entry["name"] for entry in locations] == ["esper_assets"]
+        for node in data["assetNodes"]:  # the UI's owner and tags of every asset
+            key = "/".join(node["assetKey"]["path"])
+            assert {"team": "esper"} in node["owners"], key
+            assert any(t["key"] == "domain" for t in node["tags"]), key
+        checks_on = {
+            "/".join(n["assetKey"]["path"]): {c["name"] for c in n["assetChecksOrError"]["checks"]}
+            for n in data["assetNodes"]
+        }
+        assert "registered_blueprints_still_valid" in checks_on["compiled_kernels"]
+        [repository] = locations[0]["locationOrLoadError"]["repositories"]
+        statuses = {s["name"]: s["scheduleState"]["status"] for s in repository["schedules"]}
+        assert statuses == SCHEDULE_STATUS
+        resources = {r["name"]: r for r in repository["allTopLevelResourceDetails"]}
+        nested = {n["name"]: n for n in resources["kernel_cache"]["nestedResources"]}
+        assert (nested["redis"]["type"], nested["redis"]["resource"]["name"]) == (
+            "TOP_LEVEL",
+            "redis",
+        )
         assert (project / ".esper" / "dagster" / "history" / "runs.db").is_file()
     finally:
         _stop(process)

@@ -1,8 +1,11 @@
-"""The upkeep domain: scheduled jobs that keep the kernel cache clean and warm and
-re-validate every registered blueprint nightly (bodies in ``flows/upkeep``)."""
+"""The upkeep domain: scheduled jobs that keep the kernel cache clean and warm, and the
+nightly re-validation of every registered blueprint as the asset check
+``registered_blueprints_still_valid`` on ``compiled_kernels`` (bodies in
+``flows/upkeep``). Its schedules run by default (``schedules.py`` says why)."""
 
 import dagster as dg
 
+from esper_assets.defs.upkeep.checks import registered_blueprints_still_valid
 from esper_assets.defs.upkeep.jobs import (
     cache_maintenance_job,
     revalidate_blueprints_job,
@@ -12,6 +15,7 @@ from esper_assets.defs.upkeep.schedules import schedules
 
 # Resources are bound once, for every domain, in ``esper_assets.defs.build_definitions``.
 definitions = dg.Definitions(
+    asset_checks=[registered_blueprints_still_valid],
     jobs=[cache_maintenance_job, warm_kernel_cache_job, revalidate_blueprints_job],
     schedules=schedules,
 )

@@ -1,14 +1,15 @@
-"""The upkeep jobs: one op each, a thin Dagster shell (logs, metadata, failure) around
-``esper_assets.flows.upkeep``."""
+"""The upkeep jobs: the cache's two, one op each, a thin Dagster shell (logs, metadata)
+around ``esper_assets.flows.upkeep``; and ``revalidate_blueprints_job``, the asset job
+running the re-validation check (``checks.py``)."""
 
 import dagster as dg
 
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
-    BlueprintRulesResource,
     KernelCacheResource,
     ObjectStoreResource,
 )
+from esper_assets.defs.upkeep.checks import revalidate_blueprints_job
 from esper_assets.flows import upkeep
 
 
@@ -60,26 +61,4 @@ def warm_kernel_cache_job() -> None:
     warm_most_used_kernels()
 
 
-@dg.op(description="Parse every registered blueprint again under today's rules and check "
-       "that its parent is still registered.")  # fmt: skip
-def revalidate_all_blueprints(
-    context: dg.OpExecutionContext,
-    repository: AssetRepositoryResource,
-    blueprint_rules: BlueprintRulesResource,
-) -> int:
-    with repository.open() as repo:
-        problems = upkeep.revalidate_blueprints(repo, blueprint_rules.limits())
-    for name, why in problems.items():
-        context.log.error(f"{name}: {why}")
-    context.add_output_metadata({"invalid": len(problems), "names": ", ".join(problems)})
-    if problems:
-        raise dg.Failure(
-            description=f"{len(problems)} registered blueprint(s) no longer pass: "
-            + "; ".join(f"{n}: {w}" for n, w in problems.items())[:4000],
-        )
-    return 0
-
-
-@dg.job(description="Re-validate every registered blueprint (rules may have tightened).")
-def revalidate_blueprints_job() -> None:
-    revalidate_all_blueprints()
+__all__ = ["cache_maintenance_job", "revalidate_blueprints_job", "warm_kernel_cache_job"]
