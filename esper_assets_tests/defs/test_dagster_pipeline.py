@@ -5,6 +5,7 @@ instance; storage is the SQLite file and directory under a temporary ESPER_HOME.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from esper_assets.blueprints.examples import example_blueprint_files
 from esper_assets.defs import build_definitions
+from esper_assets.defs._compat import PARTITION_NAME_TAG
 from esper_assets.defs.kernels import new_blueprints
 from esper_assets.flows import kernels
 from esper_assets.flows.landing import DirectoryLanding
@@ -183,6 +185,27 @@ def test_sensor_moves_unusable_file_names_aside_and_goes_on(instance, landing):
     assert (rejected / "bad name.json").read_bytes() == mlp("bad")
     assert "bad name.json" in (rejected / "bad name.json.error.txt").read_text()
     assert (rejected / (("x" * 200) + ".yaml.error.txt")).exists()
+
+
+def ingest_job_as_launched() -> dg.JobDefinition:
+    """``ingest_blueprints`` as a launched run's worker rebuilds it (``dg.execute_job``)."""
+    return build_definitions().resolve_job_def("ingest_blueprints")
+
+
+def test_an_ingest_run_executes_its_steps_in_the_run_process(instance, landing):
+    """The job's own executor (which ``execute_in_process`` would bypass): both steps in
+    the run's process, not a process each."""
+    landing.put("solo.json", mlp("solo"))
+    instance.add_dynamic_partitions("blueprints", ["solo"])
+    job = dg.reconstructable(ingest_job_as_launched)
+    with dg.execute_job(job, instance, tags={PARTITION_NAME_TAG: "solo"}) as result:
+        assert result.success
+        run_id = result.run_id
+    starts = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
+    assert {e.step_key for e in starts} == {"blueprints", "compiled_kernels"}
+    assert {e.dagster_event.pid for e in starts} == {os.getpid()}
+    checks = {e.check_name for e in check_evaluations(instance, run_id).values()}
+    assert checks == {"blueprint_is_valid", "kernel_round_trip"}  # its own checks only
 
 
 # -- assets and checks ------------------------------------------------------------------
