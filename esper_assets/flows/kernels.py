@@ -29,7 +29,7 @@ from esper_assets.blueprints import (
 )
 from esper_assets.blueprints.compiler import COMPILER_VERSION
 from esper_assets.errors import AssetConflict, AssetNotFound, EsperError
-from esper_assets.flows.landing import LandingZone
+from esper_assets.flows.landing import BLUEPRINTS, LandingZone
 from esper_assets.storage import AssetMetadata, AssetQuery, AssetRepository, PersistentKernelCache
 
 BLUEPRINT = "blueprint"
@@ -41,8 +41,9 @@ class IngestedBlueprint:
     """What happened to one landed blueprint file."""
 
     name: str
-    source: str  # where the file was read from
+    source: str  # where the file was read from (the landing zone's own location)
     file_sha256: str = ""
+    key: str = ""  # the file's name in the landing zone's blueprints/ ("" if not one file)
     blueprint: Blueprint | None = None
     problems: list[str] = field(default_factory=list)
     asset_id: str | None = None
@@ -53,6 +54,12 @@ class IngestedBlueprint:
     @property
     def valid(self) -> bool:
         return not self.problems and self.asset_id is not None
+
+    @property
+    def file(self) -> str:
+        """The file relative to the landing zone (``blueprints/<key>``), the same for a
+        directory and an S3 prefix; "" when there was not exactly one file."""
+        return f"{BLUEPRINTS}/{self.key}" if self.key else ""
 
     @property
     def content_hash(self) -> str:
@@ -101,8 +108,9 @@ def read_blueprint(
         )  # fmt: skip
     data = landing.read(keys[0])
     result = IngestedBlueprint(
-        name, f"{landing.location.rstrip('/')}/{keys[0]}", hashlib.sha256(data).hexdigest()
-    )
+        name, f"{landing.location.rstrip('/')}/{keys[0]}", hashlib.sha256(data).hexdigest(),
+        key=keys[0],
+    )  # fmt: skip
     try:
         result.blueprint = parse_blueprint(
             data, source=keys[0], limits=limits or BlueprintLimits(), expected_name=name

@@ -1,7 +1,9 @@
 """What the pipeline's runs recorded, read back from Dagster's event log alone:
 ``dagster_lineage`` follows a kernel's chain of materializations (each step names
 the repository id of the one it was built from), so ``esper lineage`` and the demo
-can compare it with the repository's own lineage."""
+can compare it with the repository's own lineage. A kernel is registered under its
+kernel id, so its materialization records that alone (``kernel_id``); the chain
+gives every step its ``repository_id``."""
 
 from __future__ import annotations
 
@@ -12,20 +14,19 @@ def dagster_lineage(instance: dg.DagsterInstance, name: str, depth: int = 20) ->
     """The chain kernel -> blueprint version -> parent blueprints, read from Dagster's
     event log alone: each step is the materialization whose recorded repository id the
     previous step names."""
-    kernel = materialization_of(instance, "compiled_kernels", name)
+    kernel = materialization_of(instance, "compiled_kernels", name, id_field="kernel_id")
     if kernel is None:
         return []
-    chain = [{"type": "kernel", **kernel}]
-    partition, wanted = kernel["blueprint_partition"], kernel["blueprint_repository_id"]
-    storage_id = kernel.get("blueprint_event_storage_id")  # the exact event, when recorded
+    chain = [{"type": "kernel", **kernel, "repository_id": kernel["kernel_id"]}]
+    # the kernel's partition is its blueprint's: the same name
+    partition, wanted = name, kernel["blueprint_repository_id"]
     while partition and len(chain) <= depth:
-        found = materialization_of(instance, "blueprints", partition, wanted, storage_id)
+        found = materialization_of(instance, "blueprints", partition, wanted)
         if found is None:
             break
         chain.append({"type": "blueprint", **found})
         parent = found.get("parent") or ""
         partition, wanted = parent.partition("@")[0], found.get("parent_repository_id")
-        storage_id = None
     return chain
 
 
@@ -38,12 +39,12 @@ def materialization_of(
     asset: str,
     partition: str,
     repository_id: str | None = None,
-    storage_id: int | None = None,
+    id_field: str = "repository_id",
 ) -> dict | None:
-    """The newest materialization of ``asset[partition]`` that names a repository id
-    (``repository_id`` itself, if given). Usually that is the latest one, fetched alone;
-    else older ones are paged through, however many times the partition was
-    materialized since. ``storage_id``, when known, is tried first."""
+    """The newest materialization of ``asset[partition]`` whose metadata names a
+    repository id in ``id_field`` (``repository_id`` itself, if given). Usually that is
+    the latest one, fetched alone; else older ones are paged through, however many
+    times the partition was materialized since."""
 
     def found(record) -> dict | None:
         event = record.asset_materialization
@@ -51,18 +52,13 @@ def materialization_of(
         if (
             event
             and event.partition == partition
-            and meta.get("repository_id")
-            and (repository_id in (None, meta["repository_id"]))
+            and meta.get(id_field)
+            and (repository_id in (None, meta[id_field]))
         ):
             return {"partition": partition, "run_id": record.run_id, **meta}
         return None
 
     key = dg.AssetKey(asset)
-    if storage_id is not None:
-        exact = dg.AssetRecordsFilter(asset_key=key, storage_ids=[int(storage_id)])
-        for record in instance.fetch_materializations(exact, limit=1).records:
-            if (hit := found(record)) is not None:
-                return hit
     records_filter = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition])
     cursor, limit = None, 1
     while True:

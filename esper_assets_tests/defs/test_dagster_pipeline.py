@@ -218,21 +218,76 @@ def test_one_partition_end_to_end_with_readable_metadata(instance, landing, espe
     kernel = latest_materialization(instance, "compiled_kernels", "base")
     assert bp["status"] == "registered" and bp["name"] == "base" and bp["version"] == "1.0.0"
     assert bp["tags"] == "base, mlp"  # the blueprint's own tags field, sorted
+    assert bp["file"] == "blueprints/base.json"  # relative to the landing zone
     with AssetRepository.from_env() as repo:
         stored = repo.get_metadata(bp["repository_id"])
         assert stored.properties["content_hash"] == bp["content_hash"]
         assert kernel["blueprint_repository_id"] == bp["repository_id"]
-        assert repo.get_metadata(kernel["repository_id"]).parent_id == bp["repository_id"]
-    assert kernel["kernel_id"].startswith("k-") and kernel["kernel_id"] == kernel["repository_id"]
+        # registered under its kernel id, so that is its repository id too
+        assert repo.get_metadata(kernel["kernel_id"]).parent_id == bp["repository_id"]
+    assert kernel["kernel_id"].startswith("k-")
+    assert kernel["name"] == "base" and kernel["version"] == "1.0.0"
     assert kernel["parameter_count"] == 4 * 8 + 8
     assert kernel["flops_per_sample"] > 0 and kernel["size_bytes"] > 0
     assert kernel["tiers_written"] == "l1, l3"  # embedded: memory + SQLite
-    assert kernel["blueprint_partition"] == "base"
-    assert kernel["blueprint_data_version"] == bp["content_hash"]
+    assert kernel["blueprint_content_hash"] == bp["content_hash"]
+    assert kernel["blueprint_run"] == run.run_id  # a link to the run in the UI
     records = instance.fetch_materializations(dg.AssetKey("blueprints"), limit=1).records
     assert records[0].asset_materialization.tags["dagster/data_version"] == bp["content_hash"]
     with PersistentKernelCache.from_env() as cache:
         assert cache.get(kernel["kernel_id"]) is not None
+    checks = check_evaluations(instance, run.run_id)
+    valid = {k: v.value for k, v in checks["blueprint_is_valid"].metadata.items()}
+    assert valid["partitions"] == "base"
+    assert "`blueprints/base.json` (base): valid, registered as base@1.0.0" in valid["files"]
+    assert "parent registered" in valid["rules"] and "<= 256 layers" in valid["rules"]
+    round_trip = {k: v.value for k, v in checks["kernel_round_trip"].metadata.items()}
+    assert round_trip["partitions"] == "base"
+    assert f"- base: `{kernel['kernel_id']}` passed" in round_trip["kernels"]
+    assert "sha256" in round_trip["steps"] and "forward pass" in round_trip["steps"]
+
+
+# Measurements: plotted by Dagster, each with its unit (or a count) in its name.
+MEASUREMENTS = {"parameter_count", "flops_per_sample", "compile_ms", "size_bytes"}
+# What a kernel and the checks no longer record: duplicates of other fields (a kernel's
+# repository id is its kernel id; its blueprint partition its name), ids that were
+# plotted, a hash named like Dagster's data version, counts in place of names.
+DROPPED = {"repository_id", "blueprint_partition", "blueprint_event_storage_id",
+           "blueprint_data_version", "blueprint_run_id", "kernels_checked", "checked"}  # fmt: skip
+
+
+def test_metadata_plots_only_measurements_and_repeats_nothing(instance, landing):
+    landing.put("base.json", mlp("base"))
+    landing.put("child.json", mlp("child", parent="base@1.0.0", width=6))
+    report = tick_and_run(build_definitions(), instance)
+    assert [r.success for r in report.runs] == [True, True]
+    entries = {}
+    for asset in ("blueprints", "compiled_kernels"):
+        for name in ("base", "child"):
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[name]),
+                limit=1,
+            ).records
+            entries[f"{asset}[{name}]"] = records[0].asset_materialization.metadata
+    for run in report.runs:
+        for check, evaluation in check_evaluations(instance, run.run_id).items():
+            entries[f"{check} of {run.partitions[0]}"] = evaluation.metadata
+    numeric = (dg.IntMetadataValue, dg.FloatMetadataValue)
+    for where, metadata in entries.items():
+        plotted = {k for k, v in metadata.items() if isinstance(v, numeric)}
+        assert plotted <= MEASUREMENTS, (where, plotted - MEASUREMENTS)
+        if not where.startswith("blueprints["):  # a blueprint keeps its repository_id
+            assert not DROPPED & set(metadata), (where, DROPPED & set(metadata))
+        values = [
+            str(v.value) for v in metadata.values()
+            if str(v.value) and not isinstance(v, dg.BoolMetadataValue)
+        ]  # fmt: skip
+        assert len(values) == len(set(values)), (where, metadata)  # no field repeats another
+        assert not any(value.startswith("/") for value in values), where  # no absolute path
+    kernel = entries["compiled_kernels[child]"]
+    assert {k for k, v in kernel.items() if isinstance(v, numeric)} == MEASUREMENTS
+    assert isinstance(kernel["blueprint_run"], dg.DagsterRunMetadataValue)
+    assert entries["blueprints[child]"]["repository_version"] == dg.MetadataValue.text("1")
 
 
 def test_materialize_both_assets_for_one_partition(instance, landing):
@@ -288,8 +343,16 @@ def test_a_single_run_backfill_with_one_bad_file_builds_no_kernel(instance, land
     failed = backfill(defs, instance, [*good, "bf_bad"])
 
     assert not failed.success and failed.checks == {"blueprint_is_valid": False}
-    description = check_evaluations(instance, failed.run_id)["blueprint_is_valid"].description
-    assert "bf_bad.json" in description and not any(n in description for n in good)
+    evaluation = check_evaluations(instance, failed.run_id)["blueprint_is_valid"]
+    description = evaluation.description
+    assert "blueprints/bf_bad.json" in description and not any(n in description for n in good)
+    checked = {k: v.value for k, v in evaluation.metadata.items()}
+    assert checked["partitions"] == "bf_good0, bf_good1, bf_bad"
+    assert checked["invalid_partitions"] == "bf_bad"
+    assert "softmax9" in checked["problems"] and "bf_good" not in checked["problems"]
+    files = checked["files"].splitlines()
+    assert files[0].startswith("- `blueprints/bf_good0.json` (bf_good0): valid, registered")
+    assert files[2].startswith("- `blueprints/bf_bad.json` (bf_bad): invalid: ")
     started = {
         e.step_key for e in instance.all_logs(failed.run_id, of_type=dg.DagsterEventType.STEP_START)
     }
@@ -345,6 +408,15 @@ def test_kernel_round_trip_reports_a_corrupted_cache_entry(instance, landing, es
         cache.put(built.kernel_id, b"not a kernel at all")
         problems = kernels.verify_kernel(cache, built)
         assert any("differ" in p for p in problems) and any("load" in p for p in problems)
+    # What the check reports about it: which kernel, the steps, and the problems.
+    from esper_assets.defs.kernels.assets import _round_trip_check
+
+    result = _round_trip_check([built], {"base": problems})
+    assert not result.passed and "differ" in result.description
+    metadata = {k: v.value for k, v in result.metadata.items()}
+    assert metadata["failed_partitions"] == "base"
+    assert metadata["kernels"].startswith(f"- base: `{built.kernel_id}` failed: ")
+    assert "differ" in metadata["problems"] and "cached bytes" in metadata["problems"]
 
 
 # -- bad input --------------------------------------------------------------------------

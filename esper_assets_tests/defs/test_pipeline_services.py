@@ -333,10 +333,13 @@ def test_every_example_is_registered_compiled_and_cached_on_the_services(service
         client.close()
     assert all(in_redis.values()), in_redis  # L2: put by this run (absent before it)
 
+    landed = {stem(p): p.name for p in example_blueprint_files()}
     for name, kernel_id in expected_ids.items():
         meta = materializations(instance, "compiled_kernels", name)[0]
-        assert meta["kernel_id"] == meta["repository_id"] == kernel_id
+        assert meta["kernel_id"] == kernel_id and "repository_id" not in meta  # one id
         assert {"l1", "l2", "l3"} <= set(meta["tiers_written"].split(", ")), (name, meta)
+        blueprint = materializations(instance, "blueprints", name)[0]
+        assert blueprint["file"] == f"blueprints/{landed[name]}"  # relative to s3://.../
 
     with PersistentKernelCache.from_env() as cache:  # a fresh process's view: L1 is empty
         for name, kernel_id in expected_ids.items():

@@ -10,8 +10,13 @@ each kernel back from the cache and runs it.
 Both assets take a single-run backfill policy, so a backfill of a thousand
 blueprints is one run; every partition still gets its own metadata. Dagster's
 input pointer for a partitioned upstream names the latest materialization of
-*any* partition, so each kernel records the exact blueprint partition, data
-version and repository id it was built from.
+*any* partition, so each kernel records the blueprint version it was built from
+(its repository id and content hash) and a link to the run that registered it.
+
+Metadata is written for a person reading it in the UI: ids and hashes are text
+(Dagster plots numbers), measurements carry their unit in their name, files are
+named relative to the landing zone, and each check says what it checked, how,
+and what was wrong.
 """
 
 import warnings
@@ -19,6 +24,7 @@ from collections.abc import Iterator
 
 import dagster as dg
 
+from esper_assets.blueprints import BlueprintLimits
 from esper_assets.defs._compat import DATA_VERSION_TAG, add_partition_metadata
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
@@ -61,7 +67,9 @@ PARTITIONED = {
         )  # fmt: skip
     ],
     description="Blueprint files from the landing zone, validated and registered (versioned, "
-    "deduplicated by content hash) in the asset repository.",
+    "deduplicated by content hash) in the asset repository. Each partition's `content_hash` "
+    "(the canonical document's sha256) is its data version; `file` is relative to the "
+    "landing zone.",
 )
 def blueprints(
     context: dg.AssetExecutionContext,
@@ -70,26 +78,32 @@ def blueprints(
     blueprint_rules: BlueprintRulesResource,
 ) -> Iterator[dg.MaterializeResult]:
     names = context.partition_keys
+    limits = blueprint_rules.limits()
     with repository.open() as repo:
         results = kernels.ingest_blueprints(
-            repo, landing.open(), names, blueprint_rules.limits(), actor=_actor(context)
+            repo, landing.open(), names, limits, actor=_actor(context)
         )
     for result in results:
         add_partition_metadata(context, result.name, _blueprint_metadata(result))
     bad = [r for r in results if r.problems]
     for result in bad:
-        context.log.error(f"{result.source}: " + "; ".join(result.problems))
+        context.log.error(f"{_file_of(result)}: " + "; ".join(result.problems))
     context.log.info(f"{len(results) - len(bad)} of {len(results)} blueprints registered")
     yield dg.MaterializeResult(
         data_version=_single_data_version([r.content_hash for r in results]),
-        check_results=[_validity_check(results, bad)],
+        check_results=[_validity_check(results, bad, limits)],
     )
+
+
+def _file_of(result: kernels.IngestedBlueprint) -> str:
+    """The file relative to the landing zone, or what stood in for it."""
+    return result.file or f"blueprints/ (no single file for {result.name!r})"
 
 
 def _blueprint_metadata(result: kernels.IngestedBlueprint) -> dict:
     meta: dict = {
         "status": "invalid" if result.problems else "registered",
-        "file": result.source,
+        "file": _file_of(result),
         "file_sha256": result.file_sha256,
         "content_hash": result.content_hash,
     }
@@ -110,29 +124,77 @@ def _blueprint_metadata(result: kernels.IngestedBlueprint) -> dict:
     if result.asset_id:
         meta |= {
             "repository_id": result.asset_id,
-            "repository_version": result.version_number,
+            # the repository's version number: an ordinal, text so it is not plotted
+            "repository_version": dg.MetadataValue.text(str(result.version_number)),
             "parent_repository_id": result.parent_asset_id or "",
             "new_in_repository": result.new,
         }
     return meta
 
 
-def _validity_check(results, bad) -> dg.AssetCheckResult:
+# A check's lists name this many partitions; the rest are counted (each partition's
+# own materialization has its outcome).
+LISTED = 100
+
+
+def _validity_rules(limits: BlueprintLimits) -> str:
+    return (
+        "parsed (JSON or YAML; the blueprint schema: name equal to the file name, semantic "
+        "version, input shape, known ops, layer shapes that fit together); within the "
+        f"limits: file <= {limits.max_file_bytes:,} bytes, <= {limits.max_layers:,} layers, "
+        f"<= {limits.max_parameters:,} parameters, every dimension <= "
+        f"{limits.max_dimension:,}, <= {limits.max_activation_elements:,} activation elements "
+        "per sample; parent registered in the repository; not another blueprint's content "
+        "under a new name; version not registered with other content"
+    )
+
+
+def _validity_check(results, bad, limits: BlueprintLimits) -> dg.AssetCheckResult:
+    outcome = [
+        f"- `{_file_of(r)}` ({r.name}): "
+        + (
+            "invalid: " + "; ".join(r.problems)
+            if r.problems
+            else f"valid, registered as {r.blueprint.name}@{r.blueprint.version} "
+            f"(repository version {r.version_number}{', new' if r.new else ''})"
+        )
+        for r in results
+    ]
+    metadata: dict = {
+        "partitions": _names(r.name for r in results),
+        "files": dg.MetadataValue.md(_listed(outcome)),
+        "rules": dg.MetadataValue.text(_validity_rules(limits)),
+    }
     if not bad:
         return dg.AssetCheckResult(
-            check_name=BLUEPRINT_VALID, passed=True, metadata={"checked": len(results)}
+            check_name=BLUEPRINT_VALID,
+            passed=True,
+            description=f"{len(results)} file(s) parsed, passed every rule and were registered",
+            metadata=metadata,
         )
-    lines = [f"{r.source}: {'; '.join(r.problems)}" for r in bad]
+    lines = [f"{_file_of(r)}: {'; '.join(r.problems)}" for r in bad]
     return dg.AssetCheckResult(
         check_name=BLUEPRINT_VALID,
         passed=False,
         severity=dg.AssetCheckSeverity.ERROR,
         description="\n".join(lines)[:4000],
-        metadata={
-            "invalid_partitions": ", ".join(r.name for r in bad),
-            "problems": dg.MetadataValue.md("\n".join(f"- `{line}`" for line in lines)),
+        metadata=metadata
+        | {
+            "invalid_partitions": _names(r.name for r in bad),
+            "problems": dg.MetadataValue.md(_listed([f"- `{line}`" for line in lines])),
         },
     )
+
+
+def _names(names) -> dg.TextMetadataValue:
+    names = list(names)
+    more = f", ... and {len(names) - LISTED} more" if len(names) > LISTED else ""
+    return dg.MetadataValue.text(", ".join(names[:LISTED]) + more)
+
+
+def _listed(lines: list[str]) -> str:
+    more = [f"- ... and {len(lines) - LISTED} more"] if len(lines) > LISTED else []
+    return "\n".join(lines[:LISTED] + more)
 
 
 @dg.asset(
@@ -148,7 +210,11 @@ def _validity_check(results, bad) -> dg.AssetCheckResult:
         )  # fmt: skip
     ],
     description="Kernels compiled from registered blueprints, stored in the tiered kernel "
-    "cache and registered with their blueprint version as parent.",
+    "cache and registered with their blueprint version as parent, under their `kernel_id`. "
+    "`blueprint_content_hash` is the data version of the blueprint partition the kernel was "
+    "built from (its content hash); Dagster's own `input_data_version/blueprints` tag is a "
+    "hash Dagster takes over the input partitions' data versions, so the two differ by "
+    "design.",
 )
 def compiled_kernels(
     context: dg.AssetExecutionContext,
@@ -161,7 +227,7 @@ def compiled_kernels(
         for name in context.partition_keys:
             kernel = kernels.build_kernel(
                 repo, cache, sources[name]["repository_id"], _actor(context)
-            )
+            )  # the blueprint version's repository id
             add_partition_metadata(context, name, _kernel_metadata(kernel, sources[name]))
             built.append(kernel)
         failures = {k.name: kernels.verify_kernel(cache, k) for k in built}
@@ -201,11 +267,10 @@ def _latest_blueprints(
         if event is None or event.partition in sources:
             continue
         meta = {k: v.value for k, v in event.metadata.items()}
-        meta["storage_id"] = record.storage_id
         meta["run_id"] = record.run_id
         # The content hash is the partition's own data version; a run over several
         # partitions shares one Dagster data-version tag, so prefer the hash.
-        meta["data_version"] = meta.get("content_hash") or event.tags.get(DATA_VERSION_TAG)
+        meta["content_hash"] = meta.get("content_hash") or event.tags.get(DATA_VERSION_TAG)
         sources[event.partition] = meta
     return sources
 
@@ -216,7 +281,7 @@ def _kernel_metadata(kernel: kernels.BuiltKernel, source: dict) -> dict:
         "version": source.get("version", ""),
         "parent": source.get("parent", ""),
         "tags": source.get("tags", ""),
-        "kernel_id": kernel.kernel_id,
+        "kernel_id": kernel.kernel_id,  # also its repository id
         "compiled": kernel.compiled,
         "parameter_count": kernel.parameter_count,
         "flops_per_sample": kernel.flops_per_sample,
@@ -224,22 +289,43 @@ def _kernel_metadata(kernel: kernels.BuiltKernel, source: dict) -> dict:
         "size_bytes": kernel.size_bytes,
         "output_shape": str(list(kernel.output_shape)),
         "tiers_written": ", ".join(kernel.tiers),
-        "repository_id": kernel.asset_id,
-        "blueprint_partition": kernel.name,
+        # the blueprint version it was built from (partition: ``name``)
         "blueprint_repository_id": kernel.blueprint_asset_id,
-        "blueprint_data_version": source["data_version"],
-        "blueprint_event_storage_id": source["storage_id"],
-        "blueprint_run_id": source["run_id"],
+        "blueprint_content_hash": source["content_hash"],
+        "blueprint_run": dg.MetadataValue.dagster_run(source["run_id"]),
     }
+
+
+ROUND_TRIP_STEPS = (
+    "fetched from the kernel cache; sha256 equal to the artifact registered in the "
+    "repository; loads; a forward pass over a batch of 2 zero inputs gives shape "
+    "(2, *output_shape) and finite values"
+)
 
 
 def _round_trip_check(built, failures: dict[str, list[str]]) -> dg.AssetCheckResult:
     bad = {name: problems for name, problems in failures.items() if problems}
+    outcome = [
+        f"- {k.name}: `{k.kernel_id}` "
+        + (f"failed: {'; '.join(bad[k.name])}" if k.name in bad else "passed")
+        for k in built
+    ]
+    metadata: dict = {
+        "partitions": _names(k.name for k in built),
+        "kernels": dg.MetadataValue.md(_listed(outcome)),
+        "steps": dg.MetadataValue.text(ROUND_TRIP_STEPS),
+    }
+    if bad:
+        metadata["failed_partitions"] = _names(bad)
+        metadata["problems"] = dg.MetadataValue.md(
+            _listed([f"- {n}: {'; '.join(p)}" for n, p in bad.items()])
+        )
     return dg.AssetCheckResult(
         check_name=KERNEL_ROUND_TRIP,
         passed=not bad,
-        description="; ".join(f"{n}: {', '.join(p)}" for n, p in bad.items())[:4000] or None,
-        metadata={"kernels_checked": len(built), "failed": ", ".join(bad)},
+        description="; ".join(f"{n}: {', '.join(p)}" for n, p in bad.items())[:4000]
+        or f"{len(built)} kernel(s) read back from the cache, loaded and run",
+        metadata=metadata,
     )
 
 
