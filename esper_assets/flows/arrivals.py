@@ -37,9 +37,13 @@ class Cursor:
     stamp: int = -1
     at_stamp: dict[str, str] = field(default_factory=dict)  # key -> version digest
     waiting: dict[str, int] = field(default_factory=dict)  # key -> ticks waited
+    # A digest of the partitions without a file that the last tick looked up and kept
+    # (the sensor's removal policy): the same set again is not looked up again.
+    settled: str = ""
 
     def dump(self) -> str:
-        return json.dumps({"stamp": self.stamp, "at": self.at_stamp, "wait": self.waiting})
+        raw = {"stamp": self.stamp, "at": self.at_stamp, "wait": self.waiting}
+        return json.dumps(raw | ({"settled": self.settled} if self.settled else {}))
 
     @classmethod
     def load(cls, text: str | None) -> Cursor:
@@ -53,7 +57,7 @@ class Cursor:
             at = raw["at"]
             at_stamp = {str(k): str(v) for k, v in at.items()} if isinstance(at, dict) else {}
             waiting = {str(k): int(v) for k, v in dict(raw["wait"]).items()}
-            return cls(int(raw["stamp"]), at_stamp, waiting)
+            return cls(int(raw["stamp"]), at_stamp, waiting, str(raw.get("settled", "")))
         except (ValueError, KeyError, TypeError, AttributeError):
             return cls()
 
@@ -83,6 +87,8 @@ class Scan:
     rejected: list[tuple[str, str, str]] = field(default_factory=list)  # key, reason, moved to
     waiting: list[str] = field(default_factory=list)
     cursor: Cursor = field(default_factory=Cursor)
+    # The blueprint name of every file in blueprints/ at this look, new or not.
+    landed: set[str] = field(default_factory=set)
 
 
 def scan_landing(
@@ -95,8 +101,8 @@ def scan_landing(
     parent is in the landing zone but not registered yet (its run may still be going)."""
     files = landing.list_blueprints()
     new = sorted(f for f in files if _is_new(f, cursor) or f.key in cursor.waiting)
-    scan = Scan(cursor=_advance(cursor, files))
     landing_now = {blueprint_name_for_file(f.key) for f in files}
+    scan = Scan(cursor=_advance(cursor, files), landed=landing_now)
     for file in new:
         _look_at(landing, file, cursor, scan, landing_now, is_registered, limits)
     return scan

@@ -213,6 +213,12 @@ def find_blueprint(repo: AssetRepository, name: str, version: str) -> str | None
     return None
 
 
+def has_registered_blueprint(repo: AssetRepository, name: str) -> bool:
+    """Whether any version of blueprint ``name`` is in the repository, in any state."""
+    query = AssetQuery().with_type(BLUEPRINT).with_name(name).include_expired()
+    return bool(repo.search_assets(query.limit(1)))
+
+
 def load_registered_blueprint(
     repo: AssetRepository, asset_id: str, limits: BlueprintLimits | None = None
 ) -> Blueprint:
@@ -409,6 +415,7 @@ __all__ = [
     "build_kernel",
     "find_blueprint",
     "find_kernel",
+    "has_registered_blueprint",
     "ingest_blueprints",
     "lineage_chain",
     "verify_kernel",

@@ -124,9 +124,15 @@ def _cursor_path(instance: dg.DagsterInstance, sensor_name: str) -> Path:
 
 
 def add_partitions(instance: dg.DagsterInstance, result: dg.SensorResult) -> None:
-    """The dynamic partitions a sensor's result asks for, added as the daemon would."""
+    """The dynamic partitions a sensor's result asks for, added (and removed) as the
+    daemon would."""
     for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        name, keys = request.partitions_def_name, list(request.partition_keys)
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in keys:
+                instance.delete_dynamic_partition(name, key)
+        else:
+            instance.add_dynamic_partitions(name, keys)
 
 
 def tick_and_run(

@@ -18,8 +18,10 @@ from esper_assets.defs import build_definitions
 from esper_assets.defs._compat import PARTITION_NAME_TAG
 from esper_assets.defs.kernels import new_blueprints
 from esper_assets.flows import kernels
+from esper_assets.flows.arrivals import Cursor
 from esper_assets.flows.landing import DirectoryLanding
 from esper_assets.runner import backfill, dagster_lineage, land_examples, tick_and_run
+from esper_assets.runner.driver import add_partitions, read_cursor
 from esper_assets.settings import SERVICE_VARIABLES, Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 
@@ -185,6 +187,84 @@ def test_sensor_moves_unusable_file_names_aside_and_goes_on(instance, landing):
     assert (rejected / "bad name.json").read_bytes() == mlp("bad")
     assert "bad name.json" in (rejected / "bad name.json.error.txt").read_text()
     assert (rejected / (("x" * 200) + ".yaml.error.txt")).exists()
+
+
+def blueprint_partitions(instance) -> list[str]:
+    return sorted(instance.get_dynamic_partitions("blueprints"))
+
+
+def invalid(name: str) -> bytes:
+    return mlp(name).replace(b'"relu"', b'"softmax9"')  # an unknown op: never registered
+
+
+def test_sensor_removes_the_partitions_of_gone_files_that_never_registered(instance, landing):
+    """good registers, bad never does; both files are then deleted. bad's partition is
+    removed (as the daemon applies the sensor's request); good's stays, with its
+    history, and later ticks do not ask about it again until the set changes."""
+    defs = build_definitions()
+    landing.put("good.json", mlp("good"))
+    landing.put("bad.json", invalid("bad"))
+    report = tick_and_run(defs, instance)
+    assert {r.partitions[0]: r.success for r in report.runs} == {"good": True, "bad": False}
+    assert blueprint_partitions(instance) == ["bad", "good"]
+    (landing.folder / "good.json").unlink()
+    (landing.folder / "bad.json").unlink()
+
+    result = run_sensor(instance, defs, read_cursor(instance, new_blueprints.name))
+
+    [delete] = result.dynamic_partitions_requests
+    assert isinstance(delete, dg.DeleteDynamicPartitionsRequest)
+    assert list(delete.partition_keys) == ["bad"] and result.run_requests == []
+    add_partitions(instance, result)  # what the daemon does with the request
+    assert blueprint_partitions(instance) == ["good"]
+    assert latest_materialization(instance, "compiled_kernels", "good")["kernel_id"]
+    settled = Cursor.load(result.cursor).settled
+    assert settled  # the set kept ({good}) is remembered...
+    quiet = run_sensor(instance, defs, result.cursor)
+    assert quiet.dynamic_partitions_requests == [] and blueprint_partitions(instance) == ["good"]
+    assert Cursor.load(quiet.cursor).settled == settled  # ...and not looked up again
+
+    # Another gone name changes the set: it is looked up, removed; good is still kept.
+    instance.add_dynamic_partitions("blueprints", ["never_landed"])
+    changed = run_sensor(instance, defs, quiet.cursor)
+    assert [list(r.partition_keys) for r in changed.dynamic_partitions_requests] == [
+        ["never_landed"]
+    ]
+    # The name lands again: its partition comes back and its run goes ahead.
+    landing.put("bad.json", mlp("bad", width=5))
+    back = run_sensor(instance, defs, changed.cursor)
+    assert [type(r) for r in back.dynamic_partitions_requests] == [
+        dg.AddDynamicPartitionsRequest, dg.DeleteDynamicPartitionsRequest,
+    ]  # fmt: skip
+    assert [list(r.partition_keys) for r in back.dynamic_partitions_requests] == [
+        ["bad"], ["never_landed"],
+    ]  # fmt: skip
+    assert [r.partition_key for r in back.run_requests] == ["bad"]
+
+
+def test_sensor_does_not_remove_a_partition_that_a_run_in_flight_targets(instance, landing):
+    defs = build_definitions()
+    landing.put("bad.json", invalid("bad"))
+    tick_and_run(defs, instance)
+    (landing.folder / "bad.json").unlink()
+    cursor = read_cursor(instance, new_blueprints.name)
+    during: list[dg.SensorResult] = []
+
+    @dg.op
+    def tick_meanwhile(context) -> None:  # (a string annotation is refused)
+        during.append(run_sensor(context.instance, defs, cursor))
+
+    @dg.job
+    def targets_bad() -> None:
+        tick_meanwhile()
+
+    run = targets_bad.execute_in_process(instance=instance, tags={PARTITION_NAME_TAG: "bad"})
+    assert run.success
+    [meanwhile] = during
+    assert meanwhile.dynamic_partitions_requests == []  # a run still targets it
+    assert Cursor.load(meanwhile.cursor).settled == ""  # so the next tick looks again
+    after = run_sensor(instance, defs, meanwhile.cursor)
+    assert [list(r.partition_keys) for r in after.dynamic_partitions_requests] == [["bad"]]
 
 
 def ingest_job_as_launched() -> dg.JobDefinition:
