@@ -65,13 +65,26 @@ def bench_repository(quick: bool, out: Path, as_json: bool) -> None:
     "--out", type=click.Path(path_type=Path), default=Path("bench-results/pipeline.json"),
     show_default=True,
 )  # fmt: skip
+@click.option(
+    "--instance", "instance_kind", type=click.Choice(["embedded", "postgres", "both"]),
+    default="embedded", show_default=True,
+    help="The Dagster instance of the backfill: embedded (SQLite), postgres (deploy/dagster.yaml "
+    "on a throwaway database), or both side by side.",
+)  # fmt: skip
+@click.option(
+    "--postgres-url", envvar="ESPER_DATABASE_URL", show_envvar=True,
+    help="PostgreSQL server for --instance postgres (a throwaway database is made there).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def bench_pipeline(quick: bool, out: Path, as_json: bool) -> None:
-    """End-to-end backfill on the embedded default, and sensor tick cost."""
+def bench_pipeline(
+    quick: bool, out: Path, instance_kind: str, postgres_url: str | None, as_json: bool
+) -> None:
+    """End-to-end backfill on a Dagster instance, and sensor tick cost."""
     from esper_assets.bench import pipeline as pipeline_bench
 
+    kinds = ("embedded", "postgres") if instance_kind == "both" else (instance_kind,)
     with status("benchmarking the pipeline", as_json) as spinner:
-        result = pipeline_bench.run(quick=quick, progress=progress(spinner))
+        result = pipeline_bench.run(quick, progress(spinner), kinds, postgres_url)
     write_and_emit(result, out, as_json, _render_pipeline_bench)
 
 
@@ -141,8 +154,14 @@ def _render_checkpoints_bench(result: dict[str, Any]) -> None:
 
 
 def _render_pipeline_bench(result: dict[str, Any]) -> None:
-    for section in ("backfill", "sensor"):
-        console.print(measurements_table(f"esper bench pipeline - {section}", result[section]))
+    backfill = result["backfill"]
+    shared = {k: v for k, v in backfill.items() if not isinstance(v, dict)}
+    console.print(measurements_table("esper bench pipeline - backfill", shared))
+    for kind in ("embedded", "postgres"):
+        if kind in backfill:
+            title = f"esper bench pipeline - backfill on the {kind} instance"
+            console.print(measurements_table(title, backfill[kind]))
+    console.print(measurements_table("esper bench pipeline - sensor", result["sensor"]))
 
 
 def _render_repository_bench(result: dict[str, Any]) -> None:

@@ -163,7 +163,9 @@ def test_bench_pipeline_quick_writes_its_json(esper_home, tmp_path):
     backfill, sensor = written["backfill"], written["sensor"]
     assert written["quick"] is True
     assert backfill["blueprints"] == 100
-    assert backfill["success"] is True and backfill["checks"] == CHECKS, backfill
+    embedded = backfill["embedded"]
+    assert embedded["success"] is True and embedded["checks"] == CHECKS, backfill
+    assert "postgres" not in backfill  # the embedded instance only, unless asked
     assert sensor["files_seen"] == 1000 and sensor["new_files"] == 100
     assert sensor["first_tick_requests"] == sensor["files_seen"]
     assert sensor["tick_with_new_requests"] == 100
