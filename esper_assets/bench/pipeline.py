@@ -37,6 +37,7 @@ import dagster as dg
 
 from esper_assets.blueprints import compile_blueprint, parse_blueprint
 from esper_assets.defs import build_definitions, embedded_dagster_home, new_blueprints
+from esper_assets.defs._compat import pool_postgres_connections
 from esper_assets.errors import ConfigError, InvalidInput
 from esper_assets.flows.wiring import landing_zone
 from esper_assets.runner import backfill
@@ -191,7 +192,7 @@ def _production_instance(database_url: str) -> Iterator[dg.DagsterInstance]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
-        with instance:
+        with pool_postgres_connections(instance):  # as esper's own processes do
             yield instance
 
 

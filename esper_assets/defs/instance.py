@@ -22,7 +22,7 @@ import dagster as dg
 
 # dagster.yaml files name the class here (module esper_assets.defs.instance); it is
 # defined, with Dagster's internals it relies on, in _compat.
-from esper_assets.defs._compat import EmbeddedEventLogStorage
+from esper_assets.defs._compat import EmbeddedEventLogStorage, pool_postgres_connections
 from esper_assets.settings import Settings
 
 __all__ = ["EmbeddedEventLogStorage", "embedded_dagster_home", "instance_yaml", "local_instance"]
@@ -53,7 +53,8 @@ def embedded_dagster_home(settings: Settings | None = None) -> Path:
 
 
 def local_instance(settings: Settings | None = None) -> dg.DagsterInstance:
-    """``$DAGSTER_HOME``'s instance when it is set; else the embedded one."""
+    """``$DAGSTER_HOME``'s instance when it is set (a PostgreSQL one with pooled
+    connections: ``_compat.pool_postgres_connections``); else the embedded one."""
     if os.environ.get("DAGSTER_HOME"):
-        return dg.DagsterInstance.get()
+        return pool_postgres_connections(dg.DagsterInstance.get())
     return dg.DagsterInstance.from_config(str(embedded_dagster_home(settings)))

@@ -247,3 +247,27 @@ def test_public_fallback_storage_runs_the_same(tmp_path: Path):
         assert not isinstance(instance.event_log_storage, _compat.EmbeddedEventLogStorage)
         run(instance, ["a", "b"])
         assert stored_metadata(instance, "a")["metadata"] == {"name": "a", "size": 1}
+
+
+# -- 5. pooled PostgreSQL connections --------------------------------------------------------
+def test_the_webservers_pool_switch_has_the_shape_compat_calls():
+    method = getattr(dg.DagsterInstance, "optimize_for_webserver", None)
+    assert method is not None, moved(5, "DagsterInstance.optimize_for_webserver is gone")
+    params = set(inspect.signature(method).parameters)
+    expected = {"statement_timeout", "pool_recycle", "max_overflow"}
+    assert expected <= params, moved(5, f"optimize_for_webserver takes {sorted(params)}")
+
+
+def test_a_postgres_instance_keeps_one_pooled_connection(pg_server_url, tmp_path: Path):
+    from esper_assets.bench.pipeline import _production_instance, throwaway_database
+
+    with throwaway_database(pg_server_url) as url, _production_instance(url) as instance:
+        # _production_instance pools as esper's processes do: the same server backend
+        # answers two queries in a row (NullPool would open a new one each time).
+        engine = instance.event_log_storage._engine  # noqa: SLF001
+        assert not isinstance(engine.pool, sa.pool.NullPool), moved(5, "still NullPool")
+        pids = set()
+        for _ in range(2):
+            with engine.connect() as conn:
+                pids.add(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar())
+        assert len(pids) == 1
