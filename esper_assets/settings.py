@@ -2,6 +2,8 @@
 
 With no ``ESPER_*`` service variables set everything runs on one machine: a
 SQLite file for L3 and metadata, a directory for L4 and large objects, no L2.
+``ESPER_REQUIRE_SERVICES=1`` (every machine of a cluster) turns that fallback into a
+ConfigError naming each missing variable.
 
 This module is the only reader of esper's environment variables (``ESPER_*`` and
 ``AWS_ENDPOINT_URL``); everything else takes a :class:`Settings`, and
@@ -20,10 +22,10 @@ from urllib.parse import urlsplit
 from esper_assets.errors import ConfigError, redact_url
 
 # The variables that point esper at services (or at a Dagster instance): with none of
-# them set, everything runs embedded under ESPER_HOME.
+# them set, everything runs embedded under ESPER_HOME (ESPER_REQUIRE_SERVICES refuses to).
 SERVICE_VARIABLES = (
     "ESPER_DATABASE_URL", "ESPER_REDIS_URL", "ESPER_S3_BUCKET", "AWS_ENDPOINT_URL",
-    "ESPER_LANDING", "DAGSTER_HOME",
+    "ESPER_LANDING", "DAGSTER_HOME", "ESPER_REQUIRE_SERVICES",
 )  # fmt: skip
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -111,6 +113,7 @@ class Settings:
         )
         prefix = (get("ESPER_S3_PREFIX") or "esper").strip("/")
         landing = get("ESPER_LANDING") or str(home / "landing")
+        _check_required_services(get, database_url, bucket, landing)
         return cls(
             home=home,
             database_url=database_url,
@@ -121,6 +124,35 @@ class Settings:
             landing=landing,
             **_checkpoint_retention(get),
             **_usage(get),
+        )
+
+
+def _check_required_services(get, database_url, bucket, landing: str) -> None:
+    """ESPER_REQUIRE_SERVICES (1/true/yes/on or 0/false/no/off, default off): on, as on
+    every machine of a cluster, a missing service is a ConfigError naming each missing
+    variable, instead of the embedded fallback to files only this machine can see."""
+    switch = (get("ESPER_REQUIRE_SERVICES") or "off").lower()
+    if switch not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ConfigError(
+            f"ESPER_REQUIRE_SERVICES={switch!r} must be 1/true/yes/on (a cluster: refuse to "
+            "run without the services) or 0/false/no/off; or unset it (off)"
+        )
+    if switch in ("0", "false", "no", "off"):
+        return
+    missing = []
+    if database_url is None:
+        missing.append("ESPER_DATABASE_URL (postgresql://user@host:5432/db)")
+    if bucket is None:
+        missing.append("ESPER_S3_BUCKET (the bucket for L4 and large objects)")
+    if not landing.startswith("s3://"):
+        shown = f"is {redact_url(landing)!r}" if get("ESPER_LANDING") else "is unset"
+        missing.append(f"ESPER_LANDING (s3://bucket/prefix; it {shown})")
+    if missing:
+        raise ConfigError(
+            "ESPER_REQUIRE_SERVICES is on, so esper will not fall back to local files, but "
+            f"these are missing: {'; '.join(missing)}. Set them on this machine (a run "
+            "worker gets them from the deployment's secret and config map), or unset "
+            "ESPER_REQUIRE_SERVICES to run on one machine with everything under ESPER_HOME"
         )
 
 

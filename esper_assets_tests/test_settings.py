@@ -300,3 +300,73 @@ def test_variable_holds_only_the_value_the_environment_gives(monkeypatch):
     assert not variable_holds("ESPER_REDIS_URL", None)
     monkeypatch.delenv("ESPER_REDIS_URL")
     assert not variable_holds("ESPER_REDIS_URL", "")
+
+
+# -- ESPER_REQUIRE_SERVICES: a cluster's machines refuse the local fallback ---------------------
+CLUSTER_SERVICES = {
+    "ESPER_DATABASE_URL": f"postgresql://esper:{PASSWORD}@db.internal:5432/esper",
+    "ESPER_S3_BUCKET": "esper-kernels",
+    "ESPER_LANDING": "s3://esper-landing/incoming",
+}
+REQUIRED = ("ESPER_DATABASE_URL", "ESPER_S3_BUCKET", "ESPER_LANDING")
+
+
+@pytest.mark.parametrize("on", ["1", "true", "yes", "on", "TRUE", " On "])
+def test_required_services_missing_name_every_variable_and_what_to_do(tmp_path, on):
+    with pytest.raises(ConfigError) as info:
+        settings_with(tmp_path, ESPER_REQUIRE_SERVICES=on)
+    message = str(info.value)
+    assert all(name in message for name in REQUIRED)
+    assert "s3://" in message  # the landing zone must be in S3, not just set
+    assert "unset ESPER_REQUIRE_SERVICES" in message
+
+
+@pytest.mark.parametrize("missing", REQUIRED)
+def test_required_services_name_only_what_is_missing(tmp_path, missing):
+    env = {k: v for k, v in CLUSTER_SERVICES.items() if k != missing}
+    with pytest.raises(ConfigError) as info:
+        settings_with(tmp_path, ESPER_REQUIRE_SERVICES="1", **env)
+    message = str(info.value)
+    assert [name for name in REQUIRED if name in message] == [missing]
+    assert PASSWORD not in message
+
+
+def test_required_services_refuse_a_local_landing_directory(tmp_path):
+    env = CLUSTER_SERVICES | {"ESPER_LANDING": str(tmp_path / "landing")}
+    with pytest.raises(ConfigError) as info:
+        settings_with(tmp_path, ESPER_REQUIRE_SERVICES="yes", **env)
+    message = str(info.value)
+    assert "ESPER_LANDING" in message and str(tmp_path / "landing") in message
+    assert "s3://" in message
+
+
+def test_required_services_all_set_give_the_cluster_settings(tmp_path):
+    s = settings_with(tmp_path, ESPER_REQUIRE_SERVICES="1", **CLUSTER_SERVICES)
+    assert s.uses_postgres
+    assert s.s3_bucket == "esper-kernels"
+    assert s.landing == "s3://esper-landing/incoming"
+    assert s.redis_url is None  # L2 stays optional
+
+
+@pytest.mark.parametrize("off", ["0", "false", "no", "off", "OFF", "", "  "])
+def test_required_services_off_or_unset_keep_the_embedded_default(tmp_path, off):
+    s = settings_with(tmp_path, ESPER_REQUIRE_SERVICES=off)
+    assert s.database_url is None and s.s3_bucket is None
+    assert s.landing == str(tmp_path.resolve() / "landing")
+
+
+@pytest.mark.parametrize("bad", ["2", "y", "enabled", "true!", "-1"])
+def test_required_services_bad_value_is_a_config_error(tmp_path, bad):
+    with pytest.raises(ConfigError) as info:
+        settings_with(tmp_path, ESPER_REQUIRE_SERVICES=bad, **CLUSTER_SERVICES)
+    message = str(info.value)
+    assert "ESPER_REQUIRE_SERVICES" in message and repr(bad) in message
+    assert "1/true/yes/on" in message and "0/false/no/off" in message
+
+
+def test_require_services_is_a_service_variable():
+    # Fixtures and subprocess tests that want the embedded default unset every one of
+    # these; a developer's exported ESPER_REQUIRE_SERVICES=1 must not leak into them.
+    from esper_assets.settings import SERVICE_VARIABLES
+
+    assert "ESPER_REQUIRE_SERVICES" in SERVICE_VARIABLES
