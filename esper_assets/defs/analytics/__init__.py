@@ -2,7 +2,8 @@
 (``usage_events_daily`` -> ``kernel_usage_daily``, ``cache_warm_list``,
 ``retirement_candidates``; and ``asset_inventory``) with their checks, the
 ``analytics_daily`` job over them and its schedule (STOPPED by default: a
-deployment turns it on once its usage files are worth rolling up). Logic in ``esper_assets.analytics.rollups``."""
+deployment turns it on once its usage files are worth rolling up). Logic in
+``esper_assets.analytics.rollups``."""
 
 import dagster as dg
 
