@@ -42,6 +42,7 @@ from esper_assets.flows.kernels import find_kernel
 from esper_assets.settings import Settings
 from esper_assets.storage.objects import make_s3_client
 from esper_assets_tests.conftest import free_port, with_search_path
+from esper_assets_tests.process_groups import default_signals, stop_group
 
 # slow: two Dagster processes start, load the code location and run one blueprint (~25 s)
 pytestmark = [pytest.mark.postgres, pytest.mark.s3, pytest.mark.slow]
@@ -134,13 +135,6 @@ def cluster(
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
-def _default_signals() -> None:
-    """In the child: SIGINT/SIGTERM act as in a terminal, even if pytest was started
-    with them ignored (a background job of a non-interactive shell)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 @contextlib.contextmanager
 def started(args: list[str], cluster: Cluster, name: str) -> Iterator[subprocess.Popen]:
     """``args`` as a process group of its own, its output in ``logs/<name>.log``; on
@@ -153,23 +147,12 @@ def started(args: list[str], cluster: Cluster, name: str) -> Iterator[subprocess
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_default_signals,
+            preexec_fn=default_signals,
         )
         try:
             yield process
         finally:
-            for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    process.wait(timeout=wait_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            with contextlib.suppress(ProcessLookupError):  # children that outlived it
-                os.killpg(process.pid, signal.SIGKILL)
+            stop_group(process, signal.SIGTERM, 15)
 
 
 def tail(cluster: Cluster) -> str:

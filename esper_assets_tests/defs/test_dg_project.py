@@ -17,7 +17,6 @@ in tmp_path. Run from the root itself, they would write the developer's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ import pytest
 import yaml
 
 from esper_assets_tests.conftest import free_port
+from esper_assets_tests.process_groups import default_signals, stop_group
 
 pytestmark = pytest.mark.slow  # each test runs dg/dagster commands in subprocesses: 20-30 s
 
@@ -321,28 +321,10 @@ def _graphql(port: int) -> dict | None:
         return None
 
 
-def _default_signals() -> None:
-    """In the child: Ctrl-C and SIGTERM act as in a terminal, even if this process was
-    started with them ignored (a background job of a non-interactive shell)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _stop(process: subprocess.Popen) -> None:
     """dg dev and everything it started (webserver, daemon, code servers) are one process
     group: Ctrl-C to all of it (dagster dev's own shutdown), then SIGKILL if need be."""
-    for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    with contextlib.suppress(ProcessLookupError):  # the rest, if dg dev went first
-        os.killpg(process.pid, signal.SIGKILL)
+    stop_group(process, signal.SIGINT, 30)
 
 
 @pytest.mark.timeout(300)
@@ -357,7 +339,7 @@ def test_dg_dev_serves_the_asset_graph_from_the_root_with_nothing_set(project, c
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_default_signals,
+            preexec_fn=default_signals,
         )
     try:
         deadline = time.monotonic() + SERVER_START_S
