@@ -3,9 +3,17 @@
 the repository id of the one it was built from), so ``esper lineage`` and the demo
 can compare it with the repository's own lineage. A kernel is registered under its
 kernel id, so its materialization records that alone (``kernel_id``); the chain
-gives every step its ``repository_id``."""
+gives every step its ``repository_id``.
+
+A blueprint's ``parent`` is a link to its parent's partition page in the UI (older
+materializations: the text ``name@version``); the walk follows it to that partition
+and takes the materialization there that has the recorded ``parent_repository_id``, so
+a link to the wrong partition ends the chain early and the comparison fails."""
 
 from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs, urlsplit
 
 import dagster as dg
 
@@ -25,9 +33,22 @@ def dagster_lineage(instance: dg.DagsterInstance, name: str, depth: int = 20) ->
         if found is None:
             break
         chain.append({"type": "blueprint", **found})
-        parent = found.get("parent") or ""
-        partition, wanted = parent.partition("@")[0], found.get("parent_repository_id")
+        partition = parent_partition(found.get("parent") or "")
+        wanted = found.get("parent_repository_id")
     return chain
+
+
+# A markdown link: [label](target)
+_LINK = re.compile(r"\A\[[^\]]*\]\(([^)\s]+)\)\Z")
+
+
+def parent_partition(parent: str) -> str:
+    """The partition a blueprint's recorded ``parent`` names: the ``partition`` of the
+    page its link points at, or (recorded as text) the name before ``@``."""
+    link = _LINK.match(parent.strip())
+    if link is None:
+        return parent.partition("@")[0]
+    return parse_qs(urlsplit(link.group(1)).query).get("partition", [""])[0]
 
 
 # Older materializations of a partition are read a page at a time, newest first.

@@ -368,6 +368,13 @@ def test_metadata_plots_only_measurements_and_repeats_nothing(instance, landing)
     assert {k for k, v in kernel.items() if isinstance(v, numeric)} == MEASUREMENTS
     assert isinstance(kernel["blueprint_run"], dg.DagsterRunMetadataValue)
     assert entries["blueprints[child]"]["repository_version"] == dg.MetadataValue.text("1")
+    # lineage: a rendered chain of links (not plotted); a parent is a link to its page
+    base_page = "/assets/blueprints?view=partitions&partition=base"
+    for where in ("blueprints[child]", "compiled_kernels[child]"):
+        assert isinstance(entries[where]["lineage"], dg.MarkdownMetadataValue), where
+        assert f"[base@1.0.0]({base_page})" in entries[where]["lineage"].value, where
+        assert entries[where]["parent"] == dg.MetadataValue.md(f"[base@1.0.0]({base_page})")
+    assert entries["blueprints[base]"]["parent"] == dg.MetadataValue.text("")
 
 
 def test_materialize_both_assets_for_one_partition(instance, landing):

@@ -13,6 +13,12 @@ input pointer for a partitioned upstream names the latest materialization of
 *any* partition, so each kernel records the blueprint version it was built from
 (its repository id and content hash) and a link to the run that registered it.
 
+Lineage a person can click through: each kernel's and each blueprint's ``lineage`` is
+a markdown chain down to the root blueprint, every step a link to that blueprint
+partition's page in the UI with its version and repository id as text, walked in the
+repository (the same walk and depth as ``esper lineage``); a blueprint's ``parent`` is a
+link to its parent's partition page.
+
 Metadata is written for a person reading it in the UI: ids and hashes are text
 (Dagster plots numbers), measurements carry their unit in their name, files are
 named relative to the landing zone, and each check says what it checked, how,
@@ -21,6 +27,7 @@ and what was wrong.
 
 import warnings
 from collections.abc import Iterator
+from urllib.parse import quote, urlencode
 
 import dagster as dg
 
@@ -33,6 +40,7 @@ from esper_assets.defs.resources import (
     LandingZoneResource,
 )
 from esper_assets.flows import kernels
+from esper_assets.storage import AssetMetadata, AssetRepository
 
 # Bump when the code below changes what a materialization would contain.
 CODE_VERSION = "1"
@@ -83,8 +91,11 @@ def blueprints(
         results = kernels.ingest_blueprints(
             repo, landing.open(), names, limits, actor=_actor(context)
         )
+        chains = {r.name: lineage_in_repository(repo, r.asset_id) for r in results if r.asset_id}
     for result in results:
-        add_partition_metadata(context, result.name, _blueprint_metadata(result))
+        add_partition_metadata(
+            context, result.name, _blueprint_metadata(result, chains.get(result.name))
+        )
     bad = [r for r in results if r.problems]
     for result in bad:
         context.log.error(f"{_file_of(result)}: " + "; ".join(result.problems))
@@ -100,7 +111,10 @@ def _file_of(result: kernels.IngestedBlueprint) -> str:
     return result.file or f"blueprints/ (no single file for {result.name!r})"
 
 
-def _blueprint_metadata(result: kernels.IngestedBlueprint) -> dict:
+def _blueprint_metadata(
+    result: kernels.IngestedBlueprint, chain: list[AssetMetadata] | None
+) -> dict:
+    """``chain``: the registered version and its ancestors (None if not registered)."""
     meta: dict = {
         "status": "invalid" if result.problems else "registered",
         "file": _file_of(result),
@@ -121,8 +135,10 @@ def _blueprint_metadata(result: kernels.IngestedBlueprint) -> dict:
             "parameter_count": bp.parameter_count,
             "flops_per_sample": bp.flops_per_sample,
         }
-    if result.asset_id:
+    if result.asset_id and chain:  # registered: links walked in the repository
         meta |= {
+            "parent": _parent_link(chain),
+            "lineage": lineage_markdown(chain),
             "repository_id": result.asset_id,
             # the repository's version number: an ordinal, text so it is not plotted
             "repository_version": dg.MetadataValue.text(str(result.version_number)),
@@ -228,7 +244,8 @@ def compiled_kernels(
             kernel = kernels.build_kernel(
                 repo, cache, sources[name]["repository_id"], _actor(context)
             )  # the blueprint version's repository id
-            add_partition_metadata(context, name, _kernel_metadata(kernel, sources[name]))
+            chain = lineage_in_repository(repo, kernel.asset_id)
+            add_partition_metadata(context, name, _kernel_metadata(kernel, sources[name], chain))
             built.append(kernel)
         failures = {k.name: kernels.verify_kernel(cache, k) for k in built}
     compiled = sum(k.compiled for k in built)
@@ -275,11 +292,11 @@ def _latest_blueprints(
     return sources
 
 
-def _kernel_metadata(kernel: kernels.BuiltKernel, source: dict) -> dict:
+def _kernel_metadata(kernel: kernels.BuiltKernel, source: dict, chain: list[AssetMetadata]) -> dict:
     return {
         "name": kernel.name,
         "version": source.get("version", ""),
-        "parent": source.get("parent", ""),
+        "parent": _parent_link(chain[1:]),  # its blueprint's parent
         "tags": source.get("tags", ""),
         "kernel_id": kernel.kernel_id,  # also its repository id
         "compiled": kernel.compiled,
@@ -293,7 +310,71 @@ def _kernel_metadata(kernel: kernels.BuiltKernel, source: dict) -> dict:
         "blueprint_repository_id": kernel.blueprint_asset_id,
         "blueprint_content_hash": source["content_hash"],
         "blueprint_run": dg.MetadataValue.dagster_run(source["run_id"]),
+        "lineage": lineage_markdown(chain),
     }
+
+
+# -- lineage -----------------------------------------------------------------------------
+# Ancestors walked per kernel or blueprint: the depth `esper lineage` walks.
+LINEAGE_DEPTH = 20
+
+
+def lineage_in_repository(repo: AssetRepository, asset_id: str) -> list[AssetMetadata]:
+    """``asset_id`` (a kernel or a blueprint version), then its ancestors nearest first,
+    as the repository records them: up to ``LINEAGE_DEPTH`` of them."""
+    found = repo.get_lineage(asset_id, depth=LINEAGE_DEPTH)
+    return [found["asset"], *found["ancestors"]]
+
+
+def partition_page(asset: str, partition: str) -> str:
+    """The Dagster UI's page of one partition of ``asset``, relative to the UI's root
+    (the route the UI itself links to: ``/assets/<key>?view=partitions&partition=<p>``).
+    A webserver started with ``--path-prefix`` serves it under that prefix."""
+    query = urlencode({"view": "partitions", "partition": partition}, quote_via=quote)
+    return f"/assets/{quote(asset, safe='')}?{query}"
+
+
+def _step(meta: AssetMetadata) -> str:
+    # a kernel is a partition of compiled_kernels, a blueprint version one of blueprints,
+    # both under their name
+    asset = "compiled_kernels" if meta.asset_type == kernels.KERNEL else "blueprints"
+    return (
+        f"[{meta.name}@{meta.version}]({partition_page(asset, meta.name)}) "
+        f"· repository id `{meta.asset_id}`"
+    )
+
+
+def lineage_markdown(chain: list[AssetMetadata]) -> dg.MarkdownMetadataValue:
+    """The chain kernel -> blueprint version -> parent versions -> root as a numbered
+    list of links; the last line says whether the root was reached."""
+    lines = []
+    for number, meta in enumerate(chain, start=1):
+        if meta.asset_type == kernels.KERNEL:
+            role = "kernel"
+        elif number == 1 or chain[number - 2].asset_type == kernels.KERNEL:
+            role = "blueprint"
+        else:
+            role = "parent"
+        lines.append(f"{number}. {role} {_step(meta)}")
+    if chain[-1].parent_id:
+        lines.append(
+            f"\n(cut at {LINEAGE_DEPTH} ancestors: `{chain[-1].name}` has a parent, "
+            f"repository id `{chain[-1].parent_id}`)"
+        )
+    else:
+        lines.append(f"\nroot: `{chain[-1].name}@{chain[-1].version}`")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _parent_link(chain: list[AssetMetadata]) -> dg.MetadataValue | str:
+    """A link to the parent version's partition page ("" for a root): ``chain`` starts
+    at the blueprint version whose parent it is."""
+    if len(chain) < 2:
+        return ""
+    parent = chain[1]
+    return dg.MetadataValue.md(
+        f"[{parent.name}@{parent.version}]({partition_page('blueprints', parent.name)})"
+    )
 
 
 ROUND_TRIP_STEPS = (
