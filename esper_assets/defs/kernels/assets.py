@@ -322,8 +322,7 @@ LINEAGE_DEPTH = 20
 def lineage_in_repository(repo: AssetRepository, asset_id: str) -> list[AssetMetadata]:
     """``asset_id`` (a kernel or a blueprint version), then its ancestors nearest first,
     as the repository records them: up to ``LINEAGE_DEPTH`` of them."""
-    found = repo.get_lineage(asset_id, depth=LINEAGE_DEPTH)
-    return [found["asset"], *found["ancestors"]]
+    return repo.get_ancestry(asset_id, depth=LINEAGE_DEPTH)
 
 
 def partition_page(asset: str, partition: str) -> str:

@@ -34,19 +34,24 @@ def check_depth(depth: object) -> int:
     return depth
 
 
+def ancestors(db, asset_id: str, depth: int) -> list[AssetMetadata]:
+    """``asset_id``'s ancestors, nearest first, up to ``depth`` levels."""
+    with db.read() as conn:
+        rows_up = db.fetchall(conn, _ANCESTORS_SQL, (asset_id, depth))
+    return [metadata_from_row(db, r) for r in rows_up]
+
+
 def lineage(db, asset: AssetMetadata, depth: int) -> dict[str, Any]:
     """``asset``'s parent, children, ancestors and descendants, ``depth`` levels each way."""
-    with db.read() as conn:
-        rows_up = db.fetchall(conn, _ANCESTORS_SQL, (asset.asset_id, depth))
+    ancestors_ = ancestors(db, asset.asset_id, depth)
     with db.read() as conn:
         rows_down = db.fetchall(conn, _DESCENDANTS_SQL, (asset.asset_id, depth))
-    ancestors = [metadata_from_row(db, r) for r in rows_up]
     descendants = [(metadata_from_row(db, r[:-1]), r[-1]) for r in rows_down]
     return {
         "asset": asset,
-        "parent": ancestors[0] if ancestors else None,
+        "parent": ancestors_[0] if ancestors_ else None,
         "children": [d for d, level in descendants if level == 1],
-        "ancestors": ancestors,
+        "ancestors": ancestors_,
         "descendants": [d for d, _ in descendants],
     }
 

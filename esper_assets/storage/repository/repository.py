@@ -31,7 +31,7 @@ from esper_assets.storage.repository.access import AccessCounts
 from esper_assets.storage.repository.backends import PostgresAssets, SqliteAssets
 from esper_assets.storage.repository.integrity import ChecksumGuard
 from esper_assets.storage.repository.lifecycle import AssetLifecycle
-from esper_assets.storage.repository.lineage import check_depth, lineage, refuse_cycle
+from esper_assets.storage.repository.lineage import ancestors, check_depth, lineage, refuse_cycle
 from esper_assets.storage.repository.query import AssetQuery, search_sql
 from esper_assets.storage.repository.records import (
     META_SELECT,
@@ -292,6 +292,13 @@ class AssetRepository(AssetLifecycle):
         ancestors (nearest first) and descendants."""
         check_depth(depth)
         return lineage(self._db, self.get_metadata(asset_id), depth)
+
+    def get_ancestry(self, asset_id: str, depth: int = 5) -> list[AssetMetadata]:
+        """The asset, then ``depth`` (1..100) levels of its ancestors, nearest first:
+        :meth:`get_lineage`'s chain upwards, without looking for descendants."""
+        check_depth(depth)
+        asset = self.get_metadata(asset_id)
+        return [asset, *ancestors(self._db, asset_id, depth)]
 
     # -- statistics ----------------------------------------------------------------------
     def analyze(self) -> None:

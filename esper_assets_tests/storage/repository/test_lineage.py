@@ -54,6 +54,10 @@ def test_lineage(repo):
     assert as_ids(repo.get_lineage(d, depth=2)["ancestors"]) == [c, b]
     assert as_ids(repo.get_lineage(d, depth=1)["ancestors"]) == [c]
 
+    assert as_ids(repo.get_ancestry(d)) == [d, c, b, a]  # the asset, then nearest first
+    assert as_ids(repo.get_ancestry(d, depth=2)) == [d, c, b]
+    assert as_ids(repo.get_ancestry(a)) == [a]
+
     lin = repo.get_lineage(a)
     assert lin["parent"] is None and as_ids(lin["ancestors"]) == []
     assert as_ids(lin["children"]) == [b]
