@@ -237,7 +237,7 @@ def run_job(
         run_config=QUIET, instance=instance, partition_key=partition_key, tags=tags,
         raise_on_error=False,
     )  # fmt: skip
-    evaluations = result.get_asset_check_evaluations()
+    evaluations = run_evaluations(result.get_asset_check_evaluations())
     checks = {evaluation.check_name: evaluation.passed for evaluation in evaluations}
     # A failed check's description is the reason (file, field, problem); the run's own
     # error then only says that a blocking check failed.
@@ -247,6 +247,14 @@ def run_job(
     if not problems and not result.success:
         problems = [_run_error(result)]
     return RunOutcome(partitions, result.run_id, result.success, checks, "\n".join(problems))
+
+
+def run_evaluations(evaluations: list[dg.AssetCheckEvaluation]) -> list[dg.AssetCheckEvaluation]:
+    """Each check's outcome for the run: a check evaluated per partition has one more
+    evaluation, without a partition, for the run as a whole; a check evaluated once
+    (for one partition or none) has just that one."""
+    whole = {e.check_name for e in evaluations if e.partition is None}
+    return [e for e in evaluations if e.partition is None or e.check_name not in whole]
 
 
 def _run_error(result: dg.ExecuteInProcessResult) -> str:

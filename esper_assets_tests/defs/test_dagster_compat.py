@@ -35,30 +35,70 @@ def private(name: str, item: str):
         pytest.fail(moved(item, f"{_compat.PRIVATE_NAMES[name]}.{name} is gone ({exc})"))
 
 
-# -- a tiny partitioned asset, like esper's: single-run backfill, metadata per partition --
+# -- a tiny partitioned asset, like esper's: single-run backfill, each partition reported
+# with its own metadata and data version --------------------------------------------------
 partitions = dg.DynamicPartitionsDefinition(name="compat_parts")
 seen: dict[str, object] = {}
+VERSIONS: dict[str, str] = {}  # partition -> the data version compat_asset reports
 
 
-@dg.asset(partitions_def=partitions, backfill_policy=dg.BackfillPolicy.single_run())
-def compat_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+@dg.asset(
+    partitions_def=partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    code_version="1",
+    output_required=False,
+)
+def compat_asset(context: dg.AssetExecutionContext):
     seen["partition_keys"] = list(context.partition_keys)
-    seen["step"] = _compat._step_with_accumulator(context)
     for key in context.partition_keys:
-        _compat.add_partition_metadata(context, key, {"name": key, "size": len(key)})
-    single = len(context.partition_keys) == 1
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(f"v-{context.partition_keys[0]}") if single else None
+        yield dg.AssetMaterialization(
+            asset_key=context.asset_key,
+            partition=key,
+            metadata={"name": key, "size": len(key)},
+            tags=_compat.data_version_tags(VERSIONS.get(key, f"v-{key}"), "1"),
+        )
+
+
+@dg.asset(
+    partitions_def=partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    code_version="1",
+    deps=[compat_asset],
+    output_required=False,
+)
+def compat_child(context: dg.AssetExecutionContext):
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=compat_asset.key, asset_partitions=context.partition_keys),
+        limit=100,
+    ).records
+    latest = {}
+    for record in records:  # newest first
+        latest.setdefault(record.partition_key, record)
+    for key, record in latest.items():
+        upstream = record.asset_materialization.tags[_compat.DATA_VERSION_TAG]
+        yield dg.AssetMaterialization(
+            asset_key=context.asset_key,
+            partition=key,
+            tags=_compat.data_version_tags(
+                f"child-{upstream}", "1", inputs={compat_asset.key: (upstream, record.storage_id)}
+            ),
+        )
+
+
+compat_defs = dg.Definitions(
+    assets=[compat_asset, compat_child],
+    jobs=[
+        dg.define_asset_job("compat_job", [compat_asset]),
+        dg.define_asset_job("compat_child_job", [compat_child]),
+    ],
+)
+job = compat_defs.resolve_job_def("compat_job")
+
+
+def run(instance: dg.DagsterInstance, keys: list[str], job=job) -> dg.ExecuteInProcessResult:
+    instance.add_dynamic_partitions(
+        partitions.name, [k for k in keys if not instance.has_dynamic_partition(partitions.name, k)]
     )
-
-
-job = dg.Definitions(
-    assets=[compat_asset], jobs=[dg.define_asset_job("compat_job", [compat_asset])]
-).resolve_job_def("compat_job")
-
-
-def run(instance: dg.DagsterInstance, keys: list[str]) -> dg.ExecuteInProcessResult:
-    instance.add_dynamic_partitions(partitions.name, keys)
     seen.clear()
     if len(keys) == 1:
         result = job.execute_in_process(instance=instance, partition_key=keys[0])
@@ -100,6 +140,10 @@ def instance():
         "ASSET_PARTITION_RANGE_END_TAG",
         "DATA_VERSION_TAG",
         "PARTITION_NAME_TAG",
+        "CODE_VERSION_TAG",
+        "DATA_VERSION_IS_USER_PROVIDED_TAG",
+        "INPUT_DATA_VERSION_TAG_PREFIX",
+        "INPUT_EVENT_POINTER_TAG_PREFIX",
     ],
 )
 def test_run_tags_are_dagsters(name):
@@ -133,48 +177,51 @@ def test_sensor_name_tag_is_the_one_dagster_gives_sensor_runs():
     )
 
 
-# -- 2. per-partition metadata through the step's accumulator -----------------------------
-def test_metadata_accumulator_is_where_compat_expects_it(instance):
-    StepExecutionContext = private("StepExecutionContext", "2 (add_partition_metadata)")
-    run(instance, ["a", "b"])
-    assert seen["step"] is not None, moved(
-        "2 (add_partition_metadata)",
-        "context.op_execution_context._step_execution_context._metadata_accumulator "
-        "(with .with_additional_asset_metadata) is gone, so every call now takes the "
-        "public add_asset_metadata (quadratic in the number of dynamic partitions)",
-    )
-    accumulator = seen["step"]._metadata_accumulator
-    parameters = inspect.signature(accumulator.with_additional_asset_metadata).parameters
-    assert {"asset_key", "partition_key", "metadata"} <= set(parameters), moved(
-        "2 (add_partition_metadata)",
-        f"with_additional_asset_metadata takes {list(parameters)}",
-    )
-    # The public call ends in the same accumulator: what we add is what it would add.
-    source = inspect.getsource(StepExecutionContext.add_asset_metadata)
-    assert "self._metadata_accumulator = " in source, moved(
-        "2 (add_partition_metadata)",
-        "the public add_asset_metadata no longer stores into _metadata_accumulator",
-    )
+# -- 2. data-version tags on reported materializations ------------------------------------
+def test_reported_tags_are_the_ones_dagster_writes_and_reads(instance):
+    """The input tags are named as Dagster names them for an upstream asset key."""
+    data_version = private("DATA_VERSION_TAG", "2 (data_version_tags)")
+    tags = _compat.data_version_tags("v", "1", inputs={dg.AssetKey(["a", "b"]): ("u", 7)})
+    module = _compat.private_module("INPUT_DATA_VERSION_TAG_PREFIX")
+    key = dg.AssetKey(["a", "b"])
+    assert tags == {
+        data_version: "v",
+        private("CODE_VERSION_TAG", "2"): "1",
+        private("DATA_VERSION_IS_USER_PROVIDED_TAG", "2"): "true",
+        module.get_input_data_version_tag(key): "u",
+        module.get_input_event_pointer_tag(key): "7",
+    }, moved("2 (data_version_tags)", "Dagster names the input tags differently")
+    run(instance, ["solo"])
+    assert stored_metadata(instance, "solo")["tags"][_compat.DATA_VERSION_TAG] == "v-solo"
 
 
-def test_metadata_fast_path_stores_what_the_public_call_does(monkeypatch):
-    keys = ["p1", "p2", "p3"]
-    with dg.instance_for_test() as fast:
-        run(fast, keys)
-        assert seen["step"] is not None, moved(
-            "2 (add_partition_metadata)", "the step's metadata accumulator is gone"
-        )
-        via_accumulator = {k: stored_metadata(fast, k) for k in keys}
-    monkeypatch.setattr(_compat, "_step_with_accumulator", lambda context: None)
-    with dg.instance_for_test() as public:
-        run(public, keys)
-        assert seen["step"] is None  # the public fallback ran
-        via_public = {k: stored_metadata(public, k) for k in keys}
-    # (tags differ: the code and data versions default to each run's id)
-    assert {k: v["metadata"] for k, v in via_accumulator.items()} == {
-        k: v["metadata"] for k, v in via_public.items()
-    }
-    assert via_public["p2"]["metadata"] == {"name": "p2", "size": 2}
+def test_reported_versions_drive_dagsters_staleness(instance):
+    """Dagster's own stale status (the UI's) follows the reported versions per
+    partition, after a run over several partitions: unchanged content is never stale,
+    changed content always is, and only in its own partition."""
+    resolver = private("get_stale_status_resolver", "2 (data_version_tags)")
+    child = compat_defs.resolve_job_def("compat_child_job")
+
+    def status() -> dict[str, str]:
+        stale = resolver(instance, [compat_asset, compat_child])
+        return {k: stale.get_status(compat_child.key, k).value for k in ("a", "b", "c")}
+
+    VERSIONS.clear()
+    run(instance, ["a", "b", "c"])
+    run(instance, ["a", "b", "c"], child)
+    assert status() == {"a": "FRESH", "b": "FRESH", "c": "FRESH"}
+    run(instance, ["a", "b", "c"])  # the same versions again
+    assert status() == {"a": "FRESH", "b": "FRESH", "c": "FRESH"}, moved(
+        "2 (data_version_tags)", "an unchanged data version made its child stale"
+    )
+    VERSIONS["b"] = "v-b2"
+    run(instance, ["a", "b", "c"])
+    assert status() == {"a": "FRESH", "b": "STALE", "c": "FRESH"}, moved(
+        "2 (data_version_tags)", "a new data version did not make its own child stale"
+    )
+    run(instance, ["b"], child)
+    assert status()["b"] == "FRESH"
+    VERSIONS.clear()
 
 
 # -- 3. the embedded event log: a subclass of ConsolidatedSqliteEventLogStorage -----------

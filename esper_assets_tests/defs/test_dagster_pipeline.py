@@ -64,12 +64,18 @@ def latest_materialization(instance, asset: str, partition: str) -> dict:
     return {"event_tags": event.tags, **{k: v.value for k, v in event.metadata.items()}}
 
 
+def all_evaluations(instance, run_id: str) -> list:
+    records = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    return [record.dagster_event.event_specific_data for record in records]
+
+
 def check_evaluations(instance, run_id: str) -> dict[str, object]:
-    out = {}
-    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
-        evaluation = record.dagster_event.event_specific_data
-        out[evaluation.check_name] = evaluation
-    return out
+    """Each check's evaluation for the run as a whole (the one without a partition)."""
+    return {e.check_name: e for e in all_evaluations(instance, run_id) if e.partition is None}
+
+
+def partition_evaluations(instance, run_id: str) -> list:
+    return [e for e in all_evaluations(instance, run_id) if e.partition is not None]
 
 
 # -- definitions -------------------------------------------------------------------------
@@ -282,7 +288,7 @@ def test_an_ingest_run_executes_its_steps_in_the_run_process(instance, landing):
         assert result.success
         run_id = result.run_id
     starts = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
-    assert {e.step_key for e in starts} == {"blueprints", "compiled_kernels"}
+    assert {e.step_key for e in starts} == {"blueprints_and_kernels"}
     assert {e.dagster_event.pid for e in starts} == {os.getpid()}
     checks = {e.check_name for e in check_evaluations(instance, run_id).values()}
     assert checks == {"blueprint_is_valid", "kernel_round_trip"}  # its own checks only
@@ -296,7 +302,7 @@ def test_one_partition_end_to_end_with_readable_metadata(instance, landing, espe
     assert run.success and run.checks == {"blueprint_is_valid": True, "kernel_round_trip": True}
     bp = latest_materialization(instance, "blueprints", "base")
     kernel = latest_materialization(instance, "compiled_kernels", "base")
-    assert bp["status"] == "registered" and bp["name"] == "base" and bp["version"] == "1.0.0"
+    assert bp["name"] == "base" and bp["version"] == "1.0.0"
     assert bp["tags"] == "base, mlp"  # the blueprint's own tags field, sorted
     assert bp["file"] == "blueprints/base.json"  # relative to the landing zone
     with AssetRepository.from_env() as repo:
@@ -378,12 +384,12 @@ def test_metadata_plots_only_measurements_and_repeats_nothing(instance, landing)
 
 
 def test_materialize_both_assets_for_one_partition(instance, landing):
-    from esper_assets.defs.kernels.assets import blueprints, compiled_kernels
+    from esper_assets.defs.kernels.assets import blueprints_and_kernels
 
     landing.put("solo.json", mlp("solo", width=12))
     instance.add_dynamic_partitions("blueprints", ["solo"])
     result = dg.materialize(
-        [blueprints, compiled_kernels], partition_key="solo", instance=instance,
+        [blueprints_and_kernels], partition_key="solo", instance=instance,
         resources=build_definitions().resources,
     )  # fmt: skip
     assert result.success
@@ -416,11 +422,11 @@ def test_a_single_run_backfill_gives_every_partition_its_own_metadata(instance, 
 
 
 @pytest.mark.slow
-def test_a_single_run_backfill_with_one_bad_file_builds_no_kernel(instance, landing):
-    """The blocking check is evaluated once for the whole run: one bad file stops
-    compiled_kernels for every partition of a single-run backfill. The good files are
-    registered all the same, so a backfill of just those builds their kernels and
-    registers nothing twice."""
+def test_a_single_run_backfill_with_one_bad_file_builds_every_other_kernel(instance, landing):
+    """Each partition is checked on its own: the bad file gets a failed evaluation for
+    its partition and no materialization at all; the good ones are registered and their
+    kernels built in the same run; the run's own evaluation names the bad file, and the
+    failed blocking check fails the run once the step has finished."""
     good = ["bf_good0", "bf_good1"]
     for width, name in enumerate(good, start=4):
         landing.put(f"{name}.json", mlp(name, width=width))  # different content
@@ -429,43 +435,47 @@ def test_a_single_run_backfill_with_one_bad_file_builds_no_kernel(instance, land
 
     failed = backfill(defs, instance, [*good, "bf_bad"])
 
-    assert not failed.success and failed.checks == {"blueprint_is_valid": False}
-    evaluation = check_evaluations(instance, failed.run_id)["blueprint_is_valid"]
-    description = evaluation.description
-    assert "blueprints/bf_bad.json" in description and not any(n in description for n in good)
-    checked = {k: v.value for k, v in evaluation.metadata.items()}
+    assert not failed.success and failed.checks == {
+        "blueprint_is_valid": False, "kernel_round_trip": True,
+    }  # fmt: skip
+    per_partition = {
+        (e.check_name, e.partition): e for e in partition_evaluations(instance, failed.run_id)
+    }
+    assert {k: e.passed for k, e in per_partition.items()} == {
+        ("blueprint_is_valid", "bf_good0"): True,
+        ("blueprint_is_valid", "bf_good1"): True,
+        ("blueprint_is_valid", "bf_bad"): False,
+        ("kernel_round_trip", "bf_good0"): True,
+        ("kernel_round_trip", "bf_good1"): True,
+    }
+    bad = per_partition[("blueprint_is_valid", "bf_bad")]
+    assert "blueprints/bf_bad.json" in bad.description and "softmax9" in bad.description
+    assert "softmax9" in bad.metadata["problems"].value
+    summary = check_evaluations(instance, failed.run_id)["blueprint_is_valid"]
+    assert "blueprints/bf_bad.json" in summary.description
+    assert not any(n in summary.description for n in good)
+    checked = {k: v.value for k, v in summary.metadata.items()}
     assert checked["partitions"] == "bf_good0, bf_good1, bf_bad"
     assert checked["invalid_partitions"] == "bf_bad"
-    assert "softmax9" in checked["problems"] and "bf_good" not in checked["problems"]
     files = checked["files"].splitlines()
     assert files[0].startswith("- `blueprints/bf_good0.json` (bf_good0): valid, registered")
     assert files[2].startswith("- `blueprints/bf_bad.json` (bf_bad): invalid: ")
-    started = {
-        e.step_key for e in instance.all_logs(failed.run_id, of_type=dg.DagsterEventType.STEP_START)
-    }
-    assert started == {"blueprints"}
-    assert not instance.fetch_materializations(
-        dg.AssetRecordsFilter(
-            asset_key=dg.AssetKey("compiled_kernels"), asset_partitions=[*good, "bf_bad"]
-        ),
-        limit=10,
-    ).records  # not even for the good files
-    assert latest_materialization(instance, "blueprints", "bf_bad")["status"] == "invalid"
+    for asset in ("blueprints", "compiled_kernels"):  # nothing at all for the bad file
+        assert not instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=["bf_bad"]),
+            limit=1,
+        ).records
     registered = {n: latest_materialization(instance, "blueprints", n) for n in good}
-    assert {m["status"] for m in registered.values()} == {"registered"}
     with AssetRepository.from_env() as repo:
         assert [repo.get_metadata(registered[n]["repository_id"]).name for n in good] == good
-
-    retry = backfill(defs, instance, good)
-
-    assert retry.success
-    assert retry.checks == {"blueprint_is_valid": True, "kernel_round_trip": True}
     for name in good:
-        again = latest_materialization(instance, "blueprints", name)
-        assert again["repository_id"] == registered[name]["repository_id"]
-        assert again["new_in_repository"] is False
         kernel = latest_materialization(instance, "compiled_kernels", name)
         assert kernel["blueprint_repository_id"] == registered[name]["repository_id"]
+        assert kernel["event_tags"]["dagster/data_version"] == kernel["kernel_id"]
+        assert (
+            registered[name]["event_tags"]["dagster/data_version"]
+            == (registered[name]["content_hash"])
+        )
 
 
 @pytest.mark.slow
@@ -549,16 +559,17 @@ def test_bad_input_fails_its_own_partition_with_a_clear_message(case, instance, 
     assert not instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("compiled_kernels"), asset_partitions=[name]),
         limit=1,
-    ).records  # no kernel built from a bad file...
-    started = {
-        e.step_key for e in instance.all_logs(bad.run_id, of_type=dg.DagsterEventType.STEP_START)
-    }
-    assert started == {"blueprints"}  # ...because the blocking check stopped the run before it
+    ).records  # no kernel built from a bad file
     if case != "same content, new name":
         assert by_partition["good"].success  # the other file in the same tick went through
     assert (landing.folder / key).read_bytes() == data  # nothing deleted or moved
-    problems = latest_materialization(instance, "blueprints", name)
-    assert problems["status"] == "invalid" and problems["problems"]
+    assert not instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("blueprints"), asset_partitions=[name]),
+        limit=1,
+    ).records  # a bad file is not materialized...
+    (own,) = [e for e in partition_evaluations(instance, bad.run_id) if e.partition == name]
+    assert not own.passed and key in own.description  # ...its partition's check says why
+    assert own.metadata["problems"].value
 
 
 def test_problem_messages_name_the_field(instance, landing):

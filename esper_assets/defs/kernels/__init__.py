@@ -1,11 +1,12 @@
 """The kernels domain: blueprint files land, the ``new_blueprints`` sensor turns them
 into partitions and runs of ``ingest_blueprints``, and the assets ``blueprints`` ->
-``compiled_kernels`` (with their checks) validate, register, compile and cache them
+``compiled_kernels`` (one step, ``blueprints_and_kernels``, with their checks) validate,
+register, compile and cache them
 (bodies in ``flows/arrivals`` and ``flows/kernels``)."""
 
 import dagster as dg
 
-from esper_assets.defs.kernels.assets import blueprint_partitions, blueprints, compiled_kernels
+from esper_assets.defs.kernels.assets import blueprint_partitions, blueprints_and_kernels
 from esper_assets.defs.kernels.sensors import (
     FILE_TAG,
     evaluate_new_blueprints,
@@ -24,7 +25,7 @@ __all__ = [
 
 # Resources are bound once, for every domain, in ``esper_assets.defs.build_definitions``.
 definitions = dg.Definitions(
-    assets=[blueprints, compiled_kernels],
+    assets=[blueprints_and_kernels],
     jobs=[ingest_blueprints_job],
     sensors=[new_blueprints],
 )

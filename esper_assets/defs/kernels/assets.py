@@ -1,17 +1,30 @@
-"""The blueprint -> kernel assets, partitioned by blueprint name.
+"""The blueprint -> kernel assets, partitioned by blueprint name, in one step.
 
-``blueprints`` reads each landed file, validates it and registers it in the
-asset repository; its blocking check ``blueprint_is_valid`` stops kernels from
-being built out of a bad file. ``compiled_kernels`` compiles what was registered
-(never the same content twice), puts the kernel in the cache and registers it
-with the blueprint version as its parent; its check ``kernel_round_trip`` reads
-each kernel back from the cache and runs it.
+``blueprints`` reads each landed file, validates it and registers it in the asset
+repository; ``compiled_kernels`` compiles what was registered (never the same content
+twice), puts the kernel in the cache and registers it with the blueprint version as its
+parent. Both are one ``multi_asset`` step (``blueprints_and_kernels``), so a run
+materializes either or both, for one partition (the sensor's run per landed file) or
+for many (a backfill is one run: single-run backfill policy).
 
-Both assets take a single-run backfill policy, so a backfill of a thousand
-blueprints is one run; every partition still gets its own metadata. Dagster's
-input pointer for a partitioned upstream names the latest materialization of
-*any* partition, so each kernel records the blueprint version it was built from
-(its repository id and content hash) and a link to the run that registered it.
+Per-partition truth. Dagster keeps one data version per asset per step and writes the
+same tags on every partition a step materializes (dagster-io/dagster#18649), and a
+check result has no partition unless its spec is partitioned (a preview feature in
+Dagster 1.13, so not used). So the step reports each partition itself, whatever the
+run's size:
+
+- one ``AssetMaterialization`` per partition with its own data version (a blueprint's
+  content hash, a kernel's id), the asset's code version and, for a kernel, the data
+  version and event of the blueprint partition it was built from (the tags Dagster's
+  own staleness reads: ``_compat.data_version_tags``). Unchanged content is never
+  stale; changed content always is.
+- an invalid file gets no materialization at all, and no kernel is built from it.
+- one ``AssetCheckEvaluation`` per partition (``partition`` set: the UI's check
+  history and GraphQL show each partition's outcome), then one for the run as a whole
+  (no partition: the run's summary, which the asset's check status shows).
+- ``blueprint_is_valid`` is blocking: a failed one fails the step after the valid
+  partitions were materialized and their kernels built; within the step, a kernel is
+  built only from a blueprint that passed.
 
 Lineage a person can click through: each kernel's and each blueprint's ``lineage`` is
 a markdown chain down to the root blueprint, every step a link to that blueprint
@@ -26,13 +39,14 @@ and what was wrong.
 """
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 import dagster as dg
 
 from esper_assets.blueprints import BlueprintLimits
-from esper_assets.defs._compat import DATA_VERSION_TAG, add_partition_metadata
+from esper_assets.defs._compat import data_version_tags
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
     BlueprintRulesResource,
@@ -40,10 +54,10 @@ from esper_assets.defs.resources import (
     LandingZoneResource,
 )
 from esper_assets.flows import kernels
-from esper_assets.storage import AssetMetadata, AssetRepository
+from esper_assets.storage import AssetMetadata, AssetRepository, PersistentKernelCache
 
 # Bump when the code below changes what a materialization would contain.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 # BackfillPolicy is marked beta in Dagster 1.13; it is what makes a backfill of many
 # blueprints one run, so we use it on purpose and keep its notice out of every load.
@@ -51,59 +65,112 @@ warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.Bet
 
 blueprint_partitions = dg.DynamicPartitionsDefinition(name="blueprints")
 
+BLUEPRINTS = dg.AssetKey("blueprints")
+KERNELS = dg.AssetKey("compiled_kernels")
 BLUEPRINT_VALID = "blueprint_is_valid"
 KERNEL_ROUND_TRIP = "kernel_round_trip"
-
-# Both assets: one partition per blueprint name, a backfill is one run.
-PARTITIONED = {
-    "partitions_def": blueprint_partitions,
-    "backfill_policy": dg.BackfillPolicy.single_run(),
-    "code_version": CODE_VERSION,
-    "group_name": "esper",
-}
+VALIDITY = dg.AssetCheckKey(BLUEPRINTS, BLUEPRINT_VALID)
+ROUND_TRIP = dg.AssetCheckKey(KERNELS, KERNEL_ROUND_TRIP)
 
 
-@dg.asset(
-    **PARTITIONED,
-    kinds={"python", "yaml"},
+@dg.multi_asset(
+    name="blueprints_and_kernels",
+    specs=[
+        dg.AssetSpec(
+            BLUEPRINTS,
+            kinds={"python", "yaml"},
+            code_version=CODE_VERSION,
+            skippable=True,  # an invalid file is not materialized
+            description="Blueprint files from the landing zone, validated and registered "
+            "(versioned, deduplicated by content hash) in the asset repository. Each "
+            "partition's data version is its `content_hash` (the canonical document's "
+            "sha256); `file` is relative to the landing zone. An invalid file is not "
+            "materialized: its `blueprint_is_valid` evaluation (for that partition) says why.",
+        ),
+        dg.AssetSpec(
+            KERNELS,
+            deps=[BLUEPRINTS],
+            kinds={"python", "numpy"},
+            code_version=CODE_VERSION,
+            skippable=True,
+            description="Kernels compiled from registered blueprints, stored in the tiered "
+            "kernel cache and registered with their blueprint version as parent. Each "
+            "partition's data version is its `kernel_id`; its input data version is the "
+            "data version (content hash) of the blueprint partition it was built from.",
+        ),
+    ],
     check_specs=[
         dg.AssetCheckSpec(
             BLUEPRINT_VALID,
-            asset="blueprints",
+            asset=BLUEPRINTS,
             blocking=True,
-            description="The landed file parses, passes every rule and its parent is registered.",
-        )  # fmt: skip
+            description="The landed file parses, passes every rule and its parent is "
+            "registered. One evaluation per partition, and one for each run as a whole.",
+        ),
+        dg.AssetCheckSpec(
+            KERNEL_ROUND_TRIP,
+            asset=KERNELS,
+            description="Each kernel comes back from the cache with the registered checksum, "
+            "loads, and its forward pass gives the documented output shape. One evaluation "
+            "per partition, and one for each run as a whole.",
+        ),
     ],
-    description="Blueprint files from the landing zone, validated and registered (versioned, "
-    "deduplicated by content hash) in the asset repository. Each partition's `content_hash` "
-    "(the canonical document's sha256) is its data version; `file` is relative to the "
-    "landing zone.",
+    partitions_def=blueprint_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    can_subset=True,
+    group_name="esper",
 )
-def blueprints(
+def blueprints_and_kernels(
     context: dg.AssetExecutionContext,
     landing: LandingZoneResource,
     repository: AssetRepositoryResource,
     blueprint_rules: BlueprintRulesResource,
-) -> Iterator[dg.MaterializeResult]:
+    kernel_cache: KernelCacheResource,
+) -> Iterator:
     names = context.partition_keys
-    limits = blueprint_rules.limits()
+    selected = context.selected_asset_keys
     with repository.open() as repo:
-        results = kernels.ingest_blueprints(
-            repo, landing.open(), names, limits, actor=_actor(context)
-        )
-        chains = {r.name: lineage_in_repository(repo, r.asset_id) for r in results if r.asset_id}
+        refused: set[str] = set()
+        if BLUEPRINTS in selected:
+            ingested = yield from _register_blueprints(
+                context, repo, landing, blueprint_rules.limits(), names
+            )
+            refused = {r.name for r in ingested if not r.valid}
+        if KERNELS in selected:
+            with kernel_cache.open() as cache:
+                yield from _build_kernels(context, repo, cache, names, refused)
+
+
+# -- blueprints ----------------------------------------------------------------------------
+def _register_blueprints(
+    context: dg.AssetExecutionContext,
+    repo: AssetRepository,
+    landing: LandingZoneResource,
+    limits: BlueprintLimits,
+    names: list[str],
+) -> Iterator:
+    """Materialize each valid file's partition and evaluate each file; returns what was
+    ingested (``yield from`` hands it back)."""
+    results = kernels.ingest_blueprints(repo, landing.open(), names, limits, _actor(context))
+    checked = VALIDITY in context.selected_asset_check_keys
     for result in results:
-        add_partition_metadata(
-            context, result.name, _blueprint_metadata(result, chains.get(result.name))
-        )
-    bad = [r for r in results if r.problems]
-    for result in bad:
-        context.log.error(f"{_file_of(result)}: " + "; ".join(result.problems))
+        if result.valid:
+            chain = lineage_in_repository(repo, result.asset_id)
+            yield dg.AssetMaterialization(
+                asset_key=BLUEPRINTS,
+                partition=result.name,
+                metadata=_blueprint_metadata(result, chain),
+                tags=data_version_tags(result.content_hash, CODE_VERSION),
+            )
+        else:
+            context.log.error(f"{_file_of(result)}: " + "; ".join(result.problems))
+        if checked:
+            yield _validity_of(result)
+    bad = [r for r in results if not r.valid]
     context.log.info(f"{len(results) - len(bad)} of {len(results)} blueprints registered")
-    yield dg.MaterializeResult(
-        data_version=_single_data_version([r.content_hash for r in results]),
-        check_results=[_validity_check(results, bad, limits)],
-    )
+    if checked:
+        yield _validity_check(results, bad, limits)
+    return results
 
 
 def _file_of(result: kernels.IngestedBlueprint) -> str:
@@ -111,45 +178,33 @@ def _file_of(result: kernels.IngestedBlueprint) -> str:
     return result.file or f"blueprints/ (no single file for {result.name!r})"
 
 
-def _blueprint_metadata(
-    result: kernels.IngestedBlueprint, chain: list[AssetMetadata] | None
-) -> dict:
-    """``chain``: the registered version and its ancestors (None if not registered)."""
-    meta: dict = {
-        "status": "invalid" if result.problems else "registered",
+def _blueprint_metadata(result: kernels.IngestedBlueprint, chain: list[AssetMetadata]) -> dict:
+    """A registered blueprint's metadata; ``chain``: its version and its ancestors."""
+    bp = result.blueprint
+    return {
         "file": _file_of(result),
         "file_sha256": result.file_sha256,
         "content_hash": result.content_hash,
+        "name": bp.name,
+        "version": bp.version,
+        "tags": ", ".join(bp.tags),
+        "input_shape": str(list(bp.input_shape)),
+        "output_shape": str(list(bp.output_shape)),
+        "parameter_count": bp.parameter_count,
+        "flops_per_sample": bp.flops_per_sample,
+        # links walked in the repository
+        "parent": _parent_link(chain),
+        "lineage": lineage_markdown(chain),
+        "repository_id": result.asset_id,
+        # the repository's version number: an ordinal, text so it is not plotted
+        "repository_version": dg.MetadataValue.text(str(result.version_number)),
+        "parent_repository_id": result.parent_asset_id or "",
+        "new_in_repository": result.new,
     }
-    if result.problems:
-        meta["problems"] = dg.MetadataValue.md("\n".join(f"- `{p}`" for p in result.problems))
-    bp = result.blueprint
-    if bp is not None:
-        meta |= {
-            "name": bp.name,
-            "version": bp.version,
-            "parent": bp.parent or "",
-            "tags": ", ".join(bp.tags),
-            "input_shape": str(list(bp.input_shape)),
-            "output_shape": str(list(bp.output_shape)),
-            "parameter_count": bp.parameter_count,
-            "flops_per_sample": bp.flops_per_sample,
-        }
-    if result.asset_id and chain:  # registered: links walked in the repository
-        meta |= {
-            "parent": _parent_link(chain),
-            "lineage": lineage_markdown(chain),
-            "repository_id": result.asset_id,
-            # the repository's version number: an ordinal, text so it is not plotted
-            "repository_version": dg.MetadataValue.text(str(result.version_number)),
-            "parent_repository_id": result.parent_asset_id or "",
-            "new_in_repository": result.new,
-        }
-    return meta
 
 
 # A check's lists name this many partitions; the rest are counted (each partition's
-# own materialization has its outcome).
+# own evaluation has its outcome).
 LISTED = 100
 
 
@@ -165,44 +220,65 @@ def _validity_rules(limits: BlueprintLimits) -> str:
     )
 
 
-def _validity_check(results, bad, limits: BlueprintLimits) -> dg.AssetCheckResult:
-    outcome = [
-        f"- `{_file_of(r)}` ({r.name}): "
-        + (
-            "invalid: " + "; ".join(r.problems)
-            if r.problems
-            else f"valid, registered as {r.blueprint.name}@{r.blueprint.version} "
-            f"(repository version {r.version_number}{', new' if r.new else ''})"
-        )
-        for r in results
-    ]
+def _outcome(result: kernels.IngestedBlueprint) -> str:
+    if not result.valid:
+        return "invalid: " + "; ".join(result.problems)
+    bp = result.blueprint
+    new = ", new" if result.new else ""
+    return f"valid, registered as {bp.name}@{bp.version} (repository version {result.version_number}{new})"
+
+
+def _validity_of(result: kernels.IngestedBlueprint) -> dg.AssetCheckEvaluation:
+    """One partition's evaluation: its file and what was wrong with it, if anything."""
+    metadata: dict = {"file": _file_of(result)}
+    if result.problems:
+        metadata["problems"] = dg.MetadataValue.md("\n".join(f"- `{p}`" for p in result.problems))
+    return _evaluation(
+        VALIDITY, result.valid, f"{_file_of(result)}: {_outcome(result)}", metadata, result.name
+    )
+
+
+def _validity_check(results, bad, limits: BlueprintLimits) -> dg.AssetCheckEvaluation:
+    """The run's evaluation over all its partitions."""
+    outcome = [f"- `{_file_of(r)}` ({r.name}): {_outcome(r)}" for r in results]
     metadata: dict = {
         "partitions": _names(r.name for r in results),
         "files": dg.MetadataValue.md(_listed(outcome)),
         "rules": dg.MetadataValue.text(_validity_rules(limits)),
     }
     if not bad:
-        return dg.AssetCheckResult(
-            check_name=BLUEPRINT_VALID,
-            passed=True,
-            description=f"{len(results)} file(s) parsed, passed every rule and were registered",
-            metadata=metadata,
-        )
+        description = f"{len(results)} file(s) parsed, passed every rule and were registered"
+        return _evaluation(VALIDITY, True, description, metadata)
     lines = [f"{_file_of(r)}: {'; '.join(r.problems)}" for r in bad]
-    return dg.AssetCheckResult(
-        check_name=BLUEPRINT_VALID,
-        passed=False,
+    metadata |= {
+        "invalid_partitions": _names(r.name for r in bad),
+        "problems": dg.MetadataValue.md(_listed([f"- `{line}`" for line in lines])),
+    }
+    return _evaluation(VALIDITY, False, "\n".join(lines), metadata)
+
+
+def _evaluation(
+    key: dg.AssetCheckKey,
+    passed: bool,
+    description: str,
+    metadata: dict,
+    partition: str | None = None,
+) -> dg.AssetCheckEvaluation:
+    """An evaluation of ``key`` for one partition (or, without one, for the whole run).
+    Failures are ERROR; a failed blocking check fails the step once it has finished."""
+    return dg.AssetCheckEvaluation(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=passed,
+        partition=partition,
+        metadata=metadata,
+        description=description[:4000],
         severity=dg.AssetCheckSeverity.ERROR,
-        description="\n".join(lines)[:4000],
-        metadata=metadata
-        | {
-            "invalid_partitions": _names(r.name for r in bad),
-            "problems": dg.MetadataValue.md(_listed([f"- `{line}`" for line in lines])),
-        },
+        blocking=key == VALIDITY,
     )
 
 
-def _names(names) -> dg.TextMetadataValue:
+def _names(names: Iterable[str]) -> dg.TextMetadataValue:
     names = list(names)
     more = f", ... and {len(names) - LISTED} more" if len(names) > LISTED else ""
     return dg.MetadataValue.text(", ".join(names[:LISTED]) + more)
@@ -213,91 +289,119 @@ def _listed(lines: list[str]) -> str:
     return "\n".join(lines[:LISTED] + more)
 
 
-@dg.asset(
-    **PARTITIONED,
-    kinds={"python", "numpy"},
-    deps=[blueprints],
-    check_specs=[
-        dg.AssetCheckSpec(
-            KERNEL_ROUND_TRIP,
-            asset="compiled_kernels",
-            description="Each kernel comes back from the cache with the registered checksum, "
-            "loads, and its forward pass gives the documented output shape.",
-        )  # fmt: skip
-    ],
-    description="Kernels compiled from registered blueprints, stored in the tiered kernel "
-    "cache and registered with their blueprint version as parent, under their `kernel_id`. "
-    "`blueprint_content_hash` is the data version of the blueprint partition the kernel was "
-    "built from (its content hash); Dagster's own `input_data_version/blueprints` tag is a "
-    "hash Dagster takes over the input partitions' data versions, so the two differ by "
-    "design.",
-)
-def compiled_kernels(
+# -- kernels -------------------------------------------------------------------------------
+def _build_kernels(
     context: dg.AssetExecutionContext,
-    repository: AssetRepositoryResource,
-    kernel_cache: KernelCacheResource,
-) -> Iterator[dg.MaterializeResult]:
-    sources = _blueprint_sources(context)
-    built: list[kernels.BuiltKernel] = []
-    with repository.open() as repo, kernel_cache.open() as cache:
-        for name in context.partition_keys:
-            kernel = kernels.build_kernel(
-                repo, cache, sources[name]["repository_id"], _actor(context)
-            )  # the blueprint version's repository id
-            chain = lineage_in_repository(repo, kernel.asset_id)
-            add_partition_metadata(context, name, _kernel_metadata(kernel, sources[name], chain))
-            built.append(kernel)
-        failures = {k.name: kernels.verify_kernel(cache, k) for k in built}
+    repo: AssetRepository,
+    cache: PersistentKernelCache,
+    names: list[str],
+    refused: set[str],
+) -> Iterator:
+    """Build each partition's kernel from its latest registered blueprint, except those
+    whose file this step refused; then read each back (the round-trip check)."""
+    sources = _blueprint_sources(context.instance, [n for n in names if n not in refused])
+    checked = ROUND_TRIP in context.selected_asset_check_keys
+    built, failures = [], {}
+    for name in names:
+        source = sources.get(name)
+        if source is None:
+            continue
+        kernel = kernels.build_kernel(repo, cache, source.repository_id, _actor(context))
+        chain = lineage_in_repository(repo, kernel.asset_id)
+        yield dg.AssetMaterialization(
+            asset_key=KERNELS,
+            partition=name,
+            metadata=_kernel_metadata(kernel, source, chain),
+            tags=data_version_tags(
+                kernel.kernel_id,
+                CODE_VERSION,
+                inputs={BLUEPRINTS: (source.content_hash, source.storage_id)},
+            ),
+        )
+        built.append(kernel)
+        failures[name] = kernels.verify_kernel(cache, kernel)
+        if checked:
+            yield _round_trip_of(kernel, failures[name])
     compiled = sum(k.compiled for k in built)
     context.log.info(f"{compiled} kernels compiled, {len(built) - compiled} reused")
-    yield dg.MaterializeResult(
-        data_version=_single_data_version([k.kernel_id for k in built]),
-        check_results=[_round_trip_check(built, failures)],
-    )
+    if checked and built:
+        yield _round_trip_check(built, failures)
+    _refuse_unbuilt(context, names, refused, sources)
 
 
-def _blueprint_sources(context: dg.AssetExecutionContext) -> dict[str, dict]:
-    """The latest registered ``blueprints`` materialization of each partition in this run."""
-    names = context.partition_keys
-    sources = _latest_blueprints(context.instance, names, limit=max(len(names) * 4, 100))
-    for name in set(names) - set(sources):  # re-materialized so often it fell off that page
-        sources |= _latest_blueprints(context.instance, [name], limit=1)
-    unusable = [n for n in names if sources.get(n, {}).get("status") != "registered"]
+def _refuse_unbuilt(context, names: list[str], refused: set[str], sources: dict) -> None:
+    """Fail the step for partitions asked for that have no registered blueprint (a file
+    refused in this step is reported by its failed blocking check instead)."""
+    unusable = [n for n in names if n not in sources and n not in refused]
+    if refused:
+        context.log.info(f"no kernel built for refused file(s): {', '.join(sorted(refused))}")
     if unusable:
         raise dg.Failure(
             description=f"no registered blueprint for partition(s) {', '.join(unusable)}: "
             "materialize `blueprints` for them and fix what its blueprint_is_valid check reports",
             metadata={"partitions": ", ".join(unusable)},
         )
+
+
+@dataclass(frozen=True)
+class BlueprintSource:
+    """The ``blueprints`` materialization a kernel is built from."""
+
+    partition: str
+    repository_id: str
+    content_hash: str  # the partition's data version
+    storage_id: int  # the event's id in Dagster's event log (the kernel's input pointer)
+    run_id: str
+    version: str
+    tags: str
+
+
+def _blueprint_sources(
+    instance: dg.DagsterInstance, names: list[str]
+) -> dict[str, BlueprintSource]:
+    """The latest registered ``blueprints`` materialization of each of ``names``."""
+    sources = _latest_blueprints(instance, names, limit=max(len(names) * 4, 100))
+    for name in set(names) - set(sources):  # re-materialized so often it fell off that page
+        sources |= _latest_blueprints(instance, [name], limit=1)
     return sources
 
 
 def _latest_blueprints(
     instance: dg.DagsterInstance, names: list[str], limit: int
-) -> dict[str, dict]:
+) -> dict[str, BlueprintSource]:
+    if not names:
+        return {}
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=blueprints.key, asset_partitions=names), limit=limit
+        dg.AssetRecordsFilter(asset_key=BLUEPRINTS, asset_partitions=names), limit=limit
     ).records
-    sources: dict[str, dict] = {}
+    sources: dict[str, BlueprintSource] = {}
     for record in records:  # newest first
         event = record.asset_materialization
         if event is None or event.partition in sources:
             continue
         meta = {k: v.value for k, v in event.metadata.items()}
-        meta["run_id"] = record.run_id
-        # The content hash is the partition's own data version; a run over several
-        # partitions shares one Dagster data-version tag, so prefer the hash.
-        meta["content_hash"] = meta.get("content_hash") or event.tags.get(DATA_VERSION_TAG)
-        sources[event.partition] = meta
+        if not meta.get("repository_id") or meta.get("status") == "invalid":
+            continue  # (an invalid file was materialized by code version 1)
+        sources[event.partition] = BlueprintSource(
+            partition=event.partition,
+            repository_id=meta["repository_id"],
+            content_hash=meta.get("content_hash", ""),
+            storage_id=record.storage_id,
+            run_id=record.run_id,
+            version=meta.get("version", ""),
+            tags=meta.get("tags", ""),
+        )
     return sources
 
 
-def _kernel_metadata(kernel: kernels.BuiltKernel, source: dict, chain: list[AssetMetadata]) -> dict:
+def _kernel_metadata(
+    kernel: kernels.BuiltKernel, source: BlueprintSource, chain: list[AssetMetadata]
+) -> dict:
     return {
         "name": kernel.name,
-        "version": source.get("version", ""),
+        "version": source.version,
         "parent": _parent_link(chain[1:]),  # its blueprint's parent
-        "tags": source.get("tags", ""),
+        "tags": source.tags,
         "kernel_id": kernel.kernel_id,  # also its repository id
         "compiled": kernel.compiled,
         "parameter_count": kernel.parameter_count,
@@ -308,8 +412,8 @@ def _kernel_metadata(kernel: kernels.BuiltKernel, source: dict, chain: list[Asse
         "tiers_written": ", ".join(kernel.tiers),
         # the blueprint version it was built from (partition: ``name``)
         "blueprint_repository_id": kernel.blueprint_asset_id,
-        "blueprint_content_hash": source["content_hash"],
-        "blueprint_run": dg.MetadataValue.dagster_run(source["run_id"]),
+        "blueprint_content_hash": source.content_hash,
+        "blueprint_run": dg.MetadataValue.dagster_run(source.run_id),
         "lineage": lineage_markdown(chain),
     }
 
@@ -383,7 +487,17 @@ ROUND_TRIP_STEPS = (
 )
 
 
-def _round_trip_check(built, failures: dict[str, list[str]]) -> dg.AssetCheckResult:
+def _round_trip_of(kernel: kernels.BuiltKernel, problems: list[str]) -> dg.AssetCheckEvaluation:
+    """One kernel partition's evaluation."""
+    outcome = f"failed: {'; '.join(problems)}" if problems else "passed"
+    metadata = {"kernel_id": kernel.kernel_id, "steps": dg.MetadataValue.text(ROUND_TRIP_STEPS)}
+    return _evaluation(
+        ROUND_TRIP, not problems, f"`{kernel.kernel_id}` {outcome}", metadata, kernel.name
+    )
+
+
+def _round_trip_check(built, failures: dict[str, list[str]]) -> dg.AssetCheckEvaluation:
+    """The run's evaluation over all the kernels it built."""
     bad = {name: problems for name, problems in failures.items() if problems}
     outcome = [
         f"- {k.name}: `{k.kernel_id}` "
@@ -400,19 +514,10 @@ def _round_trip_check(built, failures: dict[str, list[str]]) -> dg.AssetCheckRes
         metadata["problems"] = dg.MetadataValue.md(
             _listed([f"- {n}: {'; '.join(p)}" for n, p in bad.items()])
         )
-    return dg.AssetCheckResult(
-        check_name=KERNEL_ROUND_TRIP,
-        passed=not bad,
-        description="; ".join(f"{n}: {', '.join(p)}" for n, p in bad.items())[:4000]
-        or f"{len(built)} kernel(s) read back from the cache, loaded and run",
-        metadata=metadata,
+    description = "; ".join(f"{n}: {', '.join(p)}" for n, p in bad.items()) or (
+        f"{len(built)} kernel(s) read back from the cache, loaded and run"
     )
-
-
-def _single_data_version(versions: list[str]) -> dg.DataVersion | None:
-    # A run over several partitions shares one data version in Dagster; each
-    # partition's own content hash is in its metadata instead.
-    return dg.DataVersion(versions[0]) if len(versions) == 1 else None
+    return _evaluation(ROUND_TRIP, not bad, description, metadata)
 
 
 def _actor(context: dg.AssetExecutionContext) -> str:

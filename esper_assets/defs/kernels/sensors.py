@@ -11,7 +11,12 @@ from esper_assets.defs._compat import (
     ASSET_PARTITION_RANGE_START_TAG,
     PARTITION_NAME_TAG,
 )
-from esper_assets.defs.kernels.assets import blueprint_partitions, blueprints, compiled_kernels
+from esper_assets.defs.kernels.assets import (
+    BLUEPRINTS,
+    KERNELS,
+    blueprint_partitions,
+    blueprints_and_kernels,
+)
 from esper_assets.defs.resources import (
     AssetRepositoryResource,
     BlueprintRulesResource,
@@ -24,20 +29,21 @@ from esper_assets.storage import AssetRepository
 # The landing-zone file a run was requested for (a run tag).
 FILE_TAG = "esper/file"
 
-# In process: a run's two steps take a fraction of a second, while Dagster's default
+# In process: a run's step takes a fraction of a second, while Dagster's default
 # (multiprocess) executor starts a Python process per step, each importing Dagster and
 # esper_assets again. Timed with one partition per run through ``dg.execute_job`` (the
 # job's own executor, as a launched run), 5 runs each, load average 3-4 on 2 cores:
 # 5.7-7.3 s a run with a process per step, 0.8-1.5 s in process; the steps themselves
-# took 0.1-0.35 s either way. Runs stay separate processes (the run launcher's).
+# took 0.1-0.35 s either way (then two steps; now one, blueprints_and_kernels). Runs
+# stay separate processes (the run launcher's).
 #
 # The selection is the two assets with their own checks only: a check another domain
 # puts on them (the nightly re-validation of every registered blueprint) is not run
 # for every landed file.
 ingest_blueprints_job = dg.define_asset_job(
     "ingest_blueprints",
-    selection=dg.AssetSelection.assets(blueprints, compiled_kernels).without_checks()
-    | dg.AssetSelection.checks(*blueprints.check_keys, *compiled_kernels.check_keys),
+    selection=dg.AssetSelection.assets(BLUEPRINTS, KERNELS).without_checks()
+    | dg.AssetSelection.checks(*blueprints_and_kernels.check_keys),
     description="Validate, register and compile blueprints into cached kernels.",
     executor_def=dg.in_process_executor,
 )
