@@ -43,8 +43,8 @@ def demo(as_json: bool) -> None:
     self_check(checkpoint["dagster_agrees"],
                f"Dagster's event log has no materialization of checkpoints[{checkpoint['run']}] "
                f"at the saved step ({checkpoint['step']}); if the new_checkpoints sensor's "
-               f"cursor is ahead, delete new_checkpoints.cursor in {result['dagster_home']} "
-               "and run it again")  # fmt: skip
+               f"cursor is ahead, delete it (DAGSTER_HOME={result['dagster_home']} dagster "
+               "sensor cursor new_checkpoints --delete -w workspace.yaml) and run it again")  # fmt: skip
     usage = result["usage"]
     self_check(usage["off"] or bool(usage["rows"]),
                "the analytics query over the usage files found nothing, although the "

@@ -40,8 +40,10 @@ from esper_assets.defs import analytics, checkpoints, kernels, upkeep
 from esper_assets.defs._compat import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
     RUN_KEY_TAG,
     SENSOR_NAME_TAG,
+    daemon_in_process,
 )
 from esper_assets.defs.instance import embedded_dagster_home, local_instance
 from esper_assets.defs.kernels import (
@@ -60,10 +62,12 @@ __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
     "ASSET_PARTITION_RANGE_START_TAG",
     "FILE_TAG",
+    "PARTITION_NAME_TAG",
     "RUN_KEY_TAG",
     "SENSOR_NAME_TAG",
     "blueprint_partitions",
     "build_definitions",
+    "daemon_in_process",
     "embedded_dagster_home",
     "esper_definitions",
     "evaluate_new_blueprints",

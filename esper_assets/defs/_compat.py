@@ -20,6 +20,24 @@ run backfills of ``esper bench pipeline``'s small blueprints through
    computes it, for a few assets on an instance).
 5. :func:`pool_postgres_connections`: ``DagsterInstance.optimize_for_webserver``
    (a public name, but undocumented: the webserver's own switch) for esper's processes.
+6. :func:`daemon_in_process`: the sensor daemon's per-sensor step
+   (``_process_tick_generator``) run in this process on the code location
+   ``esper_assets`` loaded in process (``WorkspaceProcessContext`` over an
+   ``InProcessCodeLocationOrigin``), on an instance object over the same storage
+   (``InstanceRef`` of item 4) whose runs are submitted by ``DefaultRunCoordinator``
+   and executed by ``SyncInMemoryRunLauncher``: ``esper ingest`` and ``make demo``
+   tick a sensor when asked and its runs execute before the tick returns, each with
+   the job's own executor. What it buys: the ticks are in the sensor's history and
+   the runs carry the location's origin and snapshot, so the UI shows them as the
+   location's (sensor runs, the timeline, re-execute), exactly as the daemon's;
+   and no wait for ``minimum_interval_seconds`` (the stored last-tick stamps are
+   moved back so the tick is due). ``ReconstructableJob``'s one-entry caches are
+   cleared on entry and exit: a launched run loads the job again from the module,
+   and in one process (the tests) the cache would serve the definitions of an
+   earlier environment. Measured (12 examples, ``run_ingest``, embedded instance):
+   MEASURED_HERE. Public fallback: ``dagster sensor start`` and a time-limited
+   ``dagster-daemon run`` subprocess until the runs are done: a tick per 30 s (a
+   child waits for its parent's run, so three ticks), and a process per run.
 
 Every private name is reached through :func:`dagster_private` and listed, with the
 module it lives in, in ``PRIVATE_NAMES``: the one place ``dagster._`` is spelled.
@@ -28,13 +46,19 @@ module it lives in, in ``PRIVATE_NAMES``: the one place ``dagster._`` is spelled
 from __future__ import annotations
 
 import importlib
+import logging
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 from sqlalchemy import create_engine
 from sqlalchemy import event as sa_event
+
+from esper_assets.errors import EsperError
 
 # -- 0. where Dagster keeps each private name ---------------------------------------------
 PRIVATE_NAMES: dict[str, str] = {
@@ -58,6 +82,19 @@ PRIVATE_NAMES: dict[str, str] = {
     # 4. tests only
     "InstanceRef": "dagster._core.instance.ref",
     "get_stale_status_resolver": "dagster._utils.test.data_versions",
+    # 6. runs and ticks launched against the code location (also ``InstanceRef``, item 4)
+    "WorkspaceProcessContext": "dagster._core.workspace.context",
+    "InProcessWorkspaceLoadTarget": "dagster._core.workspace.load_target",
+    "InProcessCodeLocationOrigin": "dagster._core.remote_origin",
+    "LoadableTargetOrigin": "dagster._core.types.loadable_target_origin",
+    "DefaultRunCoordinator": "dagster._core.run_coordinator",
+    "SyncInMemoryRunLauncher": "dagster._core.launcher.sync_in_memory_run_launcher",
+    "ReconstructableJob": "dagster._core.definitions.reconstruct",
+    "_process_tick_generator": "dagster._daemon.sensor",
+    "InstigatorType": "dagster._core.definitions.run_request",
+    "InstigatorState": "dagster._core.scheduler.instigation",
+    "InstigatorStatus": "dagster._core.scheduler.instigation",
+    "SensorInstigatorData": "dagster._core.scheduler.instigation",
 }
 
 
@@ -221,3 +258,162 @@ def pool_postgres_connections(instance: dg.DagsterInstance) -> dg.DagsterInstanc
             statement_timeout=0, pool_recycle=POOL_RECYCLE_S, max_overflow=POOL_OVERFLOW
         )
     return instance
+
+
+# -- 6. runs and ticks launched against the code location ----------------------------------
+@dataclass(frozen=True)
+class SensorTick:
+    """What one tick recorded in its sensor's tick history."""
+
+    status: str  # SUCCESS | SKIPPED | FAILURE
+    run_ids: tuple[str, ...]  # the runs it launched (a run key already used launches none)
+    cursor: str | None
+    error: Any = None  # FAILURE: why (Dagster's SerializableErrorInfo: message, cause)
+
+
+class LocationDaemon:
+    """A code location loaded in this process and the sensor daemon's step for one of its
+    sensors; ``instance`` (the daemon's view of the caller's storage) executes each run
+    the tick submits before the tick returns."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    @property
+    def instance(self) -> dg.DagsterInstance:
+        return self._context.instance
+
+    def job_snapshot_id(self, job_name: str) -> str:
+        """The snapshot id of the location's ``job_name`` (what its runs record)."""
+        return self._repository().get_full_job(job_name).identifying_job_snapshot_id
+
+    def sensor_cursor(self, name: str) -> str | None:
+        state = self._stored_state(self._repository().get_sensor(name))
+        return state.instigator_data.cursor if state and state.instigator_data else None
+
+    def set_sensor_cursor(self, name: str, cursor: str | None) -> None:
+        """Store ``cursor`` as the sensor's (what ``dagster sensor cursor --set`` does)."""
+        state = self._running_state(self._repository().get_sensor(name))
+        self.instance.update_instigator_state(
+            state.with_data(state.instigator_data._replace(cursor=cursor))
+        )
+
+    def tick_sensor(self, name: str, logger: logging.Logger) -> SensorTick:
+        """One tick of the sensor ``name`` now, as the daemon takes it: evaluated with its
+        stored cursor; partitions, asset events and runs (skipping run keys already used)
+        recorded; the runs executed; the tick and the new cursor stored."""
+        instance = self.instance
+        sensor = self._repository().get_sensor(name)
+        state = self._running_state(sensor)
+        data = state.instigator_data
+        interval = sensor.min_interval_seconds or 0
+        if interval and (data.last_tick_timestamp or data.last_tick_start_timestamp):
+            # The daemon waits minimum_interval_seconds between ticks; a command ticks when
+            # asked. The stamps are moved back so the tick is due (the tick sets them anew).
+            due = time.time() - interval
+            state = instance.update_instigator_state(
+                state.with_data(
+                    data._replace(
+                        last_tick_timestamp=data.last_tick_timestamp
+                        and min(data.last_tick_timestamp, due),
+                        last_tick_start_timestamp=data.last_tick_start_timestamp
+                        and min(data.last_tick_start_timestamp, due),
+                    )
+                )
+            )
+        ids = (sensor.get_remote_origin_id(), sensor.selector_id)
+        before = instance.get_ticks(*ids, limit=1)
+        step = dagster_private("_process_tick_generator")
+        retention = instance.get_tick_retention_settings(dagster_private("InstigatorType").SENSOR)
+        # (context, logger, sensor, state, debug crash flags, retention, submit threadpool)
+        errors = [e for e in step(self._context, logger, sensor, state, None, retention, None) if e]
+        after = instance.get_ticks(*ids, limit=1)
+        if not after or (before and after[0].tick_id == before[0].tick_id):
+            why = "; ".join(e.to_string() for e in errors) or "the sensor was not due"
+            raise EsperError(f"sensor {name}: no tick was taken: {why}")
+        tick = after[0]
+        error = tick.error or (errors[0] if errors else None)
+        return SensorTick(tick.status.value, tuple(tick.run_ids), tick.cursor, error)
+
+    def _repository(self) -> Any:
+        request = self._context.create_request_context()
+        for entry in request.get_code_location_entries().values():
+            if entry.load_error is not None:
+                raise EsperError(f"code location {entry.origin.location_name} did not load: "
+                                   f"{entry.load_error.to_string()}")  # fmt: skip
+            return next(iter(entry.code_location.get_repositories().values()))
+        raise EsperError("no code location was loaded")
+
+    def _stored_state(self, sensor: Any) -> Any:
+        return self.instance.get_instigator_state(sensor.get_remote_origin_id(), sensor.selector_id)
+
+    def _running_state(self, sensor: Any) -> Any:
+        """The sensor's stored state; a sensor RUNNING by default that never ticked gets
+        the state the daemon gives it on its first tick. A stopped sensor is refused."""
+        state = self._stored_state(sensor)
+        if state is None and sensor.default_status == dg.DefaultSensorStatus.RUNNING:
+            data = dagster_private("SensorInstigatorData")
+            state = self.instance.add_instigator_state(
+                dagster_private("InstigatorState")(
+                    sensor.get_remote_origin(),
+                    dagster_private("InstigatorType").SENSOR,
+                    dagster_private("InstigatorStatus").DECLARED_IN_CODE,
+                    data(
+                        min_interval=sensor.min_interval_seconds,
+                        last_sensor_start_timestamp=time.time(),
+                        sensor_type=sensor.sensor_type,
+                    ),
+                )
+            )
+        if state is None or not sensor.get_current_instigator_state(state).is_running:
+            raise EsperError(
+                f"sensor {sensor.name} is stopped in the Dagster instance at "
+                f"{self.instance.root_directory}: start it in the UI (make dev) first"
+            )
+        return state
+
+
+def _launch_here() -> dict[str, dict[str, str]]:
+    """Instance overrides: runs are submitted without a queue and executed in this
+    process, synchronously, each with its job's own executor."""
+    return {
+        role: {"module": PRIVATE_NAMES[name], "class": name}
+        for role, name in (
+            ("run_coordinator", "DefaultRunCoordinator"),
+            ("run_launcher", "SyncInMemoryRunLauncher"),
+        )
+    }
+
+
+def _forget_loaded_jobs() -> None:
+    job = dagster_private("ReconstructableJob")
+    job.get_definition.cache_clear()
+    job.get_repository_definition.cache_clear()
+
+
+@contextmanager
+def daemon_in_process(
+    instance: dg.DagsterInstance, module_name: str, location_name: str
+) -> Iterator[LocationDaemon]:
+    """The code location ``location_name`` (module ``module_name``, as workspace.yaml
+    names it), loaded in this process as Dagster loads it, over ``instance``'s storage
+    (its ``dagster.yaml``, with runs launched here: ``_launch_here``)."""
+    ref = dagster_private("InstanceRef").from_dir(instance.root_directory, overrides=_launch_here())
+    origin = dagster_private("InProcessCodeLocationOrigin")(
+        dagster_private("LoadableTargetOrigin")(
+            executable_path=sys.executable, module_name=module_name
+        ),
+        location_name=location_name,
+    )
+    target = dagster_private("InProcessWorkspaceLoadTarget")(origin)
+    _forget_loaded_jobs()
+    try:
+        with (
+            dg.DagsterInstance.from_ref(ref) as own,
+            dagster_private("WorkspaceProcessContext")(
+                pool_postgres_connections(own), target
+            ) as context,
+        ):
+            yield LocationDaemon(context)
+    finally:
+        _forget_loaded_jobs()

@@ -1,36 +1,28 @@
-"""Tick the ``new_checkpoints`` sensor as the daemon would, in process.
+"""Tick the ``new_checkpoints`` sensor as the daemon does, when asked.
 
 Checkpoints are saved outside Dagster (``make demo`` saves one, training processes
-save theirs); the sensor finds them, and the daemon records what it returns:
-the run partitions it asks for, each checkpoint as a materialization of its run's
-partition (``report_runless_asset_event``, the call the daemon makes) and a
-``verify_checkpoints`` run per checkpoint. ``tick_checkpoints`` does the same, with
-the cursor kept beside the blueprint sensor's (``new_checkpoints.cursor`` in the
-instance's folder), so a checkpoint is reported once however often it runs.
+save theirs); the sensor finds them, and the daemon records what it returns: the run
+partitions it asks for, each checkpoint as a materialization of its run's partition
+(a runless asset event) and a ``verify_checkpoints`` run per checkpoint.
+``tick_checkpoints`` takes those ticks through the daemon's own step on the code
+location (``driver.location_daemon``): the ticks are in the sensor's history, the
+verify runs are the location's and executed before the tick returns, and the cursor
+is Dagster's, so a checkpoint is reported once however often it runs. What a tick
+reported is read back from the event log (the ``checkpoints`` materializations after
+the last one before the tick).
 
 ``dagster_checkpoint`` reads a checkpoint's materialization back from the event log,
 so the demo can show that Dagster holds the step it saved.
-
-The sensor and its job are found by name in the ``Definitions``: the runner imports
-``esper_assets.defs`` by its public names only.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import dagster as dg
 
-from esper_assets.runner.driver import (
-    RunOutcome,
-    add_partitions,
-    already_ran,
-    daemon_tags,
-    read_cursor,
-    run_job,
-    write_cursor,
-)
+from esper_assets.defs import RUN_KEY_TAG
+from esper_assets.runner.driver import RunOutcome, launched_run, location_daemon, tick
 from esper_assets.runner.lineage import materialization_of
 
 NEW_CHECKPOINTS = "new_checkpoints"
@@ -66,41 +58,47 @@ class CheckpointTickReport:
 def tick_checkpoints(
     defs: dg.Definitions, instance: dg.DagsterInstance, max_ticks: int = 20
 ) -> CheckpointTickReport:
-    """Tick ``new_checkpoints`` from its stored cursor and record what it returns, until
-    a tick reports nothing (the sensor reports a bounded batch per tick)."""
-    sensor = defs.resolve_sensor_def(NEW_CHECKPOINTS)
-    verify = defs.resolve_job_def(sensor.job_name)
+    """Tick ``new_checkpoints`` and execute its verify runs, until a tick reports
+    nothing (the sensor reports a bounded batch per tick)."""
     report = CheckpointTickReport()
-    for _ in range(max_ticks):
-        result = _evaluate(defs, instance, sensor)
-        report.ticks += 1
-        add_partitions(instance, result)
-        for event in result.asset_events:
-            instance.report_runless_asset_event(event)
-            report.reported.append(_reported(event))
-        # After the events: a crash in between reports them again, which only adds events.
-        write_cursor(instance, sensor.name, result.cursor)
-        for request in result.run_requests or []:
-            if not already_ran(instance, sensor.name, request.run_key):
-                tags = daemon_tags(sensor.name, request)
-                # the run key is the checkpoint's id: the step this run verifies
-                report.runs.append(run_job(verify, instance, [request.run_key], tags))
-        if not result.asset_events:
-            break
+    with location_daemon(defs, instance) as daemon:
+        for _ in range(max_ticks):
+            since = _latest_storage_id(instance)
+            done = tick(daemon, NEW_CHECKPOINTS)
+            report.ticks += 1
+            reported = _materialized_after(instance, since)
+            report.reported += [_reported(event) for event in reported]
+            # the run key is the checkpoint's id: the step this run verifies
+            report.runs += [
+                launched_run(instance, run_id, [instance.get_run_by_id(run_id).tags[RUN_KEY_TAG]])
+                for run_id in done.run_ids
+            ]
+            if not reported:
+                break
     return report
 
 
-def _evaluate(
-    defs: dg.Definitions, instance: dg.DagsterInstance, sensor: dg.SensorDefinition
-) -> dg.SensorResult:
-    cursor = read_cursor(instance, sensor.name)
-    with dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources=defs.resources, sensor_name=sensor.name
-    ) as context:
-        # What the tick logs (landed folders ingested or refused) stays out of the
-        # command's output; their marks in the landing zone say what happened.
-        context.log.setLevel(logging.CRITICAL)
-        return sensor(context)
+def _latest_storage_id(instance: dg.DagsterInstance) -> int:
+    records = instance.fetch_materializations(dg.AssetKey(CHECKPOINTS_ASSET), limit=1).records
+    return records[0].storage_id if records else 0
+
+
+def _materialized_after(
+    instance: dg.DagsterInstance, storage_id: int
+) -> list[dg.AssetMaterialization]:
+    """The ``checkpoints`` materializations recorded after ``storage_id``, oldest first."""
+    found, cursor = [], None
+    while True:
+        page = instance.fetch_materializations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey(CHECKPOINTS_ASSET), after_storage_id=storage_id
+            ),
+            limit=1000, cursor=cursor, ascending=True,
+        )  # fmt: skip
+        found += [record.asset_materialization for record in page.records]
+        if not page.has_more:
+            return found
+        cursor = page.cursor
 
 
 def _reported(event: dg.AssetMaterialization) -> dict:

@@ -1,24 +1,32 @@
-"""Drive the pipeline without a daemon: ``esper ingest``, the demo (``runner.demo``),
-the benchmark and tests use this.
+"""Drive the pipeline as the daemon would, when asked: ``esper ingest``, the demo
+(``runner.demo``), the benchmark and tests use this.
 
-``tick_and_run`` does what ``dagster dev``'s daemon does for the new_blueprints
-sensor: evaluate it with its stored cursor, add the partitions it asks for, and
-execute its run requests (here in-process, one after another). Runs carry the
-sensor's name and run key, as the daemon's would, so a daemon started later does
-not run the same file content again. ``backfill`` runs many partitions as one
-run (the assets' single-run backfill policy).
+``tick_and_run`` ticks the new_blueprints sensor of the code location ``esper_assets``
+(module ``esper_assets.defs``, loaded in this process as ``workspace.yaml`` and ``dg
+dev`` load it) through the sensor daemon's own step (``defs._compat``, item 6): the
+tick is in the sensor's history with its cursor, the partitions it asks for are added,
+and each run it requests is created for the location's job (the location's origin and
+snapshot: the UI shows it under the sensor, on the timeline, and re-executes it) and
+executed before the tick returns, with the job's own executor. A run key already used
+launches nothing, so a daemon started later does not run the same content again. The
+sensor's cursor is Dagster's (its instigator state, shared with a daemon); a
+``<sensor>.cursor`` file an older runner left in the instance's folder is adopted
+once. ``backfill`` runs many partitions as one run, in process.
 
-Nothing here prints. Every run's events, Dagster's stack traces included, go to
-the run's event log (``make dev`` shows them); the caller gets one
-:class:`FileOutcome` per landed file, with the problem in one line.
-
-The sensor's cursor is kept in ``new_blueprints.cursor`` in the instance's folder
-(not in Dagster's sensor state, which belongs to the daemon).
+Nothing here prints: the console output of the runs is dropped (every event, stack
+traces included, is in each run's event log and each tick's log: ``make dev`` shows
+them); the caller gets one :class:`FileOutcome` per landed file, the problem in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
+import posixpath
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,18 +36,31 @@ from esper_assets.defs import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
     FILE_TAG,
-    RUN_KEY_TAG,
-    SENSOR_NAME_TAG,
+    PARTITION_NAME_TAG,
     blueprint_partitions,
-    evaluate_new_blueprints,
+    daemon_in_process,
     ingest_blueprints_job,
     new_blueprints,
 )
+from esper_assets.errors import ConfigError, EsperError
+from esper_assets.flows.arrivals import Cursor, file_name_problem
+from esper_assets.flows.landing import REJECTED, LandingZone
+from esper_assets.flows.wiring import landing_zone
+from esper_assets.settings import Settings
 
-# In-process runs report through their results and the event log. Dagster's console
-# logger would print every event on stderr, and each failure with its stack trace,
-# in between the command's own output: keep it to CRITICAL (nothing in a normal
-# failing run). The event log gets every event whatever this level is.
+# The code location as workspace.yaml and [tool.dg.project] name it: runs and ticks are
+# matched to the UI's location by this name.
+MODULE, LOCATION = "esper_assets.defs", "esper_assets"
+
+# What the daemon's step logs about itself (each tick, each launch); its errors come
+# back from the step and are raised.
+DAEMON_LOG = logging.getLogger("esper_assets.runner.daemon")
+DAEMON_LOG.addHandler(logging.NullHandler())
+DAEMON_LOG.propagate = False
+
+# ``backfill``'s in-process run: Dagster's console logger would print every event on
+# stderr, in between the command's own output: keep it to CRITICAL. The event log
+# gets every event whatever this level is.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
@@ -108,24 +129,72 @@ def one_line(text: str) -> str:
     return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+@contextlib.contextmanager
+def location_daemon(defs: dg.Definitions, instance: dg.DagsterInstance) -> Iterator:
+    """The location's sensor daemon step over ``instance``'s storage. ``defs`` must be
+    the location as Dagster loads it (``build_definitions()`` from this environment):
+    its runs record the location's job, so other definitions are refused, not run."""
+    with daemon_in_process(instance, MODULE, LOCATION) as daemon:
+        job = ingest_blueprints_job.name
+        if daemon.job_snapshot_id(job) != defs.resolve_job_def(job).get_job_snapshot_id():
+            raise ConfigError(
+                f"the runner launches the code location {LOCATION} as Dagster loads it "
+                f"(module {MODULE}, ESPER_* from this environment); the definitions "
+                f"given are another version of {job} (other settings or resources): "
+                "build them with build_definitions() in this environment"
+            )
+        yield daemon
+
+
+def tick(daemon, sensor_name: str):
+    """One tick of ``sensor_name`` now; its runs are executed before it returns. The
+    runs' console output is dropped (it is in their event logs)."""
+    _adopt_cursor_file(daemon, sensor_name)
+    with _console_dropped():
+        done = daemon.tick_sensor(sensor_name, DAEMON_LOG)
+    if done.status == "FAILURE":
+        raise EsperError(f"sensor {sensor_name} failed: {_root_message(done.error)}")
+    return done
+
+
+@contextlib.contextmanager
+def _console_dropped() -> Iterator[None]:
+    """stderr dropped, this process's and its children's (a job whose executor runs each
+    step in a subprocess), while a tick's runs print each event there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(io.StringIO()):
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _adopt_cursor_file(daemon, sensor_name: str) -> None:
+    """An older runner kept the cursor in ``<sensor>.cursor`` in the instance's folder:
+    it becomes the sensor's cursor if Dagster holds none (so files seen are not run
+    again), then the file goes."""
+    path = Path(daemon.instance.root_directory) / f"{sensor_name}.cursor"
+    if path.exists():
+        if daemon.sensor_cursor(sensor_name) is None:
+            daemon.set_sensor_cursor(sensor_name, path.read_text() or None)
+        path.unlink()
+
+
 def read_cursor(instance: dg.DagsterInstance, sensor_name: str) -> str | None:
-    """``sensor_name``'s cursor as the runner keeps it: ``<name>.cursor`` in the
-    instance's folder (Dagster's own sensor state belongs to the daemon)."""
-    path = _cursor_path(instance, sensor_name)
-    return path.read_text() if path.exists() else None
-
-
-def write_cursor(instance: dg.DagsterInstance, sensor_name: str, cursor: str | None) -> None:
-    _cursor_path(instance, sensor_name).write_text(cursor or "")
-
-
-def _cursor_path(instance: dg.DagsterInstance, sensor_name: str) -> Path:
-    return Path(instance.root_directory) / f"{sensor_name}.cursor"
+    """``sensor_name``'s cursor as Dagster stores it for the location (None: none yet)."""
+    for state in instance.all_instigator_state():
+        origin = state.origin.repository_origin.code_location_origin
+        if state.instigator_name == sensor_name and origin.location_name == LOCATION:
+            return state.instigator_data.cursor if state.instigator_data else None
+    return None
 
 
 def add_partitions(instance: dg.DagsterInstance, result: dg.SensorResult) -> None:
     """The dynamic partitions a sensor's result asks for, added (and removed) as the
-    daemon would."""
+    daemon would (for a sensor evaluated by hand, as tests do)."""
     for request in result.dynamic_partitions_requests or []:
         name, keys = request.partitions_def_name, list(request.partition_keys)
         if isinstance(request, dg.DeleteDynamicPartitionsRequest):
@@ -138,70 +207,84 @@ def add_partitions(instance: dg.DagsterInstance, result: dg.SensorResult) -> Non
 def tick_and_run(
     defs: dg.Definitions, instance: dg.DagsterInstance, max_ticks: int = 20
 ) -> TickReport:
-    """Tick the sensor and execute what it requests, until a tick requests nothing new
+    """Tick new_blueprints and execute what it requests, until a tick launches nothing
     and no child waits for its parent."""
     report = TickReport()
-    for _ in range(max_ticks):
-        result, scan = _tick(defs, instance, read_cursor(instance, new_blueprints.name))
-        report.ticks += 1
-        report.rejected += [
-            FileOutcome(key, "rejected", problem=one_line(f"{reason} (moved to {moved_to})"))
-            for key, reason, moved_to in scan.rejected
-        ]
-        report.waiting = list(scan.waiting)
-        add_partitions(instance, result)
-        write_cursor(instance, new_blueprints.name, result.cursor)
-        requests = [
-            r for r in result.run_requests or []
-            if not already_ran(instance, new_blueprints.name, r.run_key)
-        ]  # fmt: skip
-        report.runs += [_run_requested(defs, instance, request) for request in requests]
-        if not requests and not scan.waiting:
-            break
+    with location_daemon(defs, instance) as daemon:
+        landing = landing_zone(Settings.from_env())  # the location's (checked just above)
+        unusable = _unusable(landing)
+        for _ in range(max_ticks):
+            done = tick(daemon, new_blueprints.name)
+            report.ticks += 1
+            left = _unusable(landing)
+            report.rejected += [_rejected(landing, key) for key in sorted(unusable - left)]
+            unusable = left
+            report.waiting = sorted(Cursor.load(done.cursor).waiting)
+            report.runs += [
+                launched_run(instance, run_id) for run_id in done.run_ids
+            ]  # fmt: skip
+            if not done.run_ids and not report.waiting:
+                break
+    # An unusable name still in blueprints/: moving it to rejected/ failed (the tick's
+    # log says why); it is reported each time until someone moves or renames it.
+    report.rejected += [
+        FileOutcome(key, "rejected", problem=one_line(
+            f"{file_name_problem(key)} (not moved to {REJECTED}/: see the sensor's tick log)"
+        ))
+        for key in sorted(unusable)
+    ]  # fmt: skip
     return report
 
 
-def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None):
-    """One evaluation of the sensor from ``cursor``: its result and what it scanned."""
-    with dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources=defs.resources,
-        sensor_name=new_blueprints.name,
-    ) as context:  # fmt: skip
-        # What the tick logs (rejections, children waiting) comes back in the scan
-        # and is reported per file; not also on the console.
-        context.log.setLevel(logging.CRITICAL)
-        resources = context.resources
-        return evaluate_new_blueprints(
-            context, resources.landing, resources.repository, resources.blueprint_rules
-        )
+def _unusable(landing: LandingZone) -> set[str]:
+    """The files in blueprints/ whose names the sensor rejects (moves to rejected/)."""
+    return {f.key for f in landing.list_blueprints() if file_name_problem(f.key)}
 
 
-def _run_requested(
-    defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest
+def _rejected(landing: LandingZone, key: str) -> FileOutcome:
+    """A file the tick moved to rejected/, as the sensor's scan reported it: the reason is
+    the one it wrote beside the file (``file_name_problem``), and where it went."""
+    moved_to = posixpath.join(landing.location, REJECTED, key)
+    return FileOutcome(
+        key, "rejected", problem=one_line(f"{file_name_problem(key)} (moved to {moved_to})")
+    )
+
+
+def launched_run(
+    instance: dg.DagsterInstance, run_id: str, partitions: list[str] | None = None
 ) -> RunOutcome:
-    """Execute one of the sensor's run requests, tagged as the daemon would tag it."""
-    tags = daemon_tags(new_blueprints.name, request)
-    outcome = _execute(defs, instance, [request.partition_key], tags)
-    outcome.file = request.tags.get(FILE_TAG, "")
-    return outcome
+    """A finished run's outcome from the instance: status, check results and the
+    problem, and the landed file it was requested for (default partitions: its own)."""
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        raise EsperError(f"run {run_id} is not in the Dagster instance")
+    partitions = partitions or [run.tags[PARTITION_NAME_TAG]]
+    records = instance.get_records_for_run(run_id, of_type={CHECK_EVALUATION, *FAILURES}).records
+    events = [r.event_log_entry.dagster_event for r in records]
+    evaluations = run_evaluations(
+        [e.event_specific_data for e in events if e.event_type == CHECK_EVALUATION]
+    )
+    checks = {evaluation.check_name: evaluation.passed for evaluation in evaluations}
+    success = run.status == dg.DagsterRunStatus.SUCCESS
+    # A failed check's description is the reason (file, field, problem); the run's own
+    # error then only says that a blocking check failed.
+    problems = [
+        e.description or f"check {e.check_name} failed" for e in evaluations if not e.passed
+    ]
+    if not problems and not success:
+        problems = [_run_error(run_id, events)]
+    return RunOutcome(
+        partitions, run_id, success, checks, "\n".join(problems), run.tags.get(FILE_TAG, "")
+    )
 
 
-def daemon_tags(sensor_name: str, request: dg.RunRequest) -> dict[str, str]:
-    """A requested run's tags plus the sensor's name and the run key, as the daemon
-    adds them (so a daemon started later skips what already ran)."""
-    return {**request.tags, SENSOR_NAME_TAG: sensor_name, RUN_KEY_TAG: request.run_key}
-
-
-def already_ran(instance: dg.DagsterInstance, sensor_name: str, run_key: str | None) -> bool:
-    """Whether a run of ``sensor_name`` with ``run_key`` is in the instance already."""
-    if not run_key:
-        return False
-    tags = {SENSOR_NAME_TAG: sensor_name, RUN_KEY_TAG: run_key}
-    return bool(instance.get_run_ids(dg.RunsFilter(tags=tags), limit=1))
+CHECK_EVALUATION = dg.DagsterEventType.ASSET_CHECK_EVALUATION
+FAILURES = {dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE}
 
 
 def backfill(defs: dg.Definitions, instance: dg.DagsterInstance, names: list[str]) -> RunOutcome:
-    """Add ``names`` as partitions (in order) and materialize them all in a single run."""
+    """Add ``names`` as partitions (in order) and materialize them all in a single run,
+    in process (with ``defs``, whatever settings they were built from)."""
     existing = set(instance.get_dynamic_partitions(blueprint_partitions.name))
     instance.add_dynamic_partitions(
         blueprint_partitions.name, [n for n in names if n not in existing]
@@ -214,39 +297,13 @@ def backfill(defs: dg.Definitions, instance: dg.DagsterInstance, names: list[str
         ASSET_PARTITION_RANGE_START_TAG: keys[positions[0]],
         ASSET_PARTITION_RANGE_END_TAG: keys[positions[-1]],
     }
-    return _execute(defs, instance, names, tags)
-
-
-def _execute(
-    defs: dg.Definitions, instance: dg.DagsterInstance, partitions: list[str], tags: dict
-) -> RunOutcome:
     job = defs.resolve_job_def(ingest_blueprints_job.name)
-    single = partitions[0] if len(partitions) == 1 else None
-    return run_job(job, instance, partitions, tags, partition_key=single)
-
-
-def run_job(
-    job: dg.JobDefinition,
-    instance: dg.DagsterInstance,
-    partitions: list[str],
-    tags: dict,
-    partition_key: str | None = None,
-) -> RunOutcome:
-    """Execute ``job`` in process, quietly, and report its outcome and check results."""
+    single = names[0] if len(names) == 1 else None
     result = job.execute_in_process(
-        run_config=QUIET, instance=instance, partition_key=partition_key, tags=tags,
+        run_config=QUIET, instance=instance, partition_key=single, tags=tags,
         raise_on_error=False,
     )  # fmt: skip
-    evaluations = run_evaluations(result.get_asset_check_evaluations())
-    checks = {evaluation.check_name: evaluation.passed for evaluation in evaluations}
-    # A failed check's description is the reason (file, field, problem); the run's own
-    # error then only says that a blocking check failed.
-    problems = [
-        e.description or f"check {e.check_name} failed" for e in evaluations if not e.passed
-    ]
-    if not problems and not result.success:
-        problems = [_run_error(result)]
-    return RunOutcome(partitions, result.run_id, result.success, checks, "\n".join(problems))
+    return launched_run(instance, result.run_id, names)
 
 
 def run_evaluations(evaluations: list[dg.AssetCheckEvaluation]) -> list[dg.AssetCheckEvaluation]:
@@ -257,13 +314,13 @@ def run_evaluations(evaluations: list[dg.AssetCheckEvaluation]) -> list[dg.Asset
     return [e for e in evaluations if e.partition is None or e.check_name not in whole]
 
 
-def _run_error(result: dg.ExecuteInProcessResult) -> str:
-    for event in result.all_events:
+def _run_error(run_id: str, events: list) -> str:
+    for event in events:
         if event.is_step_failure or event.is_run_failure:
             error = getattr(event.event_specific_data, "error", None)
             if error is not None:
                 return _root_message(error)
-    return f"run {result.run_id} failed; its event log says why"
+    return f"run {run_id} failed; its event log says why"
 
 
 def _root_message(error) -> str:

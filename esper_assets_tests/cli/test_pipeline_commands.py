@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from esper_assets.blueprints.examples import example_blueprint_files
 from esper_assets.cli import main
+from esper_assets.defs import build_definitions, local_instance
 from esper_assets.flows.checkpoints import Cursor
+from esper_assets.runner.driver import location_daemon
 
 CHECKS = {"blueprint_is_valid": True, "kernel_round_trip": True}
 EXAMPLE_NAMES = sorted(path.name.split(".")[0] for path in example_blueprint_files())
@@ -98,7 +99,8 @@ def test_demo_says_dagster_holds_its_checkpoint_and_fails_when_it_does_not(demo_
     # A new_checkpoints cursor ahead of every save: the sensor reports nothing, so
     # Dagster's event log has no materialization of the step the demo saves next.
     ahead = Cursor(datetime(2100, 1, 1, tzinfo=UTC)).dump()
-    (Path(demo_report["dagster_home"]) / "new_checkpoints.cursor").write_text(ahead)
+    with local_instance() as instance, location_daemon(build_definitions(), instance) as daemon:
+        daemon.set_sensor_cursor("new_checkpoints", ahead)
     missed = CliRunner().invoke(main, ["demo"])
     assert missed.exit_code == 2, (missed.stdout, missed.stderr)
     assert "in Dagster: NO" in missed.stdout
@@ -107,7 +109,7 @@ def test_demo_says_dagster_holds_its_checkpoint_and_fails_when_it_does_not(demo_
         "Dagster's event log has no materialization of checkpoints[demo] at the saved step (2)"
         in message
     )
-    assert "delete new_checkpoints.cursor in" in message
+    assert "sensor cursor new_checkpoints --delete" in message
 
 
 def test_lineage_command_agrees_with_the_dagster_event_log(demo_report):

@@ -1,8 +1,8 @@
 """The runner ticks ``new_checkpoints`` as the daemon would: each checkpoint saved
 outside Dagster becomes one materialization of its run's partition in the embedded
-instance's event log, with a verify run; the cursor kept beside the blueprint
-sensor's means a second tick (or a second process) reports nothing again. The demo
-shows its checkpoint in Dagster at the step it saved."""
+instance's event log, with a verify run; the sensor's cursor, kept by Dagster, means a
+second tick (or a second process) reports nothing again. The demo shows its checkpoint
+in Dagster at the step it saved."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from esper_assets.defs import RUN_KEY_TAG, SENSOR_NAME_TAG, build_definitions, local_instance
 from esper_assets.flows import wiring
 from esper_assets.runner import dagster_checkpoint, run_demo, tick_checkpoints
+from esper_assets.runner.driver import location_daemon, read_cursor
 from esper_assets.settings import Settings
 
 
@@ -62,7 +63,8 @@ def test_without_its_cursor_the_sensor_reports_again_but_runs_nothing_twice(espe
     save(settings, "again", 0)
     with local_instance(settings) as instance:
         tick_checkpoints(defs, instance)
-        (esper_home / "dagster" / "new_checkpoints.cursor").unlink()
+        with location_daemon(defs, instance) as daemon:  # the cursor lost
+            daemon.set_sensor_cursor("new_checkpoints", None)
         repeated = tick_checkpoints(defs, instance)
         assert [r["step"] for r in repeated.reported] == [0]  # the cursor is what stops this
         assert repeated.runs == []  # the verify run's key is taken
@@ -74,9 +76,8 @@ def test_the_blueprint_sensors_cursor_is_left_alone(esper_home):
     save(settings, "apart", 0)
     with local_instance(settings) as instance:
         tick_checkpoints(build_definitions(settings), instance)
-    folder = esper_home / "dagster"
-    assert (folder / "new_checkpoints.cursor").read_text().startswith("{")
-    assert not (folder / "new_blueprints.cursor").exists()
+        assert read_cursor(instance, "new_checkpoints").startswith("{")
+        assert read_cursor(instance, "new_blueprints") is None
 
 
 @pytest.mark.slow  # runs the whole demo twice: 10-30 s
