@@ -6,6 +6,7 @@ small standalone assets on temporary instances (no ESPER services needed).
 """
 
 import inspect
+import logging
 import traceback
 from pathlib import Path
 
@@ -318,3 +319,91 @@ def test_a_postgres_instance_keeps_one_pooled_connection(pg_server_url, tmp_path
             with engine.connect() as conn:
                 pids.add(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar())
         assert len(pids) == 1
+
+
+# -- 6. runs and ticks launched against the code location -----------------------------------
+ITEM_6 = [
+    "WorkspaceProcessContext", "InProcessWorkspaceLoadTarget", "InProcessCodeLocationOrigin",
+    "LoadableTargetOrigin", "DefaultRunCoordinator", "SyncInMemoryRunLauncher",
+    "ReconstructableJob", "_process_tick_generator", "InstigatorType", "InstigatorState",
+    "InstigatorStatus", "SensorInstigatorData", "InstanceRef",
+]  # fmt: skip
+
+
+@dg.op
+def compat_op() -> None:
+    pass
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def compat_tick_job() -> None:
+    compat_op()
+
+
+@dg.sensor(
+    job=compat_tick_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def compat_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key="once")], cursor=(context.cursor or "") + "+"
+    )
+
+
+# What this module serves as a code location (daemon_in_process loads it by name): one
+# Definitions at module scope, so the one above with these added.
+compat_defs = dg.Definitions.merge(
+    compat_defs, dg.Definitions(jobs=[compat_tick_job], sensors=[compat_sensor])
+)
+
+
+def test_item_6_names_are_where_compat_says():
+    for name in ITEM_6:
+        private(name, "6")
+
+
+def test_item_6_shapes_are_what_compat_uses():
+    step = private("_process_tick_generator", "6")
+    params = list(inspect.signature(step).parameters)
+    expected = [
+        "workspace_process_context", "logger", "remote_sensor", "sensor_state",
+        "sensor_debug_crash_flags", "tick_retention_settings", "submit_threadpool_executor",
+    ]  # fmt: skip
+    assert params == expected, moved("6", f"_process_tick_generator takes {params}")
+    fields = set(private("SensorInstigatorData", "6")._fields)
+    needed = {"cursor", "last_tick_timestamp", "last_tick_start_timestamp", "min_interval"}
+    assert needed <= fields, moved("6", f"SensorInstigatorData has {sorted(fields)}")
+    assert hasattr(private("InstigatorStatus", "6"), "DECLARED_IN_CODE"), moved(
+        "6", "InstigatorStatus.DECLARED_IN_CODE is gone"
+    )
+    job = private("ReconstructableJob", "6")
+    for cached in ("get_definition", "get_repository_definition"):
+        assert hasattr(getattr(job, cached), "cache_clear"), moved(
+            "6", f"ReconstructableJob.{cached} is no longer an lru_cache (drop the clearing?)"
+        )
+    overrides = inspect.signature(private("InstanceRef", "6").from_dir).parameters
+    assert "overrides" in overrides, moved("6", "InstanceRef.from_dir takes no overrides")
+
+
+def test_a_tick_through_the_daemons_step_is_the_locations_and_is_taken_when_asked(tmp_path):
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with (
+        dg.DagsterInstance.from_config(str(tmp_path)) as instance,
+        _compat.daemon_in_process(instance, __name__, "compat") as daemon,
+    ):
+        try:
+            first = daemon.tick_sensor("compat_sensor", logging.getLogger(__name__))
+            second = daemon.tick_sensor("compat_sensor", logging.getLogger(__name__))
+        except Exception:  # the step's calling convention or state handling changed
+            pytest.fail(moved("6", f"a tick through the daemon's step fails:\n"
+                                   f"{traceback.format_exc()}"))  # fmt: skip
+        assert first.status == "SUCCESS" and len(first.run_ids) == 1, moved("6", str(first))
+        [run] = instance.get_runs()
+        assert run.status == dg.DagsterRunStatus.SUCCESS, moved("6", "the run did not execute")
+        assert run.remote_job_origin.location_name == "compat"
+        assert run.job_snapshot_id == daemon.job_snapshot_id("compat_tick_job")
+        # At once, though the sensor's interval is 30 s; its run key is taken: no run.
+        assert second.status == "SKIPPED" and second.run_ids == (), moved("6", str(second))
+        assert second.cursor == "++" == daemon.sensor_cursor("compat_sensor")
+        daemon.set_sensor_cursor("compat_sensor", None)
+        assert daemon.sensor_cursor("compat_sensor") is None
+        assert len(instance.get_runs()) == 1
