@@ -1,11 +1,12 @@
-"""The daemon stand-in and the demo, for the CLI, the bench and the tests.
+"""Ticking the sensors on request, and the demo, for the CLI, the bench and the tests.
 
-- ``driver``: ``tick_and_run`` evaluates the new_blueprints sensor (its cursor in
-  a file of the instance's folder) and executes the runs it requests, in process,
-  as the daemon would; ``backfill`` runs many partitions as one run. Outcomes per
-  run and per landed file (``RunOutcome``, ``FileOutcome``, ``TickReport``).
-- ``checkpoints``: ``tick_checkpoints`` evaluates the new_checkpoints sensor (its
-  cursor beside new_blueprints') and records what it returns as the daemon would:
+- ``driver``: ``tick_and_run`` ticks the new_blueprints sensor through the sensor
+  daemon's own step on the code location ``esper_assets`` loaded in this process (its
+  ticks in the sensor's history, its runs the location's, executed here before the
+  tick returns; the cursor is Dagster's); ``backfill`` runs many partitions as one
+  run, in process. Outcomes per run and per landed file (``RunOutcome``,
+  ``FileOutcome``, ``TickReport``).
+- ``checkpoints``: ``tick_checkpoints`` ticks the new_checkpoints sensor the same way:
   run partitions, a materialization per saved checkpoint, the verify runs;
   ``dagster_checkpoint`` reads one step's materialization back.
 - ``lineage``: ``dagster_lineage``, a kernel's chain read from the event log alone.

@@ -146,7 +146,7 @@ def location_daemon(defs: dg.Definitions, instance: dg.DagsterInstance) -> Itera
         yield daemon
 
 
-def tick(daemon, sensor_name: str):
+def tick(daemon, sensor_name: str):  # -> _compat.SensorTick
     """One tick of ``sensor_name`` now; its runs are executed before it returns. The
     runs' console output is dropped (it is in their event logs)."""
     _adopt_cursor_file(daemon, sensor_name)
@@ -220,9 +220,7 @@ def tick_and_run(
             report.rejected += [_rejected(landing, key) for key in sorted(unusable - left)]
             unusable = left
             report.waiting = sorted(Cursor.load(done.cursor).waiting)
-            report.runs += [
-                launched_run(instance, run_id) for run_id in done.run_ids
-            ]  # fmt: skip
+            report.runs += [launched_run(instance, run_id) for run_id in done.run_ids]
             if not done.run_ids and not report.waiting:
                 break
     # An unusable name still in blueprints/: moving it to rejected/ failed (the tick's
