@@ -123,11 +123,25 @@ def test_both_instances_take_their_database_from_the_environment():
     single, cluster = load(DEPLOY / "dagster.yaml"), load(CLUSTER_YAML)
     assert cluster["storage"] == single["storage"]
     fields = single["storage"]["postgres"]["postgres_db"]
-    assert {k: v for k, v in fields.items() if k != "scheme"} == {
+    assert {k: v for k, v in fields.items() if k not in ("scheme", "params")} == {
         "hostname": {"env": "DAGSTER_PG_HOST"}, "port": {"env": "DAGSTER_PG_PORT"},
         "db_name": {"env": "DAGSTER_PG_DB"}, "username": {"env": "DAGSTER_PG_USER"},
         "password": {"env": "DAGSTER_PG_PASSWORD"},
     }  # fmt: skip
+    # no secret in the connection options either: only the commit setting
+    assert fields["params"] == {"options": "-c synchronous_commit=off"}
+
+
+def test_the_production_instance_commits_without_waiting_for_the_flush(pg_server_url):
+    """deploy/dagster.yaml's connection option reaches the storages' sessions."""
+    import sqlalchemy as sa
+
+    from esper_assets.bench.pipeline import _production_instance, throwaway_database
+
+    with throwaway_database(pg_server_url) as url, _production_instance(url) as instance:
+        for storage in (instance.event_log_storage, instance.run_storage):
+            with storage._engine.connect() as conn:  # noqa: SLF001
+                assert conn.execute(sa.text("SHOW synchronous_commit")).scalar() == "off"
 
 
 # -- the cluster instance against Dagster's schema ---------------------------------------------

@@ -321,6 +321,21 @@ def test_a_postgres_instance_keeps_one_pooled_connection(pg_server_url, tmp_path
         assert len(pids) == 1
 
 
+def test_a_pooled_postgres_instance_asks_once_whether_a_table_exists(pg_server_url):
+    from esper_assets.bench.pipeline import _production_instance, throwaway_database
+
+    with throwaway_database(pg_server_url) as url, _production_instance(url) as instance:
+        storage = instance.event_log_storage
+        asked: list[int] = []  # every question to PostgreSQL checks a connection out
+        sa.event.listen(storage._engine, "checkout", lambda *_: asked.append(1))  # noqa: SLF001
+        for _ in range(5):
+            assert storage.has_table("asset_event_tags")
+        assert len(asked) == 1, moved(5, "has_table asks PostgreSQL again for a known table")
+        for _ in range(3):  # a "no" is asked again: a migration may add the table
+            assert not storage.has_table("no_such_table")
+        assert len(asked) == 4
+
+
 # -- 6. runs and ticks launched against the code location -----------------------------------
 ITEM_6 = [
     "WorkspaceProcessContext", "InProcessWorkspaceLoadTarget", "InProcessCodeLocationOrigin",
