@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -50,6 +50,9 @@ class Settings:
     # Usage events (ESPER_USAGE on|off, ESPER_USAGE_FLUSH_S): see analytics.events.
     usage: bool = True
     usage_flush_s: float = 60.0
+    # The bearer token of ``esper serve``'s mutating routes (ESPER_API_TOKEN); None: those
+    # routes are refused. Kept out of repr and describe(): never logged or echoed.
+    api_token: str | None = field(default=None, repr=False)
 
     @property
     def sqlite_path(self) -> Path:
@@ -124,6 +127,7 @@ class Settings:
             landing=landing,
             **_checkpoint_retention(get),
             **_usage(get),
+            api_token=get("ESPER_API_TOKEN"),
         )
 
 

@@ -7,6 +7,7 @@
 - ``checkpoints``: ``checkpoints list|show|save|restore|verify``
 - ``bench``: ``bench cache|repository|pipeline`` (through ``esper_assets.bench``)
 - ``analytics``: ``analytics query|shell`` (SQL over the usage files, read only)
+- ``serve``: the HTTP API of ``esper_assets.api`` on uvicorn
 - ``render``: how every command prints (JSON or tables) and the one way an
   ``EsperError`` is reported (one line on stderr, exit 2)
 
@@ -25,7 +26,7 @@ import logging
 
 import click
 
-from esper_assets.cli import analytics, bench, cache, checkpoints, db, pipeline, repository
+from esper_assets.cli import analytics, bench, cache, checkpoints, db, pipeline, repository, serve
 from esper_assets.cli.render import EsperGroup
 
 __all__ = ["main"]
@@ -49,5 +50,6 @@ for command in (
     checkpoints.checkpoints,
     bench.bench,
     analytics.analytics,
+    serve.serve,
 ):
     main.add_command(command)

@@ -1,0 +1,58 @@
+"""The Starlette application: routes, error handlers, and the storage objects it
+serves from, opened by ``flows.wiring`` when the server starts and closed when it stops."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from esper_assets.api import routes
+from esper_assets.api.errors import HANDLERS
+from esper_assets.api.openapi import document
+from esper_assets.flows import wiring
+from esper_assets.settings import Settings
+
+PREFIX = "/api/v1"
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(document())
+
+
+ROUTES = [
+    Route("/healthz", routes.healthz),
+    Route("/readyz", routes.readyz),
+    Route(f"{PREFIX}/openapi.json", openapi),
+    Route(f"{PREFIX}/kernels/search", routes.search),
+    Route(f"{PREFIX}/kernels/{{id}}", routes.kernel),
+    Route(f"{PREFIX}/kernels/{{id}}/binary", routes.binary),
+    Route(f"{PREFIX}/cache/stats", routes.stats),
+    Route(f"{PREFIX}/cache/optimize", routes.optimize, methods=["POST"]),
+]
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The API over the cache and repository ``settings`` configure (built by the wiring
+    when the server starts, closed when it stops)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        with ExitStack() as stack:
+            store = wiring.object_store(settings)
+            cache = stack.enter_context(wiring.open_cache(settings, store))
+            repo = stack.enter_context(wiring.open_repository(settings, store))
+            app.state.services = routes.Services(settings, cache, repo)
+            yield
+
+    return Starlette(routes=ROUTES, exception_handlers=HANDLERS, lifespan=lifespan)
+
+
+def app_from_env() -> Starlette:
+    """``create_app(Settings.from_env())``: the factory ``esper serve`` gives uvicorn, so
+    each worker process reads the environment and opens its own connections."""
+    return create_app(Settings.from_env())

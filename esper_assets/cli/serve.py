@@ -1,0 +1,31 @@
+"""``esper serve``: the HTTP API (esper_assets.api) on uvicorn."""
+
+from __future__ import annotations
+
+import click
+
+from esper_assets.settings import Settings
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+    help="Worker processes, each with its own cache L1 and connections.",
+)  # fmt: skip
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
+def serve(host: str, port: int, workers: int, log_level: str) -> None:
+    """Serve kernels, search, lineage and cache upkeep over HTTP (Starlette on uvicorn).
+
+    Mutating routes need ESPER_API_TOKEN set (clients send it as a bearer token);
+    without it they are refused. The OpenAPI document is at /api/v1/openapi.json.
+    """
+    import uvicorn
+
+    Settings.from_env()  # a bad ESPER_* variable: one line and exit 2, before uvicorn starts
+    uvicorn.run(
+        "esper_assets.api:app_from_env", factory=True, host=host, port=port,
+        workers=workers, log_level=log_level, access_log=False,
+    )  # fmt: skip
