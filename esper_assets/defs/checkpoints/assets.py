@@ -120,4 +120,7 @@ verify_checkpoints_job = dg.define_asset_job(
     selection=dg.AssetSelection.checks(checkpoint_restorable),
     description="Check that a run's checkpoint can be restored (the new_checkpoints sensor "
     "requests one run per saved checkpoint).",
+    # One small step: in the run's own process, not a Python process of its own (as
+    # ingest_blueprints, whose comment has the measurement).
+    executor_def=dg.in_process_executor,
 )
