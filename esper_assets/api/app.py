@@ -3,6 +3,7 @@ serves from, opened by ``flows.wiring`` when the server starts and closed when i
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 
@@ -13,6 +14,7 @@ from starlette.routing import Route
 
 from esper_assets.api import routes
 from esper_assets.api.errors import HANDLERS
+from esper_assets.api.fast import FastBinary
 from esper_assets.api.openapi import document
 from esper_assets.flows import wiring
 from esper_assets.settings import Settings
@@ -36,9 +38,10 @@ ROUTES = [
 ]
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings) -> FastBinary:
     """The API over the cache and repository ``settings`` configure (built by the wiring
-    when the server starts, closed when it stops)."""
+    when the server starts, closed when it stops): the Starlette app behind
+    :class:`FastBinary`, which answers ``/binary`` for ids in L1 itself."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -47,12 +50,17 @@ def create_app(settings: Settings) -> Starlette:
             cache = stack.enter_context(wiring.open_cache(settings, store))
             repo = stack.enter_context(wiring.open_repository(settings, store))
             app.state.services = routes.Services(settings, cache, repo)
+            # What startup built lives as long as the server: out of the collector's
+            # sight, a full collection no longer walks every module and class object
+            # (measured in esper bench serve: most of the gap to the ceiling at 4 KiB).
+            gc.collect()
+            gc.freeze()
             yield
 
-    return Starlette(routes=ROUTES, exception_handlers=HANDLERS, lifespan=lifespan)
+    return FastBinary(Starlette(routes=ROUTES, exception_handlers=HANDLERS, lifespan=lifespan))
 
 
-def app_from_env() -> Starlette:
+def app_from_env() -> FastBinary:
     """``create_app(Settings.from_env())``: the factory ``esper serve`` gives uvicorn, so
     each worker process reads the environment and opens its own connections."""
     return create_app(Settings.from_env())

@@ -87,10 +87,10 @@ class BytesResponse:
     """An ASGI response sending ``data[start:end]`` in CHUNK pieces, without copying
     the whole value."""
 
-    def __init__(self, status: int, headers: dict[str, str], data: bytes = b"",
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes = b"",
                  start: int = 0, end: int = 0) -> None:  # fmt: skip
-        self.status, self.data, self.start, self.end = status, data, start, end
-        self.raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        self.status, self.raw_headers = status, headers
+        self.data, self.start, self.end = data, start, end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status,
@@ -107,19 +107,26 @@ class BytesResponse:
             await send({"type": "http.response.body", "body": b""})
 
 
+_OCTETS = (b"content-type", b"application/octet-stream")
+_RANGES = (b"accept-ranges", b"bytes")
+
+
 def respond(kernel_id: str, data: bytes, etag: str, headers) -> BytesResponse:
-    """200, 206 or 304 for ``data`` given the request's conditional and Range headers."""
-    base = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "no-cache"}
+    """200, 206 or 304 for ``data`` given the request's conditional and Range headers
+    (``headers``: a mapping of lower-case names)."""
+    base = [(b"etag", etag.encode()), _RANGES]
     if matches(headers.get("if-none-match"), etag):
         return BytesResponse(304, base)
     if_range = headers.get("if-range")
     span = None if if_range and if_range != etag else byte_range(headers.get("range"), len(data))
-    base["Content-Type"] = "application/octet-stream"
     if span is None:
-        return BytesResponse(200, base | {"Content-Length": str(len(data))}, data, 0, len(data))
+        base += [_OCTETS, (b"content-length", str(len(data)).encode())]
+        return BytesResponse(200, base, data, 0, len(data))
     start, end = span
-    base |= {
-        "Content-Length": str(end - start),
-        "Content-Range": f"bytes {start}-{end - 1}/{len(data)}",
-    }
+    content_range = f"bytes {start}-{end - 1}/{len(data)}".encode()
+    base += [
+        _OCTETS,
+        (b"content-length", str(end - start).encode()),
+        (b"content-range", content_range),
+    ]
     return BytesResponse(206, base, data, start, end)

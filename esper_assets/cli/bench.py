@@ -261,3 +261,42 @@ def _render_analytics_bench(result: dict[str, Any]) -> None:
     console.print(f"retirement candidates over 30 days: "
                   f"{result['retirement_30_days']['seconds']} s")  # fmt: skip
     console.print(f"raw baseline: {result['raw_baseline']}")
+
+
+@bench.command("serve")
+@click.option("--quick", is_flag=True, help="3 rounds of 1,000 requests instead of 7 of 4,000.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None,
+    help="JSON file (default bench-results/serve-<backend>.json).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def bench_serve(quick: bool, out: Path | None, as_json: bool) -> None:
+    """esper serve's /binary vs a minimal ASGI app returning the same bytes from a dict."""
+    from esper_assets.bench import serve as serve_bench
+
+    settings = Settings.from_env()
+    with status("benchmarking esper serve", as_json) as spinner:
+        result = serve_bench.run(settings, quick=quick, progress=progress(spinner))
+    out = out or Path("bench-results") / f"serve-{result['backend']}.json"
+    write_and_emit(result, out, as_json, _render_serve_bench)
+
+
+def _render_serve_bench(result: dict[str, Any]) -> None:
+    load = result["load"]
+    table = Table(
+        title=f"esper bench serve - /binary, {result['backend']} ({result['machine']['cpus']} CPUs; "
+        f"{load['rounds']} rounds x {load['requests_per_round']} requests, "
+        f"{load['connections']} connections)"
+    )
+    for column in ("size", "ours req/s", "ceiling req/s", "ratio", "ours p99 ms",
+                   "ceiling p99 ms", "ours MB/s", "target", "met"):  # fmt: skip
+        table.add_column(column)
+    for size, r in result["sizes"].items():
+        met = "[green]yes[/]" if r["ok"] else "[red]no[/]"
+        table.add_row(
+            size, str(r["ours"]["rps"]), str(r["ceiling"]["rps"]), str(r["ratio"]),
+            str(r["ours"]["p99_ms"]), str(r["ceiling"]["p99_ms"]), str(r["ours"]["mb_s"]),
+            r["target"], met,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"raw baseline: {result['raw_baseline']}")
