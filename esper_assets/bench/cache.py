@@ -31,6 +31,11 @@ from esper_assets.storage import PersistentKernelCache
 from esper_assets.storage.cache.tiers.memory import MemoryTier, entry_charge
 
 VALUE_BYTES = 4096
+# Real compiled kernels are rarely 4 KiB: L2 is measured up to the large-object threshold
+# (1 MiB by default; values above it skip L2).
+L2_SIZES = (4 << 10, 64 << 10, 256 << 10, 1 << 20)
+L2_TARGET = 1.25  # x raw GET, at every size
+COLD_MANY_TARGET = 1.5  # x raw MGET
 
 
 @dataclass
@@ -179,7 +184,9 @@ def _single_tier_hit(
 
 
 def bench_l2(env: BenchEnv, rounds: int, size: int = VALUE_BYTES) -> Comparison:
-    name, target = f"L2 hit p50 ({size // 1024} KiB)", "<= 1.25x" if size == VALUE_BYTES else "info"
+    """One L2 hit of a ``size``-byte value (incompressible, checksum verified) against a
+    redis-py GET of the same stored frame (which neither verifies nor unframes)."""
+    name, target = f"L2 hit p50 ({size // 1024} KiB)", f"<= {L2_TARGET}x"
     if env.raw_l2 is None:
         return Comparison(
             name, None, None, "redis-py GET", target, None, "skipped: ESPER_REDIS_URL not set"
@@ -187,8 +194,34 @@ def bench_l2(env: BenchEnv, rounds: int, size: int = VALUE_BYTES) -> Comparison:
     ours, theirs = _single_tier_hit(
         env, env.raw_l2, rounds, size, l1_enabled=False, l3_enabled=False, l4_enabled=False
     )
-    ok = ours <= 1.25 * theirs if size == VALUE_BYTES else None
-    return Comparison(name, ours, theirs, "redis-py GET", target, ok)
+    return Comparison(name, ours, theirs, "redis-py GET", target, ours <= L2_TARGET * theirs)
+
+
+def bench_cold_get_many(env: BenchEnv, rounds: int, n: int = 100) -> Comparison:
+    """get_many of ``n`` 4 KiB ids that are in L2 only (L1 cleared before each call, so
+    each is verified, decoded and promoted into L1) against one raw MGET of them."""
+    name, target = f"cold get_many p50 ({n} x 4 KiB, L2)", f"<= {COLD_MANY_TARGET}x"
+    if env.raw_l2_many is None:
+        return Comparison(
+            name, None, None, "redis-py MGET", target, None, "skipped: ESPER_REDIS_URL not set"
+        )
+    with _cache(env) as cache:
+        values = _values(n, VALUE_BYTES)
+        cache.put_many(values)
+        ids = list(values)
+
+        def cold() -> dict[str, bytes]:
+            cache.clear_l1()
+            return cache.get_many(ids)
+
+        if cold() != values:
+            raise EsperError("bench setup: cold get_many did not return what was put")
+        raw_many = env.raw_l2_many
+        ours, theirs = paired_medians(cold, lambda: raw_many(ids), rounds, batch=2)
+    note = "ours includes clear_l1() and the promotion into L1"
+    return Comparison(
+        name, ours, theirs, "redis-py MGET", target, ours <= COLD_MANY_TARGET * theirs, note
+    )
 
 
 def bench_l3(env: BenchEnv, rounds: int) -> Comparison:
@@ -300,12 +333,19 @@ def run(
     with bench_env(settings) as env:
         progress(f"backend: {env.label}")
         comparisons = []
-        for step, fn in (
-            ("L1", lambda: bench_l1(env, rounds * 4)),
-            ("L2 4 KiB", lambda: bench_l2(env, rounds)),
-            ("L2 256 KiB", lambda: bench_l2(env, max(20, rounds // 5), 256 * 1024)),
+        steps: list[tuple[str, Callable[[], Comparison]]] = [
+            ("L1", lambda: bench_l1(env, rounds * 4))
+        ]
+        for size in L2_SIZES:  # fewer rounds above 128 KiB: each round is 20 reads a side
+            l2_rounds = max(20, rounds * (128 << 10) // size) if size > 128 << 10 else rounds
+            steps.append(
+                (f"L2 {size // 1024} KiB", lambda s=size, r=l2_rounds: bench_l2(env, r, s))
+            )
+        steps += [
+            ("cold get_many", lambda: bench_cold_get_many(env, rounds)),
             ("L3", lambda: bench_l3(env, rounds)),
-        ):
+        ]
+        for step, fn in steps:
             progress(f"measuring {step} ...")
             comparisons.append(fn())
         progress("measuring 1000 gets over 100 hot ids ...")

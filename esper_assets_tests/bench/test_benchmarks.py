@@ -59,3 +59,18 @@ def test_repository_bench_measures_against_a_raw_bulk_write(tmp_path):
         "children of a parent",
     }
     assert all(isinstance(v, bool) for v in result["targets"].values())
+
+
+def test_cache_bench_reports_l2_at_kernel_sizes_and_cold_get_many(
+    esper_home, monkeypatch, redis_server_url
+):
+    monkeypatch.setenv("ESPER_REDIS_URL", redis_server_url)
+    with cache_bench.bench_env(Settings.from_env()) as env:
+        rows = [cache_bench.bench_l2(env, rounds=3, size=size) for size in (4096, 256 << 10)]
+        cold = cache_bench.bench_cold_get_many(env, rounds=3, n=20)
+    for row in [*rows, cold]:
+        assert row.ours_us > 0 and row.raw_us > 0 and isinstance(row.ok, bool)
+        assert row.as_dict()["ratio"] == pytest.approx(row.ours_us / row.raw_us, rel=0.01)
+    assert [r.name for r in rows] == ["L2 hit p50 (4 KiB)", "L2 hit p50 (256 KiB)"]
+    assert rows[0].target == "<= 1.25x" and cold.target == "<= 1.5x"
+    assert cold.raw_label == "redis-py MGET"

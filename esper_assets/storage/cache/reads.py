@@ -221,9 +221,14 @@ class Reader:
             return missing
         return [k for k in missing if k in look_lower]
 
-    def _decode(self, slot: TierSlot, key: str, blob: bytes) -> tuple[bytes, framing.Frame] | None:
+    def _decode(
+        self, slot: TierSlot, key: str, blob: bytes | framing.FrameParts
+    ) -> tuple[bytes, framing.Frame] | None:
         try:
-            frame = framing.unpack(blob)
+            if type(blob) is framing.FrameParts:
+                frame = framing.unpack_parts(blob.head, blob.payload)
+            else:
+                frame = framing.unpack(blob)
             if frame.expired(framing.now_ms()):
                 return None
             return self._codecs.decode(frame), frame

@@ -94,10 +94,13 @@ class TierSlot:
         if len(keys) > 1:
             return self._guarded("get_many", self.tier.get_many, (keys,), timed=True)
         # cheaper than a one-element batch
-        blob = self._guarded("get", self.tier.get, (keys[0],), timed=True)
+        blob = self._guarded("get", self._get_one(), (keys[0],), timed=True)
         if blob is UNAVAILABLE or blob is None:
             return {} if blob is None else blob
         return {keys[0]: blob}
+
+    def _get_one(self) -> Callable:
+        return self.tier.get
 
     def store(self, batch: list[Pending]) -> Any:
         """Write ``batch`` (a put's values) behind the breaker."""
@@ -233,6 +236,9 @@ class RedisSlot(TierSlot):
 
     def takes(self, entry: Pending) -> bool:
         return not entry.large
+
+    def _get_one(self) -> Callable:
+        return self.tier.get_parts  # header and payload apart: the payload is not copied
 
     def store_latest(self, entries: list[Pending]) -> bool:
         latest = {e.key: e for e in entries}  # an id given twice: its last value wins

@@ -29,10 +29,12 @@ from esper_assets.storage.cache.framing import (
     Codec,
     Codecs,
     Frame,
+    FrameParts,
     Payload,
     pack,
     peek_expires_ms,
     unpack,
+    unpack_parts,
 )
 
 CODEC_NAMES = ["none", "zstd", "gzip"]
@@ -392,3 +394,61 @@ def test_multi_member_gzip_still_decodes_within_the_bound():
 def test_bad_max_decoded_bytes_raises_config_error(bound):
     with pytest.raises(ConfigError, match="max_decoded_bytes"):
         Codecs(max_decoded_bytes=bound)
+
+
+# -- a frame read as header and payload (L2's get_parts) -----------------------------------
+def parts_of(blob: bytes) -> tuple[bytes, bytes]:
+    return blob[:HEADER_SIZE], blob[HEADER_SIZE:]
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+@settings(max_examples=60, deadline=None)
+@given(value=st.one_of(arbitrary_bytes, compressible_bytes))
+def test_frame_in_two_parts_verifies_like_the_whole(codec, value):
+    blob = frame_of(value, codec)
+    head, payload = parts_of(blob)
+    whole, split = unpack(blob), unpack_parts(head, payload)
+    assert split == whole
+    assert Codecs(codec).decode(split) == value
+
+
+def test_frame_in_two_parts_keeps_the_payload_object_without_copying_it():
+    value = random.Random(3).randbytes(256 * 1024)  # incompressible: stored raw
+    head, payload = parts_of(frame_of(value))
+    frame = unpack_parts(head, payload)
+    assert frame.codec is Codec.NONE and frame.payload is payload
+    decoded = Codecs().decode(frame)
+    assert decoded is payload and type(decoded) is bytes and decoded == value
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_every_single_bit_flip_in_a_frame_in_two_parts_is_detected(codec):
+    blob = frame_of(b"kernel weights " * 40, codec)
+    for bit in range(len(blob) * 8):
+        head, payload = parts_of(flip_bit(blob, bit))
+        with pytest.raises(CorruptValue):
+            unpack_parts(head, payload)
+
+
+@pytest.mark.parametrize(
+    "head, payload",
+    [
+        pytest.param(b"", b"", id="empty"),
+        pytest.param(b"EK" + bytes(10), b"", id="short header"),
+        pytest.param(None, b"x", id="byte appended"),
+        pytest.param(None, b"", id="payload cut"),
+    ],
+)
+def test_frame_in_two_parts_with_wrong_lengths_is_corrupt(head, payload):
+    blob = frame_of(b"abc" * 200, "none")
+    if head is None:  # keep the real header, change the payload's length
+        head, good = parts_of(blob)
+        payload = good + payload if payload else good[:-1]
+    with pytest.raises(CorruptValue):
+        unpack_parts(head, payload)
+
+
+def test_frame_parts_measure_and_join_to_the_stored_frame():
+    blob = frame_of(b"v" * 1000)
+    parts = FrameParts(*parts_of(blob))
+    assert len(parts) == len(blob) and parts.joined() == blob

@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from esper_assets.errors import TierUnavailable, redact_url
+from esper_assets.storage.cache.framing import HEADER_SIZE, FrameParts
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,52 @@ class RedisTier:
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
+    def get_parts(self, key: str) -> FrameParts | None:
+        """The stored frame as header and payload, read atomically in one round trip
+        (``MULTI``, ``GETRANGE`` of the header, ``GETRANGE`` of the rest, ``EXEC``).
+
+        The payload arrives as its own ``bytes``, so a hit hands it to the caller without
+        copying it out of the frame: one buffer of the value's size per read, as a raw
+        GET allocates (see :func:`framing.unpack_parts`). The commands are sent on a
+        pooled connection directly (redis-py's per-command wrapper costs ~5 us); a
+        connection that failed mid-reply is closed, never returned to the pool dirty.
+        """
+        name = self.prefix + key
+        pool = self._pool
+        try:
+            conn = pool.get_connection()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        try:
+            conn.send_packed_command(
+                conn.pack_commands(
+                    (
+                        ("MULTI",),
+                        ("GETRANGE", name, 0, HEADER_SIZE - 1),
+                        ("GETRANGE", name, HEADER_SIZE, -1),
+                        ("EXEC",),
+                    )
+                )
+            )
+            conn.read_response()  # OK
+            conn.read_response()  # QUEUED
+            conn.read_response()  # QUEUED
+            head, payload = conn.read_response()
+        except redis.RedisError as exc:
+            conn.disconnect()
+            raise self._unavailable(exc) from exc
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        for part in (head, payload):
+            if isinstance(part, Exception):  # an error inside EXEC (WRONGTYPE, ...)
+                raise self._unavailable(part)
+        if not head:  # absent, or a fence (b"")
+            return None
+        return FrameParts(head, payload)
+
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
             return {}
@@ -116,9 +163,11 @@ class RedisTier:
 
         self._pipeline(commands)
 
-    def discard(self, key: str, blob: bytes) -> None:
+    def discard(self, key: str, blob: bytes | FrameParts) -> None:
         """Delete a copy found corrupt or expired, unless it was replaced meanwhile, so
         that the repair (a promotion, which never overwrites) can take its place."""
+        if isinstance(blob, FrameParts):
+            blob = blob.joined()
         try:
             self._discard_if_same(keys=[self.prefix + key], args=[blob])
         except redis.RedisError as exc:

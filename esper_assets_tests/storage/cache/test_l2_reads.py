@@ -1,0 +1,103 @@
+"""L2 reads header and payload apart (RedisTier.get_parts): the payload reaches the
+caller without being copied out of the frame, and is still verified. On real Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from esper_assets.storage.cache import framing
+from esper_assets_tests.storage.cache.conftest import decode, noise
+
+SIZES = [0, 1, 4 << 10, 256 << 10, 1 << 20]
+
+
+L2_ONLY = {"l1_enabled": False, "l3_enabled": False, "l4_enabled": False}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_l2_hit_returns_the_value_as_bytes_at_every_size(make_cache, redis_client, size):
+    cache = make_cache("services", **L2_ONLY)
+    value = noise(size, seed=size)
+    cache.put("k", value)
+    key = cache.tier("l2").prefix + "k"
+
+    parts = cache.tier("l2").get_parts("k")
+    assert parts.joined() == redis_client.get(key)  # the stored frame, read in two parts
+    got = cache.get("k")
+    assert type(got) is bytes and got == value
+    assert cache.get_stats()["tiers"]["l2"]["hits"] == 1
+
+
+def test_get_parts_reads_absent_keys_and_fences_as_misses(make_cache, redis_client):
+    cache = make_cache("services", **L2_ONLY)
+    tier = cache.tier("l2")
+    assert tier.get_parts("never-stored") is None
+    redis_client.set(tier.prefix + "fenced", b"")  # what invalidate leaves behind
+    assert tier.get_parts("fenced") is None
+    assert cache.get("fenced") is None
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        pytest.param(b"EK\x01", id="shorter than a header"),
+        pytest.param(b"x" * framing.HEADER_SIZE, id="a header of junk"),
+        pytest.param(b"EK" + bytes(26) + b"payload", id="zero checksum"),
+    ],
+)
+def test_damaged_l2_frame_read_in_parts_is_a_miss_repaired_from_l3(
+    make_cache, redis_client, stored
+):
+    cache = make_cache("services", l1_enabled=False, l4_enabled=False)
+    value = noise(64 << 10)
+    cache.put("k", value)
+    key = cache.tier("l2").prefix + "k"
+    redis_client.set(key, stored, keepttl=True)
+
+    assert cache.get("k") == value
+
+    stats = cache.get_stats()["tiers"]
+    assert (stats["l2"]["corruptions"], stats["l3"]["hits"]) == (1, 1)
+    assert decode(cache, redis_client.get(key)) == value  # discarded, and a good frame back
+
+
+def test_flipped_payload_byte_of_a_large_frame_is_caught(make_cache, redis_client):
+    cache = make_cache("services", l1_enabled=False, l4_enabled=False)
+    value = noise(256 << 10)
+    cache.put("k", value)
+    key = cache.tier("l2").prefix + "k"
+    damaged = bytearray(redis_client.get(key))
+    damaged[-1000] ^= 0x01
+    redis_client.set(key, bytes(damaged), keepttl=True)
+
+    assert cache.get("k") == value
+    assert cache.get_stats()["tiers"]["l2"]["corruptions"] == 1
+
+
+def test_wrong_type_at_the_key_is_an_l2_error_and_leaves_the_pool_usable(make_cache, redis_client):
+    # a high threshold: the breaker stays closed, so the next read asks L2 again
+    cache = make_cache(
+        "services", l1_enabled=False, l4_enabled=False, breaker_failure_threshold=100
+    )
+    cache.put("k", b"v" * 5000)
+    key = cache.tier("l2").prefix + "k"
+    redis_client.delete(key)
+    redis_client.rpush(key, b"not a frame")  # GETRANGE fails inside EXEC: WRONGTYPE
+
+    assert cache.get("k") == b"v" * 5000  # from L3
+    assert cache.get_stats()["tiers"]["l2"]["errors"] == 1
+
+    redis_client.delete(key)
+    cache.put("k", b"w" * 5000)
+    assert cache.get("k") == b"w" * 5000  # no reply left behind on a pooled connection
+    stats = cache.get_stats()["tiers"]
+    assert (stats["l2"]["hits"], stats["l2"]["errors"]) == (1, 1)
+
+
+def test_get_parts_against_a_dead_server_is_tier_unavailable(make_cache):
+    cache = make_cache(
+        "services", **L2_ONLY, redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.05
+    )
+    cache.put("k", b"value")  # a pure cache without L2: stored nowhere durable
+    assert cache.get("k") is None
+    assert cache.get_stats()["tiers"]["l2"]["errors"] >= 1
