@@ -233,3 +233,12 @@ def test_a_tier_down(private_redis, pg_url, s3_bucket, s3_endpoint, tmp_path, st
         response = get(server, f"/api/v1/kernels/{kernel_id}/binary")
         assert response.status_code == 200 and response.content == data
     assert "Traceback" not in server.output()
+
+
+def test_the_token_is_read_by_settings_and_never_shown():
+    from esper_assets.settings import Settings
+
+    settings = Settings.from_env({"ESPER_API_TOKEN": "  s3cret-token  "})
+    assert settings.api_token == "s3cret-token"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.describe())
+    assert Settings.from_env({}).api_token is None
