@@ -131,11 +131,12 @@ class Reader:
     def get_many(self, missing: list[str], found: dict[str, bytes]) -> dict[str, bytes]:
         """Add to ``found`` the values of the ``missing`` ids (L1 missed them)."""
         self.requests += len(missing)
-        for kernel_id in missing:
-            pending = self._write_back.value(kernel_id)
-            if pending is not None:
-                found[kernel_id] = pending
-        missing = [k for k in missing if k not in found]
+        if self._write_back.dirty:  # nothing waits to be flushed (or write-back is off)
+            for kernel_id in missing:
+                pending = self._write_back.value(kernel_id)
+                if pending is not None:
+                    found[kernel_id] = pending
+            missing = [k for k in missing if k not in found]
         if missing:
             report: dict[str, str] = {}
             loaded = self.read_through(missing, report)
@@ -187,14 +188,14 @@ class Reader:
             answer = slot.fetch(want)
             if answer is UNAVAILABLE:
                 continue
-            hits, nbytes = {}, 0
+            hits, nbytes, now = {}, 0, framing.now_ms()
             for key, blob in answer.items():
                 if blob is IN_OBJECT_STORE:
                     pointers.add(key)
                     look_lower.add(key)
                     continue
                 nbytes += len(blob)
-                if (decoded := self._decode(slot, key, blob)) is not None:
+                if (decoded := self._decode(slot, key, blob, now)) is not None:
                     hits[key] = decoded
                 elif slot is slots.l3:
                     look_lower.add(key)
@@ -222,14 +223,26 @@ class Reader:
         return [k for k in missing if k in look_lower]
 
     def _decode(
-        self, slot: TierSlot, key: str, blob: bytes | framing.FrameParts
+        self, slot: TierSlot, key: str, blob: bytes | framing.FrameParts, now: int
     ) -> tuple[bytes, framing.Frame] | None:
         try:
-            if type(blob) is framing.FrameParts:
-                frame = framing.unpack_parts(blob.head, blob.payload)
-            else:
-                frame = framing.unpack(blob)
-            if frame.expired(framing.now_ms()):
+            try:
+                if type(blob) is framing.FrameParts:
+                    frame = framing.unpack_parts(blob.head, blob.payload)
+                else:
+                    frame = framing.unpack(blob)
+            except CorruptValue:
+                if type(blob) is not framing.FrameParts or blob.atomic:
+                    raise
+                # Read in two commands: a write between them tears the frame. Ask again,
+                # atomically, before calling the copy corrupt (``blob`` is updated so
+                # that a discard compares against what is really stored).
+                again = slot.call(slot.tier.get_parts, key, True)
+                if again is UNAVAILABLE or again is None:
+                    return None
+                blob.head, blob.payload, blob.atomic = again.head, again.payload, True
+                frame = self._unframe(blob)
+            if frame.expired(now):
                 return None
             return self._codecs.decode(frame), frame
         except CorruptValue as exc:
@@ -241,6 +254,12 @@ class Reader:
                 exc,
             )
             return None
+
+    @staticmethod
+    def _unframe(blob: bytes | framing.FrameParts) -> framing.Frame:
+        if type(blob) is framing.FrameParts:
+            return framing.unpack_parts(blob.head, blob.payload)
+        return framing.unpack(blob)
 
     def _promote(
         self,

@@ -356,8 +356,7 @@ class TierSlots:
         """
         if self.l1 is None or not found:
             return
-        for key, value in found.items():
-            self.l1.put(key, value)
+        self.l1.put_many(found)
         if self.l1_epoch != epoch:
             for key in found:
                 self.l1.delete(key)

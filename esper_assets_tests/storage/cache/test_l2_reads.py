@@ -3,6 +3,8 @@ caller without being copied out of the frame, and is still verified. On real Red
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from esper_assets.storage.cache import framing
@@ -101,3 +103,69 @@ def test_get_parts_against_a_dead_server_is_tier_unavailable(make_cache):
     cache.put("k", b"value")  # a pure cache without L2: stored nowhere durable
     assert cache.get("k") is None
     assert cache.get_stats()["tiers"]["l2"]["errors"] >= 1
+
+
+# -- torn reads: header and payload are two commands ------------------------------------------
+def torn_parts(cache, redis_client, old: bytes, new: bytes, atomic: bool):
+    """Header of the frame of ``old``, payload of the frame of ``new`` (now stored)."""
+    key = cache.tier("l2").prefix + "k"
+    cache.put("k", old)
+    head = redis_client.get(key)[: framing.HEADER_SIZE]
+    cache.put("k", new)
+    payload = redis_client.get(key)[framing.HEADER_SIZE :]
+    return framing.FrameParts(head, payload, atomic)
+
+
+def test_torn_read_is_read_again_atomically_not_called_corrupt(make_cache, redis_client):
+    cache = make_cache("services", **L2_ONLY)
+    old, new = noise(64 << 10, seed=1), noise(64 << 10, seed=2)
+    parts = torn_parts(cache, redis_client, old, new, atomic=False)
+    slot = cache.slot("l2")
+
+    value, _ = cache._reads._decode(slot, "k", parts, framing.now_ms())
+
+    assert value == new and parts.atomic  # what is stored now, from an atomic read
+    assert cache.get_stats()["tiers"]["l2"]["corruptions"] == 0
+
+
+def test_mismatch_in_an_atomic_read_is_corruption(make_cache, redis_client):
+    cache = make_cache("services", **L2_ONLY)
+    parts = torn_parts(cache, redis_client, b"a" * 5000, b"b" * 5000, atomic=True)
+
+    assert cache._reads._decode(cache.slot("l2"), "k", parts, framing.now_ms()) is None
+    assert cache.get_stats()["tiers"]["l2"]["corruptions"] == 1
+
+
+def test_torn_read_of_a_key_gone_meanwhile_is_a_plain_miss(make_cache, redis_client):
+    cache = make_cache("services", **L2_ONLY)
+    parts = torn_parts(cache, redis_client, b"a" * 5000, b"b" * 5000, atomic=False)
+    redis_client.delete(cache.tier("l2").prefix + "k")
+
+    assert cache._reads._decode(cache.slot("l2"), "k", parts, framing.now_ms()) is None
+    assert cache.get_stats()["tiers"]["l2"]["corruptions"] == 0
+
+
+def test_readers_racing_a_writer_see_whole_values_only(make_cache):
+    writer = make_cache("services", l1_enabled=False, l4_enabled=False)
+    reader = make_cache(
+        "services", l1_enabled=False, l4_enabled=False, redis_prefix=writer.tier("l2").prefix
+    )
+    values = [noise(128 << 10, seed=s) for s in range(3)]
+    writer.put("k", values[0])
+    stop = threading.Event()
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            writer.put("k", values[i % 3])
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        seen = [reader.get("k") for _ in range(300)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(v in values for v in seen)
+    assert reader.get_stats()["tiers"]["l2"]["corruptions"] == 0

@@ -388,3 +388,32 @@ def test_byte_accounting_is_consistent_under_threads(policy, admission):
     assert tier.stats()["entries"] == len(remaining)
     assert tier.used_bytes == sum(entry_charge(k, v) for k, v in remaining.items())
     assert 0 < tier.used_bytes <= tier.max_bytes
+
+
+# -- batches (a get_many's lookups and its promotion into L1) -------------------------------
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+@pytest.mark.parametrize("admission", [True, False])
+def test_put_many_and_get_many_behave_like_one_call_per_key(policy, admission):
+    rng = random.Random(5)
+    one, many = (MemoryTier(40_000, None, policy, admission=admission) for _ in range(2))
+    for _ in range(30):  # more than fits: evictions and admission decisions on both
+        batch = {
+            f"k{rng.randrange(200)}": rng.randbytes(rng.randrange(100, 2000)) for _ in range(20)
+        }
+        stored = sum(one.put(k, v) for k, v in batch.items())
+        assert many.put_many(batch) == stored
+        keys = [f"k{rng.randrange(200)}" for _ in range(30)]
+        expect = {k: v for k in keys if (v := one.get(k)) is not None}
+        assert many.get_many(keys) == expect
+    assert one.stats() == many.stats()
+    assert one.used_bytes == many.used_bytes
+
+
+def test_get_many_drops_expired_entries():
+    tier = MemoryTier(1 << 20, 0.01, "lru", admission=False)
+    assert tier.put_many({"a": b"1", "b": b"2"}) == 2
+    assert tier.get_many(["a", "b", "c"]) == {"a": b"1", "b": b"2"}
+    threading.Event().wait(0.05)
+    assert tier.get_many(["a", "b"]) == {}
+    stats = tier.stats()
+    assert (stats["entries"], stats["expirations"], stats["misses"]) == (0, 2, 3)

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 from esper_assets.errors import ConfigError
@@ -174,11 +174,24 @@ class MemoryTier:
             return None
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """:meth:`get` of each key under one lock and one clock read."""
         found = {}
-        for key in keys:
-            value = self.get(key)
-            if value is not None:
-                found[key] = value
+        entries, window, order = self._entries, self._window, self._order
+        with self._lock:
+            now = time.monotonic()
+            for key in keys:
+                if window is not None:
+                    window.increment(key)
+                entry = entries.get(key)
+                if entry is not None:
+                    if entry[1] > now:
+                        order.touch(key)
+                        self.hits += 1
+                        found[key] = entry[0]
+                        continue
+                    self._remove(key)
+                    self.expirations += 1
+                self.misses += 1
         return found
 
     def __contains__(self, key: str) -> bool:
@@ -192,18 +205,34 @@ class MemoryTier:
         expires = time.monotonic() + ttl if ttl else float("inf")
         charge = entry_charge(key, value)
         with self._lock:
-            newcomer = key not in self._entries
-            if not newcomer:
-                self._remove(key)  # a replacement was admitted already
-            if not self._make_room(key, charge, admit_check=newcomer):
-                self.rejections += 1
-                return False
-            self._entries[key] = (value, expires, charge)
-            self._order.add(key)
-            self.used_bytes += charge
-            if self._window is not None:
+            stored = self._put_locked(key, value, expires, charge)
+            if stored and self._window is not None:
                 self._window.resize(len(self._entries))
-            return True
+            return stored
+
+    def put_many(self, items: Mapping[str, bytes], ttl_seconds: float | None = None) -> int:
+        """:meth:`put` each item under one lock and one clock read; how many were stored."""
+        ttl = self.ttl_seconds if ttl_seconds is None else ttl_seconds
+        expires = time.monotonic() + ttl if ttl else float("inf")
+        stored = 0
+        with self._lock:
+            for key, value in items.items():
+                stored += self._put_locked(key, value, expires, entry_charge(key, value))
+            if stored and self._window is not None:
+                self._window.resize(len(self._entries))
+        return stored
+
+    def _put_locked(self, key: str, value: bytes, expires: float, charge: int) -> bool:
+        newcomer = key not in self._entries
+        if not newcomer:
+            self._remove(key)  # a replacement was admitted already
+        if not self._make_room(key, charge, admit_check=newcomer):
+            self.rejections += 1
+            return False
+        self._entries[key] = (value, expires, charge)
+        self._order.add(key)
+        self.used_bytes += charge
+        return True
 
     def delete(self, key: str) -> bool:
         with self._lock:

@@ -77,37 +77,41 @@ class RedisTier:
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
-    def get_parts(self, key: str) -> FrameParts | None:
-        """The stored frame as header and payload, read atomically in one round trip
-        (``MULTI``, ``GETRANGE`` of the header, ``GETRANGE`` of the rest, ``EXEC``).
+    def get_parts(self, key: str, atomic: bool = False) -> FrameParts | None:
+        """The stored frame as header and payload: ``GETRANGE`` of the header and
+        ``GETRANGE`` of the rest, pipelined in one round trip.
 
         The payload arrives as its own ``bytes``, so a hit hands it to the caller without
         copying it out of the frame: one buffer of the value's size per read, as a raw
-        GET allocates (see :func:`framing.unpack_parts`). The commands are sent on a
+        GET allocates (see :func:`framing.unpack_parts`). The two commands are not a
+        transaction (``MULTI``/``EXEC`` costs ~4 us a read): a write between them tears
+        the frame, its checksum then fails, and the reader asks again with
+        ``atomic=True`` before it calls the copy corrupt. The commands are sent on a
         pooled connection directly (redis-py's per-command wrapper costs ~5 us); a
         connection that failed mid-reply is closed, never returned to the pool dirty.
         """
         name = self.prefix + key
+        commands = [("GETRANGE", name, 0, HEADER_SIZE - 1), ("GETRANGE", name, HEADER_SIZE, -1)]
+        if atomic:
+            commands = [("MULTI",), *commands, ("EXEC",)]
         pool = self._pool
         try:
             conn = pool.get_connection()
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
         try:
-            conn.send_packed_command(
-                conn.pack_commands(
-                    (
-                        ("MULTI",),
-                        ("GETRANGE", name, 0, HEADER_SIZE - 1),
-                        ("GETRANGE", name, HEADER_SIZE, -1),
-                        ("EXEC",),
-                    )
-                )
-            )
-            conn.read_response()  # OK
-            conn.read_response()  # QUEUED
-            conn.read_response()  # QUEUED
-            head, payload = conn.read_response()
+            conn.send_packed_command(conn.pack_commands(commands))
+            if atomic:
+                conn.read_response()  # OK
+                conn.read_response()  # QUEUED
+                conn.read_response()  # QUEUED
+                head, payload = conn.read_response()
+                for part in (head, payload):
+                    if isinstance(part, Exception):  # an error inside EXEC (WRONGTYPE, ...)
+                        raise part
+            else:
+                head = conn.read_response()
+                payload = conn.read_response()
         except redis.RedisError as exc:
             conn.disconnect()
             raise self._unavailable(exc) from exc
@@ -116,12 +120,9 @@ class RedisTier:
             raise
         finally:
             pool.release(conn)
-        for part in (head, payload):
-            if isinstance(part, Exception):  # an error inside EXEC (WRONGTYPE, ...)
-                raise self._unavailable(part)
         if not head:  # absent, or a fence (b"")
             return None
-        return FrameParts(head, payload)
+        return FrameParts(head, payload, atomic)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
