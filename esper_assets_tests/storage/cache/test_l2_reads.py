@@ -4,6 +4,7 @@ caller without being copied out of the frame, and is still verified. On real Red
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -169,3 +170,38 @@ def test_readers_racing_a_writer_see_whole_values_only(make_cache):
         thread.join()
     assert all(v in values for v in seen)
     assert reader.get_stats()["tiers"]["l2"]["corruptions"] == 0
+
+
+# -- the idle connections of the read path ------------------------------------------------------
+def test_idle_connection_closed_by_the_server_is_replaced_without_an_error(
+    make_cache, redis_client
+):
+    cache = make_cache("services", **L2_ONLY)
+    cache.put("k", b"v" * 5000)
+    assert cache.get("k") == b"v" * 5000
+    tier = cache.tier("l2")
+    (idle,) = tier._idle
+    idle.send_command("CLIENT", "ID")
+    redis_client.client_kill_filter(_id=idle.read_response())  # as a server timeout would
+
+    assert cache.get("k") == b"v" * 5000
+    stats = cache.get_stats()["tiers"]["l2"]
+    assert (stats["hits"], stats["errors"]) == (2, 0)
+    assert len(tier._idle) == 1  # the pool may hand back the same object, reconnected
+
+
+def test_threads_reading_at_once_each_get_a_connection_of_their_own(make_cache):
+    cache = make_cache("services", **L2_ONLY)
+    values = {f"k{i}": noise(20_000, seed=i) for i in range(8)}
+    cache.put_many(values)
+    barrier = threading.Barrier(4)
+
+    def read(i: int) -> bool:
+        barrier.wait()
+        return all(cache.get(f"k{(i + j) % 8}") == values[f"k{(i + j) % 8}"] for j in range(200))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(read, range(4)))
+    tier = cache.tier("l2")
+    assert 1 <= len(tier._idle) <= 4 and len(set(map(id, tier._idle))) == len(tier._idle)
+    assert cache.get_stats()["tiers"]["l2"]["errors"] == 0
