@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from esper_assets.api import routes
+from esper_assets.api import metrics, routes
 from esper_assets.api.errors import HANDLERS
 from esper_assets.api.fast import FastBinary
 from esper_assets.api.openapi import document
@@ -29,6 +29,7 @@ async def openapi(request: Request) -> JSONResponse:
 ROUTES = [
     Route("/healthz", routes.healthz),
     Route("/readyz", routes.readyz),
+    Route("/metrics", routes.prometheus),
     Route(f"{PREFIX}/openapi.json", openapi),
     Route(f"{PREFIX}/kernels/search", routes.search),
     Route(f"{PREFIX}/kernels/{{id}}", routes.kernel),
@@ -47,9 +48,13 @@ def create_app(settings: Settings) -> FastBinary:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         with ExitStack() as stack:
             store = wiring.object_store(settings)
-            cache = stack.enter_context(wiring.open_cache(settings, store))
-            repo = stack.enter_context(wiring.open_repository(settings, store))
+            exporter = metrics.Exporter()
+            cache = stack.enter_context(wiring.open_cache(settings, store, exporter.tap))
+            repo = stack.enter_context(wiring.open_repository(settings, store, exporter.tap))
             app.state.services = routes.Services(settings, cache, repo)
+            app.state.metrics = exporter
+            exporter.start(cache)
+            stack.callback(exporter.stop)  # before the cache closes: its last counts too
             # What startup built lives as long as the server: out of the collector's
             # sight, a full collection does not walk every module and class object again
             # (no clear effect in esper bench serve on this machine; cheap, kept).

@@ -9,9 +9,9 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
-from esper_assets.api import query
+from esper_assets.api import metrics, query
 from esper_assets.api.auth import require_token
 from esper_assets.api.binary import ETags, respond
 from esper_assets.api.errors import ApiError
@@ -65,6 +65,13 @@ def _readiness(s: Services) -> dict[str, Any]:
 async def readyz(request: Request) -> JSONResponse:
     report = await run_in_threadpool(_readiness, services(request))
     return JSONResponse(report, status_code=503 if report["status"] == "unavailable" else 200)
+
+
+async def prometheus(request: Request) -> Response:
+    """Every worker's metrics in the Prometheus text format (see metrics.py)."""
+    exporter = getattr(request.app.state, "metrics", None)
+    body, content_type = await run_in_threadpool(metrics.exposition, exporter)
+    return Response(body, media_type=content_type)
 
 
 async def search(request: Request) -> JSONResponse:

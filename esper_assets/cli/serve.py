@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import click
 
 from esper_assets.settings import Settings
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @click.command("serve")
@@ -20,12 +29,34 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     """Serve kernels, search, lineage and cache upkeep over HTTP (Starlette on uvicorn).
 
     Mutating routes need ESPER_API_TOKEN set (clients send it as a bearer token);
-    without it they are refused. The OpenAPI document is at /api/v1/openapi.json.
+    without it they are refused. The OpenAPI document is at /api/v1/openapi.json;
+    Prometheus metrics (all workers together) at /metrics.
     """
     import uvicorn
 
     Settings.from_env()  # a bad ESPER_* variable: one line and exit 2, before uvicorn starts
-    uvicorn.run(
-        "esper_assets.api:app_from_env", factory=True, host=host, port=port,
-        workers=workers, log_level=log_level, access_log=False,
-    )  # fmt: skip
+    with metrics_dir():
+        uvicorn.run(
+            "esper_assets.api:app_from_env", factory=True, host=host, port=port,
+            workers=workers, log_level=log_level, access_log=False,
+        )  # fmt: skip
+
+
+@contextmanager
+def metrics_dir() -> Iterator[str]:
+    """The ``PROMETHEUS_MULTIPROC_DIR`` every worker writes its metrics to (GET /metrics
+    sums them): one made for this run and removed after it, or the operator's, emptied
+    of an earlier run's files first. Set before prometheus-client is imported (uvicorn
+    imports the app, and the app imports it, after this)."""
+    given = os.environ.get(MULTIPROC_DIR)
+    if given:
+        for old in Path(given).glob("*.db"):
+            old.unlink(missing_ok=True)
+        yield given
+        return
+    made = tempfile.mkdtemp(prefix="esper-metrics-")
+    os.environ[MULTIPROC_DIR] = made
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)

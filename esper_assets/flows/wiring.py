@@ -14,7 +14,7 @@ from the settings.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,6 +26,9 @@ from esper_assets.storage.cache import PersistentKernelCache, cache_config_from_
 from esper_assets.storage.chunks import ChunkStore
 from esper_assets.storage.objects import ObjectStore, make_s3_client, object_store_from_settings
 from esper_assets.storage.repository import AssetRepository
+
+# Wraps a usage recorder (or None when usage is off) in another usage sink.
+UsageTap = Callable[[Any], Any]
 
 __all__ = [
     "landing_zone",
@@ -80,13 +83,15 @@ def usage_recorder(
 
 @contextmanager
 def open_repository(
-    settings: Settings, store: ObjectStore | None = None
+    settings: Settings, store: ObjectStore | None = None, usage_tap: UsageTap | None = None
 ) -> Iterator[AssetRepository]:
     """The asset repository on ``ESPER_DATABASE_URL`` (or the SQLite file under
     ``ESPER_HOME``), its large objects in ``store`` (default: :func:`object_store`); its
-    reads recorded by a :func:`usage_recorder` on that store."""
+    reads recorded by a :func:`usage_recorder` on that store (through ``usage_tap(recorder
+    or None)`` when given: the API's metrics see them that way)."""
     store = store if store is not None else object_store(settings)
     with usage_recorder(settings, store) as usage:
+        usage = usage_tap(usage) if usage_tap is not None else usage
         repo = AssetRepository.from_settings(settings, object_store=store, usage=usage)
         try:
             yield repo
@@ -96,14 +101,19 @@ def open_repository(
 
 @contextmanager
 def open_cache(
-    settings: Settings, store: ObjectStore | None = None, **config: Any
+    settings: Settings,
+    store: ObjectStore | None = None,
+    usage_tap: UsageTap | None = None,
+    **config: Any,
 ) -> Iterator[PersistentKernelCache]:
     """The kernel cache over Redis (L2), the database (L3) and ``store`` (L4; default:
     the store the settings name, built by the cache from its config so that
     ``object_store_timeout_s`` and ``l4_enabled`` apply). ``config`` overrides
     :class:`CacheConfig` fields (e.g. ``l1_size_mb=64``, ``write_mode="write_back"``).
-    Its reads are recorded by a :func:`usage_recorder` on the repository's store."""
+    Its reads are recorded by a :func:`usage_recorder` on the repository's store (through
+    ``usage_tap``, as :func:`open_repository`)."""
     with usage_recorder(settings, store) as usage:
+        usage = usage_tap(usage) if usage_tap is not None else usage
         cache = PersistentKernelCache(
             cache_config_from_settings(settings, **config), object_store=store, usage=usage
         )

@@ -29,13 +29,14 @@ def server_env(home: Path, **variables: str) -> dict[str, str]:
 
 
 class ApiServer:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        """``args``: more options of ``esper serve`` (e.g. ``--workers 2``)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         with log.open("wb") as out:
             self.process = subprocess.Popen(
-                [str(ESPER), "serve", "--port", str(self.port), "--log-level", "info"],
+                [str(ESPER), "serve", "--port", str(self.port), "--log-level", "info", *args],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=default_signals,
             )  # fmt: skip
