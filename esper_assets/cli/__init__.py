@@ -2,6 +2,7 @@
 
 - ``pipeline``: ``demo``, ``ingest``, ``lineage``, ``dagster-home`` (through ``runner``)
 - ``cache``: ``cache demo|stats|health|cleanup|warm``
+- ``health``: every cache tier's status and latency, with a write-read-delete probe
 - ``repository``: ``assets search|show|lineage|deprecate|analytics``
 - ``db``: ``migrate``
 - ``checkpoints``: ``checkpoints list|show|save|restore|verify``
@@ -26,7 +27,17 @@ import logging
 
 import click
 
-from esper_assets.cli import analytics, bench, cache, checkpoints, db, pipeline, repository, serve
+from esper_assets.cli import (
+    analytics,
+    bench,
+    cache,
+    checkpoints,
+    db,
+    health,
+    pipeline,
+    repository,
+    serve,
+)
 from esper_assets.cli.render import EsperGroup
 
 __all__ = ["main"]
@@ -46,6 +57,7 @@ for command in (
     *pipeline.COMMANDS,
     db.migrate,
     cache.cache,
+    health.health,
     repository.assets,
     checkpoints.checkpoints,
     bench.bench,
