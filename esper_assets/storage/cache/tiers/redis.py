@@ -35,7 +35,7 @@ def _bulk(arg: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(arg), arg)
 
 
-# get_parts' commands in RESP, packed by hand: GETRANGE <key> 0 27, GETRANGE <key> 28 -1
+# get_parts' commands in RESP, packed by hand: GETRANGE <key> 28 -1, GETRANGE <key> 0 27
 _GETRANGE = b"*4\r\n$8\r\nGETRANGE\r\n$%d\r\n%b\r\n%b"
 _HEAD_RANGE = _bulk(b"0") + _bulk(str(HEADER_SIZE - 1).encode())
 _REST_RANGE = _bulk(str(HEADER_SIZE).encode()) + _bulk(b"-1")
@@ -93,8 +93,9 @@ class RedisTier:
             raise self._unavailable(exc) from exc
 
     def get_parts(self, key: str, atomic: bool = False) -> FrameParts | None:
-        """The stored frame as header and payload: ``GETRANGE`` of the header and
-        ``GETRANGE`` of the rest, pipelined in one round trip.
+        """The stored frame as header and payload: ``GETRANGE`` of the payload (the
+        frame after its header) and ``GETRANGE`` of the header, pipelined in one round
+        trip.
 
         The payload arrives as its own ``bytes``, so a hit hands it to the caller without
         copying it out of the frame: one buffer of the value's size per read, as a raw
@@ -111,7 +112,11 @@ class RedisTier:
         """
         name = (self.prefix + key).encode()
         n = len(name)
-        packed = _GETRANGE % (n, name, _HEAD_RANGE) + _GETRANGE % (n, name, _REST_RANGE)
+        # The payload's command first: its reply then starts hiredis's read buffer, as a
+        # GET's does. Behind the 35-byte header reply, the copy of the payload out of
+        # that buffer (PyBytes_FromStringAndSize) ran at a fraction of memcpy speed:
+        # 248-324 us instead of 160-206 us a 256 KiB read, 792 instead of 367 at 1 MiB.
+        packed = _GETRANGE % (n, name, _REST_RANGE) + _GETRANGE % (n, name, _HEAD_RANGE)
         if atomic:
             packed = b"*1\r\n$5\r\nMULTI\r\n" + packed + b"*1\r\n$4\r\nEXEC\r\n"
         try:
@@ -149,12 +154,13 @@ class RedisTier:
     def _replies(conn, packed: bytes, atomic: bool) -> tuple[bytes, bytes]:
         conn.send_packed_command((packed,))
         if not atomic:
-            return conn.read_response(), conn.read_response()
+            payload = conn.read_response()
+            return conn.read_response(), payload
         conn.read_response()  # OK
         conn.read_response()  # QUEUED
         conn.read_response()  # QUEUED
-        head, payload = conn.read_response()
-        for part in (head, payload):
+        payload, head = conn.read_response()
+        for part in (payload, head):
             if isinstance(part, Exception):  # an error inside EXEC (WRONGTYPE, ...)
                 raise part
         return head, payload
