@@ -45,10 +45,10 @@ def paired_medians(
     ours: Callable[[], object], raw: Callable[[], object], rounds: int, batch: int
 ) -> tuple[float, float]:
     """Median per-call microseconds of ``ours`` and ``raw``, alternating rounds."""
-    # Warm caches, prepared statements and connections. Measured here: the first few
-    # hundred 256 KiB reads after a switch of workload were at times 2-3x slower on
-    # our side only (cause not pinned down; allocator warm-up is the suspect), so a
-    # single warm-up batch let the order of measurements decide the result.
+    # Warm caches, prepared statements and connections, several batches a side. (The
+    # 256 KiB "order effect" once blamed on warm-up was the cache's own: an L2 hit
+    # held two value-sized buffers and, depending on what ran before, glibc grew and
+    # trimmed the heap on every read; see docs/ARCHITECTURE.md, Reads.)
     for _ in range(max(3, rounds // 5)):
         per_call_us(ours, batch)
         per_call_us(raw, batch)
