@@ -205,3 +205,17 @@ def test_threads_reading_at_once_each_get_a_connection_of_their_own(make_cache):
     tier = cache.tier("l2")
     assert 1 <= len(tier._idle) <= 4 and len(set(map(id, tier._idle))) == len(tier._idle)
     assert cache.get_stats()["tiers"]["l2"]["errors"] == 0
+
+
+def test_get_many_reads_frames_skipping_absent_and_fenced_keys(make_cache, redis_client):
+    cache = make_cache("services", **L2_ONLY)
+    values = {f"k{i}": noise(3000, seed=i) for i in range(5)}
+    cache.put_many(values)
+    tier = cache.tier("l2")
+    redis_client.set(tier.prefix + "fenced", b"")
+
+    frames = tier.get_many([*values, "fenced", "never-stored"])
+
+    assert frames == {k: redis_client.get(tier.prefix + k) for k in values}
+    assert cache.get_many([*values, "fenced"]) == values
+    assert len(tier._idle) == 1  # get_many and get_parts share the idle connections
