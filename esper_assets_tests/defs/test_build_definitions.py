@@ -81,7 +81,7 @@ def test_domains_merge_into_the_stored_names(esper_home):
     defs = build_definitions()
     assert {j.name for j in defs.jobs} == {
         "ingest_blueprints", "cache_maintenance_job", "warm_kernel_cache_job",
-        "revalidate_blueprints_job", "verify_checkpoints", "checkpoint_retention_job",
+        "revalidate_blueprints_job", "cache_health_job", "verify_checkpoints", "checkpoint_retention_job",
         "platform_state_job", "analytics_daily",
     }  # fmt: skip
     assert {k.to_user_string() for a in defs.assets for k in (a.keys if isinstance(a, dg.AssetsDefinition) else [a.key])} == {

@@ -113,10 +113,11 @@ def test_definitions_load_without_warnings(esper_home):
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {"blueprint_is_valid", "kernel_round_trip", "checkpoint_restorable",
                       "registered_blueprints_still_valid", "schema", "non_empty",
-                      "fresh"}  # fmt: skip
+                      "fresh", "kernel_cache_healthy"}  # fmt: skip
     assert {s.name for s in defs.schedules} == {
         "hourly_cache_maintenance", "warm_cache_every_15_minutes", "nightly_blueprint_revalidation",
         "daily_checkpoint_retention", "platform_state_every_30_minutes", "analytics_daily_at_0030",
+        "cache_health_every_15_minutes",
     }  # fmt: skip
     assert {s.name for s in defs.sensors} == {"new_blueprints", "new_checkpoints"}
 

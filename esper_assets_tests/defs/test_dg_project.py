@@ -58,6 +58,7 @@ CHECKS = {
     "blueprints:blueprint_is_valid",
     "compiled_kernels:kernel_round_trip",
     "compiled_kernels:registered_blueprints_still_valid",
+    "compiled_kernels:kernel_cache_healthy",
     "checkpoints:checkpoint_restorable",
 } | ANALYTICS_CHECKS
 JOBS = {
@@ -65,6 +66,7 @@ JOBS = {
     "cache_maintenance_job",
     "warm_kernel_cache_job",
     "revalidate_blueprints_job",
+    "cache_health_job",
     "verify_checkpoints",
     "checkpoint_retention_job",
     "platform_state_job",
@@ -74,6 +76,7 @@ SCHEDULES = {
     "hourly_cache_maintenance",
     "warm_cache_every_15_minutes",
     "nightly_blueprint_revalidation",
+    "cache_health_every_15_minutes",
     "daily_checkpoint_retention",
     "platform_state_every_30_minutes",
     "analytics_daily_at_0030",
@@ -302,6 +305,7 @@ SCHEDULE_STATUS = {
     "hourly_cache_maintenance": "RUNNING",
     "warm_cache_every_15_minutes": "RUNNING",
     "nightly_blueprint_revalidation": "RUNNING",
+    "cache_health_every_15_minutes": "RUNNING",
     "daily_checkpoint_retention": "STOPPED",
     "platform_state_every_30_minutes": "STOPPED",
     "analytics_daily_at_0030": "STOPPED",

@@ -19,6 +19,7 @@ from esper_assets.defs.resources import BlueprintRulesResource
 from esper_assets.defs.upkeep.checks import LISTED, REVALIDATION, revalidation_result
 from esper_assets.flows import kernels, upkeep, wiring
 from esper_assets.settings import Settings
+from esper_assets_tests.conftest import free_port
 
 KERNELS = dg.AssetKey("compiled_kernels")
 
@@ -116,6 +117,7 @@ def test_the_nightly_schedule_runs_the_check_and_upkeep_runs_by_default(esper_ho
         "hourly_cache_maintenance": dg.DefaultScheduleStatus.RUNNING,
         "warm_cache_every_15_minutes": dg.DefaultScheduleStatus.RUNNING,
         "nightly_blueprint_revalidation": dg.DefaultScheduleStatus.RUNNING,
+        "cache_health_every_15_minutes": dg.DefaultScheduleStatus.RUNNING,
     }
     for name, status in upkeep_schedules.items():
         schedule = defs.resolve_schedule_def(name)
@@ -124,3 +126,27 @@ def test_the_nightly_schedule_runs_the_check_and_upkeep_runs_by_default(esper_ho
     # Deleting checkpoints stays a decision someone makes.
     retention = defs.resolve_schedule_def("daily_checkpoint_retention")
     assert retention.default_status == dg.DefaultScheduleStatus.STOPPED
+
+
+# -- kernel_cache_healthy ---------------------------------------------------------------------
+def test_the_cache_health_check_passes_on_the_embedded_cache(instance):
+    job = build_definitions().resolve_job_def("cache_health_job")
+    result = job.execute_in_process(instance=instance)
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.check_name == "kernel_cache_healthy" and evaluation.passed
+    assert evaluation.asset_key == dg.AssetKey("compiled_kernels")
+    tiers = evaluation.metadata["tiers"].value
+    assert "| l1 | healthy |" in tiers and "| l3 | healthy |" in tiers
+    assert evaluation.metadata["unhealthy_tiers"].value == "none"
+
+
+def test_the_cache_health_check_names_a_dead_tier(instance, monkeypatch):
+    """Redis unreachable (nothing listens on the port): L2 fails and the check fails as
+    a warning (the kernels are still served from L3), naming the tier."""
+    monkeypatch.setenv("ESPER_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    job = build_definitions().resolve_job_def("cache_health_job")
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert evaluation.metadata["unhealthy_tiers"].value == "l2"
+    assert evaluation.description.startswith("l2: ")

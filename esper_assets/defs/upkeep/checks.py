@@ -11,8 +11,12 @@ versions, all of them at once, not one kernel partition's materialization.
 import dagster as dg
 
 from esper_assets.blueprints import BlueprintLimits
-from esper_assets.defs.resources import AssetRepositoryResource, BlueprintRulesResource
-from esper_assets.flows import upkeep
+from esper_assets.defs.resources import (
+    AssetRepositoryResource,
+    BlueprintRulesResource,
+    KernelCacheResource,
+)
+from esper_assets.flows import health, upkeep
 
 REVALIDATION = "registered_blueprints_still_valid"
 
@@ -102,4 +106,66 @@ revalidate_blueprints_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,  # one step: no process of its own to start
     description="Re-validate every registered blueprint (rules may have tightened): runs "
     f"the {REVALIDATION} check on compiled_kernels; its result shows on the asset.",
+)
+
+
+# -- the kernel cache's health, every 15 minutes -------------------------------------------
+CACHE_HEALTHY = "kernel_cache_healthy"
+# A kernel is still served while only these fail (L1 is per process, L2 a shared copy).
+NON_DURABLE = ("l1", "l2")
+HEALTH_STEPS = (
+    "each tier pinged (latency, breaker state); then one 1 KiB probe value put through "
+    "the cache, read back from every tier that took it (frame checksum verified), "
+    "invalidated, and read again to see it gone (the same as `esper health`)"
+)
+
+
+@dg.asset_check(
+    asset="compiled_kernels",
+    name=CACHE_HEALTHY,
+    description="Every tier of the kernel cache the kernels are served from answers, and a "
+    "probe value written through the cache reads back from each tier and is deleted again. "
+    "Runs every 15 minutes (schedule cache_health_every_15_minutes).",
+)
+def kernel_cache_healthy(kernel_cache: KernelCacheResource) -> dg.AssetCheckResult:
+    with kernel_cache.open() as cache:
+        report = health.probe_cache(cache)
+    return health_result(report)
+
+
+def health_result(report: dict[str, dict]) -> dg.AssetCheckResult:
+    """Passed when every tier is healthy; a failure is a warning while only tiers a
+    kernel can be served without are down (L1, L2), an error otherwise."""
+    down = health.unhealthy(report)
+    rows = [
+        f"| {level} | {t['status']} | {t.get('latency_ms', '')} | "
+        f"{t.get('probe', {}).get('write_ms', '')} | {t.get('probe', {}).get('read_ms', '')} | "
+        f"{t.get('breaker', '')} |"
+        for level, t in report.items()
+    ]
+    table = "\n".join(
+        ["| tier | status | ping ms | write ms | read ms | breaker |", "|---|---|---|---|---|---|"]
+        + rows
+    )
+    metadata = {
+        "tiers": dg.MetadataValue.md(table),
+        "steps": dg.MetadataValue.text(HEALTH_STEPS),
+        "unhealthy_tiers": dg.MetadataValue.text(", ".join(down) or "none"),
+    }
+    durable_down = set(down) - set(NON_DURABLE)
+    return dg.AssetCheckResult(
+        passed=not down,
+        severity=dg.AssetCheckSeverity.ERROR if durable_down else dg.AssetCheckSeverity.WARN,
+        description="; ".join(f"{level}: {why}" for level, why in down.items())[:4000]
+        or f"all {len(report)} tiers answered and the probe read back from each",
+        metadata=metadata,
+    )
+
+
+cache_health_job = dg.define_asset_job(
+    "cache_health_job",
+    selection=dg.AssetSelection.checks(kernel_cache_healthy),
+    executor_def=dg.in_process_executor,  # one step: no process of its own to start
+    description=f"Probe every tier of the kernel cache: the {CACHE_HEALTHY} check on "
+    "compiled_kernels; its result shows on the asset.",
 )
