@@ -1,8 +1,9 @@
-"""``esper bench cache|repository|pipeline|checkpoints|analytics``: run a benchmark of :mod:`esper_assets.bench`
+"""``esper bench cache|repository|pipeline|checkpoints|analytics|serve``: run a benchmark of :mod:`esper_assets.bench`
 on the configured settings, write its JSON and print it as tables (or JSON)."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +19,40 @@ def bench() -> None:
     """Benchmarks against the raw clients, printed as tables and written as JSON."""
 
 
+def _per_backend_options(name: str, quick: str):
+    """``--quick``, ``--out`` (default: bench-results/<name>-<backend>.json) and ``--json``."""
+
+    def add(command):
+        for option in reversed([
+            click.option("--quick", is_flag=True, help=quick),
+            click.option("--out", type=click.Path(path_type=Path), default=None,
+                         help=f"JSON file (default bench-results/{name}-<backend>.json)."),
+            click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables."),
+        ]):  # fmt: skip
+            command = option(command)
+        return command
+
+    return add
+
+
+def _run_bench(what: str, name: str, run, out: Path | None, as_json: bool, render) -> None:
+    """``run(progress=...)`` under a spinner; its JSON written to ``out`` (by default
+    bench-results/<name>-<backend>.json, the backend it ran on) and printed."""
+    with status(f"benchmarking {what}", as_json) as spinner:
+        result = run(progress=progress(spinner))
+    out = out or Path("bench-results") / f"{name}-{result['backend']}.json"
+    write_and_emit(result, out, as_json, render)
+
+
 @bench.command("cache")
-@click.option("--quick", is_flag=True, help="Fewer rounds (for smoke runs).")
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="JSON file (default bench-results/cache-<backend>.json).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_per_backend_options("cache", quick="Fewer rounds (for smoke runs).")
 def bench_cache(quick: bool, out: Path | None, as_json: bool) -> None:
     """L1/L2/L3 hit latency vs raw clients, hot-id throughput, Zipf hit ratio."""
     from esper_assets.bench import cache as cache_bench
 
     settings = Settings.from_env()
-    with status("benchmarking the kernel cache", as_json) as spinner:
-        result = cache_bench.run(settings, quick=quick, progress=progress(spinner))
-    out = out or Path("bench-results") / f"cache-{result['backend']}.json"
-    write_and_emit(result, out, as_json, _render_cache_bench)
+    run = partial(cache_bench.run, settings, quick=quick)
+    _run_bench("the kernel cache", "cache", run, out, as_json, _render_cache_bench)
 
 
 @bench.command("repository")
@@ -89,20 +106,13 @@ def bench_pipeline(
 
 
 @bench.command("checkpoints")
-@click.option("--quick", is_flag=True, help="A 256 MB model instead of 1 GB.")
-@click.option(
-    "--out", type=click.Path(path_type=Path), default=None,
-    help="JSON file (default bench-results/checkpoints-<backend>.json).",
-)  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_per_backend_options("checkpoints", quick="A 256 MB model instead of 1 GB.")
 def bench_checkpoints(quick: bool, out: Path | None, as_json: bool) -> None:
     """Checkpoint save/restore vs a raw file copy: dedup, MB/s, peak RSS, save_async cost."""
     from esper_assets.bench import checkpoints as checkpoints_bench
 
-    with status("benchmarking checkpoints", as_json) as spinner:
-        result = checkpoints_bench.run(quick=quick, progress=progress(spinner))
-    out = out or Path("bench-results") / f"checkpoints-{result['backend']}.json"
-    write_and_emit(result, out, as_json, _render_checkpoints_bench)
+    run = partial(checkpoints_bench.run, quick=quick)
+    _run_bench("checkpoints", "checkpoints", run, out, as_json, _render_checkpoints_bench)
 
 
 _CHECKPOINT_COLUMNS = (
@@ -264,21 +274,14 @@ def _render_analytics_bench(result: dict[str, Any]) -> None:
 
 
 @bench.command("serve")
-@click.option("--quick", is_flag=True, help="3 rounds of 1,000 requests instead of 7 of 4,000.")
-@click.option(
-    "--out", type=click.Path(path_type=Path), default=None,
-    help="JSON file (default bench-results/serve-<backend>.json).",
-)  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_per_backend_options("serve", quick="3 rounds of 1,000 requests instead of 7 of 4,000.")
 def bench_serve(quick: bool, out: Path | None, as_json: bool) -> None:
     """esper serve's /binary vs a minimal ASGI app returning the same bytes from a dict."""
     from esper_assets.bench import serve as serve_bench
 
     settings = Settings.from_env()
-    with status("benchmarking esper serve", as_json) as spinner:
-        result = serve_bench.run(settings, quick=quick, progress=progress(spinner))
-    out = out or Path("bench-results") / f"serve-{result['backend']}.json"
-    write_and_emit(result, out, as_json, _render_serve_bench)
+    run = partial(serve_bench.run, settings, quick=quick)
+    _run_bench("esper serve", "serve", run, out, as_json, _render_serve_bench)
 
 
 def _render_serve_bench(result: dict[str, Any]) -> None:
