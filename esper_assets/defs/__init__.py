@@ -49,7 +49,6 @@ from esper_assets.defs.instance import embedded_dagster_home, local_instance
 from esper_assets.defs.kernels import (
     FILE_TAG,
     blueprint_partitions,
-    evaluate_new_blueprints,
     ingest_blueprints_job,
     new_blueprints,
 )
@@ -70,7 +69,6 @@ __all__ = [
     "daemon_in_process",
     "embedded_dagster_home",
     "esper_definitions",
-    "evaluate_new_blueprints",
     "ingest_blueprints_job",
     "local_instance",
     "new_blueprints",

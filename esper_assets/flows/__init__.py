@@ -1,5 +1,5 @@
 """Use cases without Dagster, for every entry point (Dagster's ``defs/``, ``runner/``,
-``cli/``, ``bench/``, and later an HTTP service) to call.
+``cli/``, ``bench/``, ``api/``) to call.
 
 What each module owns:
 
@@ -14,10 +14,13 @@ What each module owns:
   lineage queries.
 - ``upkeep``: cache cleanup, cache warming (restoring a kernel every tier lost from
   the repository) and nightly re-validation.
+- ``health``: the kernel cache's health, each tier pinged and probed (write, read
+  back, delete): ``esper health`` and the ``kernel_cache_healthy`` check.
 - ``checkpoints``: what the ``new_checkpoints`` sensor finds (checkpoints saved since
   its cursor, landed checkpoint folders) and the platform's own state as a checkpoint.
 
 May import: ``esper_assets.errors``, ``settings``, ``blueprints``, ``storage``,
 ``checkpoints``.
-Never Dagster, never ``defs``, ``runner``, ``cli`` or ``bench`` (they import this).
+Never Dagster, never ``defs``, ``runner``, ``cli``, ``bench`` or ``api`` (they import
+this).
 """

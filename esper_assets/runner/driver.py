@@ -192,18 +192,6 @@ def read_cursor(instance: dg.DagsterInstance, sensor_name: str) -> str | None:
     return None
 
 
-def add_partitions(instance: dg.DagsterInstance, result: dg.SensorResult) -> None:
-    """The dynamic partitions a sensor's result asks for, added (and removed) as the
-    daemon would (for a sensor evaluated by hand, as tests do)."""
-    for request in result.dynamic_partitions_requests or []:
-        name, keys = request.partitions_def_name, list(request.partition_keys)
-        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
-            for key in keys:
-                instance.delete_dynamic_partition(name, key)
-        else:
-            instance.add_dynamic_partitions(name, keys)
-
-
 def tick_and_run(
     defs: dg.Definitions, instance: dg.DagsterInstance, max_ticks: int = 20
 ) -> TickReport:

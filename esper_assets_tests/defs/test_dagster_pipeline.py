@@ -21,7 +21,7 @@ from esper_assets.flows import kernels
 from esper_assets.flows.arrivals import Cursor
 from esper_assets.flows.landing import DirectoryLanding
 from esper_assets.runner import backfill, dagster_lineage, land_examples, tick_and_run
-from esper_assets.runner.driver import add_partitions, read_cursor
+from esper_assets.runner.driver import read_cursor
 from esper_assets.settings import SERVICE_VARIABLES, Settings
 from esper_assets.storage import AssetRepository, PersistentKernelCache
 
@@ -53,6 +53,18 @@ def instance(esper_home):
 @pytest.fixture
 def landing(esper_home) -> DirectoryLanding:
     return DirectoryLanding(Settings.from_env().landing)
+
+
+def add_partitions(instance: dg.DagsterInstance, result: dg.SensorResult) -> None:
+    """The dynamic partitions a sensor's result asks for, added (and removed) as the
+    daemon would (for a sensor evaluated by hand, as tests do)."""
+    for request in result.dynamic_partitions_requests or []:
+        name, keys = request.partitions_def_name, list(request.partition_keys)
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in keys:
+                instance.delete_dynamic_partition(name, key)
+        else:
+            instance.add_dynamic_partitions(name, keys)
 
 
 def latest_materialization(instance, asset: str, partition: str) -> dict:

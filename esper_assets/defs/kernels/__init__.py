@@ -9,7 +9,6 @@ import dagster as dg
 from esper_assets.defs.kernels.assets import blueprint_partitions, blueprints_and_kernels
 from esper_assets.defs.kernels.sensors import (
     FILE_TAG,
-    evaluate_new_blueprints,
     ingest_blueprints_job,
     new_blueprints,
 )
@@ -18,7 +17,6 @@ __all__ = [
     "FILE_TAG",
     "blueprint_partitions",
     "definitions",
-    "evaluate_new_blueprints",
     "ingest_blueprints_job",
     "new_blueprints",
 ]

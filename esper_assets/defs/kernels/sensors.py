@@ -22,7 +22,7 @@ from esper_assets.defs.resources import (
     BlueprintRulesResource,
     LandingZoneResource,
 )
-from esper_assets.flows.arrivals import Cursor, Scan, scan_landing
+from esper_assets.flows.arrivals import Cursor, scan_landing
 from esper_assets.flows.kernels import find_blueprint, has_registered_blueprint
 from esper_assets.storage import AssetRepository
 
@@ -71,19 +71,9 @@ def new_blueprints(
     repository: AssetRepositoryResource,
     blueprint_rules: BlueprintRulesResource,
 ) -> dg.SensorResult:
-    return evaluate_new_blueprints(context, landing, repository, blueprint_rules)[0]
-
-
-def evaluate_new_blueprints(
-    context: dg.SensorEvaluationContext,
-    landing: LandingZoneResource,
-    repository: AssetRepositoryResource,
-    blueprint_rules: BlueprintRulesResource,
-) -> tuple[dg.SensorResult, Scan]:
-    """One tick of ``new_blueprints``: what it returns to Dagster, and the scan behind it
-    (rejected files, children waiting), which ``esper ingest`` reports file by file.
-
-    Partitions are removed by the policy in ``REMOVAL_POLICY``."""
+    """One tick: landed files become partitions and runs; partitions are removed by the
+    policy in ``REMOVAL_POLICY``. What it rejected and which children wait for their
+    parent goes to the tick's log (and the cursor keeps the waiting ones)."""
     cursor = Cursor.load(context.cursor)
     partitions = set(context.instance.get_dynamic_partitions(blueprint_partitions.name))
     with repository.open() as repo:
@@ -115,7 +105,7 @@ def evaluate_new_blueprints(
         requests.append(blueprint_partitions.build_add_request(new_names))
     if removal.remove:
         requests.append(blueprint_partitions.build_delete_request(removal.remove))
-    result = dg.SensorResult(
+    return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
                 run_key=a.run_key,
@@ -127,7 +117,6 @@ def evaluate_new_blueprints(
         dynamic_partitions_requests=requests,
         cursor=scan.cursor.dump(),
     )
-    return result, scan
 
 
 @dataclass
