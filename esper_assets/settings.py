@@ -95,12 +95,7 @@ class Settings:
             {"postgresql", "postgres"},
             "use postgresql://user@host:5432/db, or unset it for the embedded SQLite file",
         )
-        redis_url = _check_url(
-            "ESPER_REDIS_URL",
-            get("ESPER_REDIS_URL"),
-            {"redis", "rediss", "unix"},
-            "use redis://host:6379/0, or unset it to run without L2",
-        )
+        redis_url = _check_redis_url(get("ESPER_REDIS_URL"))
         bucket = get("ESPER_S3_BUCKET")
         if bucket is not None and not _BUCKET.match(bucket):
             raise ConfigError(
@@ -225,6 +220,38 @@ _ENCODE_ADVICE = (
     "urllib.parse.quote(password, safe='') does it)"
 )
 _BAD_PERCENT = re.compile(r"%(?![0-9a-fA-F]{2})|%00")
+
+
+_REDIS_ADVICE = (
+    "use redis://host:6379/0, or redis+cluster://host:7000,host:7001 for a Redis Cluster, "
+    "or unset it to run without L2"
+)
+
+
+def _check_redis_url(url: str | None) -> str | None:
+    """ESPER_REDIS_URL: one server (``redis``, ``rediss``, ``unix``) or a Redis Cluster
+    (``redis+cluster``, ``rediss+cluster``) named by one or more of its nodes, comma
+    separated; each node is checked as the URL of one server would be."""
+    variable = "ESPER_REDIS_URL"
+    scheme, sep, rest = (url or "").partition("://")
+    if not sep or scheme.lower() not in ("redis+cluster", "rediss+cluster"):
+        return _check_url(variable, url, {"redis", "rediss", "unix"}, _REDIS_ADVICE)
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    for host in hosts.split(","):
+        single = f"{scheme.lower().removesuffix('+cluster')}://{userinfo}{at}{host}{slash}{path}"
+        try:
+            _check_url(variable, single, {"redis", "rediss"}, _REDIS_ADVICE)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{variable}={redact_url(url)!r}: cluster node {host!r}: {exc}"
+            ) from None
+    if path.split("?", 1)[0] not in ("", "0"):
+        raise ConfigError(
+            f"{variable}={redact_url(url)!r} names database {path!r}; a Redis Cluster has "
+            "database 0 only: drop the path"
+        )
+    return url
 
 
 def _check_url(variable: str, url: str | None, schemes: set[str], advice: str) -> str | None:

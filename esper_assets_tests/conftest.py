@@ -165,13 +165,19 @@ class RedisProcess:
 
     def __init__(self, tmp: Path) -> None:
         self.port = free_port()
+        self.bus_port = free_port()  # used only as a cluster node
         self.tmp = tmp
         self.proc: subprocess.Popen | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, cluster: bool = False) -> None:
         import redis
 
+        # A cluster node keeps its identity and slots in nodes.conf under --dir; its bus
+        # port is a free port of its own (the default, port + 10000, may be taken or > 65535).
+        as_node = ["--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
+                   "--cluster-node-timeout", "1000",
+                   "--cluster-require-full-coverage", "no"] if cluster else []  # fmt: skip
         self.proc = subprocess.Popen(
             [
                 "redis-server",
@@ -185,6 +191,7 @@ class RedisProcess:
                 "no",
                 "--dir",
                 str(self.tmp),
+                *as_node,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -217,6 +224,106 @@ def private_redis(request, tmp_path: Path, open_things: OpenThings) -> Iterator[
         open_things.close_all()  # the caches on it first, while it still answers
     finally:
         server.stop()
+
+
+# -- a Redis Cluster of three nodes -------------------------------------------------------
+class RedisClusterProcesses:
+    """Three ``redis-server --cluster-enabled yes`` primaries on free loopback ports, no
+    replicas, each owning a third of the hash slots; ``url`` names them all.
+
+    Built with redis-py's CLUSTER ADDSLOTSRANGE and CLUSTER MEET (no redis-cli needed).
+    ``cluster-require-full-coverage no``: with a node down the others keep serving their
+    slots, the behaviour a cache wants. A node restarts on its port with its nodes.conf,
+    so it rejoins owning the same slots (empty: nothing is saved)."""
+
+    NODES = 3
+
+    def __init__(self, tmp: Path) -> None:
+        self.nodes = [RedisProcess(tmp / f"node-{i}") for i in range(self.NODES)]
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        import redis
+
+        for node in self.nodes:
+            node.tmp.mkdir(parents=True, exist_ok=True)
+            node.start(cluster=True)
+        per_node = 16384 // self.NODES
+        for i, node in enumerate(self.nodes):
+            last = 16383 if i == self.NODES - 1 else (i + 1) * per_node - 1
+            with redis.Redis(port=node.port) as client:
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per_node, last)
+        with redis.Redis(port=self.nodes[0].port) as first:
+            for node in self.nodes[1:]:
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, node.bus_port)
+        self.wait_ok()
+
+    def wait_ok(self, timeout_s: float = 20) -> None:
+        """Until every node says cluster_state:ok and knows every other node."""
+        import redis
+
+        def ok(node: RedisProcess) -> bool:
+            with redis.Redis(port=node.port, socket_timeout=1) as client:
+                info = client.execute_command("CLUSTER", "INFO")
+                if isinstance(info, bytes):
+                    info = info.decode()
+                known = client.execute_command("CLUSTER", "NODES")
+                if isinstance(known, bytes):
+                    known = known.decode()
+                return "cluster_state:ok" in str(info) and str(known).count("connected") == (
+                    self.NODES
+                )
+
+        wait_until(lambda: all(map(ok, self.nodes)), "the Redis Cluster to be ok", timeout_s)
+
+    def restart(self, node: RedisProcess) -> None:
+        node.start(cluster=True)
+        self.wait_ok()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _start_cluster(tmp: Path) -> RedisClusterProcesses:
+    if shutil.which("redis-server") is None:
+        _service_missing("redis-server binary (for a Redis Cluster)", "not on PATH")
+    cluster = RedisClusterProcesses(tmp)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisClusterProcesses]:
+    """One three-node cluster for the session's tests (each uses its own key prefix)."""
+    cluster = _start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(request, redis_cluster: RedisClusterProcesses, open_things) -> Iterator[str]:
+    require_marks(request)
+    yield redis_cluster.url
+    open_things.close_all()  # the caches on it first
+
+
+@pytest.fixture
+def private_redis_cluster(
+    request, tmp_path: Path, open_things: OpenThings
+) -> Iterator[RedisClusterProcesses]:
+    """A cluster of this test's own, for tests that kill and restart its nodes."""
+    require_marks(request)
+    cluster = _start_cluster(tmp_path / "cluster")
+    yield cluster
+    try:
+        open_things.close_all()
+    finally:
+        cluster.stop()
 
 
 # -- the embedded default ---------------------------------------------------------------
@@ -436,6 +543,8 @@ FIXTURE_MARKS: dict[str, frozenset[str]] = {
     "redis_prefix": frozenset({"redis"}),
     "redis_client": frozenset({"redis"}),
     "private_redis": frozenset({"redis", "private_services"}),
+    "redis_cluster_url": frozenset({"redis", "private_services"}),
+    "private_redis_cluster": frozenset({"redis", "private_services"}),
     "s3_endpoint": frozenset({"s3"}),
     "s3_bucket": frozenset({"s3"}),
     "private_moto": frozenset({"s3", "private_services"}),

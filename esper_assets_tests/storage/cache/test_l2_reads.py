@@ -180,14 +180,14 @@ def test_idle_connection_closed_by_the_server_is_replaced_without_an_error(
     cache.put("k", b"v" * 5000)
     assert cache.get("k") == b"v" * 5000
     tier = cache.tier("l2")
-    (idle,) = tier._idle
+    (idle,) = tier.idle_connections()
     idle.send_command("CLIENT", "ID")
     redis_client.client_kill_filter(_id=idle.read_response())  # as a server timeout would
 
     assert cache.get("k") == b"v" * 5000
     stats = cache.get_stats()["tiers"]["l2"]
     assert (stats["hits"], stats["errors"]) == (2, 0)
-    assert len(tier._idle) == 1  # the pool may hand back the same object, reconnected
+    assert len(tier.idle_connections()) == 1  # the pool may hand back the same object, reconnected
 
 
 def test_threads_reading_at_once_each_get_a_connection_of_their_own(make_cache):
@@ -203,7 +203,8 @@ def test_threads_reading_at_once_each_get_a_connection_of_their_own(make_cache):
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(read, range(4)))
     tier = cache.tier("l2")
-    assert 1 <= len(tier._idle) <= 4 and len(set(map(id, tier._idle))) == len(tier._idle)
+    idle = tier.idle_connections()
+    assert 1 <= len(idle) <= 4 and len(set(map(id, idle))) == len(idle)
     assert cache.get_stats()["tiers"]["l2"]["errors"] == 0
 
 
@@ -218,4 +219,4 @@ def test_get_many_reads_frames_skipping_absent_and_fenced_keys(make_cache, redis
 
     assert frames == {k: redis_client.get(tier.prefix + k) for k in values}
     assert cache.get_many([*values, "fenced"]) == values
-    assert len(tier._idle) == 1  # get_many and get_parts share the idle connections
+    assert len(tier.idle_connections()) == 1  # get_many and get_parts share the idle connections

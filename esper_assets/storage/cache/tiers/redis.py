@@ -1,5 +1,5 @@
-"""L2: Redis. Framed bytes under ``<prefix><id>`` with a native TTL, plus the
-pub/sub channel that carries invalidations to every process's L1.
+"""L2: Redis, one server or a Redis Cluster. Framed bytes under ``<prefix><id>`` with a
+native TTL, plus the pub/sub channel that carries invalidations to every process's L1.
 
 Two kinds of write, so that a reader can never undo an invalidation:
 - authoritative (``put_many``, ``fence_many``): a ``put`` or ``invalidate`` of the
@@ -10,6 +10,13 @@ Two kinds of write, so that a reader can never undo an invalidation:
   reader that fetched the old value from L3 before the delete then finds the key
   taken and its late promotion is refused. No valid frame is empty, so reads see a
   fence as a miss.
+
+A cluster (``redis+cluster://host:port[,host:port...]``) changes where a key lives,
+not what is stored: :class:`OneServer` and :class:`Cluster` say which connection pool
+serves a key, how a batch read is split, and where the listener subscribes. Every
+command touches one key, so no command ever spans two hash slots. Invalidations are
+classic ``PUBLISH`` messages, which a cluster forwards to every node: a listener
+subscribed to any live node hears them all.
 """
 
 from __future__ import annotations
@@ -21,15 +28,61 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import AskError, ClusterDownError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
 from esper_assets.errors import TierUnavailable, redact_url
 from esper_assets.storage.cache.framing import HEADER_SIZE, FrameParts
 
 log = logging.getLogger(__name__)
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# Every failure of a call to Redis: redis-py raises RedisClusterException (not a
+# RedisError) when no node of a cluster answers.
+REDIS_ERRORS = (redis.RedisError, RedisClusterException, OSError)
+# Replies that mean "the slot map you used is out of date" (MOVED is an AskError).
+_RESHARDED = (AskError, TryAgainError, ClusterDownError)
+_DISCARD_IF_SAME = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def connect(url: str, timeout_s: float | None = None, **kwargs: Any) -> redis.Redis | RedisCluster:
+    """A redis-py client for ``url`` (a :class:`RedisCluster` for a cluster URL; that one
+    reads the slot map now, so it raises if no node answers). For benchmarks and tests
+    that want the raw client on the same server the tier uses."""
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if is_cluster_url(url):
+        return RedisCluster(**cluster_options(url), **timeouts, **kwargs)
+    return redis.Redis.from_url(url, **timeouts, **kwargs)
+
+
+def cluster_options(url: str) -> dict[str, Any]:
+    """RedisCluster's arguments for ``redis+cluster://[user:password@]host:port[,...][/0]``
+    (``rediss+cluster`` for TLS); Settings has checked the URL's form."""
+    scheme, _, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    userinfo, _, hosts = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    nodes = []
+    for host in hosts.split(","):
+        parts = urlsplit(f"//{host}")
+        nodes.append(ClusterNode(parts.hostname or "127.0.0.1", parts.port or 6379))
+    return {
+        "startup_nodes": nodes,
+        "username": unquote(user) or None,
+        "password": unquote(password) or None,
+        "ssl": scheme.lower() == "rediss+cluster",
+    }
 
 
 def _bulk(arg: bytes) -> bytes:
@@ -64,6 +117,141 @@ def _read_parts_atomic(conn) -> tuple[bytes, bytes]:
     return head, payload
 
 
+def _pack_mget(names: Sequence[bytes]) -> bytes:
+    return b"*%d\r\n$4\r\nMGET\r\n" % (len(names) + 1) + b"".join(map(_bulk, names))
+
+
+def _pack_gets(names: Sequence[bytes]) -> bytes:
+    return b"".join(b"*2\r\n$3\r\nGET\r\n" + _bulk(name) for name in names)
+
+
+def _reader_of(count: int) -> Callable[[Any], list]:
+    """Read the replies of ``count`` pipelined commands."""
+    return lambda conn: [conn.read_response() for _ in range(count)]
+
+
+# A batch read's plan: per server, (pool, commands, reader, positions of its keys).
+ReadPlan = list[tuple[Any, bytes, Callable[[Any], list], Sequence[int]]]
+
+
+class OneServer:
+    """L2 on one Redis server: one connection pool, batch reads as one ``MGET``."""
+
+    cluster = False
+
+    def __init__(self, url: str, timeout_s: float, pool_size: int) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.pool = redis.ConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),  # one failure is one bounded timeout: the breaker decides
+        )
+        self.client = redis.Redis(connection_pool=self.pool)
+
+    def pool_for(self, name: bytes) -> redis.ConnectionPool:
+        return self.pool
+
+    def plan_reads(self, names: Sequence[bytes]) -> ReadPlan:
+        return [(self.pool, _pack_mget(names), _read_one, range(len(names)))]
+
+    def publish_target(self, key: str | None) -> dict[str, Any]:
+        return {}
+
+    def subscriber(self, attempt: int) -> redis.client.PubSub:
+        # Its own client: the subscription holds a connection for good, outside the pool
+        # that bounds the tier's reads and writes; no read timeout, as it waits for news.
+        client = redis.Redis.from_url(
+            self.url, socket_connect_timeout=self.timeout_s, retry=Retry(NoBackoff(), 0)
+        )
+        return client.pubsub(ignore_subscribe_messages=True)
+
+    def ping(self) -> None:
+        self.client.ping()
+
+    def refresh(self) -> None:
+        """Nothing to learn: one server has no slot map."""
+
+    def close(self) -> None:
+        self.pool.disconnect()
+
+
+class Cluster:
+    """L2 on a Redis Cluster: a key's pool is its hash slot's primary's; a batch read is
+    one pipeline of ``GET`` per node (sent to every node before any reply is read); the
+    listener subscribes to the nodes in turn. redis-py's :class:`RedisCluster` keeps the
+    slot map; it is built on first use (it asks the cluster for the map at once), so a
+    cluster that is down when the cache starts is a tier that fails, not a cache that
+    cannot be built."""
+
+    cluster = True
+
+    def __init__(self, url: str, timeout_s: float, pool_size: int) -> None:
+        self.url = url
+        self._options = cluster_options(url) | {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "max_connections": pool_size,  # per node
+            "retry": Retry(NoBackoff(), 0),
+            "require_full_coverage": False,  # a node down loses its slots, not the others'
+        }
+        self._client: RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> RedisCluster:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = RedisCluster(**self._options)
+        return self._client
+
+    def pool_for(self, name: bytes) -> redis.ConnectionPool:
+        return self.client.get_node_from_key(name).redis_connection.connection_pool
+
+    def plan_reads(self, names: Sequence[bytes]) -> ReadPlan:
+        by_pool: dict[Any, list[int]] = {}
+        for i, name in enumerate(names):
+            by_pool.setdefault(self.pool_for(name), []).append(i)
+        return [
+            (pool, _pack_gets([names[i] for i in where]), _reader_of(len(where)), where)
+            for pool, where in by_pool.items()
+        ]
+
+    def publish_target(self, key: str | None) -> dict[str, Any]:
+        """Publish through the node that just took ``key``'s write (so a live one; the
+        cluster forwards the message to every node)."""
+        return {"target_nodes": self.client.get_node_from_key(key)} if key else {}
+
+    def subscriber(self, attempt: int) -> redis.client.PubSub:
+        """Subscribe through the next node in turn: a dead node costs one attempt."""
+        nodes = self.client.get_nodes()
+        node = nodes[attempt % len(nodes)]
+        return self.client.pubsub(node=node, ignore_subscribe_messages=True)
+
+    def ping(self) -> None:
+        for node in self.client.get_primaries():  # a node down is a tier down
+            self.client.ping(target_nodes=node)
+
+    def refresh(self) -> None:
+        """Read the slot map again (after MOVED, or a node that stopped answering),
+        best effort: when no node answers, the next call fails and tries again."""
+        if self._client is None:
+            return
+        with contextlib.suppress(*REDIS_ERRORS):
+            self._client.nodes_manager.initialize()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+class _ClosedWhileIdle(Exception):
+    """A connection taken from the idle list failed: the server closed it meanwhile."""
+
+
 class RedisTier:
     name = "l2"
     durable = False
@@ -81,38 +269,34 @@ class RedisTier:
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
         self.fence_ms = max(1, int(fence_seconds * 1000))
-        self.channel = f"{prefix}invalidate"
-        # Messages are "<sender> <key>" so a process can ignore its own announcements.
-        self.sender = uuid.uuid4().hex
-        # No retries: one failure is one bounded timeout, then the breaker decides.
-        self._pool = redis.ConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self.client = redis.Redis(connection_pool=self._pool)
-        self._discard_if_same = self.client.register_script(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
-            " return 0"
-        )
         self.timeout_s = timeout_s
-        # Connections get_parts and get_many checked out of the pool and keep (at most
-        # as many as threads ever read at once; the pool's max_connections still bounds).
-        self._idle: list = []
+        self.channel = f"{prefix}invalidate"
+        # Messages are "<sender>\n<id>\n<id>...": a process ignores its own announcements.
+        self.sender = uuid.uuid4().hex
+        self.servers = (Cluster if is_cluster_url(url) else OneServer)(url, timeout_s, pool_size)
+        # Connections the read path checked out of a pool and keeps, per pool (at most as
+        # many as threads ever read at once; the pool's max_connections still bounds).
+        self._idle: dict[Any, list] = {}
         self._idle_pid = os.getpid()
 
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        """redis-py's client for everything but the read path."""
+        return self.servers.client
+
     def _unavailable(self, exc: Exception) -> TierUnavailable:
+        if isinstance(exc, redis.ConnectionError):
+            self.servers.refresh()  # a cluster may have failed over: learn where keys went
         return TierUnavailable(f"L2 Redis at {redact_url(self.url)} failed: {exc}")
 
     def _ttl_ms(self) -> int | None:
         return int(self.ttl_seconds * 1000) if self.ttl_seconds else None
 
+    # -- reads -----------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
         try:
             return self.client.get(self.prefix + key) or None  # b"" is a fence: a miss
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from exc
 
     def get_parts(self, key: str, atomic: bool = False) -> FrameParts | None:
@@ -130,8 +314,7 @@ class RedisTier:
         This is the hot path of an L2 hit, so it skips redis-py's per-command machinery
         (packing ~4 us, pool checkout and return ~5 us a call): the commands are packed
         here and sent on a connection kept on a small LIFO list of idle ones (see
-        :meth:`_checkout`). A connection that failed is closed and returned to the pool,
-        never reused with a reply left unread.
+        :meth:`_exchange`).
         """
         name = (self.prefix + key).encode()
         n = len(name)
@@ -142,81 +325,130 @@ class RedisTier:
         packed = _GETRANGE % (n, name, _REST_RANGE) + _GETRANGE % (n, name, _HEAD_RANGE)
         if atomic:
             packed = b"*1\r\n$5\r\nMULTI\r\n" + packed + b"*1\r\n$4\r\nEXEC\r\n"
-        try:
-            head, payload = self._exchange(packed, _read_parts_atomic if atomic else _read_parts)
-        except redis.RedisError as exc:
-            raise self._unavailable(exc) from exc
+        read = _read_parts_atomic if atomic else _read_parts
+        head, payload = self._read(lambda: [(self.servers.pool_for(name), packed, read)])[0]
         if not head:  # absent, or a fence (b"")
             return None
         return FrameParts(head, payload, atomic)
 
-    def _exchange(self, packed: bytes, read: Callable) -> Any:
-        """Send ``packed`` (commands in RESP) on an idle connection and return
-        ``read(conn)``, the replies. A reused idle connection the server closed is
-        replaced once (as redis-py's pool does on checkout); a timeout is not retried
-        (it is the tier's bound)."""
-        conn, reused = self._checkout()
-        try:
-            conn.send_packed_command((packed,))
-            result = read(conn)
-        except redis.ConnectionError:
-            self._discard_connection(conn)
-            if not reused:
-                raise
-            conn = self._pool.get_connection()
-            try:
-                conn.send_packed_command((packed,))
-                result = read(conn)
-            except BaseException:
-                self._discard_connection(conn)
-                raise
-        except BaseException:
-            self._discard_connection(conn)
-            raise
-        self._idle.append(conn)
-        return result
-
-    def _checkout(self):
-        """An idle connection of get_parts (LIFO), else a new one from the pool. The
-        list is this process's: after a fork the child starts a list of its own (the
-        parent's sockets are never used, nor shut down, from the child)."""
-        if self._idle_pid != os.getpid():
-            self._idle, self._idle_pid = [], os.getpid()
-        try:
-            return self._idle.pop(), True
-        except IndexError:
-            return self._pool.get_connection(), False
-
-    def _discard_connection(self, conn) -> None:
-        conn.disconnect()  # _sock is None afterwards: not put back on the idle list
-        self._pool.release(conn)
-
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        """``MGET``, packed here and sent like get_parts' commands (redis-py's packing
-        and pool cost ~45 us of a 100-key MGET)."""
+        """Whole frames of ``keys``: one ``MGET`` (one server), or a pipeline of ``GET``
+        per node (a cluster), packed here and sent like get_parts' commands (redis-py's
+        packing and pool cost ~45 us of a 100-key MGET)."""
         if not keys:
             return {}
         prefix = self.prefix
-        packed = [b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)]
-        for key in keys:
-            name = (prefix + key).encode()
-            packed.append(b"$%d\r\n%b\r\n" % (len(name), name))
-        try:
-            values = self._exchange(b"".join(packed), _read_one)
-        except redis.RedisError as exc:
-            raise self._unavailable(exc) from exc
+        names = [(prefix + key).encode() for key in keys]
+        plan: ReadPlan = []
+
+        def requests() -> list:
+            plan[:] = self.servers.plan_reads(names)
+            return [(pool, packed, read) for pool, packed, read, _ in plan]
+
+        values: list = [None] * len(keys)
+        for (*_, where), replies in zip(plan, self._read(requests), strict=True):
+            for i, value in zip(where, replies, strict=True):
+                values[i] = value
         return {k: v for k, v in zip(keys, values, strict=True) if v}  # b"": a fence
 
-    def _pipeline(self, commands: Callable, announce: Iterable[str] = ()) -> None:
-        """Run ``commands(pipe)`` and announce ``announce`` in one round trip."""
+    def _read(self, requests: Callable[[], list]) -> list:
+        """The replies of ``requests()`` (per server: pool, packed commands, reader). A
+        cluster that answers MOVED/ASK/TRYAGAIN/CLUSTERDOWN was resharded or is failing
+        over: the slot map is read again and the requests planned and sent once more."""
+        try:
+            try:
+                return self._exchange(requests())
+            except _RESHARDED:
+                self.servers.refresh()
+                return self._exchange(requests())
+        except REDIS_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+
+    def _exchange(self, requests: Sequence[tuple]) -> list:
+        """Send each request's commands on an idle connection of its pool, then read
+        each one's replies (so the servers of a batch work at once). A reused idle
+        connection the server closed makes the whole exchange start again once on new
+        ones (as redis-py's pool does on checkout); a timeout is not retried (it is the
+        tier's bound)."""
+        try:
+            return self._send_then_read(requests, reuse_idle=True)
+        except _ClosedWhileIdle:
+            return self._send_then_read(requests, reuse_idle=False)
+
+    def _send_then_read(self, requests: Sequence[tuple], reuse_idle: bool) -> list:
+        taken = []  # (pool, connection, whether it came off the idle list)
+        try:
+            for pool, packed, _ in requests:
+                conn, reused = (
+                    self._checkout(pool) if reuse_idle else (pool.get_connection(), False)
+                )
+                taken.append((pool, conn, reused))
+                conn.send_packed_command((packed,))
+            replies = [
+                read(conn) for (_, _, read), (_, conn, _) in zip(requests, taken, strict=True)
+            ]
+        except redis.ConnectionError as exc:
+            self._discard(taken)
+            if any(reused for *_, reused in taken):
+                raise _ClosedWhileIdle from exc
+            raise
+        except BaseException:
+            self._discard(taken)  # never reused with a reply left unread
+            raise
+        for pool, conn, _ in taken:
+            self._idle_of(pool).append(conn)
+        return replies
+
+    def _idle_of(self, pool) -> list:
+        """The idle connections of ``pool``. The lists are this process's: after a fork
+        the child starts its own (the parent's sockets are never used, nor shut down,
+        from the child)."""
+        if self._idle_pid != os.getpid():
+            self._idle, self._idle_pid = {}, os.getpid()
+        idle = self._idle.get(pool)
+        return idle if idle is not None else self._idle.setdefault(pool, [])
+
+    def _checkout(self, pool) -> tuple[Any, bool]:
+        """An idle connection of ``pool`` (LIFO), else a new one from the pool."""
+        try:
+            return self._idle_of(pool).pop(), True
+        except IndexError:
+            return pool.get_connection(), False
+
+    @staticmethod
+    def _discard(taken: Iterable[tuple]) -> None:
+        for pool, conn, _ in taken:
+            conn.disconnect()  # _sock is None afterwards: not put back on the idle list
+            pool.release(conn)
+
+    def idle_connections(self) -> list:
+        """The read path's idle connections, all pools together (for tests and stats)."""
+        return [conn for idle in self._idle.values() for conn in idle]
+
+    # -- writes ----------------------------------------------------------------------------
+    def _pipeline(self, commands: Callable, announce: Sequence[str] = ()) -> None:
+        """Run ``commands(pipe)`` in one pipeline, then announce ``announce`` (all of
+        them in one message, in the same round trip on one server; a cluster pipeline
+        refuses PUBLISH, so there it follows the pipeline)."""
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 commands(pipe)
-                for key in announce:
-                    pipe.publish(self.channel, f"{self.sender} {key}")
+                if announce and not self.servers.cluster:
+                    pipe.publish(self.channel, self._message(announce))
                 pipe.execute()
-        except redis.RedisError as exc:
+            if announce and self.servers.cluster:
+                self._publish(announce)
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from exc
+
+    def _message(self, keys: Sequence[str]) -> str:
+        """``<sender>\\n<id>\\n<id>...``; no id is empty or holds a newline (ids are
+        printable), so a message with no id at all means "drop all of L1"."""
+        return "\n".join((self.sender, *keys))
+
+    def _publish(self, keys: Sequence[str]) -> None:
+        target = self.servers.publish_target(self.prefix + keys[0] if keys else None)
+        self.client.publish(self.channel, self._message(keys), **target)
 
     def put_many(self, items: Sequence[tuple[str, bytes]], announce: bool = False) -> None:
         """Store framed values; ``announce`` also tells other processes to drop their L1 copy."""
@@ -244,8 +476,8 @@ class RedisTier:
         if isinstance(blob, FrameParts):
             blob = blob.joined()
         try:
-            self._discard_if_same(keys=[self.prefix + key], args=[blob])
-        except redis.RedisError as exc:
+            self.client.eval(_DISCARD_IF_SAME, 1, self.prefix + key, blob)
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from exc
 
     def fence_many(self, keys: Sequence[str], announce: bool = True) -> None:
@@ -259,17 +491,20 @@ class RedisTier:
 
     def delete_many(self, keys: Sequence[str], announce: bool = True) -> None:
         """Plain delete (no fence): a later promotion may copy the value back."""
-        self._pipeline(
-            lambda pipe: pipe.delete(*[self.prefix + k for k in keys]), keys if announce else ()
-        )
+
+        def commands(pipe) -> None:
+            for key in keys:  # one key a command: on a cluster, keys live in many slots
+                pipe.delete(self.prefix + key)
+
+        self._pipeline(commands, keys if announce else ())
 
     def clear(self) -> None:
         """Delete every key under our prefix and tell other processes to drop their L1."""
         try:
             for batch in _batched(self.client.scan_iter(match=self.prefix + "*", count=1000), 1000):
-                self.client.delete(*batch)
-            self.client.publish(self.channel, f"{self.sender} ")  # empty id: "drop all of L1"
-        except redis.RedisError as exc:
+                self.client.delete(*batch)  # redis-py splits it by slot on a cluster
+            self._publish(())
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from exc
 
     def cleanup(self) -> list[str]:
@@ -285,19 +520,21 @@ class RedisTier:
                     lengths = pipe.execute()
                 entries += len(lengths)
                 stored += sum(lengths)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from exc
         return {"entries": entries, "stored_bytes": stored}
 
     def ping(self) -> None:
         try:
-            self.client.ping()
-        except redis.RedisError as exc:
+            self.servers.ping()
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from exc
 
     def close(self) -> None:
-        self._idle = []
-        self._pool.disconnect()  # in-use connections too: the idle list's among them
+        for pool, idle in list(self._idle.items()):
+            while idle:
+                pool.release(idle.pop())
+        self.servers.close()  # disconnects in-use connections too
 
 
 def _batched(iterable, n):
@@ -316,7 +553,8 @@ class InvalidationListener:
 
     Messages published while we are disconnected are lost (pub/sub keeps no
     history), so after every reconnect we call ``on_gap`` and the cache drops its
-    whole L1: a cold L1 is slower, a stale one is wrong.
+    whole L1: a cold L1 is slower, a stale one is wrong. On a cluster each reconnect
+    tries the next node, so one node down does not silence the channel.
     """
 
     def __init__(
@@ -330,9 +568,6 @@ class InvalidationListener:
         self._on_gap = on_gap
         self._stop = threading.Event()
         self._subscribed = threading.Event()
-        self._client = redis.Redis.from_url(
-            tier.url, socket_connect_timeout=tier.timeout_s, retry=Retry(NoBackoff(), 0)
-        )
         self._thread = threading.Thread(target=self._run, name="esper-invalidation", daemon=True)
         self._thread.start()
 
@@ -340,9 +575,12 @@ class InvalidationListener:
         return self._subscribed.wait(timeout)
 
     def _run(self) -> None:
+        attempt = 0
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                pubsub = self._tier.servers.subscriber(attempt)
+                attempt += 1
                 pubsub.subscribe(self._tier.channel)
                 # Every subscription, the first included: if Redis was down when the
                 # cache was built, L1 may have filled before we could hear anything.
@@ -351,22 +589,26 @@ class InvalidationListener:
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.1)  # also how long close() waits
                     if message and message["type"] == "message":
-                        sender, _, key = message["data"].decode("utf-8", "replace").partition(" ")
-                        if sender == self._tier.sender:
-                            continue
-                        if not key:  # no id is empty, so this means "drop all" (see clear())
-                            self._on_gap()
-                        else:
-                            self._on_invalidate(key)
-            except (redis.RedisError, OSError) as exc:
+                        self._apply(message["data"].decode("utf-8", "replace"))
+            except REDIS_ERRORS as exc:
                 self._subscribed.clear()
                 log.debug("invalidation listener lost Redis (%s); retrying", exc)
                 self._stop.wait(0.5)
             finally:
-                with contextlib.suppress(redis.RedisError, OSError):
-                    pubsub.close()
+                if pubsub is not None:
+                    with contextlib.suppress(*REDIS_ERRORS):
+                        pubsub.close()
+
+    def _apply(self, message: str) -> None:
+        sender, _, ids = message.partition("\n")
+        if sender == self._tier.sender:
+            return
+        if not ids:  # see RedisTier._message: "drop all"
+            self._on_gap()
+            return
+        for kernel_id in ids.split("\n"):
+            self._on_invalidate(kernel_id)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-        self._client.close()
