@@ -74,3 +74,19 @@ def test_cache_bench_reports_l2_at_kernel_sizes_and_cold_get_many(
     assert [r.name for r in rows] == ["L2 hit p50 (4 KiB)", "L2 hit p50 (256 KiB)"]
     assert rows[0].target == "<= 1.25x" and cold.target == "<= 1.5x"
     assert cold.raw_label == "redis-py MGET"
+
+
+def test_cache_bench_on_a_cluster_compares_with_redis_py_cluster_calls(
+    esper_home, monkeypatch, redis_cluster_url
+):
+    monkeypatch.setenv("ESPER_REDIS_URL", redis_cluster_url)
+    with cache_bench.bench_env(Settings.from_env()) as env:
+        row = cache_bench.bench_l2(env, rounds=3, size=64 << 10)
+        cold = cache_bench.bench_cold_get_many(env, rounds=3, n=40)  # ids on every node
+    assert env.label == "embedded-cluster"
+    assert (row.raw_label, cold.raw_label) == (
+        "redis-py cluster GET",
+        "redis-py cluster mget_nonatomic",
+    )
+    for measured in (row, cold):
+        assert measured.ours_us > 0 and measured.raw_us > 0 and isinstance(measured.ok, bool)
