@@ -178,10 +178,20 @@ def test_invalidations_still_arrive_with_a_node_down(make_cache, private_redis_c
     cluster = private_redis_cluster
     config = {"postgres_url": pg_url, "redis_url": cluster.url, "redis_prefix": "d:"}
     reader, writer = make_cache("embedded", **config), make_cache("embedded", **config)
-    cluster.nodes[0].stop()
-    wait_until(lambda: reader.wait_subscribed(0.1), "the reader to subscribe through a live node")
-    alive = next(k for k in (f"x{i}" for i in range(100)) if node_of(cluster, f"d:{k}").port
-                 != cluster.nodes[0].port)  # fmt: skip
+    dead = cluster.nodes[0]
+    dead.stop()
+
+    def both_listen_on_live_nodes() -> bool:  # PUBSUB NUMSUB counts a node's own subscribers
+        counts = 0
+        for node in cluster.nodes[1:]:
+            with redis.Redis(port=node.port) as client:
+                counts += dict(client.pubsub_numsub("d:invalidate"))[b"d:invalidate"]
+        return counts == 2
+
+    wait_until(both_listen_on_live_nodes, "both listeners to subscribe through live nodes", 10)
+    assert reader.wait_subscribed(5)  # and its L1 dropped for the gap, before the read below
+    alive = next(k for k in (f"x{i}" for i in range(100))
+                 if node_of(cluster, f"d:{k}").port != dead.port)  # fmt: skip
     writer.put(alive, b"old")
     assert reader.get(alive) == b"old" and alive in reader.tier("l1")
 
