@@ -12,6 +12,8 @@ kernel cache):
   store), one audit-trail row (``record_event``).
 - ``lineage``: ancestors, descendants, the no-cycle check.
 - ``lifecycle``: deprecation, archiving, retirement, garbage, usage and audit log.
+- ``tallies``: counts for metrics (audit events by kind, compile-time buckets, the
+  newest asset per name, which ids exist), aggregated in SQL.
 - ``access``: read counts gathered in memory and flushed in batches.
 - ``integrity``: content reads checked against their checksum.
 - ``backends``: the two SQL dialects (``PostgresAssets``, ``SqliteAssets``) over

@@ -41,6 +41,7 @@ from esper_assets.storage.repository.records import (
     metadata_from_row,
     validated,
 )
+from esper_assets.storage.repository.tallies import AssetTallies
 from esper_assets.storage.repository.writes import AssetWriter, record_event
 
 UPDATABLE = frozenset(
@@ -49,12 +50,13 @@ UPDATABLE = frozenset(
 )  # fmt: skip
 
 
-class AssetRepository(AssetLifecycle):
+class AssetRepository(AssetLifecycle, AssetTallies):
     """Thread-safe; one instance per process is enough (it pools connections).
 
     Create, read, update, search and lineage are here; deprecation, archiving,
     retirement, garbage, usage and the audit log come from AssetLifecycle
-    (lifecycle.py), so that neither part is over ~250 lines."""
+    (lifecycle.py), the counts metrics read from AssetTallies (tallies.py), so that
+    no part is over ~250 lines."""
 
     def __init__(
         self,

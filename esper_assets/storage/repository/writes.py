@@ -186,13 +186,13 @@ class AssetWriter:
 
     def require_existing(self, conn, wanted: set[str], batch_ids: set[str]) -> None:
         """Every referenced (parent, derived_from) id exists or is in the batch."""
-        missing = wanted - batch_ids - self._existing_ids(conn, wanted - batch_ids)
+        missing = wanted - batch_ids - self.existing_ids(conn, wanted - batch_ids)
         if missing:
             raise AssetNotFound(
                 f"referenced asset(s) {sorted(missing)[:5]} do not exist; create parents before their children"
             )
 
-    def _existing_ids(self, conn, ids: set[str]) -> set[str]:
+    def existing_ids(self, conn, ids: set[str]) -> set[str]:
         found: set[str] = set()
         for chunk in chunks(sorted(ids)):
             where, params = self._db.in_list("asset_id", chunk)
