@@ -1,4 +1,5 @@
-"""What arrived in the landing zone since the last look: the new_blueprints sensor's logic.
+"""What arrived in the landing zone since the last look: the new_blueprints sensor's logic;
+and what arrived and has no kernel yet (``BacklogWatch``, the sensor lag /metrics shows).
 
 The cursor is a high-water mark, not a list of every file seen: the newest change
 stamp seen plus the files sharing it (each with a short digest of its version, so
@@ -21,11 +22,13 @@ from esper_assets.blueprints import (
     BlueprintInvalid,
     BlueprintLimits,
     blueprint_name_for_file,
+    kernel_id_for,
     name_problem,
     parse_blueprint,
 )
 from esper_assets.errors import EsperError, InvalidInput
 from esper_assets.flows.landing import LandedFile, LandingZone
+from esper_assets.storage import AssetRepository
 
 # A child whose parent is in the landing zone waits this many ticks for the parent
 # to be registered; after that its run goes ahead (and fails clearly if it must).
@@ -185,3 +188,75 @@ def _parent_of(
     except BlueprintInvalid:
         return None
     return (bp.parent_name, bp.parent_version) if bp.parent else None
+
+
+# -- the backlog: landed files no kernel was built from yet ---------------------------------
+@dataclass(frozen=True)
+class Backlog:
+    pending: int = 0  # files whose content has no kernel yet
+    oldest_ns: int | None = None  # the change stamp of the oldest of them
+    invalid: int = 0  # files that can never become a kernel as they are (bad name or content)
+
+
+DONE, INVALID = "", "!"  # what BacklogWatch knows of a file version; else the kernel id it awaits
+
+
+class BacklogWatch:
+    """Which blueprint files in the landing zone no kernel has been built from yet: the
+    work the new_blueprints sensor and its runs have still to do.
+
+    What it learns about a file version is kept until the file changes or goes, so one
+    look costs a listing, a query for the newest kernel of each landed name (a file older
+    than its name's newest kernel was compiled, or found compiled before, by the run it
+    started) and, for the rest, parsing each file version once (at most ``parse_budget``
+    a look: ~1 ms each) to learn its kernel id, then one lookup of the ids still awaited.
+    A file not parsed yet counts as pending.
+    """
+
+    def __init__(self, parse_budget: int = 64) -> None:
+        self.parse_budget = parse_budget
+        self._known: dict[tuple[str, str], str] = {}  # (key, version) -> DONE, INVALID, kernel id
+
+    def look(self, landing: LandingZone, repo: AssetRepository) -> Backlog:
+        files = {(f.key, f.version): f for f in landing.list_blueprints()}
+        self._known = {k: v for k, v in self._known.items() if k in files}  # gone: forgotten
+        unknown = [f for k, f in sorted(files.items()) if k not in self._known]
+        self._clear_older_than_kernels(repo, unknown)
+        self._parse(landing, [f for f in unknown if (f.key, f.version) not in self._known])
+        awaited = {v for v in self._known.values() if v not in (DONE, INVALID)}
+        built = repo.existing_ids(awaited) if awaited else set()
+        self._known = {k: DONE if v in built else v for k, v in self._known.items()}
+        pending = [f for k, f in files.items() if self._known.get(k) not in (DONE, INVALID)]
+        return Backlog(
+            len(pending),
+            min((f.changed_ns for f in pending), default=None),
+            sum(v == INVALID for v in self._known.values()),
+        )
+
+    def _clear_older_than_kernels(self, repo: AssetRepository, files: list[LandedFile]) -> None:
+        names = {blueprint_name_for_file(f.key) for f in files}
+        newest = repo.newest_created("kernel", names) if names else {}
+        for f in files:
+            built = newest.get(blueprint_name_for_file(f.key))
+            if built is not None and built.timestamp() * 1e9 >= f.changed_ns:
+                self._known[(f.key, f.version)] = DONE
+
+    def _parse(self, landing: LandingZone, files: list[LandedFile]) -> None:
+        for f in sorted(files)[: self.parse_budget]:  # oldest first: they set the lag
+            try:
+                self._known[(f.key, f.version)] = _awaited_kernel(landing, f.key)
+            except InvalidInput:
+                continue  # gone between listing and reading
+
+
+def _awaited_kernel(landing: LandingZone, key: str) -> str:
+    """The id of the kernel ``key``'s content compiles to, or INVALID (default limits)."""
+    if file_name_problem(key) is not None:
+        return INVALID  # the sensor's next tick moves it to rejected/
+    try:
+        bp = parse_blueprint(
+            landing.read(key), source=key, expected_name=blueprint_name_for_file(key)
+        )
+    except BlueprintInvalid:
+        return INVALID
+    return kernel_id_for(bp)
