@@ -53,7 +53,7 @@ def create_app(settings: Settings) -> FastBinary:
             repo = stack.enter_context(wiring.open_repository(settings, store, exporter.tap))
             app.state.services = routes.Services(settings, cache, repo)
             app.state.metrics = exporter
-            exporter.start(cache)
+            exporter.start(cache, repo, settings)  # settings: the landing zone's backlog
             stack.callback(exporter.stop)  # before the cache closes: its last counts too
             # What startup built lives as long as the server: out of the collector's
             # sight, a full collection does not walk every module and class object again

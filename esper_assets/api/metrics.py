@@ -14,16 +14,29 @@ stops. Latency histograms cover the reads below L1 only (10 us and up): a
 each one to a bounded queue; the exporter thread observes them. Labels are tier names
 and operation names: never a URL, id or token.
 
+Work done in *other* processes (Dagster runs and sensors, ``esper ingest``) never
+touches a counter of ours, so :class:`Records` derives it at scrape time from the durable
+records every process writes, and caches the answer for ``RECORDS_TTL_S``: repository
+writes from the audit trail (read incrementally), kernel compile times from the kernel
+rows (buckets summed in SQL), and the landing zone's backlog (``flows.arrivals
+.BacklogWatch``). Every worker reads the same records, so whichever answers a scrape gives
+the same totals; they are not written to the multiprocess files. A source that cannot be
+read leaves its metrics out of that scrape and counts an error; the rest still answer.
+
 Without ``PROMETHEUS_MULTIPROC_DIR`` (an app built in-process) the same metrics are
 served from this process's default registry.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
+from collections import Counter as Tally
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -37,6 +50,21 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from esper_assets.errors import EsperError
+from esper_assets.flows import wiring
+from esper_assets.flows.arrivals import Backlog, BacklogWatch
+from esper_assets.flows.landing import BLUEPRINTS, LandingZone
+from esper_assets.settings import Settings
+from esper_assets.storage import AssetRepository
+
+log = logging.getLogger(__name__)
 
 SYNC_S = 1.0
 MAX_QUEUED = 100_000  # latency samples waiting for the exporter; past it they are dropped
@@ -77,6 +105,21 @@ REPO_LATENCY = Histogram(
     "esper_repository_read_latency_seconds", "Repository reads.", ["op"], buckets=BUCKETS
 )
 DROPPED = Counter("esper_metrics_dropped_samples", "Latency samples the exporter never saw.")
+COLLECT_ERRORS = Counter(
+    "esper_metrics_collect_errors", "Looks at the durable records (source: repository or "
+    "landing) that failed; their metrics are left out of that scrape.", ["source"],
+)  # fmt: skip
+# A scrape this soon after the last look at the records reuses it. Kept below any scrape
+# interval, so each scrape of a Prometheus sees records no older than its last one did,
+# whichever worker answers: a counter never seems to go back.
+RECORDS_TTL_S = 2.0
+# The landing zone's listing costs ~7 ms per 1,000 files: looked at apart from the scrapes
+# (see Cached), every few seconds while scraped; the lag itself is computed at each scrape.
+LANDING_TTL_S = 5.0
+RECORDS_RETRY_S = 15.0  # after a failed look: a database that is down costs a timeout rarely
+# The audit trail's events (repository writes); any other name is exported as "other".
+OPERATIONS = ("created", "duplicate", "new_version", "updated", "deprecated", "archived")
+COMPILE_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0)
 
 
 def multiprocess_on() -> bool:
@@ -122,6 +165,7 @@ class Exporter:
     def __init__(self) -> None:
         self.queue: deque = deque()
         self.cache: Any = None
+        self.records: Records | None = None
         self._seen: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -130,8 +174,14 @@ class Exporter:
     def tap(self, inner: Any) -> UsageTap:
         return UsageTap(inner, self.queue)
 
-    def start(self, cache: Any) -> None:
+    def start(
+        self, cache: Any, repo: AssetRepository | None = None, settings: Settings | None = None
+    ) -> None:
+        """Export ``cache``'s counters from now on; with ``repo`` and ``settings``, the
+        work of other processes too (see :class:`Records`)."""
         self.cache = cache
+        if repo is not None and settings is not None:
+            self.records = Records(repo, lambda: visible_landing(settings))
         self._thread.start()
 
     def _run(self) -> None:
@@ -194,13 +244,187 @@ class Exporter:
                 GET_LATENCY.labels(tier).observe(latency_us / 1e6)
 
 
+class Cached:
+    """The last answer of ``fetch`` (one source's records), asked again once it is older
+    than ``ttl_s`` (RECORDS_RETRY_S after a failure). A failure is counted, logged when
+    the source goes from readable to not, and answered with None.
+
+    ``background``: after the first look (made by the scrape that needs it), a stale
+    answer is served while a thread looks again, so a scrape never waits for the look;
+    for gauges only (a counter served stale by one worker could look lower than what
+    another answered before)."""
+
+    def __init__(
+        self, source: str, fetch: Callable[[], Any], ttl_s: float, background: bool = False
+    ) -> None:
+        self.source, self._fetch, self._ttl_s, self._background = source, fetch, ttl_s, background
+        self._value: Any = None
+        self._failed = False
+        self._looked = self._looking = False
+        self._next_look = 0.0
+        self._lock = threading.Lock()  # concurrent scrapes in one worker: one look
+
+    def value(self) -> Any:
+        with self._lock:
+            if time.monotonic() >= self._next_look and not self._looking:
+                if self._background and self._looked:
+                    self._looking = True
+                    threading.Thread(target=self._look_apart, name="esper-metrics-records",
+                                     daemon=True).start()  # fmt: skip
+                else:
+                    self._keep(*self._look())
+            return self._value
+
+    def _look_apart(self) -> None:
+        found = self._look()
+        with self._lock:
+            self._keep(*found)
+            self._looking = False
+
+    def _look(self) -> tuple[Any, str]:
+        try:
+            return self._fetch(), ""
+        except Exception as exc:  # a scrape never fails for a source; the others still answer
+            COLLECT_ERRORS.labels(self.source).inc()
+            # EsperError messages carry redacted locations only; a foreign one, its type
+            return None, str(exc) if isinstance(exc, EsperError) else type(exc).__name__
+
+    def _keep(self, value: Any, failure: str) -> None:
+        if failure and not self._failed:
+            log.warning("/metrics: cannot read the %s's records; its metrics are left out "
+                        "until it answers again: %s", self.source, failure)  # fmt: skip
+        self._value, self._failed, self._looked = value, bool(failure), True
+        self._next_look = time.monotonic() + (RECORDS_RETRY_S if failure else self._ttl_s)
+
+
+class OperationTotals:
+    """Running totals of the audit trail's events by operation, each look reading only
+    the events after the last settled one (see AssetRepository.count_events)."""
+
+    def __init__(self) -> None:
+        self._through = 0
+        self._settled: Tally[str] = Tally()
+
+    def totals(self, repo: AssetRepository) -> dict[str, int]:
+        found = repo.count_events(self._through)
+        self._settled.update(_operations(found.settled))
+        self._through = found.through
+        totals = dict.fromkeys(OPERATIONS, 0)  # every operation shown from 0 on
+        totals.update(self._settled + _operations(found.recent))
+        return totals
+
+
+def _operations(counts: Mapping[str, int]) -> Tally[str]:
+    """Counts by event, named by operation (an event we do not know of is "other")."""
+    named: Tally[str] = Tally()
+    for event, n in counts.items():
+        named[event if event in OPERATIONS else "other"] += n
+    return named
+
+
+def visible_landing(settings: Settings) -> LandingZone | None:
+    """The landing zone, or None when a directory one has no ``blueprints/`` here (a
+    service on another machine than the runs): reporting it empty would be a lie, and
+    building it would create it."""
+    if (
+        not settings.landing.startswith("s3://")
+        and not (Path(settings.landing) / BLUEPRINTS).is_dir()
+    ):
+        return None
+    return wiring.landing_zone(settings)
+
+
+class Records:
+    """A collector of the metrics of work done in other processes, derived from what
+    they durably record: repository writes (the audit trail), kernel compile times (the
+    kernel rows) and the landing zone's backlog (files without a kernel yet)."""
+
+    def __init__(self, repo: AssetRepository, open_landing: Callable[[], LandingZone | None]):
+        self._repo = repo
+        self._open_landing = open_landing
+        self._landing: LandingZone | None = None
+        self._operations = OperationTotals()
+        self._backlog = BacklogWatch()
+        self._sources = [
+            Cached("repository", self._repository, RECORDS_TTL_S),
+            Cached("landing", self._landing_backlog, LANDING_TTL_S, background=True),
+        ]
+
+    def _repository(self) -> tuple[dict[str, int], tuple[int, float, list[int]]]:
+        bounds_ms = [b * 1e3 for b in COMPILE_BUCKETS_S]
+        return self._operations.totals(self._repo), self._repo.compile_times(bounds_ms)
+
+    def _landing_backlog(self) -> Backlog | None:
+        if self._landing is None:
+            self._landing = self._open_landing()
+            if self._landing is None:
+                return None
+        return self._backlog.look(self._landing, self._repo)
+
+    def collect(self) -> Iterator[Metric]:
+        repository, landing = (source.value() for source in self._sources)
+        up = GaugeMetricFamily(
+            "esper_metrics_source_up", "1 when the last look at a source's records "
+            "(repository, landing) answered.", labels=["source"],
+        )  # fmt: skip
+        up.add_metric(["repository"], float(repository is not None))
+        up.add_metric(["landing"], float(landing is not None))
+        yield up
+        if repository is not None:
+            yield from repository_families(*repository)
+        if landing is not None:
+            yield from landing_families(landing, time.time())
+
+
+def repository_families(
+    operations: Mapping[str, int], compiles: tuple[int, float, list[int]]
+) -> Iterator[Metric]:
+    ops = CounterMetricFamily(
+        "esper_repository_operations", "Repository writes by every process, from the audit "
+        "trail (created: one per create call or bulk batch; duplicate: content already "
+        "stored).", labels=["op"],
+    )  # fmt: skip
+    for op, n in sorted(operations.items()):
+        ops.add_metric([op], n)
+    yield ops
+    count, total_ms, within = compiles
+    buckets = [(str(b), n) for b, n in zip(COMPILE_BUCKETS_S, within, strict=True)]
+    yield HistogramMetricFamily(
+        "esper_pipeline_compile_seconds", "How long each registered kernel took to "
+        "compile (its compilation_time_ms), wherever it was compiled.",
+        buckets=[*buckets, ("+Inf", count)], sum_value=total_ms / 1e3,
+    )  # fmt: skip
+
+
+def landing_families(backlog: Backlog, now: float) -> Iterator[Metric]:
+    lag = 0.0 if backlog.oldest_ns is None else max(0.0, now - backlog.oldest_ns / 1e9)
+    yield GaugeMetricFamily(
+        "esper_pipeline_landing_lag_seconds", "Age of the oldest blueprint file in the "
+        "landing zone that no kernel was built from yet (0 when none): how far the "
+        "new_blueprints sensor and its runs are behind.", value=lag,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "esper_pipeline_landing_pending_files", "Blueprint files in the landing zone that "
+        "no kernel was built from yet.", value=backlog.pending,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "esper_pipeline_landing_invalid_files", "Files in the landing zone that cannot "
+        "become a kernel as they are (bad name or content); not in the lag.",
+        value=backlog.invalid,
+    )  # fmt: skip
+
+
 def exposition(exporter: Exporter | None) -> tuple[bytes, str]:
-    """The text format of every worker's metrics (this one's brought up to date first)."""
+    """The text format of every worker's metrics (this one's brought up to date first),
+    and the metrics derived from the records (looked at first: a failed look's error
+    count is in the same answer)."""
+    registry = CollectorRegistry()
     if exporter is not None:
         exporter.sync()
+        if exporter.records is not None:
+            registry.register(exporter.records)
     if multiprocess_on():
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
-        registry = REGISTRY
+        registry.register(REGISTRY)  # a registry is a collector too
     return generate_latest(registry), CONTENT_TYPE_LATEST
