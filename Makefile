@@ -12,6 +12,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
+# pip itself is pinned too: a new pip release must not change what `make setup` does.
+PIP_VERSION := 26.3
 LATEST := .venv-latest
 # `make lock` moves every pin to the newest version pyproject.toml allows; to keep
 # the current pins and only resolve what pyproject.toml changed: make lock LOCK_UPGRADE=
@@ -21,7 +23,7 @@ LOCK_UPGRADE ?= --upgrade
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet 'pip==$(PIP_VERSION)'
 	$(BIN)/pip install --quiet -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
 
