@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -44,6 +45,7 @@ class Codec(IntEnum):
 
 
 _CODECS = tuple(Codec)
+_RAW = int(Codec.NONE)  # compared as a plain int: an enum member costs a lookup per value
 CODEC_NAMES = {"none": Codec.NONE, "zstd": Codec.ZSTD, "gzip": Codec.GZIP}
 
 
@@ -275,6 +277,42 @@ def _verify(head: bytes, payload: bytes | memoryview) -> tuple[Codec, int, int]:
         raise CorruptValue(f"unknown codec byte {codec}")
     # a tuple index: Codec(codec) costs a microsecond per read
     return _CODECS[codec], created_ms, expires_ms
+
+
+def raw_values(
+    blobs: Mapping[str, object], now_ms: int, max_bytes: int
+) -> tuple[dict[str, bytes], list[str]]:
+    """The common case of a batch read, checked fast: the values of the ``blobs`` that
+    are whole frames as ``bytes``, intact, unexpired, stored raw (codec none) and at
+    most ``max_bytes``; and the keys of all the others, to be read the slow way
+    (:func:`unpack`, :meth:`Frame.expired`, :meth:`Codecs.decode`), which tells what
+    they are (compressed, expired, damaged, not a frame) and is the authority on them.
+
+    The checks are that way's (``_verify``'s, the expiry's, the codec-none bound),
+    written out in one loop: no Frame, no exception and no call per value. A cold
+    ``get_many`` of 100 small values spent ~2 us a value going through ``unpack``, half
+    of it on that. test_framing checks the two ways agree on every kind of damage.
+    """
+    values: dict[str, bytes] = {}
+    others: list[str] = []
+    unpack_header = _HEADER.unpack_from
+    for key, blob in blobs.items():
+        if type(blob) is bytes and len(blob) >= HEADER_SIZE:
+            magic, checksum, version, codec, _, expires_ms = unpack_header(blob)
+            payload = blob[HEADER_SIZE:]
+            if (
+                codec == _RAW
+                and magic == MAGIC
+                and version == VERSION
+                and len(payload) <= max_bytes
+                and (expires_ms == 0 or expires_ms > now_ms)
+                and xxh3_64_intdigest(payload) ^ xxh3_64_intdigest(blob[_FIELDS_FROM:HEADER_SIZE])
+                == checksum
+            ):
+                values[key] = payload
+                continue
+        others.append(key)
+    return values, others
 
 
 def peek_expires_ms(head: bytes) -> int | None:

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from esper_assets.errors import CorruptValue
 from esper_assets.storage.cache import framing
@@ -188,29 +188,52 @@ class Reader:
             answer = slot.fetch(want)
             if answer is UNAVAILABLE:
                 continue
-            hits, nbytes, now = {}, 0, framing.now_ms()
-            for key, blob in answer.items():
-                if blob is IN_OBJECT_STORE:
-                    pointers.add(key)
-                    look_lower.add(key)
-                    continue
-                nbytes += len(blob)
-                if (decoded := self._decode(slot, key, blob, now)) is not None:
-                    hits[key] = decoded
-                elif slot is slots.l3:
-                    look_lower.add(key)
-                elif slot is slots.l2:
-                    slot.call(slot.tier.discard, key, blob)
+            # Frames are kept only to promote the values into the tiers above.
+            hits, frames, nbytes = self._values_in(slot, answer, pointers, look_lower, answered)
             slot.stats.add_lookup(len(hits), len(want) - len(hits), nbytes)
-            self._promote(hits, answered, pointers)
-            for key, (value, _) in hits.items():
-                found[key] = value
-                if report is not None:
-                    report[key] = slot.level
+            if answered:
+                self._promote(hits, frames, answered, pointers)
+            found.update(hits)
+            if report is not None:
+                report.update(dict.fromkeys(hits, slot.level))
             answered.append(slot)
             missing = [k for k in missing if k not in hits]
         slots.fill_l1(found, epoch)
         return found
+
+    def _values_in(
+        self,
+        slot: TierSlot,
+        answer: dict[str, Any],
+        pointers: set[str],
+        look_lower: set[str],
+        upper: list[TierSlot],
+    ) -> tuple[dict[str, bytes], dict[str, framing.Frame], int]:
+        """The values in ``answer`` (what ``slot`` fetched), their frames when there are
+        ``upper`` tiers to promote them into, and the bytes read. A pointer, an expired
+        or a corrupt copy is a miss here: L3's send the read on to L4, L2's are
+        discarded (so that the repair, a promotion that never overwrites, can land)."""
+        now = framing.now_ms()
+        frames: dict[str, framing.Frame] = {}
+        if upper:
+            values, others = {}, list(answer)
+        else:  # no frames wanted: most values pass the batch check
+            values, others = framing.raw_values(answer, now, self._codecs.max_decoded_bytes)
+        nbytes = sum(map(len, values.values())) + framing.HEADER_SIZE * len(values)
+        for key in others:
+            blob = answer[key]
+            if blob is IN_OBJECT_STORE:
+                pointers.add(key)
+                look_lower.add(key)
+                continue
+            nbytes += len(blob)
+            if (decoded := self._decode(slot, key, blob, now)) is not None:
+                values[key], frames[key] = decoded
+            elif slot is self._slots.l3:
+                look_lower.add(key)
+            elif slot is self._slots.l2:
+                slot.call(slot.tier.discard, key, blob)
+        return values, frames, nbytes
 
     def _l4_candidates(
         self, missing: list[str], look_lower: set[str], answered: list[TierSlot]
@@ -227,10 +250,7 @@ class Reader:
     ) -> tuple[bytes, framing.Frame] | None:
         try:
             try:
-                if type(blob) is framing.FrameParts:
-                    frame = framing.unpack_parts(blob.head, blob.payload)
-                else:
-                    frame = framing.unpack(blob)
+                frame = self._unframe(blob)
             except CorruptValue:
                 if type(blob) is not framing.FrameParts or blob.atomic:
                     raise
@@ -263,16 +283,17 @@ class Reader:
 
     def _promote(
         self,
-        hits: dict[str, tuple[bytes, framing.Frame]],
+        values: dict[str, bytes],
+        frames: dict[str, framing.Frame],
         upper: list[TierSlot],
         pointers: set[str],
     ) -> None:
         """Copy hits into the faster tiers that missed them (this also repairs corrupt copies)."""
-        if not hits or not upper:
+        if not frames:
             return
         entries = [
-            Pending.found(key, value, frame, self._slots.is_large(len(value)))
-            for key, (value, frame) in hits.items()
+            Pending.found(key, values[key], frame, self._slots.is_large(len(values[key])))
+            for key, frame in frames.items()
         ]
         l3 = self._slots.l3
         for slot in upper:

@@ -7,7 +7,8 @@ version, codec byte, created/expiry times, payload) raising CorruptValue; trunca
 frames; payloads that pass the checksum but do not decode; ``Frame.expired``
 (0 = never); ``peek_expires_ms``; unknown compression names raising ConfigError;
 bounded decompression: forged frames (valid checksum) inflating past
-``max_decoded_bytes`` refused with CorruptValue without allocating their output.
+``max_decoded_bytes`` refused with CorruptValue without allocating their output;
+``raw_values`` (a batch's fast check) agreeing with unpack + expired + decode.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from xxhash import xxh3_64_intdigest
 
 from esper_assets.errors import ConfigError, CorruptValue
 from esper_assets.storage.cache.framing import (
@@ -33,6 +35,7 @@ from esper_assets.storage.cache.framing import (
     Payload,
     pack,
     peek_expires_ms,
+    raw_values,
     unpack,
     unpack_parts,
 )
@@ -452,3 +455,75 @@ def test_frame_parts_measure_and_join_to_the_stored_frame():
     blob = frame_of(b"v" * 1000)
     parts = FrameParts(*parts_of(blob))
     assert len(parts) == len(blob) and parts.joined() == blob
+
+
+# -- the batch check (raw_values) agrees with the slow way -------------------------------
+NOW_MS = EXPIRES_MS
+
+
+def slow_way(blob, now_ms: int, max_bytes: int) -> bytes | None:
+    """The value as unpack, Frame.expired and Codecs.decode give it, for a raw frame;
+    None for what raw_values must leave to them (anything else)."""
+    try:
+        frame = unpack(blob)
+        if frame.codec is not Codec.NONE or frame.expired(now_ms):
+            return None
+        return Codecs("none", max_decoded_bytes=max_bytes).decode(frame)
+    except CorruptValue:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.one_of(arbitrary_bytes, compressible_bytes),
+    codec=st.sampled_from(CODEC_NAMES),
+    expires=st.sampled_from([0, NOW_MS - 1, NOW_MS, NOW_MS + 1]),
+    max_bytes=st.sampled_from([1, 4096, DEFAULT_MAX_DECODED_BYTES]),
+    damage=st.one_of(st.none(), st.integers(min_value=0)),
+)
+def test_raw_values_takes_exactly_the_raw_fresh_intact_frames(
+    value, codec, expires, max_bytes, damage
+):
+    blob = frame_of(value, codec, expires)
+    if damage is not None:
+        blob = flip_bit(blob, damage % (len(blob) * 8))
+    expected = slow_way(blob, NOW_MS, max_bytes)
+    values, others = raw_values({"k": blob}, NOW_MS, max_bytes)
+    if expected is None:
+        assert (values, others) == ({}, ["k"])
+    else:
+        assert (values, others) == ({"k": expected}, [])
+        assert type(values["k"]) is bytes
+
+
+def test_raw_values_leaves_every_single_bit_flip_to_the_slow_way():
+    blob = frame_of(random.Random(3).randbytes(300), "none")
+    assert raw_values({"k": blob}, NOW_MS - 1, 1 << 20) == ({"k": blob[HEADER_SIZE:]}, [])
+    for bit in range(len(blob) * 8):
+        assert raw_values({"k": flip_bit(blob, bit)}, NOW_MS - 1, 1 << 20) == ({}, ["k"])
+
+
+def test_raw_values_leaves_what_is_not_a_whole_frame_in_bytes_to_the_slow_way():
+    blob = frame_of(b"x" * 100, "none", 0)
+    blobs = {
+        "bytes": blob,
+        "bytearray": bytearray(blob),
+        "memoryview": memoryview(blob),
+        "parts": FrameParts(blob[:HEADER_SIZE], blob[HEADER_SIZE:]),
+        "short": blob[: HEADER_SIZE - 1],
+        "empty": b"",
+    }
+    values, others = raw_values(blobs, NOW_MS, 1 << 20)
+    assert values == {"bytes": b"x" * 100}
+    assert others == ["bytearray", "memoryview", "parts", "short", "empty"]
+
+
+@pytest.mark.parametrize("magic, version", [(b"XX", VERSION), (b"EK", VERSION + 1)])
+def test_raw_values_checks_magic_and_version_even_under_a_valid_checksum(magic, version):
+    # another writer's format: its checksum matches, its magic or version does not
+    fields = struct.pack("<BBqq", version, Codec.NONE, CREATED_MS, 0)
+    checksum = xxh3_64_intdigest(b"value") ^ xxh3_64_intdigest(fields)
+    blob = magic + struct.pack("<Q", checksum) + fields + b"value"
+    assert len(blob) == HEADER_SIZE + 5
+    assert slow_way(blob, NOW_MS, 1 << 20) is None
+    assert raw_values({"k": blob}, NOW_MS, 1 << 20) == ({}, ["k"])

@@ -417,3 +417,55 @@ def test_get_many_drops_expired_entries():
     assert tier.get_many(["a", "b"]) == {}
     stats = tier.stats()
     assert (stats["entries"], stats["expirations"], stats["misses"]) == (0, 2, 3)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+def test_clear_forgets_entries_but_not_counters_or_admission_counts(policy):
+    tier = tier_for(2, policy=policy, admission=True)
+    tier.put_many({"a": VALUE, "b": VALUE})
+    for _ in range(3):
+        tier.get("a")
+    tier.clear()
+    assert (tier.used_bytes, tier.stats()["entries"], tier.get_many(["a", "b"])) == (0, 0, {})
+    assert tier.stats()["hits"] == 3
+    # the cleared tier fills and evicts as a fresh one, with "a" still popular
+    assert tier.put_many({"a": VALUE, "c": VALUE}) == 2
+    assert tier.put("d", VALUE) is False  # admission: no victim is less popular than "d"
+    assert cached_keys(tier, "abcd") == {"a", "c"}
+    assert tier.used_bytes == 2 * entry_charge("a", VALUE)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+def test_clear_racing_batches_keeps_byte_accounting_consistent(policy):
+    keys = [f"kernel:{i:03d}" for i in range(64)]
+    tier = MemoryTier(max_bytes=16 * entry_charge(keys[0], VALUE), policy=policy)
+    errors: list[BaseException] = []
+
+    def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(2000):
+                batch = rng.sample(keys, 8)
+                if rng.random() < 0.05:
+                    tier.clear()
+                elif rng.random() < 0.5:
+                    tier.put_many(dict.fromkeys(batch, VALUE))
+                else:
+                    tier.get_many(batch)
+        except BaseException as exc:  # reported to the main thread below
+            errors.append(exc)
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert errors == []
+    snapshot = tier.snapshot()
+    assert snapshot.used_bytes == sum(charge for _, _, charge in snapshot.entries.values())
+    assert tier.used_bytes <= tier.max_bytes

@@ -150,12 +150,17 @@ class MemoryTier:
         self.max_bytes = max_bytes
         self.ttl_seconds = ttl_seconds
         self.policy = policy
-        self._order = _LeastFrequent() if policy == "lfu" else _Order(move_on_hit=policy == "lru")
+        self._order = self._new_order()
         self._window = FrequencyWindow() if admission else None
         self._entries: dict[str, tuple[bytes, float, int]] = {}  # key -> (value, expires, charge)
         self._lock = threading.Lock()
         self.used_bytes = 0
         self.hits = self.misses = self.evictions = self.expirations = self.rejections = 0
+
+    def _new_order(self) -> _Order | _LeastFrequent:
+        return (
+            _LeastFrequent() if self.policy == "lfu" else _Order(move_on_hit=self.policy == "lru")
+        )
 
     # -- reads ------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
@@ -176,8 +181,9 @@ class MemoryTier:
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """:meth:`get` of each key under one lock and one clock read."""
         found = {}
-        entries, window, order = self._entries, self._window, self._order
         with self._lock:
+            # bound under the lock: clear() replaces these containers
+            entries, window, order = self._entries, self._window, self._order
             now = time.monotonic()
             for key in keys:
                 if window is not None:
@@ -201,14 +207,7 @@ class MemoryTier:
     # -- writes -----------------------------------------------------------
     def put(self, key: str, value: bytes, ttl_seconds: float | None = None) -> bool:
         """Store unless admission refuses it or it can never fit; True if stored."""
-        ttl = self.ttl_seconds if ttl_seconds is None else ttl_seconds
-        expires = time.monotonic() + ttl if ttl else float("inf")
-        charge = entry_charge(key, value)
-        with self._lock:
-            stored = self._put_locked(key, value, expires, charge)
-            if stored and self._window is not None:
-                self._window.resize(len(self._entries))
-            return stored
+        return self.put_many({key: value}, ttl_seconds) == 1
 
     def put_many(self, items: Mapping[str, bytes], ttl_seconds: float | None = None) -> int:
         """:meth:`put` each item under one lock and one clock read; how many were stored."""
@@ -216,23 +215,32 @@ class MemoryTier:
         expires = time.monotonic() + ttl if ttl else float("inf")
         stored = 0
         with self._lock:
+            entries, add_order = self._entries, self._order.add  # clear() replaces them
             for key, value in items.items():
-                stored += self._put_locked(key, value, expires, entry_charge(key, value))
+                charge = entry_charge(key, value)
+                # A cold get_many promotes whole batches: a newcomer that fits needs no
+                # eviction and no admission decision, so only the others pay for a call.
+                needs_room = key in entries or self.used_bytes + charge > self.max_bytes
+                if needs_room and not self._make_room_for(key, charge):
+                    continue
+                entries[key] = (value, expires, charge)
+                add_order(key)
+                self.used_bytes += charge
+                stored += 1
             if stored and self._window is not None:
-                self._window.resize(len(self._entries))
+                self._window.resize(len(entries))
         return stored
 
-    def _put_locked(self, key: str, value: bytes, expires: float, charge: int) -> bool:
+    def _make_room_for(self, key: str, charge: int) -> bool:
+        """Drop ``key``'s old entry and evict what its ``charge`` needs (lock held);
+        False, a rejection, when admission keeps the victims or it can never fit."""
         newcomer = key not in self._entries
         if not newcomer:
             self._remove(key)  # a replacement was admitted already
-        if not self._make_room(key, charge, admit_check=newcomer):
-            self.rejections += 1
-            return False
-        self._entries[key] = (value, expires, charge)
-        self._order.add(key)
-        self.used_bytes += charge
-        return True
+        if self._make_room(key, charge, admit_check=newcomer):
+            return True
+        self.rejections += 1
+        return False
 
     def delete(self, key: str) -> bool:
         with self._lock:
@@ -242,9 +250,13 @@ class MemoryTier:
             return False
 
     def clear(self) -> None:
+        # New containers rather than one removal per entry: an invalidation gap or a
+        # cold read drops thousands at once. Admission's counts are kept (they are
+        # about requests, not entries).
         with self._lock:
-            for key in list(self._entries):
-                self._remove(key)
+            self._entries = {}
+            self._order = self._new_order()
+            self.used_bytes = 0
 
     def cleanup(self) -> int:
         """Drop expired entries; return how many."""
