@@ -469,3 +469,24 @@ def test_clear_racing_batches_keeps_byte_accounting_consistent(policy):
     snapshot = tier.snapshot()
     assert snapshot.used_bytes == sum(charge for _, _, charge in snapshot.entries.values())
     assert tier.used_bytes <= tier.max_bytes
+
+
+class _Key(str):
+    pass
+
+
+class _Value(bytes):
+    pass
+
+
+@pytest.mark.parametrize(
+    "key", ["", "a", "kernel-000001", "x" * 255, "é", "ü" * 300, "日本", "😀x", _Key("sub")]
+)
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"x", bytes(4096), bytes(1 << 20), bytearray(b"abc"), memoryview(b"abcd"), _Value(b"z")],
+    ids=lambda v: f"{type(v).__name__}-{len(v)}",
+)
+def test_entry_charge_is_getsizeof_of_key_and_value_plus_the_overhead(key, value):
+    # computed from lengths for bytes and ASCII keys: it must be what getsizeof says
+    assert entry_charge(key, value) == sys.getsizeof(key) + sys.getsizeof(value) + ENTRY_OVERHEAD

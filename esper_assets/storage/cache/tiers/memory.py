@@ -33,9 +33,19 @@ WINDOW_PER_ENTRY = 30
 _MAX_COUNT = 15  # like TinyLFU's 4-bit counters: caps how long an old favourite stays "hot"
 
 
+_EMPTY_BYTES = sys.getsizeof(b"")  # a bytes object's size is this plus its length
+_EMPTY_ASCII = sys.getsizeof("")  # so is an ASCII str's
+
+
 def entry_charge(key: str, value: bytes) -> int:
-    """Bytes one entry costs in L1, as the byte bound accounts it."""
-    return sys.getsizeof(value) + sys.getsizeof(key) + ENTRY_OVERHEAD
+    """Bytes one entry costs in L1, as the byte bound accounts it: ``sys.getsizeof`` of
+    the key and the value plus ENTRY_OVERHEAD. For bytes values and ASCII keys the sizes
+    are computed from their lengths (a getsizeof call costs ~0.3 us, and a cold
+    get_many charges a hundred entries); other types ask getsizeof."""
+    value_size = _EMPTY_BYTES + len(value) if type(value) is bytes else sys.getsizeof(value)
+    ascii_key = type(key) is str and key.isascii()
+    key_size = _EMPTY_ASCII + len(key) if ascii_key else sys.getsizeof(key)
+    return value_size + key_size + ENTRY_OVERHEAD
 
 
 class FrequencyWindow:
