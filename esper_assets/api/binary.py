@@ -115,10 +115,13 @@ def respond(kernel_id: str, data: bytes, etag: str, headers) -> BytesResponse:
     """200, 206 or 304 for ``data`` given the request's conditional and Range headers
     (``headers``: a mapping of lower-case names)."""
     base = [(b"etag", etag.encode()), _RANGES]
-    if matches(headers.get("if-none-match"), etag):
-        return BytesResponse(304, base)
-    if_range = headers.get("if-range")
-    span = None if if_range and if_range != etag else byte_range(headers.get("range"), len(data))
+    span = None
+    if headers:  # empty for FastBinary's plain GETs (no conditional or Range header)
+        if matches(headers.get("if-none-match"), etag):
+            return BytesResponse(304, base)
+        if_range = headers.get("if-range")
+        if not if_range or if_range == etag:
+            span = byte_range(headers.get("range"), len(data))
     if span is None:
         base += [_OCTETS, (b"content-length", str(len(data)).encode())]
         return BytesResponse(200, base, data, 0, len(data))

@@ -14,7 +14,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from esper_assets.api.binary import respond
 from esper_assets.errors import EsperError
-from esper_assets.storage.cache.config import is_valid_id
 from esper_assets.storage.repository.records import is_asset_id
 
 PREFIX, SUFFIX = "/api/v1/kernels/", "/binary"
@@ -43,11 +42,11 @@ class FastBinary:
         if scope["method"] != "GET" or not path.startswith(PREFIX) or not path.endswith(SUFFIX):
             return None
         kernel_id = path[len(PREFIX) : -len(SUFFIX)]
-        if "/" in kernel_id or not (is_valid_id(kernel_id) and is_asset_id(kernel_id)):
-            return None
         services = getattr(self.app.state, "services", None)
         l1 = services.cache.tier("l1") if services is not None else None
-        if l1 is None or kernel_id not in l1:
+        # L1 first: it holds only ids the cache validated, so a hit is a valid cache id
+        # (a path with a "/" in the id is not: the router would not match it either).
+        if l1 is None or kernel_id not in l1 or "/" in kernel_id or not is_asset_id(kernel_id):
             return None
         data = services.cache.get(kernel_id)
         if data is None:

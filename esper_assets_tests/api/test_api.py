@@ -148,6 +148,29 @@ def test_binary_etag_conditional_and_ranges(served):
         assert stale.status_code == 200 and stale.content == data
 
 
+def test_binary_answers_alike_through_the_router_and_from_l1(backend_env, start_server):
+    """The first read of an id goes through Starlette (L1 is empty in a fresh server and
+    that read fills it), the next is answered by FastBinary: same status, headers, body."""
+    variants = {"plain": {}, "range": {"Range": "bytes=10-19"}, "suffix": {"Range": "bytes=-7"},
+                "if-range": {"Range": "bytes=0-9", "If-Range": '"old"'}, "etag": None}  # fmt: skip
+    seeded = seed(backend_env, dict.fromkeys(variants, 4096))
+    server = start_server(backend_env)
+    for (kernel_id, data), (variant, headers) in zip(
+        seeded.kernels.items(), variants.items(), strict=True
+    ):
+        if headers is None:
+            headers = {"If-None-Match": f'"{hashlib.sha256(data).hexdigest()}"'}
+        path = f"/api/v1/kernels/{kernel_id}/binary"
+        routed, fast = (get(server, path, headers=headers) for _ in range(2))
+        assert fast.status_code == routed.status_code, variant
+        assert fast.content == routed.content, variant
+        assert same_headers(fast) == same_headers(routed), variant
+
+
+def same_headers(response: httpx.Response) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in response.headers.items() if k not in ("date", "server")]
+
+
 def test_binary_from_the_repository_when_no_cache_tier_holds_it(backend_env, start_server):
     seeded = seed(backend_env, {"only-registered": 8192}, in_cache=False)
     server = start_server(backend_env)
