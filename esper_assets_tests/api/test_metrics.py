@@ -11,6 +11,7 @@ import os
 import subprocess
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -18,11 +19,12 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from esper_assets.api.metrics import OPERATIONS
+from esper_assets.api.metrics import OPERATIONS, OperationTotals
 from esper_assets.flows import wiring
 from esper_assets.flows.kernels import build_kernel, ingest_blueprints
 from esper_assets.settings import Settings
 from esper_assets.storage import AssetMetadata
+from esper_assets.storage.repository.tallies import SETTLE_S
 from esper_assets_tests.api.conftest import forget, seed
 from esper_assets_tests.api.server import ESPER, ApiServer, server_env
 from esper_assets_tests.conftest import wait_until
@@ -290,3 +292,37 @@ def test_metrics_answer_while_the_repository_does_not(tmp_path: Path, pg_url, st
     log = server.output()
     assert secret not in log and "Traceback" not in log
     assert log.count("cannot read the repository's records") == 1, log
+
+
+def age_events(repo, seconds: float) -> None:
+    """Move every audit event ``seconds`` into the past (the backend seam for tools)."""
+    db = repo.backend
+    with db.transaction() as conn:
+        rows = db.fetchall(conn, "SELECT event_id, at FROM asset_events")
+        for event_id, at in rows:
+            older = db.decode_time(at) - timedelta(seconds=seconds)
+            db.execute(conn, "UPDATE asset_events SET at = %s WHERE event_id = %s",
+                       (db.encode_time(older), event_id))  # fmt: skip
+
+
+def test_operation_totals_count_each_event_once_as_events_settle(backend_env):
+    """The running totals behind esper_repository_operations_total: events counted while
+    recent, then once settled (read no more), then new ones on top; never twice."""
+    with wiring.open_repository(Settings.from_env(backend_env)) as repo:
+        totals = OperationTotals()
+
+        def create(name: str) -> str:
+            meta = AssetMetadata(asset_type="blueprint", name=name, version="1.0.0")
+            return repo.create_asset(meta, name.encode())
+
+        first = create("settling-a")
+        assert totals.totals(repo)["created"] == 1  # recent: counted, read again next time
+        age_events(repo, SETTLE_S + 60)
+        repo.update_asset(first, {"tags": {"x"}})  # recent
+        assert totals.totals(repo) == totals.totals(repo)  # the settled one not counted twice
+        assert (totals.totals(repo)["created"], totals.totals(repo)["updated"]) == (1, 1)
+        age_events(repo, SETTLE_S + 60)
+        create("settling-b")
+        counted = totals.totals(repo)
+        assert (counted["created"], counted["updated"], counted["deprecated"]) == (2, 1, 0)
+        assert repo.count_events(0).through == repo.count_events(0).through > 0
