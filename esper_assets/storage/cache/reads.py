@@ -215,9 +215,9 @@ class Reader:
         discarded (so that the repair, a promotion that never overwrites, can land)."""
         now = framing.now_ms()
         frames: dict[str, framing.Frame] = {}
-        if upper:
+        if upper or len(answer) < 2:  # frames wanted, or no batch (get reads in two parts)
             values, others = {}, list(answer)
-        else:  # no frames wanted: most values pass the batch check
+        else:  # most values of a batch pass the batch check
             values, others = framing.raw_values(answer, now, self._codecs.max_decoded_bytes)
         nbytes = sum(map(len, values.values())) + framing.HEADER_SIZE * len(values)
         for key in others:
