@@ -8,8 +8,13 @@ import hashlib
 import socket
 
 import httpx
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from esper_assets.api.query import MAX_PAGE
+from esper_assets.storage.cache.config import is_valid_id
+from esper_assets.storage.repository.records import is_asset_id
 from esper_assets_tests.api.conftest import TOKEN, seed
 from esper_assets_tests.conftest import wait_until
 
@@ -265,3 +270,12 @@ def test_the_token_is_read_by_settings_and_never_shown():
     assert settings.api_token == "s3cret-token"
     assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.describe())
     assert Settings.from_env({}).api_token is None
+
+
+@hypothesis_settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(max_size=300), st.text(alphabet=st.characters(), max_size=8)))
+def test_every_id_l1_can_hold_is_an_asset_id(value):
+    # FastBinary answers an id L1 holds without checking it again: the cache's id rules
+    # must never let in an id the Starlette route would refuse as an asset id
+    if is_valid_id(value):
+        assert is_asset_id(value)
