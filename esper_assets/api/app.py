@@ -4,7 +4,6 @@ serves from, opened by ``flows.wiring`` when the server starts and closed when i
 from __future__ import annotations
 
 import gc
-import logging
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 
@@ -21,8 +20,6 @@ from esper_assets.flows import wiring
 from esper_assets.settings import Settings
 
 PREFIX = "/api/v1"
-SUBSCRIBE_WAIT_S = 5.0  # at startup, for L2's invalidation listener (see lifespan)
-log = logging.getLogger(__name__)
 
 
 async def openapi(request: Request) -> JSONResponse:
@@ -53,15 +50,6 @@ def create_app(settings: Settings) -> FastBinary:
             store = wiring.object_store(settings)
             exporter = metrics.Exporter()
             cache = stack.enter_context(wiring.open_cache(settings, store, exporter.tap))
-            # With L2, the invalidation listener's first subscription drops L1 (it may
-            # have filled before other processes' invalidations could reach it); the
-            # cache waits ~1 s for it. Answer only after it: a subscription landing
-            # after the first reads would empty L1 under them (seen on a loaded machine:
-            # an id loaded twice by one worker). Redis down: served degraded after this.
-            listens = cache.tier("l1") is not None and cache.tier("l2") is not None
-            if listens and not cache.wait_subscribed(SUBSCRIBE_WAIT_S):
-                log.warning("L2's invalidations not subscribed after %.0f s; serving, and L1 "
-                            "is dropped once they are", SUBSCRIBE_WAIT_S)  # fmt: skip
             repo = stack.enter_context(wiring.open_repository(settings, store, exporter.tap))
             app.state.services = routes.Services(settings, cache, repo)
             fast.serve_from(app.state.services)
