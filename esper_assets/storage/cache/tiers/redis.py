@@ -118,11 +118,12 @@ def _read_parts_atomic(conn) -> tuple[bytes, bytes]:
 
 
 def _pack_mget(names: Sequence[bytes]) -> bytes:
-    return b"*%d\r\n$4\r\nMGET\r\n" % (len(names) + 1) + b"".join(map(_bulk, names))
+    args = [b"$%d\r\n%b\r\n" % (len(name), name) for name in names]  # no call a name
+    return b"*%d\r\n$4\r\nMGET\r\n" % (len(names) + 1) + b"".join(args)
 
 
 def _pack_gets(names: Sequence[bytes]) -> bytes:
-    return b"".join(b"*2\r\n$3\r\nGET\r\n" + _bulk(name) for name in names)
+    return b"".join([b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(n), n) for n in names])
 
 
 def _reader_of(count: int) -> Callable[[Any], list]:
@@ -135,7 +136,7 @@ ReadPlan = list[tuple[Any, bytes, Callable[[Any], list], Sequence[int]]]
 
 
 class OneServer:
-    """L2 on one Redis server: one connection pool, batch reads as one ``MGET``."""
+    """L2 on one Redis server: one connection pool (batch reads are one ``MGET``)."""
 
     cluster = False
 
@@ -153,9 +154,6 @@ class OneServer:
 
     def pool_for(self, name: bytes) -> redis.ConnectionPool:
         return self.pool
-
-    def plan_reads(self, names: Sequence[bytes]) -> ReadPlan:
-        return [(self.pool, _pack_mget(names), _read_one, range(len(names)))]
 
     def publish_target(self, key: str | None) -> dict[str, Any]:
         return {}
@@ -339,17 +337,26 @@ class RedisTier:
             return {}
         prefix = self.prefix
         names = [(prefix + key).encode() for key in keys]
+        if self.servers.cluster:
+            values = self._read_spread(names)
+        else:
+            packed = _pack_mget(names)
+            values = self._read(lambda: [(self.servers.pool, packed, _read_one)])[0]
+        return {k: v for k, v in zip(keys, values, strict=True) if v}  # b"": a fence
+
+    def _read_spread(self, names: list[bytes]) -> list:
+        """The values of ``names`` from the nodes that own them, in ``names``' order."""
         plan: ReadPlan = []
 
         def requests() -> list:
             plan[:] = self.servers.plan_reads(names)
             return [(pool, packed, read) for pool, packed, read, _ in plan]
 
-        values: list = [None] * len(keys)
+        values: list = [None] * len(names)
         for (*_, where), replies in zip(plan, self._read(requests), strict=True):
             for i, value in zip(where, replies, strict=True):
                 values[i] = value
-        return {k: v for k, v in zip(keys, values, strict=True) if v}  # b"": a fence
+        return values
 
     def _read(self, requests: Callable[[], list]) -> list:
         """The replies of ``requests()`` (per server: pool, packed commands, reader). A
