@@ -197,7 +197,17 @@ def _bench_env(settings: Settings) -> Iterator[tuple[str, dict[str, str]]]:
                     "ESPER_S3_PREFIX": f"esper-bench-{uuid.uuid4().hex[:8]}"}  # fmt: skip
             if settings.aws_endpoint_url:
                 env["AWS_ENDPOINT_URL"] = settings.aws_endpoint_url
+            stack.callback(_empty_scratch_prefix, dict(env))
         yield label, env
+
+
+def _empty_scratch_prefix(env: dict[str, str]) -> None:
+    """Delete what the run stored under its own S3 prefix (kernel bodies, usage files)."""
+    from esper_assets.flows import wiring
+
+    store = wiring.object_store(Settings.from_env(env))
+    for key, _, _ in list(store.list("")):
+        store.delete(key)
 
 
 def _seed(env: dict[str, str]) -> dict[str, list[str]]:

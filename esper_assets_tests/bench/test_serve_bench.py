@@ -9,6 +9,7 @@ import json
 import httpx
 
 from esper_assets.bench import serve as bench
+from esper_assets.flows import wiring
 from esper_assets.settings import Settings
 
 
@@ -42,3 +43,18 @@ def test_both_sides_serve_the_same_bytes(tmp_path):
             raise AssertionError("the bench server still answers after the run")
         except httpx.TransportError:
             pass
+
+
+def test_the_scratch_prefix_in_s3_is_emptied_afterwards(tmp_path, s3_endpoint, s3_bucket):
+    import boto3
+
+    env = {"ESPER_HOME": str(tmp_path / "h"), "ESPER_S3_BUCKET": s3_bucket,
+           "AWS_ENDPOINT_URL": s3_endpoint}  # fmt: skip
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    with bench._bench_env(Settings.from_env(env)) as (_, bench_env):
+        prefix = bench_env["ESPER_S3_PREFIX"]
+        # what a run may leave there: a large kernel's body, a usage file
+        wiring.object_store(Settings.from_env(bench_env)).put("objects/big", b"x" * 1000)
+        stored = client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix).get("KeyCount", 0)
+        assert stored == 1
+    assert client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix).get("KeyCount", 0) == 0
