@@ -20,7 +20,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -104,6 +104,17 @@ class UsageRecorder:
                 row[LATENCY_SUM] += latency_us
                 row[TIMED] += 1
                 row[HIST][schema.bucket_of(latency_us)] += 1
+
+    def record_many(self, source: str, op: str, reads: Iterable[tuple[str, str, int]]) -> None:
+        """One untimed request per ``(id, tier, nbytes)``, under one lock (a batch read's
+        answers: one call instead of one a value)."""
+        rows = self._rows
+        with self._lock:
+            for id, tier, nbytes in reads:
+                row = rows.get((source, id, op, tier)) or self._row(rows, (source, id, op, tier), 1)
+                if row is not None:
+                    row[REQUESTS] += 1
+                    row[BYTES] += nbytes
 
     def add_counts(self, source: str, op: str, tier: str, counts: Mapping[str, int]) -> None:
         """Bulk requests per id, none of them timed (e.g. L1 hits)."""

@@ -121,6 +121,27 @@ def test_a_full_aggregation_drops_new_keys_and_counts_them(directory):
     assert rows["cache", "a", "get", "l2"]["requests"] == 2
 
 
+def test_record_many_is_one_untimed_record_per_read(tmp_path):
+    reads = [("a", "l2", 10), ("b", "l3", 20), ("a", "l2", 5), ("c", "miss", 0), ("d", "l2", 1)]
+    one_by_one, batched = (DirectoryObjectStore(tmp_path / name) for name in ("one", "many"))
+    with UsageRecorder(one_by_one, flush_s=HOUR, max_keys=3) as recorder:
+        for kernel_id, tier, nbytes in reads:
+            recorder.record("cache", kernel_id, "get_many", tier, nbytes)
+        recorder.flush()
+        expected_stats = recorder.stats()
+    with UsageRecorder(batched, flush_s=HOUR, max_keys=3) as recorder:
+        recorder.record_many("cache", "get_many", reads)
+        recorder.flush()
+        assert recorder.stats() == expected_stats  # "d" dropped by both (max_keys)
+    counted = ("requests", "bytes", "latency_timed", "latency_hist")
+
+    def counts(store) -> dict:
+        return {k: [row[c] for c in counted] for k, row in by_key(rows_of(store)).items()}
+
+    assert counts(batched) == counts(one_by_one) != {}
+    assert counts(batched)["cache", "a", "get_many", "l2"] == [2, 15, 0, [0] * schema.BUCKETS]
+
+
 def test_a_failed_flush_keeps_the_rows_for_the_next_window(tmp_path):
     store = DirectoryObjectStore(tmp_path / "objects")
     with UsageRecorder(store, flush_s=HOUR, max_keys=2) as recorder:

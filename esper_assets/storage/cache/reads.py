@@ -45,6 +45,9 @@ class UsageSink(Protocol):
         requests: int = 1,
     ) -> None: ...
 
+    def record_many(self, source: str, op: str, reads: Iterable[tuple[str, str, int]]) -> None:
+        """One untimed request per ``(id, tier, nbytes)``."""
+
     def add_reads(self, source: str, op: str, counts: Mapping[str, int]) -> None: ...
 
     def pull_before_flush(self, pull) -> None: ...
@@ -152,9 +155,12 @@ class Reader:
         usage = self.usage
         if usage is None:
             return
-        for kernel_id in ids:
-            nbytes = len(loaded.get(kernel_id, b""))
-            usage.record("cache", kernel_id, "get_many", report.get(kernel_id, "miss"), nbytes)
+        get = loaded.get
+        usage.record_many(
+            "cache",
+            "get_many",
+            [(i, report.get(i, "miss"), len(get(i, b""))) for i in ids],
+        )
 
     def warm(self, kernel_ids: Iterable[str]) -> dict[str, str]:
         report: dict[str, str] = {}
