@@ -25,6 +25,21 @@ from esper_assets.storage.cache.tiers.memory import ENTRY_OVERHEAD, MemoryTier, 
 VALUE = b"v" * 100
 
 
+def run_with_frequent_switches(hammer, threads: int) -> None:
+    """Run ``hammer(seed)`` in ``threads`` threads at once, switching between them as
+    often as the interpreter can (races show up in a few hundred operations)."""
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        started = [threading.Thread(target=hammer, args=(seed,)) for seed in range(threads)]
+        for t in started:
+            t.start()
+        for t in started:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
 def tier_for(entries: int, policy: str = "lru", admission: bool = False, **kw) -> MemoryTier:
     """A tier into which exactly ``entries`` one-letter keys holding VALUE fit."""
     return MemoryTier(
@@ -371,16 +386,7 @@ def test_byte_accounting_is_consistent_under_threads(policy, admission):
         except BaseException as exc:  # reported to the main thread below
             errors.append(exc)
 
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # force frequent thread switches
-    try:
-        threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(switch_interval)
+    run_with_frequent_switches(hammer, threads=8)
 
     assert errors == []
     assert over_budget == []
@@ -455,16 +461,7 @@ def test_clear_racing_batches_keeps_byte_accounting_consistent(policy):
         except BaseException as exc:  # reported to the main thread below
             errors.append(exc)
 
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(switch_interval)
+    run_with_frequent_switches(hammer, threads=6)
     assert errors == []
     snapshot = tier.snapshot()
     assert snapshot.used_bytes == sum(charge for _, _, charge in snapshot.entries.values())
