@@ -417,6 +417,7 @@ def _build_l2(c: CacheConfig) -> RedisTier | None:
         c.l2_ttl_seconds,
         c.redis_timeout_s,
         fence_seconds=c.invalidation_fence_s,
+        node_retry_s=c.breaker_reset_s,  # a cluster node that failed, as the breaker would
     )
 
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from esper_assets.errors import ConfigError
+from esper_assets.errors import ConfigError, EsperError
 from esper_assets.settings import Settings
 from esper_assets.storage.cache import framing
 from esper_assets_tests.conftest import closed_port, wait_until
@@ -172,6 +172,44 @@ def test_a_killed_node_is_skipped_then_used_again_after_restart(make_cache, priv
     hits = cache.get_stats()["tiers"]["l2"]["hits"]
     assert cache.get_many(list(ids)) == dict.fromkeys(ids, b"back")
     assert cache.get_stats()["tiers"]["l2"]["hits"] == hits + len(ids)
+
+
+def test_one_dead_node_leaves_l2_to_the_others_keys(make_cache, private_redis_cluster):
+    """After the dead node's first failure (raised: the breaker counts it) its keys read
+    as misses for a breaker period without a call, while the live nodes' keys stay L2
+    hits; writes to its keys fail at once (L2 debt); after a restart it serves again."""
+    cluster = private_redis_cluster
+    cache = make_cache(
+        "embedded", redis_url=cluster.url, redis_prefix="p:", breaker_reset_s=RESET_S
+    )
+    clock = manual_breaker(cache, "l2")
+    ids = ids_on_every_node(cluster, "p:")
+    values = {kernel_id: noise(700, i) for i, kernel_id in enumerate(ids)}
+    cache.put_many(values)
+    dead = cluster.nodes[2]
+    on_dead = [k for k, node in ids.items() if node.port == dead.port]
+    on_live = [k for k in ids if k not in on_dead]
+    dead.stop()
+
+    cache.tier("l1").clear()
+    assert cache.get(on_dead[0]) == values[on_dead[0]]  # fails in L2 (counted), L3 answers
+    clock.advance(RESET_S)  # the breaker lets the next call through, and it succeeds
+    before = dict(cache.get_stats()["tiers"]["l2"])
+    cache.tier("l1").clear()
+    assert cache.get_many(list(ids)) == values
+    cache.tier("l1").clear()
+    assert all(cache.get(k) == values[k] for k in ids)
+    after = cache.get_stats()["tiers"]["l2"]
+    assert after["breaker"] == "closed" and after["errors"] == before["errors"] == 1
+    assert after["hits"] - before["hits"] == 2 * len(on_live)  # the live nodes still serve
+    with pytest.raises(EsperError, match="down"):  # a put's L2 write fails at once...
+        cache.tier("l2").put_many([(on_dead[0], b"x")])
+    assert cache.put(on_live[0], b"new") == ["l1", "l2", "l3"]  # ...other keys' do not
+
+    cluster.restart(dead)
+    wait_until(lambda: "l2" in cache.put(on_dead[0], b"back"), "the node to take writes again")
+    cache.tier("l1").clear()
+    assert cache.get(on_dead[0]) == b"back"
 
 
 def test_invalidations_still_arrive_with_a_node_down(make_cache, private_redis_cluster, pg_url):

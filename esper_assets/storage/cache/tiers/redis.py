@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -250,6 +251,42 @@ class _ClosedWhileIdle(Exception):
     """A connection taken from the idle list failed: the server closed it meanwhile."""
 
 
+class _NodeDown(Exception):
+    """A cluster node known to be down holds the key: read it as a miss."""
+
+
+class DownNodes:
+    """The cluster nodes (by connection pool) that stopped answering a read. For
+    ``retry_s`` their keys read as misses without a call (L3 has every value), so one
+    dead node of three does not take L2 from the others' keys; then one read tries the
+    node again. Only a node's first failure is raised (the tier's breaker counts it and
+    the error is seen); a retry that fails again just starts another wait. Writes to a
+    down node's keys fail at once (the cache then records them as L2 debt)."""
+
+    def __init__(self, retry_s: float) -> None:
+        self.retry_s = retry_s
+        self._until: dict[Any, float] = {}
+
+    def skip(self, pool) -> bool:
+        until = self._until.get(pool)
+        return until is not None and time.monotonic() < until
+
+    def failed(self, pool) -> bool:
+        """Mark ``pool``'s node down; whether it was down already (then stay quiet)."""
+        known = pool in self._until
+        self._until[pool] = time.monotonic() + self.retry_s
+        return known
+
+    def __bool__(self) -> bool:
+        """Whether any node was marked (otherwise there is nothing to look up)."""
+        return bool(self._until)
+
+    def answered(self, pools: Iterable) -> None:
+        if self._until:
+            for pool in pools:
+                self._until.pop(pool, None)
+
+
 class RedisTier:
     name = "l2"
     durable = False
@@ -262,6 +299,7 @@ class RedisTier:
         timeout_s: float = 0.25,
         pool_size: int = 16,
         fence_seconds: float = 60.0,
+        node_retry_s: float = 2.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -272,6 +310,8 @@ class RedisTier:
         # Messages are "<sender>\n<id>\n<id>...": a process ignores its own announcements.
         self.sender = uuid.uuid4().hex
         self.servers = (Cluster if is_cluster_url(url) else OneServer)(url, timeout_s, pool_size)
+        # One server is up or down as a whole: the breaker decides. A cluster's nodes apart.
+        self.down = DownNodes(node_retry_s) if self.servers.cluster else None
         # Connections the read path checked out of a pool and keeps, per pool (at most as
         # many as threads ever read at once; the pool's max_connections still bounds).
         self._idle: dict[Any, list] = {}
@@ -324,7 +364,10 @@ class RedisTier:
         if atomic:
             packed = b"*1\r\n$5\r\nMULTI\r\n" + packed + b"*1\r\n$4\r\nEXEC\r\n"
         read = _read_parts_atomic if atomic else _read_parts
-        head, payload = self._read(lambda: [(self.servers.pool_for(name), packed, read)])[0]
+        try:
+            head, payload = self._read(lambda: [(self._live_pool(name), packed, read)])[0]
+        except _NodeDown:
+            return None
         if not head:  # absent, or a fence (b"")
             return None
         return FrameParts(head, payload, atomic)
@@ -349,14 +392,41 @@ class RedisTier:
         plan: ReadPlan = []
 
         def requests() -> list:
-            plan[:] = self.servers.plan_reads(names)
+            down = self.down
+            plan[:] = [p for p in self.servers.plan_reads(names) if not down.skip(p[0])]
             return [(pool, packed, read) for pool, packed, read, _ in plan]
 
-        values: list = [None] * len(names)
-        for (*_, where), replies in zip(plan, self._read(requests), strict=True):
+        values: list = [None] * len(names)  # a down node's keys stay None: misses
+        try:
+            answers = self._read(requests)
+        except _NodeDown:
+            return values
+        for (*_, where), replies in zip(plan, answers, strict=True):
             for i, value in zip(where, replies, strict=True):
                 values[i] = value
         return values
+
+    def _pool_of(self, key: str):
+        try:
+            return self.servers.pool_for((self.prefix + key).encode())
+        except REDIS_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+
+    def _live_pool(self, name: bytes):
+        """The pool of ``name``'s server, unless it is a cluster node known to be down."""
+        pool = self.servers.pool_for(name)
+        if self.down and self.down.skip(pool):
+            raise _NodeDown
+        return pool
+
+    def _refuse_down(self, keys: Iterable[str]) -> None:
+        """An authoritative write to a down node's key fails now, without a call."""
+        down = self.down
+        if down and any(down.skip(self._pool_of(key)) for key in keys):
+            raise TierUnavailable(
+                f"L2 Redis at {redact_url(self.url)}: a cluster node holding some of these "
+                f"keys is down; trying it again within {down.retry_s:g}s"
+            )
 
     def _read(self, requests: Callable[[], list]) -> list:
         """The replies of ``requests()`` (per server: pool, packed commands, reader). A
@@ -384,6 +454,7 @@ class RedisTier:
 
     def _send_then_read(self, requests: Sequence[tuple], reuse_idle: bool) -> list:
         taken = []  # (pool, connection, whether it came off the idle list)
+        pool = None  # the one being talked to
         try:
             for pool, packed, _ in requests:
                 conn, reused = (
@@ -391,20 +462,31 @@ class RedisTier:
                 )
                 taken.append((pool, conn, reused))
                 conn.send_packed_command((packed,))
-            replies = [
-                read(conn) for (_, _, read), (_, conn, _) in zip(requests, taken, strict=True)
-            ]
+            replies = []
+            # (pool is read by the except clauses: the node that failed)
+            for (pool, _, read), (_, conn, _) in zip(requests, taken, strict=True):  # noqa: B007
+                replies.append(read(conn))
         except redis.ConnectionError as exc:
             self._discard(taken)
             if any(reused for *_, reused in taken):
                 raise _ClosedWhileIdle from exc
+            self._node_failed(pool, exc)
             raise
-        except BaseException:
+        except BaseException as exc:
             self._discard(taken)  # never reused with a reply left unread
+            if isinstance(exc, redis.TimeoutError):
+                self._node_failed(pool, exc)
             raise
         for pool, conn, _ in taken:
             self._idle_of(pool).append(conn)
+        if self.down:
+            self.down.answered(pool for pool, *_ in taken)
         return replies
+
+    def _node_failed(self, pool, exc: Exception) -> None:
+        """A cluster node did not answer: mark it down; quiet if it was down already."""
+        if self.down is not None and pool is not None and self.down.failed(pool):
+            raise _NodeDown from exc
 
     def _idle_of(self, pool) -> list:
         """The idle connections of ``pool``. The lists are this process's: after a fork
@@ -460,6 +542,7 @@ class RedisTier:
     def put_many(self, items: Sequence[tuple[str, bytes]], announce: bool = False) -> None:
         """Store framed values; ``announce`` also tells other processes to drop their L1 copy."""
         ttl = self._ttl_ms()
+        self._refuse_down(key for key, _ in items)
 
         def commands(pipe) -> None:
             for key, blob in items:
@@ -468,8 +551,11 @@ class RedisTier:
         self._pipeline(commands, [key for key, _ in items] if announce else ())
 
     def add_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Promote copies found below: only where the key is absent (see the module doc)."""
+        """Promote copies found below: only where the key is absent (see the module doc).
+        A promotion is optional: none is sent to a cluster node known to be down."""
         ttl = self._ttl_ms()
+        if self.down:
+            items = [item for item in items if not self.down.skip(self._pool_of(item[0]))]
 
         def commands(pipe) -> None:
             for key, blob in items:
@@ -489,6 +575,7 @@ class RedisTier:
 
     def fence_many(self, keys: Sequence[str], announce: bool = True) -> None:
         """Replace the copies with fences and tell other processes to drop their L1 copy."""
+        self._refuse_down(keys)
 
         def commands(pipe) -> None:
             for key in keys:
@@ -498,6 +585,7 @@ class RedisTier:
 
     def delete_many(self, keys: Sequence[str], announce: bool = True) -> None:
         """Plain delete (no fence): a later promotion may copy the value back."""
+        self._refuse_down(keys)
 
         def commands(pipe) -> None:
             for key in keys:  # one key a command: on a cluster, keys live in many slots
