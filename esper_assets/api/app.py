@@ -4,6 +4,7 @@ serves from, opened by ``flows.wiring`` when the server starts and closed when i
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 
@@ -20,6 +21,8 @@ from esper_assets.flows import wiring
 from esper_assets.settings import Settings
 
 PREFIX = "/api/v1"
+SUBSCRIBE_WAIT_S = 5.0  # at startup, for L2's invalidation listener (see lifespan)
+log = logging.getLogger(__name__)
 
 
 async def openapi(request: Request) -> JSONResponse:
@@ -50,6 +53,15 @@ def create_app(settings: Settings) -> FastBinary:
             store = wiring.object_store(settings)
             exporter = metrics.Exporter()
             cache = stack.enter_context(wiring.open_cache(settings, store, exporter.tap))
+            # With L2, other processes' invalidations reach L1 only once the listener is
+            # subscribed, and its first subscription drops L1 (filled unheard); the
+            # cache waits up to ~1 s for it. Answer only after it: on a loaded machine
+            # it can come later, after the first reads, emptying L1 under them (their
+            # ids loaded again). Redis down: served (degraded) after this wait.
+            listens = cache.tier("l1") is not None and cache.tier("l2") is not None
+            if listens and not cache.wait_subscribed(SUBSCRIBE_WAIT_S):
+                log.warning("L2's invalidations not subscribed after %.0f s; serving, and L1 "
+                            "is dropped once they are", SUBSCRIBE_WAIT_S)  # fmt: skip
             repo = stack.enter_context(wiring.open_repository(settings, store, exporter.tap))
             app.state.services = routes.Services(settings, cache, repo)
             fast.serve_from(app.state.services)

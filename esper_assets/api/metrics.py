@@ -8,8 +8,9 @@ scrape, answered by whichever worker, sums the files of all of them
 (``MultiProcessCollector``). The hot path writes none of them: the cache keeps its own
 counters (L1 hits are a dict lookup and one integer add), and a :class:`Exporter`
 thread in each worker adds their *growth* since its last look to the Prometheus
-counters every ``SYNC_S`` seconds, and once more before its worker answers a scrape or
-stops. Latency histograms cover the reads below L1 only (10 us and up): a
+counters every ``SYNC_S`` seconds, once when the worker starts (before it answers
+anything: every series it writes is shown from 0, and its files are made then, not at
+some later sync), and once more before its worker answers a scrape or stops. Latency histograms cover the reads below L1 only (10 us and up): a
 :class:`UsageTap` between the cache (and repository) and its usage recorder appends
 each one to a bounded queue; the exporter thread observes them. Labels are tier names
 and operation names: never a URL, id or token.
@@ -35,7 +36,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,12 @@ class UsageTap:
         if self.inner is not None:
             self.inner.record(source, id, op, tier, nbytes, latency_us, requests)
 
+    def record_many(self, source: str, op: str, reads: Iterable[tuple[str, str, int]]) -> None:
+        """A cache's batch read: passed on only. Untimed, its reads feed no histogram,
+        and the per-tier counters come from the cache's own stats (see Exporter)."""
+        if self.inner is not None:
+            self.inner.record_many(source, op, reads)
+
     def add_reads(self, source: str, op: str, counts: Mapping[str, int]) -> None:
         if self.inner is not None:
             self.inner.add_reads(source, op, counts)
@@ -182,7 +189,22 @@ class Exporter:
         self.cache = cache
         if repo is not None and settings is not None:
             self.records = Records(repo, lambda: visible_landing(settings))
+        self._first_series(cache, repo)
+        self.sync()  # before the worker answers: every file it writes exists from now on
         self._thread.start()
+
+    def _first_series(self, cache: Any, repo: AssetRepository | None) -> None:
+        """Every labelled series this worker can write, at 0: shown from the first
+        scrape on, and each multiprocess file (an open file and its mmap, two fds) made
+        now, not at an unforeseeable later sync (the worker's fd count settles here)."""
+        for tier in (*(t for t in cache.tiers if t != "l1"), "miss"):
+            GET_LATENCY.labels(tier)
+        if repo is not None:
+            for metric in (REPO_READS, REPO_BYTES, REPO_LATENCY):
+                metric.labels("read")  # the repository's one timed read (get_asset)
+        if self.records is not None:
+            for source in ("repository", "landing"):
+                COLLECT_ERRORS.labels(source)
 
     def _run(self) -> None:
         while not self._stop.wait(SYNC_S):

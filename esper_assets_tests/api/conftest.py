@@ -57,16 +57,21 @@ def seed(env: dict[str, str], sizes: dict[str, int], in_cache: bool = True) -> S
     return seeded
 
 
-@pytest.fixture(params=["embedded", "services"])
+@pytest.fixture(params=["embedded", pytest.param("services", marks=pytest.mark.private_services)])
 def backend_env(request, tmp_path: Path) -> dict[str, str]:
     """The server's environment: the embedded default under ``tmp_path``, or PostgreSQL
-    (the test's schema) + Redis + S3 (moto, the test's bucket)."""
+    (the test's schema) + Redis + S3 (moto, the test's bucket).
+
+    The Redis is the test's own (private_redis): a server has no key prefix of the
+    test's, so on a shared Redis its invalidation channel is every other test's and
+    session's, and an invalidation of any id arriving while it loads one keeps that load
+    out of L1 (the cache's rule): a load counted twice, an L1 hit missing."""
     if request.param == "embedded":
         return server_env(tmp_path / "home", ESPER_API_TOKEN=TOKEN)
     return server_env(
         tmp_path / "home", ESPER_API_TOKEN=TOKEN,
         ESPER_DATABASE_URL=request.getfixturevalue("pg_url"),
-        ESPER_REDIS_URL=request.getfixturevalue("redis_server_url"),
+        ESPER_REDIS_URL=request.getfixturevalue("private_redis").url,
         ESPER_S3_BUCKET=request.getfixturevalue("s3_bucket"),
         AWS_ENDPOINT_URL=request.getfixturevalue("s3_endpoint"),
     )  # fmt: skip
