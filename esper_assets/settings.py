@@ -5,8 +5,9 @@ SQLite file for L3 and metadata, a directory for L4 and large objects, no L2.
 ``ESPER_REQUIRE_SERVICES=1`` (every machine of a cluster) turns that fallback into a
 ConfigError naming each missing variable.
 
-This module is the only reader of esper's environment variables (``ESPER_*`` and
-``AWS_ENDPOINT_URL``); everything else takes a :class:`Settings`, and
+This module is the only reader of esper's environment variables (``ESPER_*``,
+``AWS_ENDPOINT_URL`` and, for ``esper serve``, ``PROMETHEUS_MULTIPROC_DIR``); everything
+else takes a :class:`Settings`, and
 ``esper_assets.flows.wiring`` turns one into storage objects.
 """
 
@@ -53,6 +54,9 @@ class Settings:
     # The bearer token of ``esper serve``'s mutating routes (ESPER_API_TOKEN); None: those
     # routes are refused. Kept out of repr and describe(): never logged or echoed.
     api_token: str | None = field(default=None, repr=False)
+    # Where ``esper serve``'s workers keep their metric files (PROMETHEUS_MULTIPROC_DIR,
+    # emptied of an earlier run's files when it starts); None: a fresh one for each run.
+    metrics_dir: Path | None = None
 
     @property
     def sqlite_path(self) -> Path:
@@ -123,7 +127,12 @@ class Settings:
             **_checkpoint_retention(get),
             **_usage(get),
             api_token=get("ESPER_API_TOKEN"),
+            metrics_dir=_path(get("PROMETHEUS_MULTIPROC_DIR")),
         )
+
+
+def _path(text: str | None) -> Path | None:
+    return None if text is None else Path(text)
 
 
 def _check_required_services(get, database_url, bucket, landing: str) -> None:

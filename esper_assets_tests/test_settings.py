@@ -370,3 +370,11 @@ def test_require_services_is_a_service_variable():
     from esper_assets.settings import SERVICE_VARIABLES
 
     assert "ESPER_REQUIRE_SERVICES" in SERVICE_VARIABLES
+
+
+# -- esper serve's metrics directory ----------------------------------------------------------
+def test_metrics_dir_is_the_operators_prometheus_multiproc_dir(tmp_path):
+    given = tmp_path / "metrics"
+    assert settings_with(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(given)).metrics_dir == given
+    assert settings_with(tmp_path, PROMETHEUS_MULTIPROC_DIR=" ").metrics_dir is None  # blank
+    assert settings_with(tmp_path).metrics_dir is None  # esper serve makes one per run

@@ -34,8 +34,8 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     """
     import uvicorn
 
-    Settings.from_env()  # a bad ESPER_* variable: one line and exit 2, before uvicorn starts
-    with metrics_dir():
+    settings = Settings.from_env()  # a bad variable: one line and exit 2, before uvicorn
+    with metrics_dir(settings.metrics_dir):
         uvicorn.run(
             "esper_assets.api:app_from_env", factory=True, host=host, port=port,
             workers=workers, log_level=log_level, access_log=False,
@@ -43,16 +43,20 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
 
 
 @contextmanager
-def metrics_dir() -> Iterator[str]:
+def metrics_dir(given: Path | None) -> Iterator[str]:
     """The ``PROMETHEUS_MULTIPROC_DIR`` every worker writes its metrics to (GET /metrics
-    sums them): one made for this run and removed after it, or the operator's, emptied
-    of an earlier run's files first. Set before prometheus-client is imported (uvicorn
-    imports the app, and the app imports it, after this)."""
-    given = os.environ.get(MULTIPROC_DIR)
-    if given:
-        for old in Path(given).glob("*.db"):
+    sums them): the operator's (``given``, Settings.metrics_dir), emptied of an earlier
+    run's files first, or one made for this run and removed after it.
+
+    A made one is handed on through this process's environment, set before
+    prometheus-client is imported (uvicorn imports the app, and the app imports it,
+    after this): prometheus-client chooses its multiprocess mode from that variable when
+    it is imported, and uvicorn's workers are processes it starts with the factory's
+    name only, so the environment they inherit is the one way to tell them."""
+    if given is not None:
+        for old in given.glob("*.db"):
             old.unlink(missing_ok=True)
-        yield given
+        yield str(given)
         return
     made = tempfile.mkdtemp(prefix="esper-metrics-")
     os.environ[MULTIPROC_DIR] = made
