@@ -7,6 +7,10 @@
 - ``auth``: the bearer token of mutating routes (``ESPER_API_TOKEN``)
 - ``errors``: EsperError subclasses -> status codes, JSON error bodies (one place)
 - ``openapi``: the OpenAPI document (``/api/v1/openapi.json``)
+- ``metrics``: ``/metrics`` (prometheus-client, multiprocess): the ``Exporter`` of the
+  cache's counters and read latencies, and the ``Records`` collector of the work of
+  other processes, derived from their durable records at scrape time
+- ``fast``: ``FastBinary``, ``/binary`` for ids in L1 in front of the router
 
 May import: ``errors``, ``settings``, ``storage``, ``flows``. Nothing here imports
 ``defs``, ``runner`` or ``cli``.

@@ -9,7 +9,8 @@ What each module owns:
 - ``landing``: where blueprint files arrive (a directory or an S3 prefix), read and
   moved only inside itself.
 - ``arrivals``: what arrived since the last look (the ``new_blueprints`` sensor's
-  logic and its cursor).
+  logic and its cursor), and ``BacklogWatch``: the landed blueprint files no kernel
+  was built from yet (``/metrics``' landing lag, pending and invalid files).
 - ``kernels``: how a landed blueprint becomes a registered, compiled, cached kernel;
   lineage queries.
 - ``upkeep``: cache cleanup, cache warming (restoring a kernel every tier lost from
