@@ -308,6 +308,9 @@ class ObjectSlot(TierSlot):
         return entry.large or self._config.archive_to_l4 or not self._l3_present
 
 
+MAX_REMEMBERED_DROPS = 10_000  # ids whose L1 drop loads in flight are checked against
+
+
 class TierSlots:
     """L1 and the remote slots of one cache, in waterfall order (``remote``)."""
 
@@ -323,8 +326,14 @@ class TierSlots:
         self.remote: list[TierSlot] = [s for s in (l2, l3, l4) if s is not None]
         self._config = config
         # Bumped before every L1 drop; a read that saw it move while it was loading
-        # does not leave what it loaded in L1 (it may be the value just invalidated).
+        # does not leave in L1 what was dropped meanwhile (it may be the value just
+        # invalidated). Which ids were dropped, and when, so that an invalidation of one
+        # id does not throw away every other load in flight (on a busy cluster, every
+        # invalidation anywhere reaches every process).
         self.l1_epoch = 0
+        self._dropped_at: dict[str, int] = {}  # id -> epoch of its last drop (bounded)
+        self._all_dropped_at = 0  # epoch of the last drop of everything
+        self._drops = threading.Lock()
 
     def slot(self, level: str) -> TierSlot | None:
         return {"l2": self.l2, "l3": self.l3, "l4": self.l4}.get(_level(level))
@@ -358,17 +367,34 @@ class TierSlots:
             return
         self.l1.put_many(found)
         if self.l1_epoch != epoch:
-            for key in found:
+            for key in self._dropped_since(epoch, found):
                 self.l1.delete(key)
 
+    def _dropped_since(self, epoch: int, keys: Iterable[str]) -> list[str]:
+        with self._drops:
+            if self._all_dropped_at > epoch:
+                return list(keys)
+            dropped = self._dropped_at
+            return [key for key in keys if dropped.get(key, -1) > epoch]
+
     def drop_local(self, kernel_id: str) -> None:
+        """Drop ``kernel_id`` from L1, and from every load in flight (recorded first, so
+        a load that looks after this sees it; one that looked before is dropped here)."""
         if self.l1 is not None:
-            self.l1_epoch += 1
+            with self._drops:
+                self.l1_epoch += 1
+                if len(self._dropped_at) >= MAX_REMEMBERED_DROPS:  # then as if all were
+                    self._dropped_at.clear()
+                    self._all_dropped_at = self.l1_epoch
+                self._dropped_at[kernel_id] = self.l1_epoch
             self.l1.delete(kernel_id)
 
     def drop_all_local(self) -> None:
         if self.l1 is not None:
-            self.l1_epoch += 1
+            with self._drops:
+                self.l1_epoch += 1
+                self._dropped_at.clear()
+                self._all_dropped_at = self.l1_epoch
             self.l1.clear()
 
 

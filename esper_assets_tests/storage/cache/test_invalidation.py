@@ -320,3 +320,37 @@ def test_a_bad_id_does_not_cost_the_access_counts_of_the_others(make_cache, back
     assert cache.tier("l3").metadata("b") is not None
     counts = dict(sql(cache, "SELECT id, access_count FROM kernel_cache"))
     assert counts == {"a": 1, "b": 3}
+
+
+# -- a load in flight and the L1 drops made meanwhile -----------------------------------------
+@pytest.fixture
+def l1_slots():
+    from esper_assets.storage.cache.slots import build_slots
+
+    config = CacheConfig(l3_enabled=False, l4_enabled=False, l2_enabled=False)
+    return build_slots(config, None, threading.Event())
+
+
+def test_a_drop_of_another_id_does_not_cost_a_load_its_place_in_l1(l1_slots):
+    epoch = l1_slots.l1_epoch  # a load starts
+    l1_slots.drop_local("other")  # an invalidation of another id arrives meanwhile
+    l1_slots.fill_l1({"k": b"loaded"}, epoch)
+    assert l1_slots.l1.get("k") == b"loaded"
+
+
+@pytest.mark.parametrize("drop", ["that id", "everything", "too many ids to remember"])
+def test_a_drop_made_during_a_load_keeps_what_it_dropped_out_of_l1(l1_slots, drop, monkeypatch):
+    from esper_assets.storage.cache import slots as slots_module
+
+    monkeypatch.setattr(slots_module, "MAX_REMEMBERED_DROPS", 3)
+    epoch = l1_slots.l1_epoch
+    if drop == "that id":
+        l1_slots.drop_local("k")
+    elif drop == "everything":
+        l1_slots.drop_all_local()
+    else:
+        for i in range(5):  # "k" among the first, forgotten when the memory overflows
+            l1_slots.drop_local("k" if i == 0 else f"x{i}")
+    l1_slots.fill_l1({"k": b"stale", "j": b"other"}, epoch)
+    assert l1_slots.l1.get("k") is None
+    assert (l1_slots.l1.get("j") is None) == (drop != "that id")
