@@ -230,8 +230,8 @@ def test_invalidations_still_arrive_with_a_node_down(make_cache, private_redis_c
     assert reader.wait_subscribed(5)  # and its L1 dropped for the gap, before the read below
     alive = next(k for k in (f"x{i}" for i in range(100))
                  if node_of(cluster, f"d:{k}").port != dead.port)  # fmt: skip
-    writer.put(alive, b"old")
-    assert reader.get(alive) == b"old" and alive in reader.tier("l1")
+    writer.put(alive, b"old")  # once the put's own announcement has passed, it stays in L1
+    wait_until(lambda: reader.get(alive) == b"old" and alive in reader.tier("l1"), "old in L1")
 
     assert "l2" in writer.put(alive, b"new")  # its node is alive: written and announced
 
